@@ -1,0 +1,486 @@
+"""Token trie that drafts speculative continuations from n-gram statistics.
+
+Token sequences (a request's prompt and documents, past outputs) are inserted as sliding windows of
+``branch_length + 1`` tokens, so each node counts how often its n-gram occurred. Counts are kept apart by origin:
+global (shared by all requests) and request-local (one counter per live request). ``draft`` matches the longest
+suffix of the context and expands the subtree below it best-first into a tree-shaped :class:`Draft`.
+
+The key -> node index is a :class:`pygtrie.Trie` keyed by tuples of token ids; each stored value also keeps its own
+child map, so drafting and inserting walk only the nodes they need instead of whole subtrees.
+"""
+
+from __future__ import annotations
+
+import gzip
+import heapq
+import json
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pygtrie
+
+__all__ = ["Draft", "TokenTrie"]
+
+FORMAT_NAME = "lookahead-trie"
+FORMAT_VERSION = 1
+
+_PRUNE_THRESHOLD = 1.0  # a globally-only node whose decayed count falls below this is pruned with its subtree
+_PRUNE_TARGET = 0.8  # pruning stops once the trie is at or below this fraction of the node budget
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A draft tree in best-first order.
+
+    ``tokens[i]`` is node ``i``'s token, ``parents[i]`` the index of its parent (``-1``: it follows the context
+    directly; a parent always comes before its children), ``scores[i]`` its mixed count (non-increasing along any
+    root-to-leaf path and over the list), ``match_length`` the number of context tokens the matched suffix had
+    (``0``: no match).
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    scores: list[float]
+    match_length: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> Draft:
+        """First ``n`` nodes: still a valid tree, since parents precede children. ``match_length`` is kept."""
+        if n < 0:
+            raise ValueError(f"truncate: n must be >= 0, got {n}")
+        if n >= len(self.tokens):
+            return self
+        return Draft(self.tokens[:n], self.parents[:n], self.scores[:n], self.match_length)
+
+    def depths(self) -> list[int]:
+        """Depth of each node: 1 for nodes that follow the context directly."""
+        out: list[int] = []
+        for p in self.parents:
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+
+def _empty_draft() -> Draft:
+    return Draft([], [], [], 0)
+
+
+class _Node:
+    """One trie node: global count, per-request local counts and the child map (token -> node)."""
+
+    __slots__ = ("count", "local", "children")
+
+    def __init__(self) -> None:
+        self.count = 0.0  # global count (decays when the trie is pruned)
+        self.local: dict[str, int] | None = None  # request_id -> count of that request's local inserts
+        self.children: dict[int, _Node] | None = None
+
+    def total(self) -> float:
+        return self.count + (sum(self.local.values()) if self.local else 0)
+
+
+class TokenTrie:
+    """Thread-safe, bounded trie of token n-grams with global and request-local counts.
+
+    Args:
+        branch_length: windows of ``branch_length + 1`` tokens are inserted; default draft depth.
+        max_query_length: longest context suffix tried when matching.
+        node_budget: once the trie has more nodes than this, global counts decay and rare subtrees are pruned
+            (down to about 80% of the budget).
+        decay: factor applied to all global counts at each pruning round, in (0, 1).
+        local_weight: weight of this request's local counts in a node's score.
+        global_weight: weight of global counts in a node's score.
+    """
+
+    def __init__(
+        self,
+        branch_length: int = 12,
+        max_query_length: int = 6,
+        node_budget: int = 200_000,
+        decay: float = 0.5,
+        local_weight: float = 1.0,
+        global_weight: float = 1.0,
+    ) -> None:
+        for name, val in (
+            ("branch_length", branch_length),
+            ("max_query_length", max_query_length),
+            ("node_budget", node_budget),
+        ):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay!r}")
+        for name, val in (("local_weight", local_weight), ("global_weight", global_weight)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        self.branch_length = branch_length
+        self.max_query_length = max_query_length
+        self.node_budget = node_budget
+        self.decay = float(decay)
+        self.local_weight = float(local_weight)
+        self.global_weight = float(global_weight)
+        self._lock = threading.RLock()
+        self._root = _Node()
+        self._size = 0
+        # Key index for suffix matching: every node of depth <= _index_depth, keyed by its n-gram tuple.
+        self._index: pygtrie.Trie = pygtrie.Trie()
+        self._index_depth = min(max_query_length, branch_length + 1)
+        # request_id -> first tokens of the windows inserted for it (where release starts looking)
+        self._requests: dict[str, set[int]] = {}
+
+    # ------------------------------------------------------------------ config and size
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments of this trie."""
+        return {
+            "branch_length": self.branch_length,
+            "max_query_length": self.max_query_length,
+            "node_budget": self.node_budget,
+            "decay": self.decay,
+            "local_weight": self.local_weight,
+            "global_weight": self.global_weight,
+        }
+
+    def num_nodes(self) -> int:
+        """Number of nodes in the trie (the root excluded)."""
+        with self._lock:
+            return self._size
+
+    def __len__(self) -> int:
+        return self.num_nodes()
+
+    def __repr__(self) -> str:
+        return f"TokenTrie(num_nodes={self.num_nodes()}, {', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+    def _find(self, key: tuple[int, ...]) -> _Node | None:
+        if len(key) <= self._index_depth:
+            return self._index.get(key)
+        node: _Node | None = self._root
+        for t in key:
+            node = node.children.get(t) if node.children else None  # type: ignore[union-attr]
+            if node is None:
+                return None
+        return node
+
+    def count(self, tokens: Sequence[int], request_id: str | None = None) -> float:
+        """Count of the n-gram ``tokens``: global if ``request_id`` is None, else that request's local count."""
+        key = tuple(int(t) for t in tokens)
+        with self._lock:
+            node = self._find(key) if key else None
+            if node is None:
+                return 0.0
+            if request_id is None:
+                return node.count
+            return float(node.local.get(request_id, 0)) if node.local else 0.0
+
+    # ------------------------------------------------------------------ insert
+
+    def insert(self, tokens: Sequence[int], request_id: str | None = None) -> None:
+        """Insert every window ``tokens[i : i + branch_length + 1]``.
+
+        ``request_id`` None counts the windows as global (past outputs); otherwise as local to that request.
+        """
+        toks = [int(t) for t in tokens]
+        n = len(toks)
+        with self._lock:
+            width = self.branch_length + 1
+            index_depth = self._index_depth
+            root = self._root
+            index = self._index
+            starts = None if request_id is None else self._requests.setdefault(request_id, set())
+            for i in range(n):
+                node = root
+                if starts is not None:
+                    starts.add(toks[i])
+                for j in range(i, min(i + width, n)):
+                    t = toks[j]
+                    children = node.children
+                    child = children.get(t) if children is not None else None
+                    if child is None:
+                        child = _Node()
+                        if children is None:
+                            node.children = children = {}
+                        children[t] = child
+                        if j - i < index_depth:
+                            index[tuple(toks[i : j + 1])] = child
+                        self._size += 1
+                    if starts is None:
+                        child.count += 1.0
+                    else:
+                        loc = child.local
+                        if loc is None:
+                            child.local = {request_id: 1}
+                        else:
+                            loc[request_id] = loc.get(request_id, 0) + 1
+                    node = child
+                if self._size > self.node_budget:
+                    self._prune()
+
+    # ------------------------------------------------------------------ draft
+
+    def draft(
+        self,
+        context: Sequence[int],
+        decoding_length: int,
+        request_id: str | None = None,
+        branch_length: int | None = None,
+    ) -> Draft:
+        """Draft a tree of at most ``decoding_length`` nodes continuing ``context``.
+
+        The longest suffix of ``context`` (at most ``max_query_length`` tokens) whose node has a child with a
+        positive score wins; its subtree is expanded best-first by score, at most ``branch_length`` (default
+        ``self.branch_length``) levels deep. Score = ``local_weight`` * this request's local count +
+        ``global_weight`` * global count; nodes scoring 0 are left out. Ties go to the shallower node, then to the
+        smaller token id, then to the earlier pushed node, so drafts are reproducible.
+        """
+        depth_limit = self.branch_length if branch_length is None else branch_length
+        n = len(context)
+        qmax = min(self.max_query_length, n)
+        if decoding_length <= 0 or depth_limit <= 0 or qmax <= 0:
+            return _empty_draft()
+        tail = tuple(int(t) for t in context[n - qmax :])
+        with self._lock:
+            for q in range(qmax, 0, -1):
+                node = self._find(tail[qmax - q :])
+                if node is None or not node.children:
+                    continue
+                draft = self._expand(node, decoding_length, depth_limit, request_id, q)
+                if draft is not None:
+                    return draft
+        return _empty_draft()
+
+    def _expand(self, node: _Node, k: int, depth_limit: int, request_id: str | None, q: int) -> Draft | None:
+        """Best-first expansion of the subtree under ``node``; None if no child has a positive score."""
+        gw = self.global_weight
+        lw = self.local_weight if request_id is not None else 0.0
+        heap: list[tuple[float, int, int, int, _Node, int]] = []
+        seq = 0
+        for t, c in node.children.items():  # type: ignore[union-attr]
+            s = gw * c.count
+            if lw and c.local:
+                s += lw * c.local.get(request_id, 0)  # type: ignore[arg-type]
+            if s > 0:
+                heap.append((-s, 1, t, seq, c, -1))
+                seq += 1
+        if not heap:
+            return None
+        heapq.heapify(heap)
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        push, pop = heapq.heappush, heapq.heappop
+        while heap and len(tokens) < k:
+            neg, depth, t, _, c, p = pop(heap)
+            idx = len(tokens)
+            tokens.append(t)
+            parents.append(p)
+            scores.append(-neg)
+            if depth < depth_limit and c.children:
+                d1 = depth + 1
+                for t2, c2 in c.children.items():
+                    s = gw * c2.count
+                    if lw and c2.local:
+                        s += lw * c2.local.get(request_id, 0)  # type: ignore[arg-type]
+                    if s > 0:
+                        push(heap, (-s, d1, t2, seq, c2, idx))
+                        seq += 1
+        return Draft(tokens, parents, scores, q)
+
+    # ------------------------------------------------------------------ release and pruning
+
+    def release(self, request_id: str) -> None:
+        """Drop all local counts of ``request_id``; nodes left without any count are removed."""
+        with self._lock:
+            starts = self._requests.pop(request_id, None)
+            if not starts or not self._root.children:
+                return
+            # The nodes holding this request's counts form a subtree under the root (counts shrink with depth).
+            stack: list[tuple[_Node, tuple[int, ...], list[int]]] = [(self._root, (), sorted(starts))]
+            while stack:
+                node, key, tokens = stack.pop()
+                for t in tokens:
+                    child = node.children.get(t) if node.children else None
+                    loc = child.local if child is not None else None
+                    if not loc or request_id not in loc:
+                        continue
+                    del loc[request_id]
+                    ckey = key + (t,)
+                    if not loc:
+                        child.local = None  # type: ignore[union-attr]
+                        if child.count <= 0.0:  # type: ignore[union-attr]
+                            self._remove(node, t, ckey)  # its whole subtree is empty too
+                            continue
+                    if child.children:  # type: ignore[union-attr]
+                        stack.append((child, ckey, list(child.children)))  # type: ignore[union-attr,arg-type]
+
+    def _remove(self, parent: _Node, token: int, key: tuple[int, ...]) -> int:
+        """Remove ``parent``'s child ``token`` (at ``key``) with its subtree; return how many nodes went."""
+        children = parent.children
+        assert children is not None
+        node = children.pop(token)
+        if not children:
+            parent.children = None
+        if len(key) <= self._index_depth:
+            del self._index[key:]
+        removed = 0
+        stack = [node]
+        while stack:
+            cur = stack.pop()
+            removed += 1
+            if cur.children:
+                stack.extend(cur.children.values())
+        self._size -= removed
+        return removed
+
+    def _prune(self) -> None:
+        """Decay global counts and prune rare subtrees until the trie is at or below ~80% of its budget.
+
+        Globally-only subtrees go first (in rounds of decay, those whose count fell below 1); nodes carrying local
+        counts of live requests are pruned, rarest first, only if that is not enough.
+        """
+        target = int(self.node_budget * _PRUNE_TARGET)
+        decay = self.decay
+        while self._size > target:
+            doomed: list[tuple[_Node, int, tuple[int, ...]]] = []
+            global_only_left = False
+            stack: list[tuple[_Node, tuple[int, ...]]] = [(self._root, ())]
+            while stack:
+                node, key = stack.pop()
+                for t, c in node.children.items():  # type: ignore[union-attr]
+                    c.count *= decay
+                    if c.local is None:
+                        if c.count < _PRUNE_THRESHOLD:
+                            doomed.append((node, t, key + (t,)))
+                            continue
+                        global_only_left = True
+                    if c.children:
+                        stack.append((c, key + (t,)))
+            for parent, t, key in doomed:
+                self._remove(parent, t, key)
+            if not doomed and not global_only_left:
+                break
+        threshold = 2.0
+        while self._size > target:  # only nodes with local counts are left: prune the rarest
+            doomed = []
+            stack = [(self._root, ())]
+            while stack:
+                node, key = stack.pop()
+                for t, c in node.children.items():  # type: ignore[union-attr]
+                    if c.total() < threshold:
+                        doomed.append((node, t, key + (t,)))
+                    elif c.children:
+                        stack.append((c, key + (t,)))
+            for parent, t, key in doomed:
+                self._remove(parent, t, key)
+            threshold *= 2.0
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config and global counts to ``path`` atomically (JSON; gzip-compressed if it ends in .gz).
+
+        Nodes are stored in preorder as ``[parent_index, token, count]`` (``-1``: child of the root); request-local
+        counts are not saved.
+        """
+        with self._lock:
+            nodes: list[list[float | int]] = []
+            stack: list[tuple[int, int, _Node]] = [(-1, t, c) for t, c in _sorted_children(self._root, reverse=True)]
+            while stack:
+                parent_idx, t, node = stack.pop()
+                if node.count <= 0.0:
+                    continue  # local-only: so is its subtree
+                idx = len(nodes)
+                nodes.append([parent_idx, t, node.count])
+                stack.extend((idx, t2, c2) for t2, c2 in _sorted_children(node, reverse=True))
+            doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config(), "nodes": nodes}
+        data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+        path = os.fspath(path)
+        if path.endswith(".gz"):
+            data = gzip.compress(data, mtime=0)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TokenTrie:
+        """Read a trie written by :meth:`save`. Raises ValueError for a corrupt, foreign or wrong-version file."""
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            raw = f.read()
+        where = f"{path!r} is not a valid {FORMAT_NAME} file"
+        try:
+            if raw[:2] == _GZIP_MAGIC:
+                raw = gzip.decompress(raw)
+            doc = json.loads(raw.decode("utf-8"))
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where}: cannot decode JSON ({e})") from e
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"{where}: format is {found!r}, expected {FORMAT_NAME!r}")
+        if doc.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{where}: unsupported version {doc.get('version')!r} (this code reads {FORMAT_VERSION})")
+        config = doc.get("config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: missing 'config' object")
+        try:
+            trie = cls(**config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad config ({e})") from e
+        nodes = doc.get("nodes")
+        if not isinstance(nodes, list):
+            raise ValueError(f"{where}: missing 'nodes' list")
+        built: list[_Node] = []
+        keys: list[tuple[int, ...]] = []
+        for i, entry in enumerate(nodes):
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise ValueError(f"{where}: node {i} is not a [parent, token, count] triple")
+            p, t, c = entry
+            if isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < i:
+                raise ValueError(f"{where}: node {i} has a bad parent index {p!r}")
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"{where}: node {i} has a bad token {t!r}")
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                raise ValueError(f"{where}: node {i} has a bad count {c!r}")
+            parent = trie._root if p < 0 else built[p]
+            if p >= 0 and c > parent.count:
+                raise ValueError(f"{where}: node {i} has a larger count than its parent")
+            if parent.children is None:
+                parent.children = {}
+            if t in parent.children:
+                raise ValueError(f"{where}: node {i} repeats token {t} under the same parent")
+            node = _Node()
+            node.count = float(c)
+            parent.children[t] = node
+            key = (keys[p] if p >= 0 else ()) + (t,)
+            if len(key) > trie.branch_length + 1:
+                raise ValueError(f"{where}: node {i} is deeper than branch_length + 1")
+            if len(key) <= trie._index_depth:
+                trie._index[key] = node
+            built.append(node)
+            keys.append(key)
+        trie._size = len(built)
+        if trie._size > trie.node_budget:
+            trie._prune()
+        return trie
+
+
+def _sorted_children(node: _Node, reverse: bool = False) -> list[tuple[int, _Node]]:
+    return sorted(node.children.items(), key=lambda kv: kv[0], reverse=reverse) if node.children else []
