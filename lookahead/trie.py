@@ -5,8 +5,10 @@ Token sequences (a request's prompt and documents, past outputs) are inserted as
 global (shared by all requests) and request-local (one counter per live request). ``draft`` matches the longest
 suffix of the context and expands the subtree below it best-first into a tree-shaped :class:`Draft`.
 
-The key -> node index is a :class:`pygtrie.Trie` keyed by tuples of token ids; each stored value also keeps its own
-child map, so drafting and inserting walk only the nodes they need instead of whole subtrees.
+Suffix matching goes through a :class:`pygtrie.Trie` that maps every n-gram of up to ``max_query_length`` tokens
+(a tuple of token ids) to its node. Each node also keeps its own child map, so inserting, drafting and pruning walk
+only the nodes they need (never a whole subtree), and deeper n-grams, which are never looked up by key, cost no
+index entry.
 """
 
 from __future__ import annotations

@@ -476,6 +476,34 @@ def test_thread_safety_matches_single_threaded_result():
             assert t.draft(s[:4], 64) == reference.draft(s[:4], 64)
 
 
+def test_thread_safety_under_pruning():
+    budget = 500
+    t = TokenTrie(branch_length=4, max_query_length=2, node_budget=budget)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        rng = random.Random(k)
+        try:
+            for i in range(40):
+                seq = [rng.randrange(60) for _ in range(40)]
+                t.insert(seq, request_id=f"req{k}-{i // 10}" if i % 2 else None)
+                assert t.num_nodes() <= budget
+                check_draft(t.draft(seq[:3], 16, request_id=f"req{k}-{i // 10}"), 16, 4)
+                if i % 10 == 9:
+                    t.release(f"req{k}-{i // 10}")
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    check_invariants(t)
+    assert all(node.local is None for _, node, _ in walk(t))  # every request was released
+
+
 # ---------------------------------------------------------------------------------------------------- persistence
 
 
