@@ -1,0 +1,150 @@
+"""Tests for the committed benchmark case files in lookahead/bench/cases/ and the script that builds them."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+CASES = resources.files("lookahead.bench") / "cases"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_cases.py"
+EXPECTED = {
+    "rag_qa.jsonl": ("rag_qa", 30, "rag-", 96),
+    "summarize.jsonl": ("summarize", 15, "sum-", 128),
+    "open.jsonl": ("open", 10, "open-", 96),
+}
+ALLOWED_KEYS = {"id", "task", "question", "documents", "max_new_tokens"}
+
+
+def load(file_name: str) -> list[dict[str, Any]]:
+    text = (CASES / file_name).read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@functools.cache
+def make_cases() -> ModuleType:
+    """Import scripts/make_cases.py (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location("make_cases", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def answer_name(question: str) -> str:
+    match = re.search(r"`([\w.]+)`", question)
+    assert match, question
+    return match.group(1)
+
+
+def mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
+
+
+@pytest.mark.parametrize("file_name", sorted(EXPECTED))
+def test_case_file_schema(file_name: str) -> None:
+    task, count, prefix, max_new_tokens = EXPECTED[file_name]
+    cases = load(file_name)
+    assert len(cases) == count
+    assert [case["id"] for case in cases] == [f"{prefix}{index:03d}" for index in range(count)]
+    for case in cases:
+        assert set(case) <= ALLOWED_KEYS
+        assert {"id", "task", "documents", "max_new_tokens"} <= set(case)
+        assert case["task"] == task
+        assert type(case["max_new_tokens"]) is int and case["max_new_tokens"] == max_new_tokens
+        assert isinstance(case["documents"], list)
+        assert all(isinstance(doc, str) and doc.strip() for doc in case["documents"])
+        if task in ("rag_qa", "open"):
+            assert isinstance(case["question"], str) and case["question"].strip()
+        else:
+            assert case.get("question") is None
+
+
+def test_ids_are_unique_across_files() -> None:
+    ids = [case["id"] for file_name in EXPECTED for case in load(file_name)]
+    assert len(ids) == len(set(ids))
+
+
+def test_rag_documents_hold_the_answer_exactly_once() -> None:
+    cases = load("rag_qa.jsonl")
+    names = [answer_name(case["question"]) for case in cases]
+    assert len(set(names)) == len(names)
+    assert (
+        len({case["question"].replace(name, "") for case, name in zip(cases, names, strict=True)}) > 1
+    )  # varied templates
+    for case, name in zip(cases, names, strict=True):
+        docs = case["documents"]
+        assert len(docs) == 3
+        assert len(set(docs)) == 3
+        assert sum(doc.startswith(f"{name}(") for doc in docs) == 1
+        assert sum(name in doc for doc in docs) == 1
+        assert sum(mentions(doc, name.rsplit(".", 1)[-1]) for doc in docs) == 1
+        for doc in docs:
+            heading, body = doc.split("\n\n", 1)
+            assert re.fullmatch(r"[\w.]+\(.*\)", heading), heading
+            assert 300 <= len(body) <= 1500
+
+
+def test_answers_are_not_always_in_the_same_position() -> None:
+    positions = set()
+    for case in load("rag_qa.jsonl"):
+        name = answer_name(case["question"])
+        positions.add(next(i for i, doc in enumerate(case["documents"]) if doc.startswith(f"{name}(")))
+    assert positions == {0, 1, 2}
+
+
+def test_summarize_documents_are_long_and_distinct() -> None:
+    cases = load("summarize.jsonl")
+    docs = [case["documents"] for case in cases]
+    assert all(len(case_docs) == 1 for case_docs in docs)
+    assert len({case_docs[0] for case_docs in docs}) == len(docs)
+    for (doc,) in docs:
+        heading, body = doc.split("\n\n", 1)
+        assert heading.startswith("The ")
+        assert 800 <= len(body) <= 2500
+
+
+def test_open_cases_have_no_documents() -> None:
+    assert all(case["documents"] == [] for case in load("open.jsonl"))
+
+
+def test_documents_hold_no_memory_addresses() -> None:
+    for file_name in EXPECTED:
+        for case in load(file_name):
+            assert not any(" at 0x" in doc for doc in case["documents"])
+
+
+def test_script_is_deterministic() -> None:
+    module = make_cases()
+    first = module.build()
+    assert first == module.build()
+    assert set(first) == set(EXPECTED)
+    assert first["open.jsonl"] == (CASES / "open.jsonl").read_text(encoding="utf-8")
+    for file_name, (_, count, _, _) in EXPECTED.items():
+        assert first[file_name].count("\n") == count
+
+
+def test_script_check_mode(tmp_path: Path) -> None:
+    module = make_cases()
+    assert module.main(["--out", str(tmp_path)]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(EXPECTED)
+    assert module.main(["--out", str(tmp_path), "--check"]) == 0
+    (tmp_path / "open.jsonl").write_text("", encoding="utf-8")
+    assert module.main(["--out", str(tmp_path), "--check"]) == 1
+
+
+def test_plain_english_filter() -> None:
+    module = make_cases()
+    assert module.is_plain_english("Return the sum of the numbers in the given list, or zero when it is empty.")
+    assert not module.is_plain_english("Add two numbers.\n\n>>> add(1, 2)\n3")
+    assert not module.is_plain_english("x = {'a': [1, 2, 3], 'b': (4, 5, 6)} # 0x1f 0x2e 0x3d")
