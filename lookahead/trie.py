@@ -184,10 +184,12 @@ class TokenTrie:
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, tokens: Sequence[int], request_id: str | None = None) -> None:
+    def insert(self, tokens: Sequence[int], request_id: str | None = None, max_windows: int | None = None) -> None:
         """Insert every window ``tokens[i : i + branch_length + 1]``.
 
         ``request_id`` None counts the windows as global (past outputs); otherwise as local to that request.
+        ``max_windows`` inserts only the windows starting at the first ``max_windows`` positions (used to learn a
+        stream incrementally, one complete window at a time).
         """
         toks = [int(t) for t in tokens]
         n = len(toks)
@@ -197,7 +199,7 @@ class TokenTrie:
             root = self._root
             index = self._index
             starts = None if request_id is None else self._requests.setdefault(request_id, set())
-            for i in range(n):
+            for i in range(n if max_windows is None else min(n, max_windows)):
                 node = root
                 if starts is not None:
                     starts.add(toks[i])

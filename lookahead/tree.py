@@ -1,0 +1,90 @@
+"""Draft tree -> tensors for one tree-masked forward pass. Pure functions, no model state.
+
+A tree is given as ``tokens`` and ``parents`` with the root at index 0 (``parents[0] == -1``) and every parent
+listed before its children. The root is the last emitted token, which is not in the KV cache yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """Tensors describing one draft tree of ``n`` nodes (root included)."""
+
+    input_ids: torch.Tensor  # [n] long: token of each node
+    parents: torch.Tensor  # [n] long: parent index, -1 for the root
+    depths: torch.Tensor  # [n] long: 0 for the root
+    ancestor_mask: torch.Tensor  # [n, n] bool: [i, j] True iff j is i or an ancestor of i
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def validate_tree(tokens: Sequence[int], parents: Sequence[int]) -> None:
+    """Raise ValueError unless ``parents`` describes a tree rooted at 0 with parents before children."""
+    if len(tokens) == 0:
+        raise ValueError("a draft tree needs at least its root token")
+    if len(tokens) != len(parents):
+        raise ValueError(f"tokens ({len(tokens)}) and parents ({len(parents)}) must have the same length")
+    if parents[0] != -1:
+        raise ValueError(f"node 0 must be the root (parent -1), got parent {parents[0]}")
+    for i, p in enumerate(parents[1:], start=1):
+        if not 0 <= p < i:
+            raise ValueError(f"node {i} has parent {p}; parents must come before their children")
+
+
+def node_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of every node (root 0), parents listed before children."""
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depths[i] = depths[parents[i]] + 1
+    return depths
+
+
+def build_tree(tokens: Sequence[int], parents: Sequence[int], device: torch.device | str = "cpu") -> TreeBuffers:
+    """Flatten a draft tree into ids, depths and the ancestor mask (built level by level, vectorised)."""
+    validate_tree(tokens, parents)
+    n = len(tokens)
+    depths = node_depths(parents)
+    parents_t = torch.tensor(parents, dtype=torch.long)
+    depths_t = torch.tensor(depths, dtype=torch.long)
+    mask = torch.eye(n, dtype=torch.bool)  # [n, n]
+    for depth in range(1, max(depths) + 1):
+        level = torch.nonzero(depths_t == depth).squeeze(1)  # [k] nodes at this depth
+        mask[level] |= mask[parents_t[level]]  # a node sees what its parent sees, plus itself
+    return TreeBuffers(
+        input_ids=torch.tensor(tokens, dtype=torch.long, device=device),
+        parents=parents_t.to(device),
+        depths=depths_t.to(device),
+        ancestor_mask=mask.to(device),
+    )
+
+
+def position_ids(tree: TreeBuffers, prefix_length: int) -> torch.Tensor:
+    """Position of every node: prefix length + depth. Returns [1, n]."""
+    return (tree.depths + prefix_length).unsqueeze(0)
+
+
+def attention_mask(tree: TreeBuffers, prefix_length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """4-D additive mask [1, 1, n, prefix_length + n]: the whole cached prefix plus the node's ancestors."""
+    n = tree.size
+    device = tree.ancestor_mask.device
+    visible = torch.ones(n, prefix_length + n, dtype=torch.bool, device=device)  # [n, P + n]
+    visible[:, prefix_length:] = tree.ancestor_mask
+    additive = torch.zeros(n, prefix_length + n, dtype=dtype, device=device)
+    additive.masked_fill_(~visible, torch.finfo(dtype).min)
+    return additive[None, None]
+
+
+def root_to_node_paths(parents: Sequence[int]) -> list[list[int]]:
+    """For every node, the node indices from the root down to it (both included)."""
+    paths: list[list[int]] = [[0]]
+    for i in range(1, len(parents)):
+        paths.append(paths[parents[i]] + [i])
+    return paths
