@@ -61,7 +61,7 @@ class CostCurve:
 
     @classmethod
     def from_dict(cls, data: dict) -> CostCurve:
-        if data.get("format") != COST_FORMAT or data.get("version") != COST_VERSION:
+        if not isinstance(data, dict) or data.get("format") != COST_FORMAT or data.get("version") != COST_VERSION:
             raise ValueError("not a lookahead cost curve (format/version mismatch)")
         return cls(tuple(int(s) for s in data["sizes"]), tuple(float(c) for c in data["seconds"]))
 
