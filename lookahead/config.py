@@ -22,6 +22,7 @@ class LookaheadConfig:
         adaptive: pick the draft size each step from the cost model; False always drafts ``decoding_length`` nodes.
         learn_outputs: insert generated outputs into the global trie when a request ends.
         cost_cache: where measured cost curves are cached (None: the default cache directory).
+        skinny_matmul: on CPU, compute the linear layers of small passes as ``W @ x.T`` (lookahead.kernels).
     """
 
     branch_length: int = 12
@@ -34,6 +35,7 @@ class LookaheadConfig:
     adaptive: bool = True
     learn_outputs: bool = True
     cost_cache: str | None = None
+    skinny_matmul: bool = True
 
     def __post_init__(self) -> None:
         positive = ("branch_length", "max_query_length", "node_budget")

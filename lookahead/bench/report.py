@@ -1,0 +1,103 @@
+"""Summaries, the printed table, JSON results and the plot of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .runner import CaseResult
+
+
+def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    """One row per (round, task, method): totals, tokens/s, speedups vs vanilla and pld, tokens/step, exactness."""
+    groups: dict[tuple[int, str, str], list[CaseResult]] = defaultdict(list)
+    for r in results:
+        groups[(r.round, r.task, r.method)].append(r)
+    rows = []
+    for (round_index, task, method), items in groups.items():
+        seconds = sum(r.seconds for r in items)
+        new_tokens = sum(r.new_tokens for r in items)
+        steps = sum(r.steps for r in items)
+        row: dict[str, Any] = {
+            "round": round_index, "task": task, "method": method, "cases": len(items), "new_tokens": new_tokens,
+            "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds else 0.0,
+            "tokens_per_step": new_tokens / steps if steps else 0.0,
+            "exact": sum(1 for r in items if r.exact), "compared": sum(1 for r in items if r.exact is not None),
+            "trie_share": sum(r.trie_seconds for r in items) / seconds if seconds else 0.0,
+        }
+        for base in ("vanilla", "pld"):
+            base_items = groups.get((round_index, task, base))
+            if base_items:
+                row[f"speedup_vs_{base}"] = sum(r.seconds for r in base_items) / seconds if seconds else 0.0
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the summary rows."""
+    header = ["round", "task", "method", "cases", "new tok", "sec", "tok/s", "vs vanilla", "vs pld", "tok/step",
+              "exact", "trie %"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            str(r["round"]), r["task"], r["method"], str(r["cases"]), str(r["new_tokens"]), f"{r['seconds']:.1f}",
+            f"{r['tokens_per_second']:.1f}",
+            f"{r['speedup_vs_vanilla']:.2f}x" if "speedup_vs_vanilla" in r else "-",
+            f"{r['speedup_vs_pld']:.2f}x" if "speedup_vs_pld" in r else "-",
+            f"{r['tokens_per_step']:.2f}",
+            f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
+            f"{100 * r['trie_share']:.1f}" if r["method"] == "lookahead" else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, meta: dict[str, Any], results: Sequence[CaseResult],
+               rows: Sequence[dict[str, Any]]) -> None:
+    """Write all results atomically (temp file + rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "summary": list(rows), "results": [r.to_dict() for r in results]}
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot(path: str | os.PathLike, results: Sequence[CaseResult]) -> None:
+    """PNG: speedup over vanilla per case (top) and tokens per step per case (bottom), per method and round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vanilla = {(r.round, r.case_id): r.seconds for r in results if r.method == "vanilla"}
+    series: dict[str, list[CaseResult]] = defaultdict(list)
+    for r in results:
+        series[f"{r.method} (round {r.round})"].append(r)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    for label, items in series.items():
+        xs = list(range(len(items)))
+        if not label.startswith("vanilla") and vanilla:
+            top.plot(xs, [vanilla.get((r.round, r.case_id), 0.0) / r.seconds for r in items], marker="o", ms=3,
+                     label=label)
+        bottom.plot(xs, [r.tokens_per_step for r in items], marker="o", ms=3, label=label)
+    top.axhline(1.0, color="grey", lw=0.8, ls="--")
+    top.set_ylabel("speedup vs vanilla")
+    bottom.set_ylabel("tokens per step")
+    bottom.set_xlabel("case")
+    top.legend(fontsize=8)
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

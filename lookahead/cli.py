@@ -1,0 +1,149 @@
+"""Command line: ``lookahead generate`` and ``lookahead bench``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import LookaheadConfig
+from .models import ModelLoadError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="'default' (embedded SmolLM2-135M-Instruct), an HF model id, a local dir or a .gguf file")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--decoding-length", type=int, default=LookaheadConfig.decoding_length,
+                        help="most draft nodes verified per pass")
+    parser.add_argument("--branch-length", type=_positive_int, default=LookaheadConfig.branch_length,
+                        help="deepest draft path")
+    parser.add_argument("--fixed-draft", action="store_true",
+                        help="always draft --decoding-length nodes instead of the adaptive budget")
+
+
+def _build(args: argparse.Namespace):
+    from .engine import LookaheadGenerator
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    config = LookaheadConfig(decoding_length=args.decoding_length, branch_length=args.branch_length,
+                             adaptive=not args.fixed_draft)
+    return model, tokenizer, LookaheadGenerator(model, tokenizer, config)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .prompts import rag_messages
+
+    documents = [Path(p).read_text(encoding="utf-8") for p in args.document]
+    _, _, generator = _build(args)
+    prompt = rag_messages(args.prompt, documents) if documents else [{"role": "user", "content": args.prompt}]
+    last = None
+    for chunk in generator.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or None):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    if last is not None and last.stats is not None:
+        s = last.stats
+        print(f"[{s.new_tokens} tokens in {s.time_total:.2f}s, {s.tokens_per_second:.1f} tok/s, "
+              f"{s.tokens_per_step:.2f} tokens/step, finish: {last.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .bench.cases import load_cases
+    from .bench.report import format_table, plot, summarize, write_json
+    from .bench.runner import METHODS, BenchRunner
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        print(f"error: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    cases = [c for name in args.cases for c in load_cases(name, args.limit)]
+    warmup = [c for name in (args.warmup or []) for c in load_cases(name, args.limit)]
+    model, tokenizer, generator = _build(args)
+    runner = BenchRunner(model, tokenizer, generator)
+    curve = generator.budget.cost  # measure (or load) the cost curve before timing anything
+    if warmup:
+        with tqdm(total=len(warmup), desc="warm-up", unit="case") as bar:
+            runner.warm(warmup, progress=lambda _: bar.update())
+    with tqdm(total=len(cases) * args.rounds, desc="bench", unit="case") as bar:
+        results = runner.run(cases, methods, rounds=args.rounds, progress=lambda _: bar.update())
+    runner.close()
+    rows = summarize(results)
+    print(format_table(rows))
+    print("cost curve c(n)/c(1): " + ", ".join(f"{n}:{r:.2f}" for n, r in curve.relative().items()))
+    meta = {
+        "cases": args.cases, "warmup": args.warmup, "rounds": args.rounds, "methods": methods,
+        "model": args.model, "dtype": args.dtype, "device": str(generator.device),
+        "config": generator.config.to_dict(), "cost_curve": curve.to_dict(),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "processor": platform.processor()},
+    }
+    if args.json:
+        write_json(args.json, meta, results, rows)
+        print(f"results written to {args.json}")
+    if args.plot:
+        plot(args.plot, results)
+        print(f"plot written to {args.plot}")
+    mismatches = [f"{r.case_id}/{r.method}" for r in results if r.exact is False]
+    if mismatches:
+        print(f"WARNING: output differs from vanilla on {mismatches}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookahead", description="Lossless trie-drafted decoding for RAG.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer one prompt (optionally over documents), streaming")
+    gen.add_argument("prompt")
+    gen.add_argument("--document", "-d", action="append", default=[], help="a text file to answer from (repeatable)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    _add_model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="compare vanilla, pld and lookahead on case files")
+    bench.add_argument("cases", nargs="+", help="case files (JSON Lines) or shipped names: rag_qa, summarize, open")
+    bench.add_argument("--methods", default="vanilla,pld,lookahead", help="comma-separated: vanilla,pld,lookahead")
+    bench.add_argument("--warmup", action="append", help="case file whose outputs the trie learns first (untimed)")
+    bench.add_argument("--rounds", type=_positive_int, default=1, help="repeat all cases N times (trie stays warm)")
+    bench.add_argument("--limit", type=_positive_int, default=None, help="first N cases of each file")
+    bench.add_argument("--json", help="write all results to this JSON file")
+    bench.add_argument("--plot", help="write a PNG plot (speedup and tokens per step per case)")
+    _add_model_args(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, ModelLoadError) as exc:  # bad input: a message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
