@@ -475,7 +475,8 @@ def check_model(model: Any) -> None:
             f"attention implementation {attn!r} does not accept a 4-D tree mask; load the model with "
             f"attn_implementation='sdpa' or 'eager'"
         )
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and any(
-        t == "sliding_attention" for t in (getattr(config, "layer_types", None) or [])
-    ):
-        raise ValueError("sliding-window attention layers are not supported by lookahead's KV compaction")
+    try:  # the cache the model would get: sliding-window layers also come from a bare `sliding_window` (Mistral)
+        check_compactable(DynamicCache(config=config))
+    except TypeError as error:
+        raise ValueError(f"sliding-window attention layers are not supported by lookahead's KV compaction ({error})"
+                         ) from error
