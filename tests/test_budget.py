@@ -1,0 +1,365 @@
+"""Tests for lookahead.budget: the cost curve, its measurement and cache, and the adaptive draft budget."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lookahead import budget as budget_module
+from lookahead.budget import (
+    COST_FORMAT,
+    COST_VERSION,
+    AcceptanceModel,
+    CostCurve,
+    DraftBudget,
+    NodeFeatures,
+    cached_cost_curve,
+    cost_cache_key,
+    default_cache_dir,
+    measure_cost_curve,
+    node_features,
+)
+
+# ---------------------------------------------------------------------------------------------------- CostCurve
+
+
+def test_cost_interpolates_between_measured_sizes():
+    curve = CostCurve((1, 2, 4, 8), (10.0, 12.0, 20.0, 24.0))
+    assert curve.cost(1) == 10.0
+    assert curve.cost(2) == 12.0
+    assert curve.cost(3) == pytest.approx(16.0)
+    assert curve.cost(4) == 20.0
+    assert curve.cost(6) == pytest.approx(22.0)
+    assert curve.cost(8) == 24.0
+
+
+def test_cost_below_first_size_is_the_first_cost():
+    curve = CostCurve((4, 8), (2.0, 3.0))
+    assert curve.cost(0) == 2.0
+    assert curve.cost(1) == 2.0
+    assert curve.cost(4) == 2.0
+
+
+def test_cost_extrapolates_linearly_with_last_slope():
+    curve = CostCurve((1, 2, 4, 8), (10.0, 12.0, 20.0, 24.0))
+    assert curve.cost(12) == pytest.approx(24.0 + 1.0 * 4)  # slope (24 - 20) / 4 = 1 per token
+    assert curve.cost(16) == pytest.approx(32.0)
+
+
+def test_cost_extrapolation_never_decreases():
+    curve = CostCurve((1, 2), (5.0, 4.0))  # noisy, decreasing measurements
+    assert curve.cost(2) == 4.0
+    assert curve.cost(10) == 4.0
+
+
+def test_single_point_curve_scales_linearly_beyond_it():
+    curve = CostCurve((2,), (3.0,))
+    assert curve.cost(1) == 3.0
+    assert curve.cost(2) == 3.0
+    assert curve.cost(4) == pytest.approx(6.0)
+
+
+def test_flat_curve():
+    curve = CostCurve((1, 64), (1.0, 1.0))
+    assert [curve.cost(n) for n in (1, 2, 33, 64, 100)] == [1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "seconds"),
+    [
+        ((), ()),
+        ((1, 2), (1.0,)),
+        ((2, 1), (1.0, 2.0)),  # not increasing
+        ((1, 1), (1.0, 1.0)),  # repeated size
+        ((0, 1), (1.0, 2.0)),  # size 0
+        ((-1,), (1.0,)),
+    ],
+)
+def test_cost_curve_validation(sizes, seconds):
+    with pytest.raises(ValueError):
+        CostCurve(sizes, seconds)
+
+
+def test_relative_and_round_trip():
+    curve = CostCurve((1, 4, 16), (0.04, 0.06, 0.08))
+    rel = curve.relative()
+    assert list(rel) == [1, 4, 16]
+    assert rel[1] == 1.0 and rel[4] == pytest.approx(1.5) and rel[16] == pytest.approx(2.0)
+    data = curve.to_dict()
+    assert data["format"] == COST_FORMAT and data["version"] == COST_VERSION
+    assert CostCurve.from_dict(json.loads(json.dumps(data))) == curve
+
+
+@pytest.mark.parametrize("data", [{}, {"format": "other", "version": COST_VERSION, "sizes": [1], "seconds": [1.0]},
+                                  {"format": COST_FORMAT, "version": 99, "sizes": [1], "seconds": [1.0]},
+                                  [1, 2], "text", None])
+def test_from_dict_rejects_foreign_data(data):
+    with pytest.raises(ValueError):
+        CostCurve.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------------- measurement
+
+
+class FakeClock:
+    """A perf_counter that only advances when a fake pass runs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_measure_cost_curve_takes_medians_and_smooths_to_monotone(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    # per size: three noisy samples; size 4 is measured cheaper than size 2 (noise the curve must smooth away)
+    samples = {1: [1.0, 9.0, 1.2], 2: [2.0, 2.2, 2.1], 4: [1.5, 1.6, 50.0], 8: [3.0, 3.0, 3.0]}
+    calls: list[int] = []
+    measured: dict[int, list[float]] = {n: list(v) for n, v in samples.items()}
+
+    def run_pass(n: int) -> None:
+        calls.append(n)
+        if len(calls) <= 2:  # warm-up passes are not timed
+            clock.now += 1000.0
+            return
+        clock.now += measured[n].pop(0)
+
+    curve = measure_cost_curve(run_pass, sizes=(1, 2, 4, 8), repeats=3, warmup=1)
+    assert calls[:2] == [1, 8]
+    assert calls[2:] == [1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8]
+    assert curve.sizes == (1, 2, 4, 8)
+    assert curve.seconds == pytest.approx((1.2, 2.1, 2.1, 3.0))
+    assert all(a <= b for a, b in zip(curve.seconds, curve.seconds[1:]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=10.0), min_size=4, max_size=4))
+def test_measure_cost_curve_is_always_non_decreasing(costs):
+    clock = FakeClock()
+    table = dict(zip((1, 2, 3, 4), costs))
+    original = budget_module.time
+    budget_module.time = SimpleNamespace(perf_counter=clock.perf_counter)
+    try:
+        def run_pass(n: int) -> None:
+            clock.now += table[n]
+
+        curve = measure_cost_curve(run_pass, sizes=(1, 2, 3, 4), repeats=1, warmup=0)
+    finally:
+        budget_module.time = original
+    assert curve.seconds[0] == pytest.approx(costs[0])
+    assert all(a <= b for a, b in zip(curve.seconds, curve.seconds[1:]))
+    assert curve.seconds == pytest.approx(tuple(max(costs[: i + 1]) for i in range(4)))
+
+
+def test_measure_cost_curve_with_real_timer():
+    curve = measure_cost_curve(lambda n: sum(range(n * 100)), sizes=(1, 8), repeats=2, warmup=0)
+    assert curve.sizes == (1, 8)
+    assert 0 < curve.seconds[0] <= curve.seconds[1]
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def counting_measure(curve: CostCurve):
+    calls = []
+
+    def measure() -> CostCurve:
+        calls.append(1)
+        return curve
+
+    return measure, calls
+
+
+def test_cached_cost_curve_writes_once_and_reads_back(tmp_path):
+    curve = CostCurve((1, 2, 4), (0.1, 0.2, 0.25))
+    measure, calls = counting_measure(curve)
+    assert cached_cost_curve("abc", measure, tmp_path) == curve
+    assert len(calls) == 1
+    path = tmp_path / "abc.json"
+    assert json.loads(path.read_text()) == curve.to_dict()
+    assert [p.name for p in tmp_path.iterdir()] == ["abc.json"]  # no temporary file left behind
+
+    other, other_calls = counting_measure(CostCurve((1,), (9.0,)))
+    assert cached_cost_curve("abc", other, tmp_path) == curve  # read back, not re-measured
+    assert other_calls == []
+    assert cached_cost_curve("xyz", other, tmp_path) == CostCurve((1,), (9.0,))  # another key measures
+    assert len(other_calls) == 1
+
+
+@pytest.mark.parametrize("content", ["not json {", "", json.dumps({"format": "x"}), json.dumps([1, 2]),
+                                     json.dumps({"format": COST_FORMAT, "version": COST_VERSION, "sizes": [2, 1],
+                                                 "seconds": [1, 2]})])
+def test_cached_cost_curve_ignores_a_corrupt_file(tmp_path, content):
+    (tmp_path / "k.json").write_text(content)
+    curve = CostCurve((1, 2), (1.0, 2.0))
+    measure, calls = counting_measure(curve)
+    assert cached_cost_curve("k", measure, tmp_path) == curve
+    assert len(calls) == 1
+    assert CostCurve.from_dict(json.loads((tmp_path / "k.json").read_text())) == curve  # repaired
+
+
+def test_cached_cost_curve_survives_an_unwritable_cache(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    curve = CostCurve((1,), (1.0,))
+    measure, calls = counting_measure(curve)
+    assert cached_cost_curve("k", measure, blocker / "cost") == curve
+    assert len(calls) == 1
+
+
+def test_cached_cost_curve_default_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    curve = CostCurve((1,), (2.0,))
+    measure, _ = counting_measure(curve)
+    cached_cost_curve("dflt", measure)
+    assert (tmp_path / "cost" / "dflt.json").is_file()
+
+
+def test_cost_cache_key_is_stable_and_distinct():
+    assert cost_cache_key("m", 1, "cpu") == cost_cache_key("m", 1, "cpu")
+    assert cost_cache_key("m", 1, "cpu") != cost_cache_key("m", 2, "cpu")
+    assert len(cost_cache_key("x")) == 16
+
+
+# ---------------------------------------------------------------------------------------------------- budget
+
+FLAT = CostCurve((1, 64), (1.0, 1.0))
+STEEP = CostCurve((1, 64), (1.0, 64.0))  # c(n) = n: a pass costs what n plain steps do
+# c(2) = 1.5: one draft node pays only if it is accepted with probability above 0.5 (the prior)
+SLOPED = CostCurve((1, 2, 64), (1.0, 1.5, 32.5))
+
+CHAIN = [-1, 0, 1, 2]  # a single branch of four draft nodes
+CHAIN_SCORES = [4.0, 4.0, 4.0, 4.0]
+
+
+def learn(budget: DraftBudget, parents, scores, accepted, times: int, match_length=2, last_accepted=0) -> None:
+    for _ in range(times):
+        budget.observe(parents, scores, match_length, last_accepted, accepted)
+
+
+def test_steep_curve_never_drafts():
+    budget = DraftBudget(STEEP, max_nodes=16)
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == []
+    learn(budget, CHAIN, CHAIN_SCORES, [0, 1, 2, 3], times=200)  # even after perfect acceptance
+    assert budget.acceptance.probability(node_features(CHAIN, CHAIN_SCORES)[0], 2, 0) > 0.95
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == []
+
+
+def test_flat_curve_drafts_everything_worth_anything():
+    budget = DraftBudget(FLAT, max_nodes=16)
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == [0, 1, 2, 3]
+    learn(budget, CHAIN, CHAIN_SCORES, [0, 1, 2, 3], times=50)
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == [0, 1, 2, 3]
+
+
+def test_max_nodes_caps_the_selection():
+    budget = DraftBudget(FLAT, max_nodes=2)
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == [0, 1]
+    assert DraftBudget(FLAT, max_nodes=0).select(CHAIN, CHAIN_SCORES, 2, 0) == []
+
+
+def test_empty_draft_selects_nothing():
+    assert DraftBudget(FLAT, max_nodes=8).select([], [], 0, 0) == []
+    assert DraftBudget(FLAT, max_nodes=8, adaptive=False).select([], [], 0, 0) == []
+
+
+def test_budget_learns_when_drafting_pays():
+    budget = DraftBudget(SLOPED, max_nodes=16)
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == []  # prior 0.5: one node breaks even, does not pay
+    learn(budget, CHAIN, CHAIN_SCORES, [0, 1, 2, 3], times=100)  # every node accepted, again and again
+    chosen = budget.select(CHAIN, CHAIN_SCORES, 2, 0)
+    assert chosen[:2] == [0, 1] and len(chosen) >= 2
+
+    learn(budget, CHAIN, CHAIN_SCORES, [], times=1000)  # then nothing is accepted any more
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == []
+
+
+def test_non_adaptive_returns_all_nodes_up_to_max():
+    budget = DraftBudget(STEEP, max_nodes=3, adaptive=False)
+    assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == [0, 1, 2]
+    wide = [-1, -1, 0, 1, 2]
+    assert DraftBudget(STEEP, max_nodes=10, adaptive=False).select(wide, [1.0] * 5, 1, 0) == [0, 1, 2, 3, 4]
+    # observing does not change a non-adaptive budget
+    learn(budget, CHAIN, CHAIN_SCORES, [], times=10)
+    assert budget.acceptance._fine == {} and budget.acceptance._coarse == {}
+
+
+@st.composite
+def drafts(draw):
+    n = draw(st.integers(min_value=1, max_value=20))
+    parents = [draw(st.integers(min_value=-1, max_value=i - 1)) for i in range(n)]
+    scores = [draw(st.floats(min_value=0.5, max_value=20.0)) for _ in range(n)]
+    return parents, scores
+
+
+@settings(max_examples=100, deadline=None)
+@given(drafts(), st.integers(min_value=0, max_value=10_000), st.sampled_from([FLAT, SLOPED, STEEP]),
+       st.integers(min_value=1, max_value=20))
+def test_select_keeps_parents_before_children(draft, seed, curve, max_nodes):
+    parents, scores = draft
+    rng = random.Random(seed)
+    budget = DraftBudget(curve, max_nodes=max_nodes)
+    for _ in range(rng.randrange(0, 30)):  # some random history
+        accepted = [i for i in range(len(parents)) if rng.random() < 0.7]
+        budget.observe(parents, scores, rng.randrange(1, 5), rng.randrange(0, 4), accepted)
+    chosen = budget.select(parents, scores, rng.randrange(1, 5), rng.randrange(0, 4))
+    assert chosen == sorted(set(chosen))
+    assert len(chosen) <= max_nodes
+    assert all(0 <= i < len(parents) for i in chosen)
+    chosen_set = set(chosen)
+    assert all(parents[i] < 0 or parents[i] in chosen_set for i in chosen)
+    if curve is STEEP:
+        assert chosen == []
+
+
+def test_observe_counts_only_nodes_whose_parent_was_accepted():
+    budget = DraftBudget(FLAT, max_nodes=8)
+    feats = node_features(CHAIN, CHAIN_SCORES)
+    model = budget.acceptance
+
+    def prob(i: int) -> float:
+        return model.probability(feats[i], 2, 0)
+
+    assert [prob(i) for i in range(4)] == [pytest.approx(0.5)] * 4
+    budget.observe(CHAIN, CHAIN_SCORES, 2, 0, [])  # node 0 rejected; nodes below it were never tried
+    assert prob(0) < 0.5
+    assert prob(1) == pytest.approx(0.5) and prob(2) == pytest.approx(0.5)
+    budget.observe(CHAIN, CHAIN_SCORES, 2, 0, [0])  # node 0 accepted, node 1 rejected, node 2 not tried
+    assert prob(1) < 0.5
+    assert prob(2) == pytest.approx(0.5)
+    before = prob(2)
+    learn(budget, CHAIN, CHAIN_SCORES, [0, 1, 2], times=5)
+    assert prob(2) > before
+
+
+def test_acceptance_model_estimate_and_forgetting():
+    model = AcceptanceModel(prior=0.5, prior_strength=2.0, backoff_strength=4.0, max_trials=10.0)
+    node = NodeFeatures(share=1.0, depth=1, score=5.0)
+    assert model.probability(node, 1, 0) == pytest.approx(0.5)
+    for _ in range(8):
+        model.observe(node, 1, 0, True)
+    # coarse: (8 + 1) / (8 + 2) = 0.9; fine: (8 + 4 * 0.9) / (8 + 4)
+    assert model.probability(node, 1, 0) == pytest.approx((8 + 4 * 0.9) / 12)
+    for _ in range(3):
+        model.observe(node, 1, 0, True)
+    coarse, fine = model.keys(node, 1, 0)
+    assert model._fine[fine][1] <= 10.0  # halved once it passed max_trials
+    # a node in another bin still sees only the prior, backed off through its coarse bin
+    other = NodeFeatures(share=0.1, depth=3, score=1.0)
+    assert model.probability(other, 1, 0) == pytest.approx(0.5)
+
+
+def test_node_features():
+    feats = node_features([-1, -1, 0, 0, 2], [3.0, 1.0, 2.0, 6.0, 0.0])
+    assert [f.depth for f in feats] == [1, 1, 2, 2, 3]
+    assert [f.share for f in feats] == [pytest.approx(0.75), pytest.approx(0.25), pytest.approx(0.25),
+                                        pytest.approx(0.75), 0.0]
+    assert [f.score for f in feats] == [3.0, 1.0, 2.0, 6.0, 0.0]
