@@ -1,0 +1,263 @@
+"""Shared plumbing of the LangChain classes: a process-wide registry of loaded engines, message conversion, the plain
+greedy baseline and the router that carries retrieved documents to the LLM call of the same chain run.
+
+Nothing here imports torch or transformers at import time: models are loaded on the first generation, once per
+(model, dtype, device, knobs) in a process, and shared by every LangChain object that names them, so the global trie
+of past outputs is shared across calls and across instances.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from lookahead.config import LookaheadConfig
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
+
+__all__ = ["EngineHandle", "DocumentRouter", "get_engine", "register_engine", "clear_engines", "check_documents"]
+
+
+@dataclass
+class EngineHandle:
+    """One loaded model with its lookahead generator. ``lock`` serialises requests: on a CPU the cores are already
+    busy with one request, and the engine's draft budget learns from one request at a time."""
+
+    name: str
+    generator: LookaheadGenerator
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.generator.tokenizer
+
+    @property
+    def model(self) -> Any:
+        return self.generator.model
+
+
+_ENGINES: dict[tuple, EngineHandle] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _key(name: str, dtype: str, device: str | None, config: LookaheadConfig) -> tuple:
+    return (name, dtype, device, tuple(sorted(config.to_dict().items())))
+
+
+def get_engine(name: str, dtype: str, device: str | None, config: LookaheadConfig) -> EngineHandle:
+    """The shared engine for these settings, loading the model on first use (once per process)."""
+    key = _key(name, dtype, device, config)
+    with _ENGINES_LOCK:
+        handle = _ENGINES.get(key)
+        if handle is None:
+            from lookahead.engine import LookaheadGenerator
+            from lookahead.models import load_model
+
+            model, tokenizer = load_model(name, dtype=dtype, device=device)
+            handle = EngineHandle(name, LookaheadGenerator(model, tokenizer, config))
+            _ENGINES[key] = handle
+        return handle
+
+
+def register_engine(generator: LookaheadGenerator, name: str | None = None) -> EngineHandle:
+    """Wrap a prebuilt generator (not put in the registry: the caller owns it)."""
+    from lookahead.engine import LookaheadGenerator
+
+    if not isinstance(generator, LookaheadGenerator):
+        raise TypeError(f"generator must be a lookahead.engine.LookaheadGenerator, got {type(generator).__name__}")
+    if name is None:
+        name = str(getattr(generator.model.config, "_name_or_path", "") or generator.model.config.model_type)
+    return EngineHandle(name, generator)
+
+
+def clear_engines() -> None:
+    """Forget every loaded engine (frees the models once nothing else holds them)."""
+    with _ENGINES_LOCK:
+        _ENGINES.clear()
+
+
+def check_documents(documents: Any) -> list[str]:
+    """Validate per-call ``documents=``: a list of strings (or LangChain ``Document`` objects)."""
+    if documents is None:
+        return []
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise TypeError(f"documents must be a list of strings, got {type(documents).__name__}")
+    texts = []
+    for i, doc in enumerate(documents):
+        text = getattr(doc, "page_content", doc)
+        if not isinstance(text, str):
+            raise TypeError(f"documents[{i}] must be a string or a Document, got {type(doc).__name__}")
+        texts.append(text)
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Piece:
+    """One accepted run of tokens as the LangChain classes see it (engine chunk or the baseline's single piece)."""
+
+    text: str
+    token_ids: list[int]
+    accepted: int
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+    prompt_tokens: int = 0
+
+
+def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
+                  documents: Sequence[str], use_lookahead: bool = True) -> Iterator[Piece]:
+    """Generate under the handle's lock, yielding one piece per accepted run (lookahead) or one piece (baseline).
+
+    The lock is released when the generator finishes or is closed (a consumer that stops early).
+    """
+    generator = handle.generator
+    handle.lock.acquire()
+    try:
+        if not use_lookahead:
+            yield _plain_generate(handle, prompt, max_new_tokens=max_new_tokens, stop=stop)
+            return
+        prompt_ids = generator.encode(prompt)
+        for chunk in generator.stream(prompt_ids, max_new_tokens=max_new_tokens, stop=list(stop or []) or None,
+                                      documents=documents or None):
+            yield _piece(chunk, len(prompt_ids))
+    finally:
+        handle.lock.release()
+
+
+def _piece(chunk: StreamChunk, prompt_tokens: int) -> Piece:
+    return Piece(chunk.text, list(chunk.token_ids), chunk.accepted, chunk.finish_reason, chunk.stats, prompt_tokens)
+
+
+def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None) -> Piece:
+    """Plain Hugging Face greedy ``generate`` (no drafts): the baseline the lookahead path must match exactly.
+
+    Stops like the engine does: at EOS, after ``max_new_tokens``, or as soon as the decoded text contains a stop
+    string (the text is cut before it).
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from lookahead.engine import GenerationStats
+
+    generator = handle.generator
+    model, tokenizer = generator.model, generator.tokenizer
+    prompt_ids = generator.encode(prompt)
+    stops = [s for s in (stop or []) if s]
+    n_prompt = len(prompt_ids)
+
+    class _StopText(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            text = tokenizer.decode(input_ids[0, n_prompt:], skip_special_tokens=True)
+            done = any(s in text for s in stops)
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    start = time.perf_counter()
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else (eos[0] if eos else 0),
+            stopping_criteria=StoppingCriteriaList([_StopText()]) if stops else None,
+        )
+    seconds = time.perf_counter() - start
+    token_ids = out[0, n_prompt:].tolist()
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    found = [p for p in (text.find(s) for s in stops) if p >= 0]
+    if found:
+        finish, text = "stop", text[: min(found)]
+    elif token_ids and token_ids[-1] in eos_ids:
+        finish = "eos"
+    else:
+        finish = "length"
+    stats = GenerationStats(prompt_tokens=n_prompt, new_tokens=len(token_ids), steps=len(token_ids),
+                            time_total=seconds)
+    return Piece(text, token_ids, 0, finish, stats, n_prompt)
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+
+
+@dataclass
+class _Retrieval:
+    texts: list[str]
+    created: float
+
+
+class DocumentRouter:
+    """Carries documents a :class:`LookaheadRetriever` returned to the LLM call of the same chain run.
+
+    A retrieval is filed under the run id of the retriever's parent chain. An LLM call takes the documents filed
+    under its own parent run (``retriever | prompt | llm``: both are steps of one sequence), else those of recent
+    retrievals whose text occurs in its prompt (the retriever sits in a nested branch, e.g. ``{"context": retriever |
+    format_docs, ...} | prompt | llm``). Entries are kept until ``max_entries`` newer ones push them out or
+    ``ttl`` seconds pass, so several LLM calls of one run (map-reduce) all get them. Routing only shapes drafts: a
+    document that reaches the wrong request costs speed, never correctness.
+    """
+
+    def __init__(self, max_entries: int = 64, ttl: float = 600.0) -> None:
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._entries: OrderedDict[Any, _Retrieval] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def file(self, run_key: UUID | str | None, texts: Sequence[str]) -> None:
+        """Remember ``texts`` retrieved in the run ``run_key`` (None: a retrieval outside any chain)."""
+        texts = [t for t in texts if isinstance(t, str) and t.strip()]
+        if not texts:
+            return
+        key = run_key if run_key is not None else object()  # unkeyed retrievals are found by content only
+        with self._lock:
+            self._expire()
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                texts = entry.texts + [t for t in texts if t not in entry.texts]
+            self._entries[key] = _Retrieval(list(texts), time.monotonic())
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def take(self, run_key: UUID | str | None, prompt_text: str) -> list[str]:
+        """Documents for an LLM call whose parent run is ``run_key`` and whose prompt is ``prompt_text``."""
+        with self._lock:
+            self._expire()
+            if not self._entries:
+                return []
+            if run_key is not None and run_key in self._entries:
+                return list(self._entries[run_key].texts)
+            found: list[str] = []
+            for entry in reversed(self._entries.values()):
+                if any(_probe(t) in prompt_text for t in entry.texts):
+                    found.extend(t for t in entry.texts if t not in found)
+            return found
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if now - entry.created <= self.ttl:
+                break
+            del self._entries[key]
+
+
+def _probe(text: str, length: int = 120) -> str:
+    """A stretch of a document to look for in a prompt (prompts often strip or reflow the ends)."""
+    stripped = text.strip()
+    if len(stripped) <= length:
+        return stripped
+    middle = len(stripped) // 2
+    return stripped[middle - length // 2: middle + length // 2]

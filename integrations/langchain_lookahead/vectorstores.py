@@ -1,0 +1,339 @@
+"""``FAISSVectorStore``: an in-process FAISS vector store on langchain-core (no langchain-community).
+
+Upsert by id, tolerant delete, ``get_by_ids``, similarity search with scores (optionally filtered by metadata), MMR,
+``from_texts``, and ``save_local``/``load_local`` that store the index with FAISS's own format and the documents as
+JSON: loading never unpickles, so it cannot run code from the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
+from langchain_core.vectorstores import VectorStore
+from langchain_core.vectorstores.utils import maximal_marginal_relevance
+
+FAISS_INSTALL = ("pip install faiss-cpu  (CUDA: pip install faiss-gpu; or the extra: "
+                 "pip install 'lookahead-rag[langchain]')")
+METRICS = ("cosine", "ip", "l2")
+INDEX_FILE = "index.faiss"
+DOCSTORE_FILE = "docstore.json"
+STORE_FORMAT = 1
+
+Filter = dict[str, Any] | Callable[[dict[str, Any]], bool]
+
+
+def import_faiss() -> Any:
+    """Import FAISS, or fail with the command that installs it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError(f"FAISS is not installed. Install it with: {FAISS_INSTALL}") from exc
+    return faiss
+
+
+def _matches(metadata: dict[str, Any], filter: Filter | None) -> bool:
+    if filter is None:
+        return True
+    if callable(filter):
+        return bool(filter(metadata))
+    return all(metadata.get(key) == value for key, value in filter.items())
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FAISSVectorStore(VectorStore):
+    """A FAISS flat index with string ids and an in-memory document store.
+
+    Args:
+        embedding: the :class:`~langchain_core.embeddings.Embeddings` used for texts and queries.
+        metric: ``"cosine"`` (vectors are L2-normalised; score = cosine similarity, higher is closer), ``"ip"``
+            (raw inner product, higher is closer) or ``"l2"`` (squared Euclidean distance, lower is closer).
+        use_gpu: search on all visible GPUs (needs ``faiss-gpu``); the CPU index stays the source of truth.
+    """
+
+    def __init__(self, embedding: Embeddings, *, metric: str = "cosine", use_gpu: bool = False) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if not isinstance(embedding, Embeddings):
+            raise TypeError(f"embedding must be a langchain_core Embeddings, got {type(embedding).__name__}")
+        self._faiss = import_faiss()
+        if use_gpu and not hasattr(self._faiss, "index_cpu_to_all_gpus"):
+            raise ImportError("use_gpu=True needs the CUDA build of FAISS: pip install faiss-gpu (not faiss-cpu)")
+        self._embedding = embedding
+        self.metric = metric
+        self.use_gpu = use_gpu
+        self._index: Any = None  # faiss.IndexIDMap2 over a flat index, created with the first vectors
+        self._gpu_index: Any = None
+        self._dim: int | None = None
+        self._docs: dict[str, Document] = {}
+        self._int_ids: dict[str, int] = {}
+        self._str_ids: dict[int, str] = {}
+        self._next_id = 0
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def embeddings(self) -> Embeddings:
+        return self._embedding
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def _new_index(self, dim: int) -> Any:
+        flat = self._faiss.IndexFlatL2(dim) if self.metric == "l2" else self._faiss.IndexFlatIP(dim)
+        return self._faiss.IndexIDMap2(flat)
+
+    def _vectors(self, embeddings: Sequence[Sequence[float]]) -> np.ndarray:
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty [n, d] array, got shape {vectors.shape}")
+        if self._dim is not None and vectors.shape[1] != self._dim:
+            raise ValueError(f"embedding size {vectors.shape[1]} does not match the index ({self._dim})")
+        vectors = np.ascontiguousarray(vectors)
+        if self.metric == "cosine":
+            self._faiss.normalize_L2(vectors)
+        return vectors
+
+    def _remove(self, ids: Iterable[str]) -> None:
+        ints = [self._int_ids.pop(i) for i in ids if i in self._int_ids]
+        for i in ints:
+            self._docs.pop(self._str_ids.pop(i), None)
+        if ints and self._index is not None:
+            self._index.remove_ids(np.asarray(ints, dtype=np.int64))
+        self._gpu_index = None
+
+    # ------------------------------------------------------------------ writes
+
+    def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *,
+                  ids: list[str | None] | None = None, **kwargs: Any) -> list[str]:
+        """Embed and add texts; an id that is already present is replaced (upsert). Returns the ids."""
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be strings")
+        if metadatas is not None and len(metadatas) != len(texts):
+            raise ValueError(f"got {len(metadatas)} metadatas for {len(texts)} texts")
+        if ids is not None and len(ids) != len(texts):
+            raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
+        if not texts:
+            return []
+        given = list(ids) if ids is not None else [None] * len(texts)
+        out = [str(i) if i is not None else uuid.uuid4().hex for i in given]
+        metas = [dict(m or {}) for m in (metadatas or [{}] * len(texts))]
+        vectors = self._vectors(self._embedding.embed_documents(texts))
+        if vectors.shape[0] != len(texts):
+            raise ValueError(f"the embedding returned {vectors.shape[0]} vectors for {len(texts)} texts")
+        last = {doc_id: n for n, doc_id in enumerate(out)}  # a repeated id within one call: the last one wins
+        keep = sorted(last.values())
+        with self._lock:
+            if self._index is None:
+                self._dim = int(vectors.shape[1])
+                self._index = self._new_index(self._dim)
+            self._remove(out)
+            ints = []
+            for n in keep:
+                int_id = self._next_id
+                self._next_id += 1
+                self._int_ids[out[n]] = int_id
+                self._str_ids[int_id] = out[n]
+                self._docs[out[n]] = Document(page_content=texts[n], metadata=metas[n], id=out[n])
+                ints.append(int_id)
+            self._index.add_with_ids(vectors[keep], np.asarray(ints, dtype=np.int64))
+            self._gpu_index = None
+        return out
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
+        """Delete by id (missing ids are ignored); ``ids=None`` deletes everything."""
+        with self._lock:
+            if ids is None:
+                self._docs.clear()
+                self._int_ids.clear()
+                self._str_ids.clear()
+                if self._index is not None:
+                    self._index.reset()
+                self._gpu_index = None
+                return True
+            if isinstance(ids, str):
+                raise TypeError("ids must be a list of strings")
+            self._remove([str(i) for i in ids])
+        return True
+
+    # ------------------------------------------------------------------ reads
+
+    def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        """Documents with these ids, in the given order; missing ids are skipped."""
+        with self._lock:
+            return [self._copy(self._docs[i]) for i in ids if i in self._docs]
+
+    @staticmethod
+    def _copy(doc: Document) -> Document:
+        return Document(page_content=doc.page_content, metadata=json.loads(json.dumps(doc.metadata, default=str))
+                        if doc.metadata else {}, id=doc.id)
+
+    def _search_index(self, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self._index
+        if self.use_gpu:
+            if self._gpu_index is None:
+                self._gpu_index = self._faiss.index_cpu_to_all_gpus(self._index)
+            index = self._gpu_index
+        scores, ints = index.search(vector, n)
+        return scores[0], ints[0]
+
+    def similarity_search_with_score_by_vector(self, embedding: Sequence[float], k: int = 4,
+                                               filter: Filter | None = None, fetch_k: int = 20, **kwargs: Any
+                                               ) -> list[tuple[Document, float]]:
+        """The ``k`` closest documents to a vector with their scores (see ``metric``), optionally filtered by
+        metadata (a dict of required values or a predicate)."""
+        if not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative integer, got {k!r}")
+        with self._lock:
+            total = len(self._docs)
+            if k == 0 or total == 0:
+                return []
+            vector = self._vectors([embedding])
+            n = min(total, k if filter is None else max(fetch_k, 4 * k))
+            while True:
+                scores, ints = self._search_index(vector, n)
+                results = []
+                for score, int_id in zip(scores.tolist(), ints.tolist()):
+                    doc_id = self._str_ids.get(int_id)
+                    if doc_id is None:
+                        continue
+                    doc = self._docs[doc_id]
+                    if _matches(doc.metadata, filter):
+                        results.append((self._copy(doc), float(score)))
+                if len(results) >= k or n >= total:
+                    return results[:k]
+                n = min(total, n * 4)
+
+    def similarity_search_with_score(self, query: str, k: int = 4, filter: Filter | None = None,
+                                     fetch_k: int = 20, **kwargs: Any) -> list[tuple[Document, float]]:
+        """The ``k`` closest documents to a query with their scores."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a string, got {type(query).__name__}")
+        if not self._docs:
+            return []
+        return self.similarity_search_with_score_by_vector(self._embedding.embed_query(query), k, filter=filter,
+                                                           fetch_k=fetch_k)
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score_by_vector(embedding, k, **kwargs)]
+
+    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, **kwargs)]
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        if self.metric == "l2":
+            return lambda distance: 1.0 / (1.0 + max(distance, 0.0))
+        return lambda similarity: min(1.0, max(0.0, (1.0 + similarity) / 2.0))
+
+    def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4, fetch_k: int = 20,
+                                                lambda_mult: float = 0.5, filter: Filter | None = None,
+                                                **kwargs: Any) -> list[Document]:
+        """Diverse results: ``fetch_k`` candidates re-ranked by maximal marginal relevance."""
+        with self._lock:
+            candidates = self.similarity_search_with_score_by_vector(embedding, max(k, fetch_k), filter=filter,
+                                                                     fetch_k=fetch_k)
+            if not candidates:
+                return []
+            vectors = np.stack([self._index.reconstruct(self._int_ids[doc.id]) for doc, _ in candidates])
+        query = self._vectors([embedding])[0]
+        chosen = maximal_marginal_relevance(query, vectors, lambda_mult=lambda_mult, k=k)
+        return [candidates[i][0] for i in chosen]
+
+    def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
+                                      **kwargs: Any) -> list[Document]:
+        if not self._docs:
+            return []
+        return self.max_marginal_relevance_search_by_vector(self._embedding.embed_query(query), k, fetch_k,
+                                                            lambda_mult, **kwargs)
+
+    # ------------------------------------------------------------------ construction, persistence
+
+    @classmethod
+    def from_texts(cls, texts: list[str], embedding: Embeddings, metadatas: list[dict] | None = None, *,
+                   ids: list[str] | None = None, **kwargs: Any) -> FAISSVectorStore:
+        """A new store holding ``texts`` (``kwargs``: ``metric``, ``use_gpu``)."""
+        store = cls(embedding, **kwargs)
+        store.add_texts(texts, metadatas, ids=ids)
+        return store
+
+    def save_local(self, folder: str | os.PathLike[str]) -> None:
+        """Write ``index.faiss`` (FAISS format) and ``docstore.json`` into ``folder``, each atomically.
+
+        Metadata must be JSON-serialisable: the store never pickles, so loading cannot execute code.
+        """
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            entries = []
+            for doc_id, doc in self._docs.items():
+                try:
+                    json.dumps(doc.metadata)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"metadata of document {doc_id!r} is not JSON-serialisable ({exc}); "
+                                     "save_local stores JSON only (no pickle)") from exc
+                entries.append({"id": doc_id, "int_id": self._int_ids[doc_id], "page_content": doc.page_content,
+                                "metadata": doc.metadata})
+            data = {"format": STORE_FORMAT, "metric": self.metric, "dim": self._dim, "next_id": self._next_id,
+                    "entries": entries}
+            index = self._index if self._index is not None else None
+            if index is not None:
+                _atomic_write(path / INDEX_FILE, lambda tmp: self._faiss.write_index(index, tmp))
+            else:
+                (path / INDEX_FILE).unlink(missing_ok=True)
+
+            def write_json(tmp: str) -> None:
+                with open(tmp, "w", encoding="utf-8") as handle:
+                    json.dump(data, handle, ensure_ascii=False)
+
+            _atomic_write(path / DOCSTORE_FILE, write_json)
+
+    @classmethod
+    def load_local(cls, folder: str | os.PathLike[str], embeddings: Embeddings, *, use_gpu: bool = False,
+                   **kwargs: Any) -> FAISSVectorStore:
+        """Load a store written by :meth:`save_local` (JSON + FAISS index; nothing is unpickled)."""
+        path = Path(folder)
+        try:
+            data = json.loads((path / DOCSTORE_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} holds no saved FAISSVectorStore ({DOCSTORE_FILE} is missing)") from None
+        except ValueError as exc:
+            raise ValueError(f"{path / DOCSTORE_FILE} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{path / DOCSTORE_FILE}: not a FAISSVectorStore docstore of format {STORE_FORMAT} "
+                             f"(found {found!r})")
+        store = cls(embeddings, metric=data["metric"], use_gpu=use_gpu)
+        entries = data["entries"]
+        if entries:
+            index = store._faiss.read_index(str(path / INDEX_FILE))
+            stored = set(store._faiss.vector_to_array(index.id_map).tolist())
+            if index.ntotal != len(entries) or stored != {e["int_id"] for e in entries}:
+                raise ValueError(f"{path}: {INDEX_FILE} and {DOCSTORE_FILE} do not match (an interrupted save?)")
+            store._index, store._dim = index, int(data["dim"])
+        for e in entries:
+            store._docs[e["id"]] = Document(page_content=e["page_content"], metadata=e["metadata"], id=e["id"])
+            store._int_ids[e["id"]] = int(e["int_id"])
+            store._str_ids[int(e["int_id"])] = e["id"]
+        store._next_id = int(data["next_id"])
+        return store
