@@ -314,8 +314,7 @@ class LookaheadGenerator:
                ) -> Iterator[StreamChunk]:
         """Yield every accepted run of tokens as it is verified. The last chunk carries the finish reason and stats.
 
-        Arguments are checked before the first chunk is produced (this is a generator: errors surface on the first
-        ``next``).
+        Arguments are checked right away, when ``stream`` is called, before any model work.
         """
         if do_sample:
             raise ValueError("do_sample=True is not supported yet: lookahead decoding is greedy (do_sample=False)")
