@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a PNG plot (speedup and tokens per step per case)")
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from .summarize import add_parser as add_summarize_parser
+
+    add_summarize_parser(sub, _add_model_args, _build)
     return parser
 
 
