@@ -1,0 +1,130 @@
+"""The benchmark harness and CLI on a tiny random model (correctness of the plumbing, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FLAT_CURVE, make_model, make_tokenizer
+
+from lookahead.bench.cases import load_cases
+from lookahead.bench.report import format_table, plot, summarize, write_json
+from lookahead.bench.runner import BenchRunner
+from lookahead.cli import main
+from lookahead.config import LookaheadConfig
+from lookahead.engine import LookaheadGenerator
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+
+CASES = [
+    {"id": "q1", "task": "rag_qa", "question": "what is it", "documents": ["the cat sat on the mat", "a dog"],
+     "max_new_tokens": 12},
+    {"id": "s1", "task": "summarize", "documents": ["the rain in spain stays mainly in the plain"],
+     "max_new_tokens": 10},
+    {"id": "o1", "task": "open", "question": "tell a tale", "documents": [], "max_new_tokens": 8},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama + tokenizer with a chat template, saved like any local HF model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = make_model("llama", seed=3)
+    model.generation_config.eos_token_id = 0
+    model.generation_config.pad_token_id = 0
+    tokenizer = make_tokenizer()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture()
+def case_file(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
+    return path
+
+
+def test_shipped_case_files_load():
+    assert [len(load_cases(n)) for n in ("rag_qa", "summarize", "open")] == [30, 15, 10]
+    assert len(load_cases("rag_qa", limit=3)) == 3
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"id": "a", "task": "chat", "documents": []}), "'task' must be one of"),
+    (json.dumps({"id": "a", "task": "rag_qa", "documents": []}), "needs a string 'question'"),
+    (json.dumps({"id": "a", "task": "open", "question": "q", "max_new_tokens": 0}), "positive integer"),
+    (json.dumps({"id": "a", "task": "open", "question": "q", "documents": [1]}), "list of strings"),
+    (json.dumps({"id": "", "task": "open", "question": "q"}), "'id' must be"),
+])
+def test_bad_case_lines_are_refused_with_the_line_number(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message) as info:
+        load_cases(str(path))
+    assert "bad.jsonl:1" in str(info.value)
+
+
+def test_missing_case_file_names_the_builtins():
+    with pytest.raises(FileNotFoundError, match="rag_qa, summarize, open"):
+        load_cases("/nonexistent/cases.jsonl")
+
+
+def test_runner_interleaves_methods_and_checks_exactness(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    generator = LookaheadGenerator(model, tokenizer, LookaheadConfig(), cost_curve=FLAT_CURVE)
+    runner = BenchRunner(model, tokenizer, generator)
+    cases = [dict(c) for c in CASES]
+    runner.warm(cases[:1])
+    results = runner.run(cases, ["vanilla", "pld", "lookahead"], rounds=2)
+    runner.close()
+    assert len(results) == 2 * 3 * 3
+    assert [r.method for r in results[:3]] == ["vanilla", "pld", "lookahead"]  # interleaved case by case
+    assert all(r.exact for r in results)
+    assert all(r.steps >= 1 and r.new_tokens >= 1 for r in results)
+    vanilla = [r for r in results if r.method == "vanilla"]
+    assert all(r.steps == r.new_tokens for r in vanilla)  # one pass per token (prefill gives the first)
+    rows = summarize(results)
+    assert {(r["round"], r["method"]) for r in rows} >= {(1, "lookahead"), (2, "vanilla")}
+    look = next(r for r in rows if r["method"] == "lookahead" and r["task"] == "rag_qa" and r["round"] == 2)
+    assert look["exact"] == look["compared"] == 1 and look["speedup_vs_vanilla"] > 0
+    table = format_table(rows)
+    assert "vs vanilla" in table and "| 2 | rag_qa | lookahead |" in table
+    write_json(tmp_path / "r.json", {"x": 1}, results, rows)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert len(data["results"]) == len(results) and data["meta"] == {"x": 1}
+    plot(tmp_path / "r.png", results)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bench_end_to_end(tiny_dir, case_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out.json"
+    code = main(["bench", str(case_file), "--model", str(tiny_dir), "--methods", "vanilla,lookahead",
+                 "--rounds", "2", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| 1 | open | lookahead |" in printed and "cost curve" in printed
+    data = json.loads(out.read_text())
+    assert all(r["exact"] for r in data["results"])
+    assert (tmp_path / "p.png").exists()
+
+
+def test_cli_errors_are_messages_not_tracebacks(case_file, capsys):
+    assert main(["bench", str(case_file), "--methods", "vanilla,magic"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench", "/nonexistent.jsonl"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", "/nonexistent/model/dir"]) == 2
+    assert "error:" in capsys.readouterr().err
