@@ -123,6 +123,7 @@ class NodeFeatures:
     share: float  # node score / sum of its siblings' scores (incl. itself)
     depth: int  # 1 for children of the root
     score: float  # mixed trie count
+    from_outputs: bool = False  # seen in a past output (global count > 0), not only in this request's text
 
 
 def _bucket(value: float, edges: Sequence[float]) -> int:
@@ -136,8 +137,9 @@ class AcceptanceModel:
     """Online estimate of P(node accepted | its parent accepted), from binned counts with a coarse-bin back-off."""
 
     def __init__(self, prior: float = 0.5, prior_strength: float = 2.0, backoff_strength: float = 4.0,
-                 max_trials: float = 400.0) -> None:
+                 max_trials: float = 400.0, exploration: float = 0.0) -> None:
         self.prior = prior
+        self.exploration = exploration
         self.prior_strength = prior_strength
         self.backoff_strength = backoff_strength
         self.max_trials = max_trials
@@ -146,8 +148,9 @@ class AcceptanceModel:
 
     @staticmethod
     def keys(node: NodeFeatures, match_length: int, last_accepted: int) -> tuple[tuple, tuple]:
-        coarse = (_bucket(node.share, (0.3, 0.6, 0.95)), min(node.depth, 4))
-        fine = coarse + (min(match_length, 4), min(last_accepted, 3), _bucket(node.score, (1.5, 3.5, 8.0)))
+        coarse = (_bucket(node.share, (0.3, 0.6, 0.95)), min(node.depth, 4), node.from_outputs)
+        fine = coarse + (min(match_length, 4), _bucket(last_accepted, (1, 2, 4, 8)),
+                         _bucket(node.score, (1.5, 3.5, 8.0)))
         return coarse, fine
 
     def _rate(self, table: dict, key: tuple, prior: float, strength: float) -> float:
@@ -157,7 +160,11 @@ class AcceptanceModel:
     def probability(self, node: NodeFeatures, match_length: int, last_accepted: int) -> float:
         coarse, fine = self.keys(node, match_length, last_accepted)
         p_coarse = self._rate(self._coarse, coarse, self.prior, self.prior_strength)
-        return self._rate(self._fine, fine, p_coarse, self.backoff_strength)
+        rate = self._rate(self._fine, fine, p_coarse, self.backoff_strength)
+        if self.exploration:  # optimism for rarely tried bins, so a changed regime is noticed
+            trials = self._fine.get(fine, (0.0, 0.0))[1]
+            rate = min(1.0, rate + self.exploration / (trials + 1.0) ** 0.5)
+        return rate
 
     def observe(self, node: NodeFeatures, match_length: int, last_accepted: int, accepted: bool) -> None:
         for table, key in zip((self._coarse, self._fine), self.keys(node, match_length, last_accepted)):
@@ -169,8 +176,10 @@ class AcceptanceModel:
                 entry[1] *= 0.5
 
 
-def node_features(parents: Sequence[int], scores: Sequence[float]) -> list[NodeFeatures]:
+def node_features(parents: Sequence[int], scores: Sequence[float], global_counts: Sequence[float] | None = None
+                  ) -> list[NodeFeatures]:
     """Features of every draft node; ``parents`` index into the draft, -1 means a child of the root."""
+    from_outputs = [g > 0 for g in global_counts] if global_counts else [False] * len(parents)
     sibling_mass: dict[int, float] = {}
     for p, s in zip(parents, scores):
         sibling_mass[p] = sibling_mass.get(p, 0.0) + s
@@ -178,8 +187,8 @@ def node_features(parents: Sequence[int], scores: Sequence[float]) -> list[NodeF
     for p in parents:
         depths.append(1 if p < 0 else depths[p] + 1)
     return [
-        NodeFeatures(share=(s / sibling_mass[p]) if sibling_mass[p] > 0 else 0.0, depth=d, score=s)
-        for p, s, d in zip(parents, scores, depths)
+        NodeFeatures(share=(s / sibling_mass[p]) if sibling_mass[p] > 0 else 0.0, depth=d, score=s, from_outputs=o)
+        for p, s, d, o in zip(parents, scores, depths, from_outputs)
     ]
 
 
@@ -191,16 +200,16 @@ class DraftBudget:
         self.cost = cost
         self.max_nodes = max_nodes
         self.adaptive = adaptive
-        self.acceptance = acceptance or AcceptanceModel()
+        self.acceptance = acceptance or AcceptanceModel(prior=0.3, exploration=0.1)
 
-    def select(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int
-               ) -> list[int]:
+    def select(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
+               global_counts: Sequence[float] | None = None) -> list[int]:
         """Indices of the draft nodes to verify (parents before children), possibly none."""
         if not parents or self.max_nodes == 0:
             return []
         if not self.adaptive:
             return list(range(min(len(parents), self.max_nodes)))
-        features = node_features(parents, scores)
+        features = node_features(parents, scores, global_counts)
         reach: list[float] = []  # P(node is on the accepted path)
         for p, feat in zip(parents, features):
             parent_reach = 1.0 if p < 0 else reach[p]
@@ -215,7 +224,7 @@ class DraftBudget:
         return sorted(order[:best_count])
 
     def observe(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
-                accepted: Sequence[int]) -> None:
+                accepted: Sequence[int], global_counts: Sequence[float] | None = None) -> None:
         """Learn from one verified draft: every node whose parent was accepted was a trial.
 
         ``parents`` and ``scores`` describe the verified nodes only (parent -1: child of the root); ``accepted``
@@ -223,7 +232,7 @@ class DraftBudget:
         """
         if not self.adaptive or not parents:
             return
-        features = node_features(parents, scores)
+        features = node_features(parents, scores, global_counts)
         accepted_set = set(accepted)
         for i, (p, feat) in enumerate(zip(parents, features)):
             if p < 0 or p in accepted_set:

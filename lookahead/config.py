@@ -25,7 +25,7 @@ class LookaheadConfig:
         skinny_matmul: on CPU, compute the linear layers of small passes as ``W @ x.T`` (lookahead.kernels).
     """
 
-    branch_length: int = 12
+    branch_length: int = 24
     decoding_length: int = 48
     max_query_length: int = 6
     node_budget: int = 200_000

@@ -408,10 +408,12 @@ class LookaheadGenerator:
                                             branch_length=max(1, min(self.config.branch_length, remaining)))
                     t1 = time.perf_counter()
                     stats.time_trie += t1 - t0
-                    chosen = budget.select(draft.parents, draft.scores, draft.match_length, last_accepted)
+                    chosen = budget.select(draft.parents, draft.scores, draft.match_length, last_accepted,
+                                           draft.global_counts)
                     remap = {old: new for new, old in enumerate(chosen)}
                     parents = [remap.get(draft.parents[i], -1) for i in chosen]  # -1: child of the root
                     scores = [draft.scores[i] for i in chosen]
+                    global_counts = [draft.global_counts[i] for i in chosen]
                     tokens = [pending] + [draft.tokens[i] for i in chosen]
                     tree_parents = [-1] + [p + 1 for p in parents]
                     t2 = time.perf_counter()
@@ -428,7 +430,7 @@ class LookaheadGenerator:
                     compact_cache(cache, prefix_length, [0] + acceptance.path)
                     prefix_length += 1 + len(acceptance.path)
                     budget.observe(parents, scores, draft.match_length, last_accepted,
-                                   [i - 1 for i in acceptance.path])
+                                   [i - 1 for i in acceptance.path], global_counts)
                     accepted = last_accepted = len(acceptance.path)
                     stats.draft_sizes.append(len(chosen))
                     stats.accepted_lengths.append(accepted)

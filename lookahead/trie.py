@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pygtrie
@@ -43,13 +43,14 @@ class Draft:
     ``tokens[i]`` is node ``i``'s token, ``parents[i]`` the index of its parent (``-1``: it follows the context
     directly; a parent always comes before its children), ``scores[i]`` its mixed count (non-increasing along any
     root-to-leaf path and over the list), ``match_length`` the number of context tokens the matched suffix had
-    (``0``: no match).
+    (``0``: no match), ``global_counts[i]`` the part of node ``i``'s count that comes from past outputs.
     """
 
     tokens: list[int]
     parents: list[int]
     scores: list[float]
     match_length: int
+    global_counts: list[float] = field(default_factory=list, compare=False)  # auxiliary: not part of equality
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -60,7 +61,7 @@ class Draft:
             raise ValueError(f"truncate: n must be >= 0, got {n}")
         if n >= len(self.tokens):
             return self
-        return Draft(self.tokens[:n], self.parents[:n], self.scores[:n], self.match_length)
+        return Draft(self.tokens[:n], self.parents[:n], self.scores[:n], self.match_length, self.global_counts[:n])
 
     def depths(self) -> list[int]:
         """Depth of each node: 1 for nodes that follow the context directly."""
@@ -279,6 +280,7 @@ class TokenTrie:
         tokens: list[int] = []
         parents: list[int] = []
         scores: list[float] = []
+        global_counts: list[float] = []
         push, pop = heapq.heappush, heapq.heappop
         while heap and len(tokens) < k:
             neg, depth, t, _, c, p = pop(heap)
@@ -286,6 +288,7 @@ class TokenTrie:
             tokens.append(t)
             parents.append(p)
             scores.append(-neg)
+            global_counts.append(c.count)
             if depth < depth_limit and c.children:
                 d1 = depth + 1
                 for t2, c2 in c.children.items():
@@ -295,7 +298,7 @@ class TokenTrie:
                     if s > 0:
                         push(heap, (-s, d1, t2, seq, c2, idx))
                         seq += 1
-        return Draft(tokens, parents, scores, q)
+        return Draft(tokens, parents, scores, q, global_counts)
 
     # ------------------------------------------------------------------ release and pruning
 

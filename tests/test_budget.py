@@ -321,7 +321,7 @@ def test_select_keeps_parents_before_children(draft, seed, curve, max_nodes):
 
 
 def test_observe_counts_only_nodes_whose_parent_was_accepted():
-    budget = DraftBudget(FLAT, max_nodes=8)
+    budget = DraftBudget(FLAT, max_nodes=8, acceptance=AcceptanceModel(prior=0.5))
     feats = node_features(CHAIN, CHAIN_SCORES)
     model = budget.acceptance
 

@@ -668,3 +668,14 @@ def test_invalid_config(kw):
 def test_repr_and_len():
     t = build([1, 2], branch_length=1)
     assert len(t) == 3 and "num_nodes=3" in repr(t)
+
+
+def test_draft_reports_the_global_part_of_each_count():
+    trie = TokenTrie(branch_length=3)
+    trie.insert([1, 2, 3])  # a past output: global
+    trie.insert([1, 2, 4], request_id="r")  # this request's document: local
+    draft = trie.draft([1], decoding_length=8, request_id="r")
+    by_token = dict(zip(draft.tokens, draft.global_counts))
+    assert by_token[2] == 1.0 and by_token[3] == 1.0 and by_token[4] == 0.0
+    assert dict(zip(draft.tokens, draft.scores))[2] == 2.0
+    assert draft.truncate(1).global_counts == draft.global_counts[:1]
