@@ -80,27 +80,55 @@ class StreamChunk:
     stats: GenerationStats | None = None  # set on the last chunk
 
 
-class _StopChecker:
-    """Finds the first position where the generated text contains a stop string, and cuts text exactly there."""
+class _Emitter:
+    """Appends verified tokens one by one and ends the request exactly where HF ``generate`` would.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
+    A run ends at the first EOS token (kept), at the token whose text completes a stop string (kept; the text is cut
+    before the stop string), or at ``max_new_tokens``. Text deltas hold back a possible partial stop string and an
+    incomplete UTF-8 character until they are settled.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos: set[int], stop: Sequence[str], max_new_tokens: int
+                 ) -> None:
         self.tokenizer = tokenizer
+        self.eos = eos
         self.stop = [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.max_new_tokens = max_new_tokens
+        self.generated: list[int] = []
+        self.text = ""  # text emitted so far
+        self.finish: str | None = None
 
-    def text(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.generated, skip_special_tokens=True)
 
-    def hit(self, token_ids: Sequence[int]) -> bool:
-        if not self.stop:
-            return False
-        text = self.text(token_ids)
-        return any(s in text for s in self.stop)
-
-    def cut(self, text: str) -> str:
-        positions = [text.find(s) for s in self.stop]
-        found = [p for p in positions if p >= 0]
+    def _cut(self, text: str) -> str:
+        found = [p for p in (text.find(s) for s in self.stop) if p >= 0]
         return text[: min(found)] if found else text
+
+    def push(self, tokens: Sequence[int]) -> tuple[list[int], str]:
+        """Take this step's tokens; returns those kept and the new text. Sets ``finish`` when the request ends."""
+        run: list[int] = []
+        for token in tokens:
+            self.generated.append(token)
+            run.append(token)
+            if token in self.eos:
+                self.finish = "eos"
+            elif self.stop and any(s in self._decode() for s in self.stop):
+                self.finish = "stop"
+            elif len(self.generated) >= self.max_new_tokens:
+                self.finish = "length"
+            if self.finish:
+                break
+        full = self._cut(self._decode()) if self.stop else self._decode()
+        end = len(full)
+        if not self.finish:
+            end -= self.holdback if self.stop else 0
+            while end > 0 and full[end - 1] == "\ufffd":  # an incomplete UTF-8 character
+                end -= 1
+        delta = full[len(self.text):max(end, len(self.text))]
+        self.text += delta
+        return run, delta
 
 
 class LookaheadGenerator:
@@ -335,14 +363,12 @@ class LookaheadGenerator:
         budget = self.budget
         request_id = uuid.uuid4().hex
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        stopper = _StopChecker(self.tokenizer, stop)
-        width = self.config.branch_length + 1
-        generated: list[int] = []
-        learned = 0  # generated windows already inserted into the local trie
-        emitted_text = ""
-        finish: str | None = None
         if self.max_context is not None:
             max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
+        emitter = _Emitter(self.tokenizer, eos, stop, max_new_tokens)
+        generated = emitter.generated
+        width = self.config.branch_length + 1
+        learned = 0  # generated windows already inserted into the local trie
         start = time.perf_counter()
         try:
             t0 = time.perf_counter()
@@ -364,34 +390,14 @@ class LookaheadGenerator:
                 prefix_length = len(prompt_ids)
                 last_accepted = 0
                 while True:
-                    # --- emit this step's tokens, honouring eos / max_new_tokens / stop exactly
+                    # --- emit this step's tokens, honouring eos / stop / max_new_tokens exactly
                     t0 = time.perf_counter()
-                    run: list[int] = []
-                    for token in new_tokens:
-                        generated.append(token)
-                        run.append(token)
-                        if token in eos:
-                            finish = "eos"
-                        elif stopper.hit(generated):
-                            finish = "stop"
-                        elif len(generated) >= max_new_tokens:
-                            finish = "length"
-                        if finish:
-                            break
-                    full_text = stopper.cut(stopper.text(generated)) if stop else stopper.text(generated)
-                    if finish:
-                        delta = full_text[len(emitted_text):]
-                    else:
-                        safe = len(full_text) - (stopper.holdback if stop else 0)
-                        while safe > 0 and full_text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
-                            safe -= 1
-                        delta = full_text[len(emitted_text):max(safe, len(emitted_text))]
-                    emitted_text += delta
+                    run, delta = emitter.push(new_tokens)
                     stats.new_tokens = len(generated)
                     stats.time_other += time.perf_counter() - t0
-                    if finish:
+                    if emitter.finish:
                         stats.time_total = time.perf_counter() - start
-                        yield StreamChunk(run, delta, accepted, finish, stats)
+                        yield StreamChunk(run, delta, accepted, emitter.finish, stats)
                         return
                     yield StreamChunk(run, delta, accepted)
 
@@ -401,9 +407,12 @@ class LookaheadGenerator:
                     if complete > learned:
                         self.trie.insert(generated[learned:], request_id=request_id, max_windows=complete - learned)
                         learned = complete
-                    context = prompt_ids[-self.config.max_query_length:] + generated
+                    query = self.config.max_query_length
+                    context = generated[-query:]
+                    if len(context) < query:
+                        context = prompt_ids[len(context) - query:] + context
                     remaining = max_new_tokens - len(generated)
-                    draft = self.trie.draft(context[-self.config.max_query_length:], self.config.decoding_length,
+                    draft = self.trie.draft(context, self.config.decoding_length,
                                             request_id=request_id,
                                             branch_length=max(1, min(self.config.branch_length, remaining)))
                     t1 = time.perf_counter()
@@ -440,7 +449,7 @@ class LookaheadGenerator:
         finally:
             t0 = time.perf_counter()
             self.trie.release(request_id)
-            if self.config.learn_outputs and generated and finish is not None:
+            if self.config.learn_outputs and generated and emitter.finish is not None:
                 self.trie.insert(generated)
             stats.time_trie += time.perf_counter() - t0
 
