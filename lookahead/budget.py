@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -68,7 +67,7 @@ class CostCurve:
 
 def measure_cost_curve(run_pass: Callable[[int], None], sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3,
                        warmup: int = 1) -> CostCurve:
-    """Time ``run_pass(n)`` for every size; the median of ``repeats`` runs after ``warmup`` untimed ones."""
+    """Time ``run_pass(n)`` for every size: the fastest of ``repeats`` runs (the least disturbed by other work)."""
     for _ in range(warmup):
         run_pass(sizes[0])
         run_pass(sizes[-1])
@@ -79,7 +78,7 @@ def measure_cost_curve(run_pass: Callable[[int], None], sizes: Sequence[int] = D
             start = time.perf_counter()
             run_pass(n)
             samples.append(time.perf_counter() - start)
-        seconds.append(statistics.median(samples))
+        seconds.append(min(samples))
     # a pass never gets cheaper with more tokens: smooth measurement noise into a non-decreasing curve
     for i in range(1, len(seconds)):
         seconds[i] = max(seconds[i], seconds[i - 1])
