@@ -7,10 +7,18 @@
 Importing this package loads no model: every class loads what it needs on first use.
 """
 
+from .callbacks import LookaheadStatsHandler
 from .chat_models import ChatLookahead
 from .embeddings import MiniLMEmbeddings
 from .llms import LookaheadLLM
 from .retrievers import LookaheadRetriever
 from .vectorstores import FAISSVectorStore
 
-__all__ = ["ChatLookahead", "FAISSVectorStore", "LookaheadLLM", "LookaheadRetriever", "MiniLMEmbeddings"]
+__all__ = [
+    "ChatLookahead",
+    "FAISSVectorStore",
+    "LookaheadLLM",
+    "LookaheadRetriever",
+    "LookaheadStatsHandler",
+    "MiniLMEmbeddings",
+]
