@@ -37,7 +37,8 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for [rows, in] x [out, in] -> [rows, out], computed as ``weight @ x.T`` (>= 2 columns)."""
     rows = x.shape[0]
     columns = x.T if rows > 1 else torch.cat([x, x]).T  # [in, max(rows, 2)]
-    return torch.matmul(weight, columns).T[:rows]
+    # back to row-major: later ops (flash attention needs a contiguous head dim) are slow on a transposed view
+    return torch.matmul(weight, columns).T[:rows].contiguous()
 
 
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
