@@ -8,18 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .argtypes import positive_int
 from .config import LookaheadConfig
 from .models import ModelLoadError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +20,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--decoding-length", type=int, default=LookaheadConfig.decoding_length,
                         help="most draft nodes verified per pass")
-    parser.add_argument("--branch-length", type=_positive_int, default=LookaheadConfig.branch_length,
+    parser.add_argument("--branch-length", type=positive_int, default=LookaheadConfig.branch_length,
                         help="deepest draft path")
     parser.add_argument("--fixed-draft", action="store_true",
                         help="always draft --decoding-length nodes instead of the adaptive budget")
@@ -117,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="answer one prompt (optionally over documents), streaming")
     gen.add_argument("prompt")
     gen.add_argument("--document", "-d", action="append", default=[], help="a text file to answer from (repeatable)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     _add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -126,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("cases", nargs="+", help="case files (JSON Lines) or shipped names: rag_qa, summarize, open")
     bench.add_argument("--methods", default="vanilla,pld,lookahead", help="comma-separated: vanilla,pld,lookahead")
     bench.add_argument("--warmup", action="append", help="case file whose outputs the trie learns first (untimed)")
-    bench.add_argument("--rounds", type=_positive_int, default=1, help="repeat all cases N times (trie stays warm)")
-    bench.add_argument("--limit", type=_positive_int, default=None, help="first N cases of each file")
+    bench.add_argument("--rounds", type=positive_int, default=1, help="repeat all cases N times (trie stays warm)")
+    bench.add_argument("--limit", type=positive_int, default=None, help="first N cases of each file")
     bench.add_argument("--json", help="write all results to this JSON file")
     bench.add_argument("--plot", help="write a PNG plot (speedup and tokens per step per case)")
     _add_model_args(bench)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .argtypes import positive_int
 from .prompts import SUMMARY_SYSTEM, summary_messages
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -483,20 +484,11 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                build: Callable[[argparse.Namespace], tuple]) -> argparse.ArgumentParser:
     """Register ``lookahead summarize`` on the CLI's subparsers."""
 
-    def positive(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-        return value
-
     parser = sub.add_parser("summarize", help="summarize a folder of text documents (resumable; report at the end)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="text files or folders (searched recursively)")
     parser.add_argument("--out", "-o", default="summaries", help="output folder (default: ./summaries)")
-    parser.add_argument("--max-new-tokens", type=positive, default=160, help="most tokens per summary")
-    parser.add_argument("--chunk-tokens", type=positive, default=1024,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=160, help="most tokens per summary")
+    parser.add_argument("--chunk-tokens", type=positive_int, default=1024,
                         help="longer documents are split into chunks of this many tokens (map-reduce)")
     parser.add_argument("--baseline", action="store_true",
                         help="also run plain HF greedy generate on every request: measured speedup + exactness")
