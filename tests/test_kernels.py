@@ -1,0 +1,64 @@
+"""The switchable skinny-product forward of linear layers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lookahead.kernels import MAX_ROWS, install_skinny_linear, skinny_linear, skinny_matmul
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, MAX_ROWS])
+def test_skinny_matmul_equals_linear_and_is_row_major(rows):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 48), torch.randn(80, 48)
+    out = skinny_matmul(x, w)
+    assert out.shape == (rows, 80) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+
+
+def test_install_changes_only_linear_layers_and_only_inside_the_context(monkeypatch):
+    model = _model()
+    assert install_skinny_linear(model) == 2
+    assert install_skinny_linear(model) == 0  # idempotent
+    calls = []
+    import lookahead.kernels as kernels
+
+    real = kernels.skinny_matmul
+    monkeypatch.setattr(kernels, "skinny_matmul", lambda x, w: calls.append(x.shape) or real(x, w))
+    x = torch.randn(1, 3, 16)
+    plain = model(x)
+    assert calls == []  # outside the context: the stock F.linear
+    with skinny_linear():
+        fast = model(x)
+    assert calls == [(3, 16), (3, 32)]
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with skinny_linear():
+        model(torch.randn(1, MAX_ROWS + 1, 16))  # too many rows: the stock path
+    assert calls == []
+
+
+def test_the_switch_is_per_thread():
+    seen = {}
+
+    def other():
+        from lookahead.kernels import _state
+
+        seen["other"] = getattr(_state, "enabled", False)
+
+    with skinny_linear():
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        from lookahead.kernels import _state
+
+        seen["here"] = _state.enabled
+    assert seen == {"other": False, "here": True}
