@@ -67,21 +67,23 @@ class CostCurve:
 
 def measure_cost_curve(run_pass: Callable[[int], None], sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3,
                        warmup: int = 1) -> CostCurve:
-    """Time ``run_pass(n)`` for every size: the fastest of ``repeats`` runs (the least disturbed by other work)."""
+    """Time ``run_pass(n)`` for every size: the fastest of ``repeats`` runs (the least disturbed by other work).
+
+    Sizes are measured round-robin, so a slow spell of the machine hits all sizes alike instead of one.
+    """
     for _ in range(warmup):
         run_pass(sizes[0])
         run_pass(sizes[-1])
-    seconds = []
-    for n in sizes:
-        samples = []
-        for _ in range(repeats):
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
             start = time.perf_counter()
             run_pass(n)
-            samples.append(time.perf_counter() - start)
-        seconds.append(min(samples))
-    # a pass never gets cheaper with more tokens: smooth measurement noise into a non-decreasing curve
-    for i in range(1, len(seconds)):
-        seconds[i] = max(seconds[i], seconds[i - 1])
+            samples[n].append(time.perf_counter() - start)
+    seconds = [min(samples[n]) for n in sizes]
+    # a pass never costs more than a measured pass of more tokens: noise only adds time, so trust the lower figure
+    for i in range(len(seconds) - 2, -1, -1):
+        seconds[i] = min(seconds[i], seconds[i + 1])
     return CostCurve(tuple(sizes), tuple(seconds))
 
 

@@ -196,13 +196,13 @@ class LookaheadGenerator:
                         layer.keys = layer.keys[..., :prefix_length, :]
                         layer.values = layer.values[..., :prefix_length, :]
 
-                return measure_cost_curve(run_pass, sizes)
+                return measure_cost_curve(run_pass, sizes, repeats=5)
 
         if not use_cache:
             return measure()
         key = cost_cache_key(
             getattr(cfg, "_name_or_path", ""), cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, vocab,
-            self.model.dtype, self.device, torch.get_num_threads(), sizes, prefix_length, torch.__version__, "tree-v2",
+            self.model.dtype, self.device, torch.get_num_threads(), sizes, prefix_length, torch.__version__, "tree-v3",
             self.config.skinny_matmul,
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)
