@@ -192,9 +192,7 @@ class LookaheadGenerator:
                     tokens = torch.randint(0, vocab, (n,), generator=generator).tolist()
                     parents = [-1] + list(range(n - 1))
                     self._tree_forward(cache, prefix_length, tokens, parents)
-                    for layer in cache.layers:
-                        layer.keys = layer.keys[..., :prefix_length, :]
-                        layer.values = layer.values[..., :prefix_length, :]
+                    compact_cache(cache, prefix_length, [])  # drop the whole tree again
 
                 return measure_cost_curve(run_pass, sizes, repeats=5)
 
