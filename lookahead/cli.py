@@ -1,4 +1,4 @@
-"""Command line: ``lookahead generate`` and ``lookahead bench``."""
+"""Command line: ``lookahead generate``, ``bench``, ``summarize`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .summarize import add_parser as add_summarize_parser
 
     add_summarize_parser(sub, _add_model_args, _build)
+
+    from lookahead_server.cli import add_parser as add_serve_parser  # argparse only: FastAPI loads when it runs
+
+    add_serve_parser(sub, _add_model_args, _build)
     return parser
 
 

@@ -1,0 +1,540 @@
+"""The FastAPI app: OpenAI-compatible completions and chat completions over a :class:`Scheduler`.
+
+Decisions that differ from OpenAI's API (also in the README):
+
+- ``temperature`` absent (or 0) means greedy decoding, not OpenAI's default of 1: greedy answers are lossless copies
+  of plain greedy decoding and are what trie drafts speed up most. ``temperature > 0`` samples (lossless sampling)
+  with exactly ``temperature`` and ``top_p`` (default 1; no top-k) and ``seed`` when given.
+- ``max_tokens`` absent means ``min(--default-max-tokens, room left in the model's context)``; a request whose
+  prompt plus ``max_tokens`` exceeds the context is refused (400) before it costs any compute.
+- Fields this server cannot honour (``n``, ``logprobs``, penalties ...) are accepted only with their neutral value.
+- ``documents: [str, ...]`` is an extra body field: texts that seed this request's local trie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from lookahead.sampling import SamplingParams
+from lookahead.scheduler import QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
+
+from .errors import ApiError, describe_validation_error, parse_json, validate_body
+from .metrics import ServerMetrics
+from .persistence import TrieStore
+from .schemas import ChatCompletionRequest, CompletionRequest, DocumentsRequest, _GenerationRequest, as_documents_body
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
+
+log = logging.getLogger("lookahead_server")
+
+SchedulerFactory = Callable[["LookaheadGenerator", "ServeSettings"], Scheduler]
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # engine reason -> OpenAI finish_reason
+_END = object()
+_CONTEXT_FALLBACK = 4096  # max_tokens limit when the model does not say how long its context is
+
+
+@dataclass
+class ServeSettings:
+    """Server options (the ``lookahead serve`` flags).
+
+    Attributes:
+        model_name: the id reported by /v1/models and in responses; requests may name it or any of
+            ``model_aliases`` (or leave ``model`` out).
+        api_key: when set, every endpoint but /health needs ``Authorization: Bearer <api_key>``.
+        max_batch_size: most requests decoded together.
+        max_queue: most requests waiting for a batch slot; past it requests get 429.
+        default_max_tokens: ``max_tokens`` of requests that do not give one (capped by the context left).
+        max_tokens_limit: largest ``max_tokens`` accepted (None: the model's context length).
+        max_body_bytes: largest request body (413 past it).
+        trie_path: load the trie from here at start, save it here periodically and at shutdown.
+        trie_save_interval: seconds between saves (only when something changed); 0 saves at shutdown only.
+        disconnect_poll: seconds between checks that a waiting client is still connected.
+    """
+
+    model_name: str = "default"
+    model_aliases: tuple[str, ...] = ()
+    api_key: str | None = None
+    max_batch_size: int = 8
+    max_queue: int = 64
+    default_max_tokens: int = 256
+    max_tokens_limit: int | None = None
+    max_body_bytes: int = 16 * 2**20
+    trie_path: str | None = None
+    trie_save_interval: float = 300.0
+    disconnect_poll: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_tokens_limit is not None and (not isinstance(self.max_tokens_limit, int)
+                                                  or self.max_tokens_limit < 1):
+            raise ValueError(f"max_tokens_limit must be an integer >= 1 or None, got {self.max_tokens_limit!r}")
+        if self.trie_save_interval < 0 or self.disconnect_poll <= 0:
+            raise ValueError("trie_save_interval must be >= 0 and disconnect_poll > 0")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty")
+
+
+def default_scheduler(generator: LookaheadGenerator, settings: ServeSettings) -> Scheduler:
+    return Scheduler(generator, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected; its request was cancelled."""
+
+
+class _Service:
+    """Everything one app holds: the generator, the scheduler (from start-up on), metrics and trie persistence."""
+
+    def __init__(self, generator: LookaheadGenerator, settings: ServeSettings, factory: SchedulerFactory) -> None:
+        self.generator = generator
+        self.settings = settings
+        self.factory = factory
+        self.scheduler: Scheduler | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.store = TrieStore(settings.trie_path) if settings.trie_path else None
+        self.metrics = ServerMetrics(lambda: (self.generator, self.scheduler))
+        self.handles: set[RequestHandle] = set()
+        self.created = int(time.time())
+        self.documents_inserted = 0
+        self._save_lock = threading.Lock()
+        self._saved_state: tuple[int, int, int] | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        if self.store is not None:
+            trie = self.store.load()
+            if trie is not None:
+                self._warn_config(trie)
+                self.generator.trie = trie  # before the scheduler exists: no batch holds the old trie
+        self.scheduler = self.factory(self.generator, self.settings)
+        waiting = self.scheduler.max_queue + self.scheduler.max_batch_size + 8
+        # One thread per request waiting for its next chunk: the default executor (cores + 4) would let waits on
+        # queued requests delay the chunks of running ones.
+        self.pool = ThreadPoolExecutor(max_workers=waiting, thread_name_prefix="lookahead-wait")
+        self._saved_state = self._state()
+
+    def _warn_config(self, trie: Any) -> None:
+        config = self.generator.config
+        for name in ("branch_length", "max_query_length", "node_budget"):
+            if getattr(trie, name) != getattr(config, name):
+                log.warning("the loaded trie has %s=%s, the engine is configured with %s; the file's value is kept",
+                            name, getattr(trie, name), getattr(config, name))
+
+    def stop(self) -> None:
+        for handle in list(self.handles):
+            handle.cancel()
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.store is not None:
+            self.save(force=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _state(self) -> tuple[int, int, int]:
+        tokens = self.scheduler.stats.tokens_generated if self.scheduler is not None else 0
+        return tokens, self.documents_inserted, len(self.generator.trie)
+
+    def save(self, force: bool = False) -> bool:
+        """Save the trie if anything changed since the last save (or ``force``); False when nothing was written."""
+        assert self.store is not None
+        with self._save_lock:
+            state = self._state()
+            if not force and state == self._saved_state:
+                return False
+            try:
+                self.store.save(self.generator.trie)
+            except OSError as error:
+                self.metrics.trie_saves.labels("error").inc()
+                log.error("could not save the trie to %s: %s", self.store.path, error)
+                return False
+            self._saved_state = state
+            self.metrics.trie_saves.labels("ok").inc()
+            return True
+
+    async def autosave(self) -> None:
+        interval = self.settings.trie_save_interval
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.save)
+
+    # ------------------------------------------------------------------ requests
+
+    def check_model(self, name: str | None) -> None:
+        allowed = (self.settings.model_name, *self.settings.model_aliases)
+        if name is not None and name not in allowed:
+            raise ApiError(404, f"model {name!r} is not served here; available: {self.settings.model_name!r} "
+                                f"(or leave 'model' out)", param="model", code="model_not_found")
+
+    async def read_body(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        too_big = ApiError(413, f"the request body is larger than {limit} bytes (the server's --max-body-mb)")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise too_big
+                parts.append(part)
+        except ClientDisconnect:
+            raise _ClientGone() from None
+        return parse_json(b"".join(parts))
+
+    def _max_tokens(self, requested: int | None, prompt_tokens: int, param: str) -> int:
+        context = self.generator.max_context
+        limit = self.settings.max_tokens_limit or context or _CONTEXT_FALLBACK
+        if requested is not None and requested > limit:
+            raise ApiError(400, f"{param} must be at most {limit}, got {requested}", param=param)
+        if context is not None:
+            room = context - prompt_tokens
+            if requested is None and room < 1 or requested is not None and requested > room:
+                asked = f"{requested} for the completion" if requested is not None else "at least 1 new token"
+                raise ApiError(400, f"this model's maximum context length is {context} tokens; the request has "
+                                    f"{prompt_tokens} prompt tokens and asks {asked} ({prompt_tokens} + "
+                                    f"{requested or 1} > {context}). Shorten the prompt or lower {param}.",
+                               param=param, code="context_length_exceeded")
+        else:
+            room = limit
+        return requested if requested is not None else min(self.settings.default_max_tokens, room, limit)
+
+    @staticmethod
+    def sampling(body: _GenerationRequest) -> SamplingParams:
+        """Absent or zero temperature: greedy (a documented deviation from OpenAI's default of 1)."""
+        if not body.temperature:
+            return SamplingParams()
+        top_p = 1.0 if body.top_p is None else body.top_p
+        return SamplingParams(do_sample=True, temperature=body.temperature, top_p=top_p, top_k=0, seed=body.seed)
+
+    def _submit_sync(self, prompt: Any, body: _GenerationRequest, requested: int | None, param: str
+                     ) -> tuple[RequestHandle, int]:
+        if self.scheduler is None:
+            raise ApiError(503, "the server is starting or shutting down; retry shortly")
+        try:
+            prompt_ids = self.generator.encode(prompt)
+        except (ValueError, TypeError) as error:
+            raise ApiError(400, str(error), param="messages" if isinstance(prompt, list) else "prompt") from None
+        max_tokens = self._max_tokens(requested, len(prompt_ids), param)
+        try:
+            handle = self.scheduler.submit(prompt_ids, max_new_tokens=max_tokens, stop=body.stop_list() or None,
+                                           documents=body.documents, sampling=self.sampling(body))
+        except QueueFullError as error:
+            raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"}) from None
+        except SchedulerClosedError as error:
+            raise ApiError(503, f"{error}; retry shortly") from None
+        except (ValueError, TypeError) as error:
+            raise ApiError(400, str(error)) from None
+        self.handles.add(handle)
+        return handle, len(prompt_ids)
+
+    async def submit(self, prompt: Any, body: _GenerationRequest, requested: int | None, param: str
+                     ) -> tuple[RequestHandle, int]:
+        # in a thread: tokenizing the prompt and the documents can take a while; the event loop keeps serving
+        return await asyncio.to_thread(self._submit_sync, prompt, body, requested, param)
+
+    async def chunks(self, handle: RequestHandle, request: Request) -> AsyncIterator[StreamChunk]:
+        """The handle's chunks; cancels it and raises _ClientGone when the client disconnects while waiting."""
+        loop = asyncio.get_running_loop()
+        it: Iterator[StreamChunk] = iter(handle)
+        while True:
+            future = loop.run_in_executor(self.pool, next, it, _END)
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=self.settings.disconnect_poll)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    handle.cancel()
+                    raise _ClientGone()
+            item = future.result()
+            if item is _END:
+                return
+            yield item
+
+    def release(self, handle: RequestHandle) -> None:
+        handle.cancel()  # a no-op for a finished request; frees the slot of an abandoned one
+        self.handles.discard(handle)
+
+    def finished(self, endpoint: str, handle: RequestHandle, chunks: list[StreamChunk], started: float
+                 ) -> tuple[str, GenerationStats]:
+        last = chunks[-1] if chunks else None
+        if last is None or last.finish_reason is None or last.stats is None:
+            raise RuntimeError("the generation ended without a finish reason")
+        self.metrics.observe_finished(endpoint, handle.prompt_tokens, last.stats, last.finish_reason,
+                                      time.perf_counter() - started)
+        return last.finish_reason, last.stats
+
+
+def _usage(prompt_tokens: int, stats: GenerationStats) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": stats.new_tokens,
+            "total_tokens": prompt_tokens + stats.new_tokens}
+
+
+def _lookahead_info(stats: GenerationStats, reason: str) -> dict[str, Any]:
+    """Engine facts added to each response (clients ignore unknown fields)."""
+    return {"finish_reason": reason, "steps": stats.steps, "tokens_per_step": round(stats.tokens_per_step, 4),
+            "draft_tokens": sum(stats.draft_sizes), "accepted_draft_tokens": sum(stats.accepted_lengths),
+            "seconds": round(stats.time_total, 6)}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = None,
+               scheduler_factory: SchedulerFactory | None = None) -> FastAPI:
+    """The OpenAI-compatible app over ``generator``.
+
+    The scheduler is made by ``scheduler_factory(generator, settings)`` at start-up (after the trie is loaded from
+    ``settings.trie_path``) and closed at shutdown, when the trie is saved; run the app with uvicorn or use it as
+    ``with TestClient(app)`` so its lifespan runs.
+    """
+    settings = settings or ServeSettings()
+    service = _Service(generator, settings, scheduler_factory or default_scheduler)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(service.start)
+        saver = None
+        if service.store is not None and settings.trie_save_interval > 0:
+            saver = asyncio.create_task(service.autosave())
+        try:
+            yield
+        finally:
+            if saver is not None:
+                saver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await saver
+            await asyncio.to_thread(service.stop)
+
+    app = FastAPI(title="lookahead", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    async def _api_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, ApiError)
+        return _error_response(error)
+
+    async def _validation_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        return _error_response(describe_validation_error(DocumentsRequest, list(error.errors())))
+
+    async def _http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        if error.status_code == 404:
+            message = (f"no endpoint {request.url.path}; endpoints: /v1/completions, /v1/chat/completions, "
+                       f"/v1/models, /v1/documents, /health, /metrics")
+        elif error.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(error.detail)
+        return _error_response(ApiError(error.status_code, message, headers=getattr(error, "headers", None)))
+
+    async def _unexpected(_: Request, error: Exception) -> Response:
+        log.exception("unexpected error", exc_info=error)
+        return _error_response(ApiError(500, f"internal server error: {type(error).__name__}: {error}"))
+
+    async def _client_gone(_: Request, error: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it
+
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(_ClientGone, _client_gone)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(_CountRequests, metrics=service.metrics)
+
+    async def authorize(request: Request) -> None:
+        key = settings.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(dependencies=[Depends(authorize)])
+
+    @app.get("/health")
+    async def health() -> Response:
+        scheduler = service.scheduler
+        if scheduler is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": settings.model_name, "queued": scheduler.queued,
+                             "active": scheduler.active, "trie_nodes": len(service.generator.trie)})
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def models() -> Response:
+        card = {"id": settings.model_name, "object": "model", "created": service.created, "owned_by": "lookahead"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @api.post("/v1/documents")
+    async def documents(request: Request) -> Response:
+        body = validate_body(DocumentsRequest, as_documents_body(await service.read_body(request)))
+
+        def insert() -> int:
+            tokens = 0
+            for text in body.documents:
+                ids = service.generator.tokenizer(text, add_special_tokens=False)["input_ids"]
+                service.generator.trie.insert(ids)
+                tokens += len(ids)
+            return tokens
+
+        tokens = await asyncio.to_thread(insert)
+        service.documents_inserted += len(body.documents)
+        service.metrics.documents.inc(len(body.documents))
+        service.metrics.document_tokens.inc(tokens)
+        return JSONResponse({"object": "documents.insert", "documents": len(body.documents), "tokens": tokens,
+                             "trie_nodes": len(service.generator.trie)})
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        started = time.perf_counter()
+        body = validate_body(CompletionRequest, await service.read_body(request))
+        service.check_model(body.model)
+        handle, prompt_tokens = await service.submit(body.prompt_text(), body, body.max_tokens, "max_tokens")
+        return await _respond(request, handle, body, prompt_tokens, started, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        body = validate_body(ChatCompletionRequest, await service.read_body(request))
+        service.check_model(body.model)
+        param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+        handle, prompt_tokens = await service.submit(body.template_messages(), body, body.requested_max_tokens,
+                                                     param)
+        return await _respond(request, handle, body, prompt_tokens, started, chat=True)
+
+    async def _respond(request: Request, handle: RequestHandle, body: _GenerationRequest, prompt_tokens: int,
+                       started: float, chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{handle.id}"
+        created = int(time.time())
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        if body.stream:
+            stream = _stream(request, handle, body, rid, created, prompt_tokens, started, chat, endpoint)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        chunks: list[StreamChunk] = []
+        try:
+            async for chunk in service.chunks(handle, request):
+                chunks.append(chunk)
+        except _ClientGone:
+            return Response(status_code=499)
+        except SchedulerClosedError as error:
+            raise ApiError(503, f"{error}; retry shortly") from None
+        except Exception as error:
+            raise ApiError(500, f"generation failed: {type(error).__name__}: {error}") from error
+        finally:
+            service.release(handle)
+        reason, stats = service.finished(endpoint, handle, chunks, started)
+        text = "".join(c.text for c in chunks)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _FINISH[reason]}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse({
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": settings.model_name, "choices": [choice], "usage": _usage(prompt_tokens, stats),
+            "lookahead": _lookahead_info(stats, reason),
+        })
+
+    async def _stream(request: Request, handle: RequestHandle, body: _GenerationRequest, rid: str, created: int,
+                      prompt_tokens: int, started: float, chat: bool, endpoint: str) -> AsyncIterator[str]:
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": settings.model_name}
+
+        def piece(text: str | None, finish: str | None = None) -> dict[str, Any]:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {**head, "choices": [choice]}
+
+        chunks: list[StreamChunk] = []
+        try:
+            if chat:
+                first = piece("")
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                yield _sse(first)
+            async for chunk in service.chunks(handle, request):
+                chunks.append(chunk)
+                if chunk.text:
+                    yield _sse(piece(chunk.text))
+            reason, stats = service.finished(endpoint, handle, chunks, started)
+            yield _sse({**piece(None, _FINISH[reason]), "lookahead": _lookahead_info(stats, reason)})
+            if body.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, stats)})
+            yield "data: [DONE]\n\n"
+        except _ClientGone:
+            return
+        except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
+            log.exception("streamed generation failed", exc_info=error)
+            status = 503 if isinstance(error, SchedulerClosedError) else 500
+            yield _sse(ApiError(status, f"generation failed: {type(error).__name__}: {error}").body())
+        finally:
+            service.release(handle)
+
+    app.include_router(api)
+    return app
+
+
+class _CountRequests:
+    """ASGI middleware counting HTTP requests by endpoint and status (unknown paths count as 'other')."""
+
+    _PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/documents", "/health", "/metrics")
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        endpoint = scope.get("path", "") if scope.get("path") in self._PATHS else "other"
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.http_requests.labels(endpoint, str(status)).inc()

@@ -1,0 +1,109 @@
+"""``lookahead serve``: the command-line entry of the server. Imports nothing heavy until the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from lookahead.argtypes import positive_int
+
+INSTALL_HINT = "pip install 'lookahead-rag[serve]'"
+_NEEDED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
+
+
+def missing_dependencies() -> list[str]:
+    """Distribution names of the serve extra that are not installed."""
+    return [dist for module, dist in _NEEDED.items() if importlib.util.find_spec(module) is None]
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],
+               build: Callable[[argparse.Namespace], tuple]) -> argparse.ArgumentParser:
+    """Register ``lookahead serve`` on the CLI's subparsers."""
+    parser = sub.add_parser("serve", help=f"OpenAI-compatible HTTP server (needs: {INSTALL_HINT})",
+                            description="OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
+                                        "/v1/models, /v1/documents, /health, /metrics. Requests without a "
+                                        "temperature (or with 0) are answered greedily.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                             "(default: $LOOKAHEAD_API_KEY; prefer the variable: arguments show in ps)")
+    parser.add_argument("--trie", default=None, metavar="PATH",
+                        help="load the shared trie from PATH at start, save it there periodically and at shutdown "
+                             "(.gz: compressed); a corrupt file is moved to PATH.corrupt-<time>")
+    parser.add_argument("--trie-save-interval", type=_seconds, default=300.0, metavar="SECONDS",
+                        help="seconds between trie saves when it changed (0: only at shutdown; default 300)")
+    parser.add_argument("--max-batch-size", type=positive_int, default=8, help="most requests decoded together")
+    parser.add_argument("--max-queue", type=positive_int, default=64,
+                        help="most requests waiting for a batch slot; more get HTTP 429")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id in /v1/models and responses (default: the --model value)")
+    parser.add_argument("--default-max-tokens", type=positive_int, default=256,
+                        help="max_tokens of requests that give none (default 256, capped by the context left)")
+    parser.add_argument("--max-body-mb", type=positive_int, default=16, help="largest request body in MiB")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_model_args(parser)
+    parser.set_defaults(func=lambda args: cmd_serve(args, build))
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tuple]) -> int:
+    """Check the options and the serve extra, load the model, then serve until interrupted."""
+    missing = missing_dependencies()
+    if missing:
+        print(f"error: lookahead serve needs {', '.join(missing)}: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LOOKAHEAD_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        print("error: --api-key is empty", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from .app import ServeSettings, create_app
+    from .persistence import TrieFileError, TrieStore
+
+    if args.trie:
+        try:
+            TrieStore(args.trie).check()  # before the model loads
+        except TrieFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    settings = ServeSettings(
+        model_name=args.served_model_name or args.model, model_aliases=(args.model,), api_key=api_key,
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+        max_body_bytes=args.max_body_mb * 2**20, trie_path=args.trie, trie_save_interval=args.trie_save_interval,
+    )
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("lookahead_server").warning(
+            "serving on %s without an API key: anyone who reaches this port can use it", args.host)
+    _, _, generator = build(args)
+    _ = generator.budget  # measure (or load) the cost curve now, not in the first request
+    app = create_app(generator, settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
