@@ -1,0 +1,510 @@
+"""Speculative ensemble (arXiv 2502.01662) on lookahead's draft-and-verify machinery.
+
+Several causal LMs that share one tokenizer decode together from an ensemble distribution:
+
+- ``weighted``: r = sum_k w_k p_k (probabilities, weights normalised to sum 1);
+- ``contrastive``: r = softmax(l_expert - mu * l_amateur) (two models: the expert first, then the amateur).
+
+Plain ensemble decoding (:meth:`EnsembleGenerator.generate_plain`) pays one forward pass per model per token. The
+speculative path verifies trie drafts against r instead: every model runs the same tree pass (same tokens, positions
+and 4-D mask, each with its own DynamicCache), r is formed at every node, and the walk accepts while the choice from
+r (argmax, or a seeded draw for sampling) is a child; every cache is then compacted to the same accepted path. The
+output equals plain ensemble decoding token for token.
+
+With ``proposer=i`` the cheap model ``i`` also proposes (the alternating scheme of the paper): it scores the draft
+tree first and extends its own best path to ``proposal_depth`` tokens, one cheap pass per token; the other models
+verify everything in one pass. When the walk accepts the proposer's last token, which the proposer never scored,
+the verifiers' row after it becomes the next proposal and the proposer scores it in its next pass, so no pass is
+wasted.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, default_cache_dir, measure_cost_curve
+from .config import LookaheadConfig
+from .engine import GenerationResult, GenerationStats, LookaheadGenerator, Prompt, StreamChunk, _Emitter, check_model
+from .kernels import install_skinny_linear, skinny_linear
+from .kvcache import check_compactable, compact_cache
+from .sampling import SamplingParams, TokenChooser
+from .treepass import logits_rows, prefill, run_nodes
+from .trie import TokenTrie
+from .verify import children_index, walk_accept
+
+MODES = ("weighted", "contrastive")
+NO_TOKEN = -1  # the walk's choice at a node that not every model has scored yet: never a child, ends the walk
+
+
+# ---------------------------------------------------------------------------------------------------- the rule
+
+
+@dataclass(frozen=True)
+class EnsembleRule:
+    """How per-model logits combine into the ensemble distribution r."""
+
+    mode: str
+    weights: tuple[float, ...] = ()  # weighted mode, normalised
+    mu: float = 0.1  # contrastive mode
+
+    def scores(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Log-scores of r, [n, V], from one logits tensor [n, V] per model: argmax is the ensemble choice and
+        softmax is r itself."""
+        if self.mode == "contrastive":
+            expert, amateur = rows
+            return expert.float() - self.mu * amateur.float()  # [n, V]
+        mixed = sum(w * torch.softmax(row.float(), dim=-1).double() for w, row in zip(self.weights, rows))  # [n, V]
+        return mixed.float().log()  # float64 sum: the same r whatever the model order
+
+    def proposal_scores(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Best guess of r from the rows of some models only (a proposal, never a verdict), [V]."""
+        if self.mode == "contrastive":
+            return rows[0] if 0 in rows else rows[1]
+        known = sorted(rows)
+        total = sum(self.weights[k] for k in known)
+        return EnsembleRule("weighted", tuple(self.weights[k] / total for k in known)).scores([rows[k] for k in known])
+
+
+def make_rule(num_models: int, mode: str, weights: Sequence[float] | None, mu: float) -> EnsembleRule:
+    """Validate the ensemble settings and build the rule."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "contrastive":
+        if num_models != 2:
+            raise ValueError(f"contrastive mode takes exactly two models (expert, amateur), got {num_models}")
+        if weights is not None:
+            raise ValueError("weights apply to mode='weighted' only; contrastive mode uses mu")
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu < 1e6:
+            raise ValueError(f"mu must be a number >= 0, got {mu!r}")
+        return EnsembleRule("contrastive", mu=float(mu))
+    if weights is None:
+        weights = [1.0] * num_models
+    weights = list(weights)
+    if len(weights) != num_models:
+        raise ValueError(f"weights must have one entry per model ({num_models}), got {len(weights)}")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w == float("inf") for w in weights):
+        raise ValueError(f"weights must be positive finite numbers, got {weights}")
+    total = float(sum(weights))
+    return EnsembleRule("weighted", tuple(float(w) / total for w in weights))
+
+
+def check_members(models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse an ensemble whose members do not share one vocabulary, device and dtype."""
+    if len(models) < 2:
+        raise ValueError(f"an ensemble needs at least two models, got {len(models)}")
+    for model in models:
+        check_model(model)
+    sizes = [int(m.get_output_embeddings().weight.shape[0]) for m in models]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"ensemble members must share one vocabulary: their LM heads have {sizes} logits")
+    declared = [int(m.config.vocab_size) for m in models]
+    if len(set(declared)) != 1:
+        raise ValueError(f"ensemble members must share one vocabulary: vocab_size {declared}")
+    if len(tokenizer) > sizes[0]:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {sizes[0]} logits")
+    devices = {str(next(m.parameters()).device) for m in models}
+    dtypes = {m.dtype for m in models}
+    if len(devices) != 1 or len(dtypes) != 1:
+        raise ValueError(f"ensemble members must sit on one device with one dtype, got {devices} / {dtypes}")
+
+
+def truncated_copy(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """A cheap member built from ``model``: its first ``num_layers`` decoder layers, then its own final norm and LM
+    head. Every module is shared with ``model`` (no weight is copied or downloaded)."""
+    total = int(model.config.num_hidden_layers)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers must be in 1..{total}, got {num_layers!r}")
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:num_layers]
+    with torch.device("meta"):  # the skeleton only: every module is replaced by the original's below
+        small = type(model)(config)
+    decoder, small_decoder = model.get_decoder(), small.get_decoder()
+    for name, child in decoder.named_children():
+        setattr(small_decoder, name, torch.nn.ModuleList(list(child)[:num_layers]) if name == "layers" else child)
+    for name, child in model.named_children():
+        if child is not decoder:
+            setattr(small, name, child)
+    small.config._attn_implementation = model.config._attn_implementation
+    small.generation_config = copy.deepcopy(model.generation_config)
+    leftovers = [n for n, t in itertools.chain(small.named_parameters(), small.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise ValueError(f"truncated_copy: {type(model).__name__} has modules it cannot share: {leftovers[:3]}")
+    return small.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- generator
+
+
+@dataclass
+class _Member:
+    """One model of the ensemble and its decoding state for the current request."""
+
+    model: PreTrainedModel
+    decoder: torch.nn.Module
+    head: torch.Tensor  # [V, d] LM head weight
+    cache: DynamicCache | None = None
+    done: int = 0  # tokens of the sequence held in the cache
+    next_row: torch.Tensor | None = None  # [V] logits after the whole sequence, when done == len(sequence)
+
+
+@dataclass
+class _Tree:
+    """This cycle's tree: node 0 is the last confirmed token; ``rows[k][node]`` are model k's logits after a node."""
+
+    tokens: list[int]
+    parents: list[int]
+    rows: list[dict[int, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, token: int, parent: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        return len(self.tokens) - 1
+
+
+class EnsembleGenerator:
+    """Lossless speculative decoding of an ensemble of causal LMs that share a tokenizer.
+
+    Args:
+        models: two or more stock HF causal LMs (same vocabulary, device and dtype); contrastive: (expert, amateur).
+        tokenizer: their shared tokenizer.
+        mode: ``"weighted"`` or ``"contrastive"``.
+        weights: per-model weights of the weighted mode (default equal); normalised.
+        mu: amateur strength of the contrastive mode.
+        config: drafting knobs (:class:`LookaheadConfig`).
+        trie: a shared :class:`TokenTrie` (default: a new one).
+        cost_curve: seconds of one tree pass of every model per node count (default: measured once and cached).
+        proposer: index of a cheap model that also proposes tokens (alternating scheme); None: trie drafts only.
+        proposal_depth: how deep the proposer extends its best path each cycle.
+    """
+
+    def __init__(self, models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
+                 mode: str = "weighted", weights: Sequence[float] | None = None, mu: float = 0.1,
+                 config: LookaheadConfig | None = None, trie: TokenTrie | None = None,
+                 cost_curve: CostCurve | None = None, proposer: int | None = None, proposal_depth: int = 3) -> None:
+        models = list(models)
+        check_members(models, tokenizer)
+        self.rule = make_rule(len(models), mode, weights, mu)
+        if proposer is not None and (isinstance(proposer, bool) or proposer not in range(len(models))):
+            raise ValueError(f"proposer must be a model index in 0..{len(models) - 1} or None, got {proposer!r}")
+        if isinstance(proposal_depth, bool) or not isinstance(proposal_depth, int) or proposal_depth < 1:
+            raise ValueError(f"proposal_depth must be an integer >= 1, got {proposal_depth!r}")
+        self.models = models
+        self.tokenizer = tokenizer
+        self.proposer = proposer
+        self.proposal_depth = proposal_depth
+        # the first model's generator provides prompt encoding, EOS defaults and the trie
+        self._base = LookaheadGenerator(models[0], tokenizer, config, trie, cost_curve=cost_curve)
+        self.config = self._base.config
+        self.trie = self._base.trie
+        self.device = self._base.device
+        contexts = [int(getattr(m.config, "max_position_embeddings", 0) or 0) for m in models]
+        self.max_context = min((c for c in contexts if c), default=None)
+        if self.config.skinny_matmul and self.device.type == "cpu":
+            for model in models:
+                install_skinny_linear(model.get_decoder())
+        self._cost_curve = cost_curve
+        self._budget: DraftBudget | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.rule.mode
+
+    def _members(self) -> list[_Member]:
+        return [_Member(m, m.get_decoder(), m.get_output_embeddings().weight) for m in self.models]
+
+    # ------------------------------------------------------------------ cost model
+
+    @property
+    def budget(self) -> DraftBudget:
+        """Draft budget over the summed cost of one tree pass of every model (measured or read on first use)."""
+        if self._budget is None:
+            curve = self._cost_curve or self.measure_cost_curve()
+            self._budget = DraftBudget(curve, self.config.decoding_length, adaptive=self.config.adaptive)
+        return self._budget
+
+    def measure_cost_curve(self, prefix_length: int = 384, use_cache: bool = True) -> CostCurve:
+        """Time one tree pass of every model (with its logits) for 1..64 nodes; cached per ensemble and machine."""
+        sizes = tuple(n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+                      if n <= max(min(self.config.decoding_length + 1, 64), 2))
+        if self.max_context:
+            prefix_length = max(1, min(prefix_length, self.max_context - sizes[-1] - 1))
+        vocab = int(self.models[0].config.vocab_size)
+
+        def measure() -> CostCurve:
+            generator = torch.Generator().manual_seed(0)
+            prefix = torch.randint(0, vocab, (prefix_length,), generator=generator).tolist()
+            members = self._members()
+            with torch.inference_mode(), skinny_linear(self.config.skinny_matmul):
+                for member in members:
+                    member.cache = DynamicCache(config=member.model.config)
+                    prefill(member.decoder, member.cache, prefix)
+
+                def run_pass(n: int) -> None:
+                    tokens = torch.randint(0, vocab, (n,), generator=generator).tolist()
+                    parents = [-1] + list(range(n - 1))
+                    for member in members:
+                        hidden = run_nodes(member.decoder, member.cache, prefix_length, tokens, parents,
+                                           dtype=member.model.dtype)
+                        logits_rows(member.head, hidden)
+                        compact_cache(member.cache, prefix_length, [])
+
+                return measure_cost_curve(run_pass, sizes, repeats=3)
+
+        if not use_cache:
+            return measure()
+        parts = [(getattr(m.config, "_name_or_path", ""), m.config.model_type, m.config.hidden_size,
+                  m.config.num_hidden_layers) for m in self.models]
+        key = cost_cache_key("ensemble-v1", parts, vocab, self.models[0].dtype, self.device, torch.get_num_threads(),
+                             sizes, prefix_length, torch.__version__, self.config.skinny_matmul)
+        directory = self.config.cost_cache or default_cache_dir() / "ensemble-cost"
+        return cached_cost_curve(key, measure, directory)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
+                 stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> GenerationResult:
+        """Speculative ensemble decoding of one prompt (same keywords as :meth:`LookaheadGenerator.generate`)."""
+        return _collect(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                                    documents=documents, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed))
+
+    def generate_plain(self, prompt: Prompt, *, max_new_tokens: int = 128,
+                       eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
+                       do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None) -> GenerationResult:
+        """Plain ensemble decoding, the reference: one forward pass per model per token, the choice from r."""
+        return _collect(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed, speculative=False))
+
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
+               stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, speculative: bool = True) -> Iterator[StreamChunk]:
+        """Yield every accepted run of tokens; arguments are checked right away, before any model work."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
+            raise TypeError("stop must be a list of strings")
+        params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        chooser = TokenChooser(params.resolved(None), device=self.device)
+        docs = self._base._check_documents(documents)
+        prompt_ids = self._base.encode(prompt)
+        if self.max_context is not None and len(prompt_ids) >= self.max_context:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the models' context is {self.max_context} tokens")
+        if self.max_context is not None:
+            max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
+        emitter = _Emitter(self.tokenizer, self._base._eos_ids(eos_token_id), list(stop or []), max_new_tokens)
+        if speculative:
+            return self._run(prompt_ids, emitter, chooser, docs)
+        return self._run_plain(prompt_ids, emitter, chooser)
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def _choose(self, rows: Sequence[torch.Tensor], chooser: TokenChooser, history: Sequence[int]) -> int:
+        """The ensemble's next token from one logits row [V] per model."""
+        scores = self.rule.scores([row[None] for row in rows])[0]  # [V]
+        return int(scores.argmax()) if chooser.plain_greedy else chooser(scores, history)
+
+    def _prefill(self, members: list[_Member], prompt_ids: list[int]) -> None:
+        for member in members:
+            member.cache = DynamicCache(config=member.model.config)
+            check_compactable(member.cache)
+            member.next_row = logits_rows(member.head, prefill(member.decoder, member.cache, prompt_ids))[0]
+            member.done = len(prompt_ids)
+
+    # ------------------------------------------------------------------ plain ensemble decoding
+
+    def _run_plain(self, prompt_ids: list[int], emitter: _Emitter, chooser: TokenChooser) -> Iterator[StreamChunk]:
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        members = self._members()
+        sequence = list(prompt_ids)
+        start = time.perf_counter()
+        with torch.inference_mode(), skinny_linear(self.config.skinny_matmul):
+            self._prefill(members, prompt_ids)
+            stats.time_prefill = stats.time_forward = time.perf_counter() - start
+            stats.steps = 1
+            while True:
+                token = self._choose([m.next_row for m in members], chooser, sequence)
+                sequence.append(token)
+                run, delta = emitter.push([token])
+                stats.new_tokens = len(emitter.generated)
+                if emitter.finish:
+                    stats.time_total = time.perf_counter() - start
+                    yield StreamChunk(run, delta, 0, emitter.finish, stats)
+                    return
+                yield StreamChunk(run, delta, 0)
+                t0 = time.perf_counter()
+                for member in members:  # one full forward pass per model per token
+                    hidden = run_nodes(member.decoder, member.cache, member.done, [token], [-1],
+                                       dtype=member.model.dtype)
+                    member.next_row = logits_rows(member.head, hidden)[0]
+                    member.done += 1
+                stats.time_forward += time.perf_counter() - t0
+                stats.steps += 1
+
+    # ------------------------------------------------------------------ speculative ensemble decoding
+
+    def _run(self, prompt_ids: list[int], emitter: _Emitter, chooser: TokenChooser, documents: list[str]
+             ) -> Iterator[StreamChunk]:
+        budget = self.budget
+        request_id = uuid.uuid4().hex
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        members = self._members()
+        sequence = list(prompt_ids)
+        width = self.config.branch_length + 1
+        learned = 0
+        start = time.perf_counter()
+        try:
+            t0 = time.perf_counter()
+            self.trie.insert(prompt_ids, request_id=request_id)
+            for doc in documents:
+                self.trie.insert(self.tokenizer(doc, add_special_tokens=False)["input_ids"], request_id=request_id)
+            stats.time_trie += time.perf_counter() - t0
+            with torch.inference_mode(), skinny_linear(self.config.skinny_matmul):
+                t0 = time.perf_counter()
+                self._prefill(members, prompt_ids)
+                new_tokens = [self._choose([m.next_row for m in members], chooser, sequence)]
+                for member in members:
+                    member.next_row = None  # the first token is not in any cache yet
+                stats.time_prefill = stats.time_forward = time.perf_counter() - t0
+                stats.steps, accepted, last_accepted = 1, 0, 0
+                while True:
+                    sequence.extend(new_tokens)
+                    run, delta = emitter.push(new_tokens)
+                    stats.new_tokens = len(emitter.generated)
+                    if emitter.finish:
+                        stats.time_total = time.perf_counter() - start
+                        yield StreamChunk(run, delta, accepted, emitter.finish, stats)
+                        return
+                    yield StreamChunk(run, delta, accepted)
+                    generated = emitter.generated
+                    complete = len(generated) - width + 1
+                    if complete > learned:
+                        self.trie.insert(generated[learned:], request_id=request_id, max_windows=complete - learned)
+                        learned = complete
+                    new_tokens, accepted = self._cycle(members, sequence, chooser, budget, request_id,
+                                                       emitter.max_new_tokens - len(generated), last_accepted, stats)
+                    last_accepted = accepted
+                    stats.steps += 1
+        finally:
+            self.trie.release(request_id)
+            if self.config.learn_outputs and emitter.generated and emitter.finish is not None:
+                self.trie.insert(emitter.generated)
+
+    def _draft(self, tree: _Tree, attach: int, context: list[int], budget: DraftBudget, request_id: str,
+               remaining: int, last_accepted: int, stats: GenerationStats) -> tuple[list[int], dict]:
+        """Add the budget's choice of trie draft nodes under node ``attach``; returns their tree indices and what
+        the budget needs to learn from the outcome."""
+        t0 = time.perf_counter()
+        query = self.config.max_query_length
+        draft = self.trie.draft(context[-query:], self.config.decoding_length, request_id=request_id,
+                                branch_length=max(1, min(self.config.branch_length, remaining)))
+        stats.time_trie += time.perf_counter() - t0
+        chosen = budget.select(draft.parents, draft.scores, draft.match_length, last_accepted, draft.global_counts)
+        remap = {old: new for new, old in enumerate(chosen)}
+        parents = [remap.get(draft.parents[i], -1) for i in chosen]
+        first = len(tree.tokens)
+        nodes = [tree.add(draft.tokens[i], attach if p < 0 else first + p) for i, p in zip(chosen, parents)]
+        learn = {"parents": parents, "scores": [draft.scores[i] for i in chosen], "match": draft.match_length,
+                 "global": [draft.global_counts[i] for i in chosen], "last": last_accepted}
+        return nodes, learn
+
+    def _score(self, member: _Member, k: int, tree: _Tree, start: int, prefix_length: int) -> None:
+        """Model ``k`` runs tree nodes ``start..`` (nodes before ``start`` are in its cache) and stores their rows."""
+        hidden = run_nodes(member.decoder, member.cache, prefix_length, tree.tokens, tree.parents, start,
+                           dtype=member.model.dtype)  # [m, d]
+        for offset, row in enumerate(logits_rows(member.head, hidden)):  # [m, V]
+            tree.rows[k][start + offset] = row
+
+    def _cycle(self, members: list[_Member], sequence: list[int], chooser: TokenChooser, budget: DraftBudget,
+               request_id: str, remaining: int, last_accepted: int, stats: GenerationStats) -> tuple[list[int], int]:
+        """Draft, score with every model, accept against r and compact every cache. Returns the new tokens (the
+        accepted path, then the bonus token when every model has scored the last node) and the accepted count."""
+        prefix = len(sequence) - 1  # node 0 (the last confirmed token) sits at this position of every cache
+        tree = _Tree([sequence[-1]], [-1], [{} for _ in members])
+        starts = []
+        for k, member in enumerate(members):
+            starts.append(member.done - prefix)  # 1: the root is cached and its row is known, 0: it is not
+            if member.next_row is not None:
+                tree.rows[k][0] = member.next_row
+        verifiers = [k for k in range(len(members)) if k != self.proposer]
+        attach, context = 0, sequence
+        if self.proposer is not None and all(0 in tree.rows[k] for k in verifiers):
+            guess = int(self.rule.proposal_scores({k: tree.rows[k][0] for k in verifiers}).argmax())
+            attach, context = tree.add(guess, 0), sequence + [guess]  # the verifiers' bonus is the next proposal
+        draft_nodes, learn = self._draft(tree, attach, context, budget, request_id, remaining, last_accepted, stats)
+
+        t0 = time.perf_counter()
+        if self.proposer is not None:
+            self._score(members[self.proposer], self.proposer, tree, starts[self.proposer], prefix)
+            self._propose(members, tree, prefix, min(self.proposal_depth, remaining))
+        for k in verifiers:
+            self._score(members[k], k, tree, starts[k], prefix)
+        stats.time_forward += time.perf_counter() - t0
+
+        def choose(node: int, path_tokens: list[int]) -> int:
+            if any(node not in rows for rows in tree.rows):
+                return NO_TOKEN  # the proposer's last token: the verifiers' row after it proposes next cycle
+            return self._choose([rows[node] for rows in tree.rows], chooser, sequence + path_tokens)
+
+        acceptance = walk_accept(tree.tokens, tree.parents, choose)
+        path = acceptance.path
+        for k, member in enumerate(members):
+            keep = [0] + [v for v in path if v in tree.rows[k]]
+            compact_cache(member.cache, prefix, keep)
+            member.done = prefix + len(keep)
+            member.next_row = tree.rows[k][path[-1]] if acceptance.bonus == NO_TOKEN and path[-1] in tree.rows[k] \
+                else None
+        in_draft = {node: i for i, node in enumerate(draft_nodes)}
+        if attach == 0 or (path and path[0] == attach):
+            budget.observe(learn["parents"], learn["scores"], learn["match"], learn["last"],
+                           [in_draft[v] for v in path if v in in_draft], learn["global"])
+        stats.draft_sizes.append(len(tree.tokens) - 1)
+        stats.accepted_lengths.append(len(path))
+        tokens = acceptance.tokens if acceptance.bonus != NO_TOKEN else acceptance.tokens[:-1]
+        return tokens, len(path)
+
+    def _propose(self, members: list[_Member], tree: _Tree, prefix: int, depth: int) -> None:
+        """The proposer walks its best path through the tree (r where every model has scored a node, else its own
+        argmax) and extends it with its own tokens, one cheap pass each, until the path is ``depth`` deep. The last
+        token it adds is left unscored: the verifiers score it, and the proposer in its next cycle."""
+        k = self.proposer
+        assert k is not None
+        children = children_index(tree.tokens, tree.parents)
+        node = 0
+        for level in range(depth):
+            rows = {j: r[node] for j, r in enumerate(tree.rows) if node in r}
+            token = int(self._choose(list(rows.values()), _GREEDY, []) if len(rows) == len(members)
+                         else rows[k].argmax())
+            child = children.get((node, token))
+            if child is None:
+                child = tree.add(token, node)
+                children[(node, token)] = child
+                if level + 1 < depth:
+                    self._score(members[k], k, tree, child, prefix)
+            node = child
+
+
+_GREEDY = TokenChooser(SamplingParams().resolved(None))
+
+
+def _collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
+    parts = list(chunks)
+    last = parts[-1]
+    assert last.stats is not None and last.finish_reason is not None
+    token_ids = list(itertools.chain.from_iterable(c.token_ids for c in parts))
+    return GenerationResult(text="".join(c.text for c in parts), token_ids=token_ids,
+                            finish_reason=last.finish_reason, stats=last.stats)
