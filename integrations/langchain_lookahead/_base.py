@@ -15,7 +15,7 @@ from ._engine import DocumentRouter, EngineHandle, check_documents, get_engine, 
 #: environment variable naming the model when none is passed
 MODEL_ENV = "LOOKAHEAD_MODEL"
 #: per-call keyword arguments the LangChain classes understand (anything else is refused with this list)
-CALL_KWARGS = ("documents", "max_new_tokens", "max_tokens", "model")
+CALL_KWARGS = ("documents", "max_new_tokens", "max_tokens", "model", "n")
 
 
 class LookaheadParams(BaseModel):
@@ -38,6 +38,9 @@ class LookaheadParams(BaseModel):
     """Only 0 or None: lookahead decoding is greedy and returns exactly what plain greedy decoding returns."""
     stop: list[str] | None = None
     """Default stop strings; the output is cut right before the first one."""
+    n: int = Field(default=1, ge=1)
+    """Completions per prompt. Above 1 they come from :class:`lookahead.multidraft.MultiDraftGenerator` (tree
+    method): the first is the greedy output, the others follow by model log-probability (not with streaming)."""
     decoding_length: int | None = None
     """Most draft nodes verified per pass (None: the engine default)."""
     branch_length: int | None = None
@@ -139,6 +142,15 @@ class LookaheadParams(BaseModel):
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a string, got {type(model).__name__}")
         return self.engine(model), limit, stops, documents
+
+    def _completions(self, kwargs: dict[str, Any]) -> int:
+        """How many completions this call asks for (``n=`` per call, else the field)."""
+        n = kwargs.get("n", self.n)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if n > 1 and not self.use_lookahead:
+            raise ValueError("n > 1 needs use_lookahead=True (the plain baseline returns one completion)")
+        return n
 
     def _params(self) -> dict[str, Any]:
         data: dict[str, Any] = {"model_name": self.model_name, "dtype": self.dtype, "device": self.device,

@@ -20,6 +20,7 @@ from lookahead.config import LookaheadConfig
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
+    from lookahead.multidraft import MultiDraftResult
 
 __all__ = ["EngineHandle", "DocumentRouter", "get_engine", "register_engine", "clear_engines", "check_documents"]
 
@@ -130,6 +131,16 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
             yield _piece(chunk, len(prompt_ids))
     finally:
         handle.lock.release()
+
+
+def generate_n(handle: EngineHandle, prompt: Any, *, n: int, max_new_tokens: int, stop: Sequence[str] | None,
+               documents: Sequence[str]) -> MultiDraftResult:
+    """``n`` distinct completions under the handle's lock (multidraft tree method: the first is the greedy output)."""
+    from lookahead.multidraft import MultiDraftGenerator
+
+    with handle.lock:
+        return MultiDraftGenerator(generator=handle.generator).generate(
+            prompt, k=n, max_new_tokens=max_new_tokens, stop=list(stop or []) or None, documents=documents or None)
 
 
 def _piece(chunk: StreamChunk, prompt_tokens: int) -> Piece:

@@ -21,7 +21,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from ._base import LookaheadParams
-from ._engine import Piece, stream_pieces
+from ._engine import Piece, generate_n, stream_pieces
 
 
 def _text_content(message: BaseMessage, index: int) -> str:
@@ -122,6 +122,9 @@ class ChatLookahead(LookaheadParams, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        n = self._completions(kwargs)
+        if n > 1:
+            return self._generate_n(messages, n, stop, run_manager, kwargs)
         texts, last = [], None
         for piece in self._pieces(messages, stop, run_manager, kwargs):
             texts.append(piece.text)
@@ -137,8 +140,27 @@ class ChatLookahead(LookaheadParams, BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": metadata["model_name"]})
 
+    def _generate_n(self, messages: list[BaseMessage], n: int, stop: list[str] | None,
+                    run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any]) -> ChatResult:
+        """``n`` distinct replies: the greedy reply first, then the others by model log-probability."""
+        chat = to_chat_messages(messages)
+        parent = run_manager.parent_run_id if run_manager else None
+        handle, limit, stops, documents = self._request(stop, kwargs, parent, "\n".join(m["content"] for m in chat))
+        result = generate_n(handle, chat, n=n, max_new_tokens=limit, stop=stops, documents=documents)
+        model_name = kwargs.get("model") or self.model_name
+        generations = [
+            ChatGeneration(message=AIMessage(
+                content=c.text, usage_metadata=_usage(result.stats.prompt_tokens, len(c.token_ids)),
+                response_metadata={"model_name": model_name, "finish_reason": c.finish_reason, "logprob": c.logprob,
+                                   "mean_logprob": c.mean_logprob, "stats": result.stats.to_dict()}))
+            for c in result.completions
+        ]
+        return ChatResult(generations=generations, llm_output={"model_name": model_name})
+
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        if self._completions(kwargs) > 1:
+            raise ValueError("streaming yields one reply: call invoke/generate for n > 1")
         # LangChain's stream() reports each chunk to run_manager.on_llm_new_token itself.
         for piece in self._pieces(messages, stop, run_manager, kwargs):
             last = piece.finish_reason is not None

@@ -10,7 +10,7 @@ from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from ._base import LookaheadParams
-from ._engine import Piece, stream_pieces
+from ._engine import Piece, generate_n, stream_pieces
 
 
 class LookaheadLLM(LookaheadParams, BaseLLM):
@@ -72,7 +72,11 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
         generations = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        n = self._completions(kwargs)
         for prompt in prompts:
+            if n > 1:
+                generations.append(self._n_generations(prompt, n, stop, run_manager, kwargs, usage))
+                continue
             texts, last = [], None
             for piece, _ in self._pieces(prompt, stop, run_manager, kwargs):
                 texts.append(piece.text)
@@ -86,7 +90,25 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": self.model_name})
 
+    def _n_generations(self, prompt: str, n: int, stop: list[str] | None,
+                       run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any], usage: dict[str, int]
+                       ) -> list[Generation]:
+        """``n`` distinct completions of one prompt: the greedy output first, then by model log-probability."""
+        parent = run_manager.parent_run_id if run_manager else None
+        handle, limit, stops, documents = self._request(stop, kwargs, parent, prompt)
+        result = generate_n(handle, self._prompt(prompt, handle.tokenizer), n=n, max_new_tokens=limit, stop=stops,
+                            documents=documents)
+        usage["prompt_tokens"] += result.stats.prompt_tokens
+        usage["completion_tokens"] += sum(len(c.token_ids) for c in result.completions)
+        model_name = kwargs.get("model") or self.model_name
+        return [Generation(text=c.text, generation_info={
+            "finish_reason": c.finish_reason, "logprob": c.logprob, "mean_logprob": c.mean_logprob,
+            "token_ids": c.token_ids, "model_name": model_name, "stats": result.stats.to_dict()})
+            for c in result.completions]
+
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+        if self._completions(kwargs) > 1:
+            raise ValueError("streaming yields one completion: call invoke/generate for n > 1")
         for _, chunk in self._pieces(prompt, stop, run_manager, kwargs):
             yield chunk
