@@ -59,8 +59,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .bench.cases import load_cases
-    from .bench.report import format_table, plot, summarize, write_json
-    from .bench.runner import METHODS, BenchRunner
+    from .bench.report import format_own_baselines, format_table, plot, summarize, write_json
+    from .bench.runner import METHODS, BenchRunner, EnsembleSettings
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -70,7 +70,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cases = [c for name in args.cases for c in load_cases(name, args.limit)]
     warmup = [c for name in (args.warmup or []) for c in load_cases(name, args.limit)]
     model, tokenizer, generator = _build(args)
-    runner = BenchRunner(model, tokenizer, generator)
+    ensemble = EnsembleSettings(mode=args.ensemble_mode, amateur_layers=args.amateur_layers, mu=args.mu,
+                                proposer=args.proposer, proposal_depth=args.proposal_depth)
+    runner = BenchRunner(model, tokenizer, generator, ensemble=ensemble, k=args.k)
     curve = generator.budget.cost  # measure (or load) the cost curve before timing anything
     if warmup:
         with tqdm(total=len(warmup), desc="warm-up", unit="case") as bar:
@@ -80,6 +82,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runner.close()
     rows = summarize(results)
     print(format_table(rows))
+    if format_own_baselines(rows):
+        print(format_own_baselines(rows))
     print("cost curve c(n)/c(1): " + ", ".join(f"{n}:{r:.2f}" for n, r in curve.relative().items()))
     meta = {
         "cases": args.cases, "warmup": args.warmup, "rounds": args.rounds, "methods": methods,
@@ -115,12 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="compare vanilla, pld and lookahead on case files")
     bench.add_argument("cases", nargs="+", help="case files (JSON Lines) or shipped names: rag_qa, summarize, open")
-    bench.add_argument("--methods", default="vanilla,pld,lookahead", help="comma-separated: vanilla,pld,lookahead")
+    bench.add_argument("--methods", default="vanilla,pld,lookahead",
+                       help="comma-separated: vanilla,pld,lookahead,ensemble,ensemble-plain,multidraft,superposed,"
+                            "k-sampling")
     bench.add_argument("--warmup", action="append", help="case file whose outputs the trie learns first (untimed)")
     bench.add_argument("--rounds", type=positive_int, default=1, help="repeat all cases N times (trie stays warm)")
     bench.add_argument("--limit", type=positive_int, default=None, help="first N cases of each file")
     bench.add_argument("--json", help="write all results to this JSON file")
     bench.add_argument("--plot", help="write a PNG plot (speedup and tokens per step per case)")
+    bench.add_argument("--ensemble-mode", choices=["contrastive", "weighted"], default="contrastive",
+                       help="ensemble methods: the model with a copy of its first --amateur-layers layers")
+    bench.add_argument("--amateur-layers", type=positive_int, default=8, help="layers of the truncated member")
+    bench.add_argument("--mu", type=float, default=0.1, help="contrastive ensemble: amateur strength")
+    bench.add_argument("--proposer", action="store_true", help="the truncated member also proposes tokens")
+    bench.add_argument("--proposal-depth", type=positive_int, default=3, help="tokens the proposer extends to")
+    bench.add_argument("--k", type=positive_int, default=3, help="multidraft, superposed, k-sampling: completions")
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
 

@@ -96,7 +96,7 @@ def make_rule(num_models: int, mode: str, weights: Sequence[float] | None, mu: f
     return EnsembleRule("weighted", tuple(float(w) / total for w in weights))
 
 
-def check_members(models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase) -> None:
+def check_members(models: Sequence[PreTrainedModel]) -> None:
     """Refuse an ensemble whose members do not share one vocabulary, device and dtype."""
     if len(models) < 2:
         raise ValueError(f"an ensemble needs at least two models, got {len(models)}")
@@ -108,8 +108,6 @@ def check_members(models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokeni
     declared = [int(m.config.vocab_size) for m in models]
     if len(set(declared)) != 1:
         raise ValueError(f"ensemble members must share one vocabulary: vocab_size {declared}")
-    if len(tokenizer) > sizes[0]:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {sizes[0]} logits")
     devices = {str(next(m.parameters()).device) for m in models}
     dtypes = {m.dtype for m in models}
     if len(devices) != 1 or len(dtypes) != 1:
@@ -192,7 +190,7 @@ class EnsembleGenerator:
                  config: LookaheadConfig | None = None, trie: TokenTrie | None = None,
                  cost_curve: CostCurve | None = None, proposer: int | None = None, proposal_depth: int = 3) -> None:
         models = list(models)
-        check_members(models, tokenizer)
+        check_members(models)
         self.rule = make_rule(len(models), mode, weights, mu)
         if proposer is not None and (isinstance(proposer, bool) or proposer not in range(len(models))):
             raise ValueError(f"proposer must be a model index in 0..{len(models) - 1} or None, got {proposer!r}")

@@ -232,3 +232,85 @@ def test_measured_cost_curve_is_cached(tmp_path):
     curve = gen.measure_cost_curve(prefix_length=16)
     assert curve.sizes == (1, 2, 3, 4) and len(list(tmp_path.iterdir())) == 1
     assert gen.measure_cost_curve(prefix_length=16) == curve  # read back
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+CASES = [
+    {"id": "q1", "task": "rag_qa", "question": "what is it", "documents": ["the cat sat on the mat", "a dog"],
+     "max_new_tokens": 12},
+    {"id": "q2", "task": "rag_qa", "question": "who sat", "documents": ["the cat sat on the mat"],
+     "max_new_tokens": 10},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model = make_model("qwen2", seed=4)
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = EOS_ID
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_bench_runs_the_ensemble_and_multidraft_methods(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from lookahead.bench.report import format_own_baselines, format_table, summarize
+    from lookahead.bench.runner import BenchRunner, EnsembleSettings
+    from lookahead.engine import LookaheadGenerator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    generator = LookaheadGenerator(model, tokenizer, LookaheadConfig(cost_cache=str(tiny_dir / "cost")),
+                                   cost_curve=FLAT_CURVE)
+    runner = BenchRunner(model, tokenizer, generator, ensemble=EnsembleSettings(amateur_layers=1, proposer=True), k=3)
+    methods = ["vanilla", "ensemble-plain", "ensemble", "multidraft", "superposed", "k-sampling"]
+    results = runner.run(CASES, methods, rounds=2)
+    runner.close()
+    by = {(r.round, r.case_id, r.method): r for r in results}
+    for (round_index, case_id, method), r in by.items():
+        if method in ("ensemble", "ensemble-plain", "multidraft", "vanilla"):
+            assert r.exact is True, (round_index, case_id, method)  # ensemble: vs ensemble-plain; multidraft: vanilla
+        else:
+            assert r.exact is None
+        if method in ("multidraft", "superposed", "k-sampling"):
+            assert r.completions == 3 and r.logprob_all <= 0 and r.logprob_best >= r.logprob_all
+    assert by[(1, "q1", "ensemble")].token_ids == by[(1, "q1", "ensemble-plain")].token_ids
+    assert by[(1, "q1", "multidraft")].token_ids == by[(1, "q1", "vanilla")].token_ids
+    rows = summarize(results)
+    own = {(r["round"], r["method"]): r for r in rows}
+    assert own[(1, "ensemble")]["baseline"] == "ensemble-plain" and own[(1, "ensemble")]["speedup_vs_baseline"] > 0
+    assert own[(2, "multidraft")]["baseline"] == "k-sampling" and "logprob_best" in own[(2, "multidraft")]
+    table = format_own_baselines(rows)
+    assert "vs ensemble-plain" in table and "vs k-sampling" in table and "| 1 | rag_qa | superposed | 3 |" in table
+    assert "| 1 | rag_qa | ensemble |" in format_table(rows)
+    assert format_own_baselines([r for r in rows if r["method"] == "vanilla"]) == ""
+
+
+def test_cli_bench_ensemble_methods(tiny_dir, tmp_path, capsys, monkeypatch):
+    import json
+
+    from lookahead.cli import main
+
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
+    out = tmp_path / "out.json"
+    code = main(["bench", str(cases), "--model", str(tiny_dir), "--methods", "ensemble-plain,ensemble,multidraft",
+                 "--amateur-layers", "1", "--ensemble-mode", "weighted", "--decoding-length", "4", "--k", "2",
+                 "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "vs ensemble-plain" in printed and "| 1 | rag_qa | multidraft | 2 |" in printed
+    data = json.loads(out.read_text())
+    assert [r["exact"] for r in data["results"] if r["method"] == "ensemble"] == [True, True]

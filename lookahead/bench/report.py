@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .runner import CaseResult
+from .runner import BASELINES, CaseResult
 
 
 def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
@@ -34,6 +34,15 @@ def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
             base_items = groups.get((round_index, task, base))
             if base_items:
                 row[f"speedup_vs_{base}"] = sum(r.seconds for r in base_items) / seconds if seconds else 0.0
+        own = groups.get((round_index, task, BASELINES.get(method, "")))
+        if own:
+            row["baseline"] = BASELINES[method]
+            row["speedup_vs_baseline"] = sum(r.seconds for r in own) / seconds if seconds else 0.0
+        scored = [r for r in items if r.logprob_best is not None and r.logprob_all is not None]
+        if scored:
+            row["completions"] = max(r.completions for r in scored)
+            row["logprob_best"] = sum(r.logprob_best for r in scored) / len(scored)  # type: ignore[misc]
+            row["logprob_all"] = sum(r.logprob_all for r in scored) / len(scored)  # type: ignore[misc]
         rows.append(row)
     return rows
 
@@ -52,6 +61,30 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['tokens_per_step']:.2f}",
             f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
             f"{100 * r['trie_share']:.1f}" if r["method"] == "lookahead" else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_own_baselines(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the ensemble and multi-draft methods against their own baselines ('' if none ran):
+    speedup, exactness and, for k completions, the mean log-prob per token of the best one and of all k."""
+    own = {"ensemble-plain", "k-sampling"}
+    picked = [r for r in rows if r["method"] in own or r.get("baseline") in own]
+    if not picked:
+        return ""
+    header = ["round", "task", "method", "k", "new tok", "sec", "tok/s", "vs own base", "tok/step", "exact",
+              "logprob/tok best", "logprob/tok all k"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in picked:
+        cells = [
+            str(r["round"]), r["task"], r["method"], str(r.get("completions", 1)), str(r["new_tokens"]),
+            f"{r['seconds']:.1f}", f"{r['tokens_per_second']:.1f}",
+            f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if "speedup_vs_baseline" in r else "-",
+            f"{r['tokens_per_step']:.2f}",
+            f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
+            f"{r['logprob_best']:.3f}" if "logprob_best" in r else "-",
+            f"{r['logprob_all']:.3f}" if "logprob_all" in r else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -14,8 +14,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..engine import LookaheadGenerator
 from ..prompts import case_messages
 
-METHODS = ("vanilla", "pld", "lookahead")
+METHODS = ("vanilla", "pld", "lookahead", "ensemble", "ensemble-plain", "multidraft", "superposed", "k-sampling")
 PLD_TOKENS = 10
+#: the method each one is timed against (its own baseline)
+BASELINES = {"pld": "vanilla", "lookahead": "vanilla", "ensemble": "ensemble-plain", "multidraft": "k-sampling",
+             "superposed": "k-sampling"}
+#: the method whose output each one must equal token for token (multidraft: its first completion); superposed and
+#: k-sampling have none (not greedy, or sampled)
+REFERENCES = {"vanilla": "vanilla", "pld": "vanilla", "lookahead": "vanilla", "ensemble": "ensemble-plain",
+              "ensemble-plain": "ensemble-plain", "multidraft": "vanilla"}
 
 
 @dataclass
@@ -34,6 +41,9 @@ class CaseResult:
     exact: bool | None = None  # token-for-token equal to vanilla (None when vanilla was not run)
     trie_seconds: float = 0.0
     draft_tokens: int = 0
+    completions: int = 1  # multidraft, superposed, k-sampling: k (new_tokens counts the tokens of all of them)
+    logprob_best: float | None = None  # mean log-prob per token of the best completion (by that mean)
+    logprob_all: float | None = None  # mean over the completions of their mean log-prob per token
 
     @property
     def tokens_per_step(self) -> float:
@@ -71,17 +81,86 @@ def hf_generate(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: i
     return out[0, len(prompt_ids):].tolist()
 
 
-class BenchRunner:
-    """Holds the model, the tokenizer and one lookahead generator (its trie persists across cases and rounds)."""
+def hf_sample(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, eos: Any, seed: int
+              ) -> tuple[list[int], float]:
+    """One HF ``generate(do_sample=True)`` run (generation-config defaults); returns the new tokens and the sum of
+    their log-probabilities under the model (raw logits, at their real prefixes)."""
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=True, eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else eos[0],
+                             output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, len(prompt_ids):]  # [T]
+        logp = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)  # [T, V]
+        logprob = float(logp.gather(-1, tokens[:, None]).sum())
+    return tokens.tolist(), logprob
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generator: LookaheadGenerator
-                 ) -> None:
+
+def mean_logprobs(completions: Sequence[tuple[list[int], float]]) -> tuple[float, float]:
+    """(best, average) mean log-prob per token over completions given as (tokens, summed log-prob)."""
+    means = [lp / len(tokens) for tokens, lp in completions if tokens]
+    return max(means), sum(means) / len(means)
+
+
+@dataclass
+class EnsembleSettings:
+    """The ``ensemble`` methods' members: the model, then a copy truncated to its first ``amateur_layers``."""
+
+    mode: str = "contrastive"
+    amateur_layers: int = 8
+    mu: float = 0.1
+    weights: tuple[float, ...] | None = None
+    proposer: bool = False  # the truncated copy also proposes tokens (alternating scheme)
+    proposal_depth: int = 3
+
+
+class BenchRunner:
+    """Holds the model, the tokenizer and one lookahead generator (its trie persists across cases and rounds).
+
+    The ensemble and multi-draft methods get generators of their own (own tries: what one method learns never
+    drafts for another), built on the same model when first needed.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generator: LookaheadGenerator,
+                 ensemble: EnsembleSettings | None = None, k: int = 3, seed: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.generator = generator
         eos = model.generation_config.eos_token_id
         self.eos = eos if eos is not None else tokenizer.eos_token_id
         self.counter = PassCounter(model.get_decoder())
+        self.ensemble_settings = ensemble or EnsembleSettings()
+        self.k = k
+        self.seed = seed
+        self._ensemble: Any = None
+        self._multidraft: Any = None
+
+    @property
+    def ensemble(self) -> Any:
+        """The :class:`EnsembleGenerator` of the ensemble methods (its cost curve measured on first use)."""
+        if self._ensemble is None:
+            from ..ensemble import EnsembleGenerator, truncated_copy
+
+            s = self.ensemble_settings
+            members = [self.model, truncated_copy(self.model, s.amateur_layers)]
+            kwargs: dict[str, Any] = {"mu": s.mu} if s.mode == "contrastive" else {"weights": s.weights}
+            self._ensemble = EnsembleGenerator(members, self.tokenizer, mode=s.mode, config=self.generator.config,
+                                               proposer=1 if s.proposer else None, proposal_depth=s.proposal_depth,
+                                               **kwargs)
+            self._ensemble.budget  # noqa: B018 - measure (or load) the cost curve before timing anything
+        return self._ensemble
+
+    @property
+    def multidraft(self) -> Any:
+        """The :class:`MultiDraftGenerator` of the multi-draft methods (the model's cost curve, its own trie)."""
+        if self._multidraft is None:
+            from ..multidraft import MultiDraftGenerator
+
+            own = LookaheadGenerator(self.model, self.tokenizer, self.generator.config,
+                                     cost_curve=self.generator.budget.cost)
+            self._multidraft = MultiDraftGenerator(generator=own)
+        return self._multidraft
 
     def prompt_ids(self, case: dict[str, Any]) -> list[int]:
         return self.generator.encode(case_messages(case))
@@ -101,6 +180,24 @@ class BenchRunner:
             result = self.generator.generate(ids, max_new_tokens=limit)
             tokens = result.token_ids
             trie_seconds, drafted = result.stats.time_trie, sum(result.stats.draft_sizes)
+        elif method in ("ensemble", "ensemble-plain"):
+            run = self.ensemble.generate if method == "ensemble" else self.ensemble.generate_plain
+            result = run(ids, max_new_tokens=limit)
+            tokens = result.token_ids
+            trie_seconds, drafted = result.stats.time_trie, sum(result.stats.draft_sizes)
+        elif method in ("multidraft", "superposed", "k-sampling"):
+            if method == "k-sampling":
+                outputs = [hf_sample(self.model, ids, limit, self.eos, self.seed + i) for i in range(self.k)]
+            else:
+                drafts = self.multidraft.generate(ids, k=self.k, max_new_tokens=limit,
+                                                  method="tree" if method == "multidraft" else "superposed")
+                outputs = [(c.token_ids, c.logprob) for c in drafts.completions]
+            seconds = time.perf_counter() - start
+            best, average = mean_logprobs(outputs)
+            return CaseResult(round=round_index, case_id=case["id"], task=case["task"], method=method,
+                              prompt_tokens=len(ids), new_tokens=sum(len(t) for t, _ in outputs), seconds=seconds,
+                              steps=self.counter.count, token_ids=outputs[0][0], completions=len(outputs),
+                              logprob_best=best, logprob_all=average)
         else:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
         seconds = time.perf_counter() - start
@@ -118,12 +215,17 @@ class BenchRunner:
     def run(self, cases: Sequence[dict[str, Any]], methods: Sequence[str], rounds: int = 1,
             progress: Callable[[str], None] | None = None) -> list[CaseResult]:
         """Every round runs every case with every method, interleaved case by case."""
+        if any(m.startswith("ensemble") for m in methods):
+            self.ensemble  # noqa: B018 - build the ensemble and measure its cost curve before timing
+        if "multidraft" in methods or "superposed" in methods:
+            self.multidraft  # noqa: B018
         results: list[CaseResult] = []
         for round_index in range(1, rounds + 1):
             for case in cases:
                 per_case = [self.run_method(method, case, round_index) for method in methods]
-                reference = next((r for r in per_case if r.method == "vanilla"), None)
+                by_method = {r.method: r for r in per_case}
                 for r in per_case:
+                    reference = by_method.get(REFERENCES.get(r.method, ""))
                     r.exact = None if reference is None else r.token_ids == reference.token_ids
                 results.extend(per_case)
                 if progress:
