@@ -64,10 +64,11 @@ class EnsembleRule:
         mixed = sum(w * torch.softmax(row.float(), dim=-1).double() for w, row in zip(self.weights, rows))  # [n, V]
         return mixed.float().log()  # float64 sum: the same r whatever the model order
 
-    def proposal_scores(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Best guess of r from the rows of some models only (a proposal, never a verdict), [V]."""
+    def proposal_scores(self, rows: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Best guess of r from the rows of some models only (a proposal, never a verdict), [V]; None when those
+        rows say nothing useful (contrastive without the expert's row: the amateur alone is a poor guess of r)."""
         if self.mode == "contrastive":
-            return rows[0] if 0 in rows else rows[1]
+            return rows.get(0)
         known = sorted(rows)
         total = sum(self.weights[k] for k in known)
         return EnsembleRule("weighted", tuple(self.weights[k] / total for k in known)).scores([rows[k] for k in known])
@@ -441,8 +442,10 @@ class EnsembleGenerator:
         verifiers = [k for k in range(len(members)) if k != self.proposer]
         attach, context = 0, sequence
         if self.proposer is not None and all(0 in tree.rows[k] for k in verifiers):
-            guess = int(self.rule.proposal_scores({k: tree.rows[k][0] for k in verifiers}).argmax())
-            attach, context = tree.add(guess, 0), sequence + [guess]  # the verifiers' bonus is the next proposal
+            guess = self.rule.proposal_scores({k: tree.rows[k][0] for k in verifiers})
+            if guess is not None:  # the verifiers' bonus is the next proposal
+                token = int(guess.argmax())
+                attach, context = tree.add(token, 0), sequence + [token]
         draft_nodes, learn = self._draft(tree, attach, context, budget, request_id, remaining, last_accepted, stats)
 
         t0 = time.perf_counter()
