@@ -204,22 +204,28 @@ class DraftBudget:
         self.acceptance = acceptance or AcceptanceModel(prior=0.3, exploration=0.1)
 
     def select(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
-               global_counts: Sequence[float] | None = None) -> list[int]:
-        """Indices of the draft nodes to verify (parents before children), possibly none."""
-        if not parents or self.max_nodes == 0:
+               global_counts: Sequence[float] | None = None, max_nodes: int | None = None, batch_rows: int = 1
+               ) -> list[int]:
+        """Indices of the draft nodes to verify (parents before children), possibly none.
+
+        ``max_nodes`` lowers the size limit for this call; ``batch_rows`` > 1 prices the pass as if every row of a
+        batch drafted as many nodes as this one (the pass then holds ``batch_rows`` trees).
+        """
+        limit = self.max_nodes if max_nodes is None else min(max_nodes, self.max_nodes)
+        if not parents or limit == 0:
             return []
         if not self.adaptive:
-            return list(range(min(len(parents), self.max_nodes)))
+            return list(range(min(len(parents), limit)))
         features = node_features(parents, scores, global_counts)
         reach: list[float] = []  # P(node is on the accepted path)
         for p, feat in zip(parents, features):
             parent_reach = 1.0 if p < 0 else reach[p]
             reach.append(parent_reach * self.acceptance.probability(feat, match_length, last_accepted))
         order = sorted(range(len(parents)), key=lambda i: (-reach[i], features[i].depth, i))
-        best_count, best_rate, expected = 0, 1.0 / self.cost.cost(1), 0.0
-        for count, i in enumerate(order[: self.max_nodes], start=1):
+        best_count, best_rate, expected = 0, 1.0 / self.cost.cost(batch_rows), 0.0
+        for count, i in enumerate(order[:limit], start=1):
             expected += reach[i]
-            rate = (1.0 + expected) / self.cost.cost(count + 1)
+            rate = (1.0 + expected) / self.cost.cost(batch_rows * (count + 1))
             if rate > best_rate:
                 best_count, best_rate = count, rate
         return sorted(order[:best_count])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -13,13 +12,14 @@ from typing import Any, Union
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .batch import Batch, Request
 from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, measure_cost_curve
 from .config import LookaheadConfig
 from .kernels import install_skinny_linear, skinny_linear, skinny_matmul
 from .kvcache import check_compactable, compact_cache
-from .tree import attention_mask, build_tree, position_ids
+from .sampling import SamplingParams
+from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
 from .trie import TokenTrie
-from .verify import greedy_accept
 
 #: model_type values whose stock transformers implementation is verified by the test-suite to accept a 4-D tree
 #: mask with explicit position ids and a DynamicCache, giving output identical to greedy decoding.
@@ -146,11 +146,7 @@ class LookaheadGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or LookaheadConfig()
-        self.trie = trie or TokenTrie(
-            branch_length=self.config.branch_length, max_query_length=self.config.max_query_length,
-            node_budget=self.config.node_budget, decay=self.config.decay,
-            local_weight=self.config.local_weight, global_weight=self.config.global_weight,
-        )
+        self.trie = trie or self.empty_trie()
         self._cost_curve = cost_curve
         self._budget: DraftBudget | None = None
         self._budget_lock = threading.Lock()
@@ -160,6 +156,14 @@ class LookaheadGenerator:
             install_skinny_linear(self._decoder)
         self._lm_head_weight = model.get_output_embeddings().weight  # [vocab, d]
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+
+    def empty_trie(self) -> TokenTrie:
+        """A new empty trie with this generator's knobs (assign it to ``self.trie`` to forget all past outputs)."""
+        return TokenTrie(
+            branch_length=self.config.branch_length, max_query_length=self.config.max_query_length,
+            node_budget=self.config.node_budget, decay=self.config.decay,
+            local_weight=self.config.local_weight, global_weight=self.config.global_weight,
+        )
 
     # ------------------------------------------------------------------ cost model
 
@@ -272,36 +276,69 @@ class LookaheadGenerator:
 
     # ------------------------------------------------------------------ model passes
 
-    def _tree_forward(self, cache: DynamicCache, prefix_length: int, tokens: list[int], parents: list[int]
-                      ) -> list[int]:
-        """One tree-masked pass; returns the greedy next token after every node."""
-        with skinny_linear(self.config.skinny_matmul):
-            return self._tree_forward_inner(cache, prefix_length, tokens, parents)
+    def prefill(self, cache: DynamicCache, prompt_ids: list[int]) -> torch.Tensor:
+        """Run the prompt through the decoder into ``cache``; returns the last position's hidden state [1, d]."""
+        hidden = self._decoder(input_ids=torch.tensor([prompt_ids], device=self.device), past_key_values=cache,
+                               use_cache=True).last_hidden_state  # [1, P, d]
+        return hidden[0, -1:]
 
-    def _tree_forward_inner(self, cache: DynamicCache, prefix_length: int, tokens: list[int], parents: list[int]
-                            ) -> list[int]:
-        if len(tokens) == 1:  # a plain decoding step: causal, no mask needed
-            hidden = self._decoder(
-                input_ids=torch.tensor([tokens], device=self.device), past_key_values=cache, use_cache=True,
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy next token after each hidden state: [n, d] -> [n]."""
+        return greedy_tokens(self._lm_head_weight, hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of hidden states: [n, d] -> [n, V] (float32)."""
+        if hidden.device.type == "cpu":
+            return skinny_matmul(hidden, self._lm_head_weight).float()
+        return torch.nn.functional.linear(hidden, self._lm_head_weight).float()
+
+    def batch_forward(self, cache: DynamicCache, trees: Sequence[TreeBuffers], lengths: Sequence[int],
+                      tree_start: int) -> torch.Tensor:
+        """One tree-masked pass over a batch: row b's tree follows its ``lengths[b]`` valid cache positions.
+
+        The cache holds ``tree_start`` positions per row (stale past a row's length). Returns hidden states
+        [B, N, d] with N the largest tree; rows of smaller trees are padded.
+        """
+        with skinny_linear(self.config.skinny_matmul):
+            if len(trees) == 1 and lengths[0] == tree_start:  # one row, nothing stale: the plain single pass
+                return self._single_tree_pass(cache, tree_start, trees[0])  # [1, n, d]
+            inputs = batch_inputs(trees, lengths, tree_start, self.model.dtype)
+            return self._decoder(input_ids=inputs.input_ids, position_ids=inputs.position_ids,
+                                 attention_mask=inputs.attention_mask, past_key_values=cache,
+                                 use_cache=True).last_hidden_state  # [B, N, d]
+
+    def _single_tree_pass(self, cache: DynamicCache, prefix_length: int, tree: TreeBuffers) -> torch.Tensor:
+        if tree.size == 1:  # a plain decoding step: causal, no mask needed
+            return self._decoder(
+                input_ids=tree.input_ids[None], past_key_values=cache, use_cache=True,
                 position_ids=torch.tensor([[prefix_length]], device=self.device),
             ).last_hidden_state  # [1, 1, d]
-        else:
-            tree = build_tree(tokens, parents, device=self.device)
-            hidden = self._decoder(
-                input_ids=tree.input_ids[None],  # [1, n]
-                position_ids=position_ids(tree, prefix_length),  # [1, n]
-                attention_mask=attention_mask(tree, prefix_length, self.model.dtype),  # [1, 1, n, P + n]
-                past_key_values=cache, use_cache=True,
-            ).last_hidden_state  # [1, n, d]
-        return greedy_tokens(self._lm_head_weight, hidden[0]).tolist()  # [n]
+        return self._decoder(
+            input_ids=tree.input_ids[None],  # [1, n]
+            position_ids=position_ids(tree, prefix_length),  # [1, n]
+            attention_mask=attention_mask(tree, prefix_length, self.model.dtype),  # [1, 1, n, P + n]
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # [1, n, d]
+
+    def _tree_forward(self, cache: DynamicCache, prefix_length: int, tokens: list[int], parents: list[int]
+                      ) -> list[int]:
+        """One tree-masked pass of a single row; returns the greedy next token after every node."""
+        tree = build_tree(tokens, parents, device=self.device)
+        hidden = self.batch_forward(cache, [tree], [prefix_length], prefix_length)  # [1, n, d]
+        return self.greedy_tokens(hidden[0]).tolist()  # [n]
 
     # ------------------------------------------------------------------ public API
 
     def generate(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128,
                  eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
-                 documents: Sequence[str] | None = None, do_sample: bool = False, show_progress: bool = False,
+                 documents: Sequence[str] | None = None, do_sample: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, batch_size: int = 1, show_progress: bool = False,
                  ) -> GenerationResult | list[GenerationResult]:
-        """Greedy lookahead decoding of one prompt, or of a list of prompts (returns a list then).
+        """Lookahead decoding of one prompt, or of a list of prompts (returns a list then).
+
+        Greedy output equals HF ``generate(do_sample=False)`` token for token; sampled output is drawn from exactly
+        the distribution HF sampling uses (sample-then-match), reproducibly with ``seed``.
 
         Args:
             prompt: a string, chat messages, token ids, or a list of those.
@@ -309,24 +346,26 @@ class LookaheadGenerator:
             eos_token_id: token id(s) that end generation; default from the model's generation config.
             stop: strings that end generation; the returned text is cut before the first one.
             documents: texts whose tokens seed this request's local trie (retrieved documents).
-            do_sample: only False is supported by this engine.
+            do_sample, temperature, top_k, top_p, repetition_penalty: as in HF ``generate``; unset values come
+                from the model's generation config.
+            seed: seeds the sampler of this request (each prompt of a list gets ``seed + index``).
+            batch_size: for a list of prompts, how many are decoded together in each forward pass.
             show_progress: a progress bar over a list of prompts.
         """
-        if self._is_batch(prompt):
-            items = list(prompt)  # type: ignore[arg-type]
-            if show_progress:
-                from tqdm.auto import tqdm
-
-                items = tqdm(items, desc="lookahead", unit="prompt")
-            return [self.generate(p, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                  documents=documents, do_sample=do_sample) for p in items]
-        chunks = list(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                  documents=documents, do_sample=do_sample))
-        last = chunks[-1]
-        assert last.stats is not None and last.finish_reason is not None
-        token_ids = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
-        return GenerationResult(text="".join(c.text for c in chunks), token_ids=token_ids,
-                                finish_reason=last.finish_reason, stats=last.stats)
+        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        if not self._is_batch(prompt):
+            request = self.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                                   documents=documents, sampling=sampling)
+            return _collect(self._run(request))
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        requests = [
+            self.prepare(p, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop, documents=documents,
+                         sampling=sampling if seed is None else dataclasses.replace(sampling, seed=seed + i))
+            for i, p in enumerate(prompt)  # type: ignore[arg-type]
+        ]
+        return self._run_many(requests, batch_size, show_progress)
 
     @staticmethod
     def _is_batch(prompt: Any) -> bool:
@@ -337,119 +376,92 @@ class LookaheadGenerator:
 
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
-               ) -> Iterator[StreamChunk]:
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               repetition_penalty: float | None = None, seed: int | None = None) -> Iterator[StreamChunk]:
         """Yield every accepted run of tokens as it is verified. The last chunk carries the finish reason and stats.
 
-        Arguments are checked right away, when ``stream`` is called, before any model work.
+        Arguments (as in :meth:`generate`) are checked right away, when ``stream`` is called, before any model work.
         """
-        if do_sample:
-            raise ValueError("do_sample=True is not supported yet: lookahead decoding is greedy (do_sample=False)")
+        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        request = self.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                               documents=documents, sampling=sampling)
+        return self._run(request)
+
+    def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
+                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
+                sampling: SamplingParams | None = None) -> Request:
+        """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
             raise TypeError("stop must be a list of strings")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a lookahead.sampling.SamplingParams, got {type(sampling).__name__}")
         docs = self._check_documents(documents)
         prompt_ids = self.encode(prompt)
-        if self.max_context is not None and len(prompt_ids) >= self.max_context:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context} tokens")
-        return self._run(prompt_ids, max_new_tokens, self._eos_ids(eos_token_id), list(stop or []), docs)
+        if self.max_context is not None:
+            if len(prompt_ids) >= self.max_context:
+                raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context} "
+                                 "tokens")
+            max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
+        resolved = (sampling or SamplingParams()).resolved(getattr(self.model, "generation_config", None))
+        return Request(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
+                       eos=frozenset(self._eos_ids(eos_token_id)), stop=tuple(stop or ()), documents=tuple(docs),
+                       sampling=resolved)
+
+    def new_batch(self) -> Batch:
+        """An empty batch of rows decoded together (see :class:`lookahead.batch.Batch`)."""
+        return Batch(self)
 
     # ------------------------------------------------------------------ the loop
 
-    def _run(self, prompt_ids: list[int], max_new_tokens: int, eos: set[int], stop: list[str],
-             documents: list[str]) -> Iterator[StreamChunk]:
-        budget = self.budget
-        request_id = uuid.uuid4().hex
-        stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        if self.max_context is not None:
-            max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
-        emitter = _Emitter(self.tokenizer, eos, stop, max_new_tokens)
-        generated = emitter.generated
-        width = self.config.branch_length + 1
-        learned = 0  # generated windows already inserted into the local trie
-        start = time.perf_counter()
+    def _run(self, request: Request) -> Iterator[StreamChunk]:
+        """Decode one request as a batch of one, yielding its chunks."""
+        self.budget  # noqa: B018 - measure the cost curve before the request's clock starts
+        batch = self.new_batch()
+        batch.add(request, key=0)
         try:
-            t0 = time.perf_counter()
-            self.trie.insert(prompt_ids, request_id=request_id)
-            for doc in documents:
-                self.trie.insert(self.tokenizer(doc, add_special_tokens=False)["input_ids"], request_id=request_id)
-            stats.time_trie += time.perf_counter() - t0
-
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                cache = DynamicCache(config=self.model.config)
-                check_compactable(cache)
-                hidden = self._decoder(input_ids=torch.tensor([prompt_ids], device=self.device),
-                                       past_key_values=cache, use_cache=True).last_hidden_state  # [1, P, d]
-                pending = int(greedy_tokens(self._lm_head_weight, hidden[0, -1:])[0])  # logits of the last row only
-                stats.time_prefill = stats.time_forward = time.perf_counter() - t0
-                stats.steps = 1
-                new_tokens, accepted = [pending], 0
-                prefix_length = len(prompt_ids)
-                last_accepted = 0
-                while True:
-                    # --- emit this step's tokens, honouring eos / stop / max_new_tokens exactly
-                    t0 = time.perf_counter()
-                    run, delta = emitter.push(new_tokens)
-                    stats.new_tokens = len(generated)
-                    stats.time_other += time.perf_counter() - t0
-                    if emitter.finish:
-                        stats.time_total = time.perf_counter() - start
-                        yield StreamChunk(run, delta, accepted, emitter.finish, stats)
-                        return
-                    yield StreamChunk(run, delta, accepted)
-
-                    # --- learn complete windows of the output, then draft
-                    t0 = time.perf_counter()
-                    complete = len(generated) - width + 1
-                    if complete > learned:
-                        self.trie.insert(generated[learned:], request_id=request_id, max_windows=complete - learned)
-                        learned = complete
-                    query = self.config.max_query_length
-                    context = generated[-query:]
-                    if len(context) < query:
-                        context = prompt_ids[len(context) - query:] + context
-                    remaining = max_new_tokens - len(generated)
-                    draft = self.trie.draft(context, self.config.decoding_length,
-                                            request_id=request_id,
-                                            branch_length=max(1, min(self.config.branch_length, remaining)))
-                    t1 = time.perf_counter()
-                    stats.time_trie += t1 - t0
-                    chosen = budget.select(draft.parents, draft.scores, draft.match_length, last_accepted,
-                                           draft.global_counts)
-                    remap = {old: new for new, old in enumerate(chosen)}
-                    parents = [remap.get(draft.parents[i], -1) for i in chosen]  # -1: child of the root
-                    scores = [draft.scores[i] for i in chosen]
-                    global_counts = [draft.global_counts[i] for i in chosen]
-                    tokens = [pending] + [draft.tokens[i] for i in chosen]
-                    tree_parents = [-1] + [p + 1 for p in parents]
-                    t2 = time.perf_counter()
-                    stats.time_other += t2 - t1
-
-                    # --- verify the whole tree in one pass
-                    predictions = self._tree_forward(cache, prefix_length, tokens, tree_parents)
-                    t3 = time.perf_counter()
-                    stats.time_forward += t3 - t2
-                    stats.steps += 1
-
-                    # --- accept, compact the cache, learn acceptance
-                    acceptance = greedy_accept(tokens, tree_parents, predictions)
-                    compact_cache(cache, prefix_length, [0] + acceptance.path)
-                    prefix_length += 1 + len(acceptance.path)
-                    budget.observe(parents, scores, draft.match_length, last_accepted,
-                                   [i - 1 for i in acceptance.path], global_counts)
-                    accepted = last_accepted = len(acceptance.path)
-                    stats.draft_sizes.append(len(chosen))
-                    stats.accepted_lengths.append(accepted)
-                    new_tokens = acceptance.tokens
-                    pending = acceptance.bonus
-                    stats.time_other += time.perf_counter() - t3
+            while len(batch):
+                for _, chunk in batch.step():
+                    yield chunk
         finally:
-            t0 = time.perf_counter()
-            self.trie.release(request_id)
-            if self.config.learn_outputs and generated and emitter.finish is not None:
-                self.trie.insert(generated)
-            stats.time_trie += time.perf_counter() - t0
+            batch.close()
+
+    def _run_many(self, requests: list[Request], batch_size: int, show_progress: bool) -> list[GenerationResult]:
+        """Decode requests ``batch_size`` at a time; a finished row's slot goes to the next waiting request."""
+        self.budget  # noqa: B018
+        chunks: list[list[StreamChunk]] = [[] for _ in requests]
+        waiting = list(range(len(requests)))[::-1]
+        batch = self.new_batch()
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(requests), desc="lookahead", unit="prompt")
+        try:
+            while waiting or len(batch):
+                while waiting and len(batch) < batch_size:
+                    index = waiting.pop()
+                    batch.add(requests[index], key=index)
+                for index, chunk in batch.step():
+                    chunks[index].append(chunk)
+                    if progress is not None and chunk.finish_reason is not None:
+                        progress.update(1)
+        finally:
+            batch.close()
+            if progress is not None:
+                progress.close()
+        return [_collect(iter(c)) for c in chunks]
+
+
+def _collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
+    """Join a request's stream into one result."""
+    items = list(chunks)
+    last = items[-1]
+    assert last.stats is not None and last.finish_reason is not None
+    return GenerationResult(text="".join(c.text for c in items), token_ids=[t for c in items for t in c.token_ids],
+                            finish_reason=last.finish_reason, stats=last.stats)
 
 
 def greedy_tokens(lm_head_weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

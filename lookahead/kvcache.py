@@ -42,3 +42,56 @@ def compact_cache(cache: DynamicCache, prefix_length: int, keep: Sequence[int]) 
         layer.values[..., prefix_length:end, :] = layer.values.index_select(-2, index)
         layer.keys = layer.keys[..., :end, :]
         layer.values = layer.values[..., :end, :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched caches. Row b of a batch cache holds its own valid length ``lengths[b]``; positions past it (up to the
+# cache length) are stale and masked out by the batched tree mask.
+
+
+def cache_length(cache: DynamicCache) -> int:
+    """Positions held by every layer of ``cache`` (valid or stale)."""
+    return int(cache.layers[0].keys.shape[-2])
+
+
+def append_rows(cache: DynamicCache, rows: DynamicCache) -> None:
+    """Append the batch rows of ``rows`` to ``cache`` (in place), padding the shorter one with zeros at the end."""
+    length = max(cache_length(cache), cache_length(rows))
+    for layer, extra in zip(cache.layers, rows.layers):
+        for name in ("keys", "values"):
+            a, b = getattr(layer, name), getattr(extra, name)  # [batch, heads, seq, head_dim]
+            a = torch.nn.functional.pad(a, (0, 0, 0, length - a.shape[-2]))
+            b = torch.nn.functional.pad(b, (0, 0, 0, length - b.shape[-2]))
+            setattr(layer, name, torch.cat([a, b], dim=0))
+
+
+def select_rows(cache: DynamicCache, rows: Sequence[int], length: int) -> None:
+    """Keep batch rows ``rows`` (in this order) and the first ``length`` positions, in place."""
+    index = torch.tensor(list(rows), dtype=torch.long, device=cache.layers[0].keys.device)  # [k]
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[..., :length, :]
+        layer.values = layer.values.index_select(0, index)[..., :length, :]
+
+
+def compact_rows(cache: DynamicCache, tree_start: int, lengths: Sequence[int], keeps: Sequence[Sequence[int]]
+                 ) -> list[int]:
+    """Per batch row b, move tree nodes ``keeps[b]`` (indices into the tree block at ``tree_start``) to just after
+    the row's valid prefix ``lengths[b]``; crop the cache to the longest new length. Returns the new lengths.
+
+    With one row whose prefix fills the cache (``lengths[0] == tree_start``) this is :func:`compact_cache`.
+    """
+    if len(lengths) == 1 and lengths[0] == tree_start:
+        compact_cache(cache, tree_start, keeps[0])
+        return [tree_start + len(keeps[0])]
+    new_lengths = [length + len(keep) for length, keep in zip(lengths, keeps)]
+    end = max(new_lengths)
+    device = cache.layers[0].keys.device
+    moves = [(b, lengths[b], torch.tensor(list(keep), dtype=torch.long, device=device) + tree_start)
+             for b, keep in enumerate(keeps) if keep]
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            states = getattr(layer, name)  # [batch, heads, seq, head_dim]
+            for b, start, index in moves:
+                states[b, :, start:start + len(index)] = states[b].index_select(-2, index)  # gather, then write
+            setattr(layer, name, states[..., :end, :])
+    return new_lengths

@@ -88,3 +88,40 @@ def root_to_node_paths(parents: Sequence[int]) -> list[list[int]]:
     for i in range(1, len(parents)):
         paths.append(paths[parents[i]] + [i])
     return paths
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """Model inputs of one batched tree pass: every row's tree padded to the largest one."""
+
+    input_ids: torch.Tensor  # [B, N] long; padding nodes repeat the root token
+    position_ids: torch.Tensor  # [B, N] long
+    attention_mask: torch.Tensor  # [B, 1, N, C + N] additive
+
+
+def batch_inputs(trees: Sequence[TreeBuffers], prefix_lengths: Sequence[int], cache_length: int,
+                 dtype: torch.dtype = torch.float32) -> BatchInputs:
+    """Stack per-row trees for one pass after a batch cache of ``cache_length`` positions.
+
+    Row b's nodes see the row's valid prefix ``[0, prefix_lengths[b])`` and their ancestors in the tree block that
+    starts at ``cache_length``; stale cache positions of shorter rows are hidden. Padding nodes see only themselves.
+    """
+    device = trees[0].input_ids.device
+    width = max(t.size for t in trees)
+    rows = len(trees)
+    input_ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+    positions = torch.zeros(rows, width, dtype=torch.long, device=device)
+    visible = torch.zeros(rows, width, cache_length + width, dtype=torch.bool, device=device)  # [B, N, C + N]
+    diagonal = torch.arange(width, device=device)
+    visible[:, diagonal, cache_length + diagonal] = True
+    for b, (tree, prefix) in enumerate(zip(trees, prefix_lengths)):
+        n = tree.size
+        input_ids[b, :n] = tree.input_ids
+        input_ids[b, n:] = tree.input_ids[0]
+        positions[b, :n] = tree.depths + prefix
+        positions[b, n:] = prefix
+        visible[b, :, :prefix] = True
+        visible[b, :n, cache_length:cache_length + n] = tree.ancestor_mask
+    additive = torch.zeros(rows, width, cache_length + width, dtype=dtype, device=device)
+    additive.masked_fill_(~visible, torch.finfo(dtype).min)
+    return BatchInputs(input_ids, positions, additive[:, None])

@@ -1,8 +1,8 @@
-"""Acceptance of a verified draft tree."""
+"""Acceptance of a verified draft tree: greedy, or sample-then-match with any per-node token choice."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -24,22 +24,34 @@ def children_index(tokens: Sequence[int], parents: Sequence[int]) -> dict[tuple[
     return {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
 
 
-def greedy_accept(tokens: Sequence[int], parents: Sequence[int], predictions: Sequence[int]) -> Acceptance:
-    """Walk from the root while the model's choice at the current node is one of its children.
+def walk_accept(tokens: Sequence[int], parents: Sequence[int], choose: Callable[[int, list[int]], int]
+                ) -> Acceptance:
+    """Sample-then-match: at each visited node the model picks its next token; descend while a child carries it.
 
     Args:
         tokens: token of every tree node, root at 0.
         parents: parent of every node (-1 for the root), parents before children.
-        predictions: the model's greedy next token after every node (argmax of its logits row).
+        choose: ``choose(node, path_tokens)`` returns the model's next token after ``node``, where ``path_tokens``
+            are the accepted draft tokens from the root down to ``node`` (root excluded). Called exactly once per
+            emitted token, so a sampler draws from its random stream exactly as plain decoding would.
     """
     children = children_index(tokens, parents)
     node = 0
     path: list[int] = []
+    path_tokens: list[int] = []
     while True:
-        child = children.get((node, int(predictions[node])))
+        choice = int(choose(node, path_tokens))
+        child = children.get((node, choice))
         if child is None:
-            break
+            return Acceptance(path=path, tokens=path_tokens + [choice], bonus=choice)
         path.append(child)
+        path_tokens.append(int(tokens[child]))
         node = child
-    bonus = int(predictions[node])
-    return Acceptance(path=path, tokens=[int(tokens[i]) for i in path] + [bonus], bonus=bonus)
+
+
+def greedy_accept(tokens: Sequence[int], parents: Sequence[int], predictions: Sequence[int]) -> Acceptance:
+    """Walk from the root while the model's greedy choice at the current node is one of its children.
+
+    ``predictions`` holds the model's greedy next token after every node (argmax of its logits row).
+    """
+    return walk_accept(tokens, parents, lambda node, _: int(predictions[node]))

@@ -474,13 +474,23 @@ def test_chat_messages_without_template(gen):
         gen.generate([{"role": "user", "content": "hi"}], max_new_tokens=4)
 
 
-def test_do_sample_is_refused(gen):
-    with pytest.raises(ValueError, match="do_sample"):
-        gen.generate("hello", max_new_tokens=4, do_sample=True)
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"do_sample": True, "temperature": -1.0}, "temperature"),
+    ({"do_sample": True, "top_p": 0.0}, "top_p"),
+    ({"do_sample": True, "top_p": 1.5}, "top_p"),
+    ({"do_sample": True, "top_k": -3}, "top_k"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"do_sample": "yes"}, "do_sample"),
+    ({"do_sample": True, "seed": -1}, "seed"),
+    ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+])
+def test_bad_sampling_parameters(gen, kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        gen.generate("hello", max_new_tokens=4, **kwargs)
 
 
 def test_errors_leave_no_request_state(gen):
-    for bad in ({"max_new_tokens": 0}, {"documents": "x"}, {"do_sample": True}):
+    for bad in ({"max_new_tokens": 0}, {"documents": "x"}, {"temperature": -1.0}):
         with pytest.raises((TypeError, ValueError)):
             gen.generate("hello", **{"max_new_tokens": 4, **bad})
     assert gen.trie._requests == {}
