@@ -58,6 +58,8 @@ def _container(model: type[BaseModel], path: list[str | int]) -> type[BaseModel]
 def describe_validation_error(model: type[BaseModel], errors: list[dict[str, Any]]) -> ApiError:
     """One clear 400 from pydantic's errors (the first one; union branches of the same field count once)."""
     error = errors[0]
+    if error.get("type") == "missing":  # a misspelt name shows as missing + unknown: the unknown one explains it
+        error = next((e for e in errors if e.get("type") == "extra_forbidden"), error)
     path = _param(tuple(p for p in error.get("loc", ()) if p != "body"))
     param = ".".join(str(p) for p in path) or None
     kind = error.get("type", "")
