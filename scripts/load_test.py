@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-every", type=int, default=2, help="every N-th request is streamed (0: none)")
     p.add_argument("--max-batch-size", type=positive_int, default=8)
     p.add_argument("--max-queue", type=positive_int, default=64)
+    p.add_argument("--cost-cache", default=None, help="folder of cached cost curves (default: the engine's)")
     p.add_argument("--check", action="store_true", help="compare every answer with the case decoded alone")
     p.add_argument("--json", help="write the report (and every outcome) to this JSON file")
     return p.parse_args(argv)
@@ -76,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         from lookahead_server import ServeSettings, create_app
         from lookahead_server.background import BackgroundServer
 
+        from lookahead.config import LookaheadConfig
         from lookahead.engine import LookaheadGenerator
         from lookahead.models import load_model
 
         print(f"loading {args.model} ...", file=sys.stderr)
         model, tokenizer = load_model(args.model)
-        generator = LookaheadGenerator(model, tokenizer)
+        generator = LookaheadGenerator(model, tokenizer, LookaheadConfig(cost_cache=args.cost_cache))
         generator.budget  # noqa: B018 - measure (or load) the cost curve before timing anything
         app = create_app(generator, ServeSettings(model_name=args.model, max_batch_size=args.max_batch_size,
                                                   max_queue=args.max_queue))
