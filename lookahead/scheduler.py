@@ -57,14 +57,27 @@ class RequestHandle:
         self._chunks: queue.Queue[Any] = queue.Queue()
         self._cancelled = threading.Event()
         self.error: BaseException | None = None
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     # --- producer side (the worker)
     def _put(self, chunk: StreamChunk) -> None:
         self._chunks.put(chunk)
+        self._wake()
 
     def _finish(self, error: BaseException | None = None) -> None:
         self.error = error
         self._chunks.put(_DONE)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake an ``async for`` reader (its event loop runs in another thread)."""
+        waiter = self._waiter
+        if waiter is not None:
+            loop, event = waiter
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the reader's loop is closed: nobody is waiting
+                pass
 
     # --- consumer side
     @property
@@ -85,8 +98,19 @@ class RequestHandle:
             yield item
 
     async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        """Chunks without holding a thread while waiting: the worker wakes this loop when it adds one."""
+        event = asyncio.Event()
+        self._waiter = (asyncio.get_running_loop(), event)
         while True:
-            item = await asyncio.to_thread(self._chunks.get)
+            try:
+                item = self._chunks.get_nowait()
+            except queue.Empty:
+                event.clear()
+                try:  # a chunk may have arrived before the clear: look again before sleeping
+                    item = self._chunks.get_nowait()
+                except queue.Empty:
+                    await event.wait()
+                    continue
             if item is _DONE:
                 if self.error is not None:
                     raise self.error

@@ -116,3 +116,23 @@ def test_closed_scheduler_refuses():
 def test_bad_sizes():
     with pytest.raises(ValueError, match="max_batch_size"):
         Scheduler(make_generator(), max_batch_size=0)
+
+
+def test_many_async_readers_hold_no_threads():
+    """More concurrent ``async for`` readers than executor threads: every one still gets its whole answer."""
+    gen = make_generator()
+    prompts = [random_prompt(100 + i, 7) for i in range(20)]
+    refs = [hf_greedy(gen.model, p, 10) for p in prompts]
+    scheduler = Scheduler(gen, max_batch_size=4, max_queue=32)
+
+    async def read(prompt: list[int]) -> list[int]:
+        handle = scheduler.submit(prompt, max_new_tokens=10)
+        return [t async for chunk in handle for t in chunk.token_ids]
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(read(p) for p in prompts))
+
+    before = threading.active_count()
+    assert asyncio.run(main()) == refs
+    assert threading.active_count() <= before + 1  # no thread per waiting reader
+    scheduler.close()
