@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .budget import CostCurve, DraftBudget, node_features
+from .budget import CostCurve, DraftBudget
 from .config import LookaheadConfig
 from .engine import LookaheadGenerator, Prompt, _Emitter
 from .kernels import skinny_linear
 from .kvcache import check_compactable, compact_cache
 from .treepass import logits_rows, prefill, run_nodes
-from .trie import Draft, TokenTrie
+from .trie import TokenTrie
 from .verify import greedy_accept
 
 METHODS = ("tree", "superposed")
@@ -214,43 +214,6 @@ def _branches(logp: torch.Tensor, choice: list[int], row0: int, plan: _Plan, vis
     return out
 
 
-def joint_select(budget: DraftBudget, drafts: Sequence[Draft], last_accepted: Sequence[int], max_nodes: int
-                 ) -> list[list[int]]:
-    """Which draft nodes of every beam one shared pass verifies: the prefix of all beams' nodes, most likely to be
-    accepted first, that maximises expected tokens per second of the pass (each beam's pending token is one token of
-    the pass). The budget's acceptance model and cost curve judge, as :meth:`DraftBudget.select` does for one tree."""
-    if not budget.adaptive:
-        share = max(1, max_nodes // len(drafts))
-        return [list(range(min(len(d), share))) for d in drafts]
-    pool: list[tuple[float, int, int, int]] = []  # (-reach, depth, beam, node)
-    for b, (draft, last) in enumerate(zip(drafts, last_accepted)):
-        reach: list[float] = []
-        for p, feature in zip(draft.parents, node_features(draft.parents, draft.scores, draft.global_counts)):
-            reach.append((1.0 if p < 0 else reach[p]) * budget.acceptance.probability(feature, draft.match_length,
-                                                                                      last))
-            pool.append((-reach[-1], feature.depth, b, len(reach) - 1))
-    pool.sort()  # a parent never ranks after its child: its reach is at least the child's, its depth smaller
-    base = len(drafts)
-    best, best_rate, expected = 0, base / budget.cost.cost(base), 0.0
-    for count, (neg_reach, _, _, _) in enumerate(pool[:max_nodes], start=1):
-        expected -= neg_reach
-        rate = (base + expected) / budget.cost.cost(base + count)
-        if rate > best_rate:
-            best, best_rate = count, rate
-    chosen: list[list[int]] = [[] for _ in drafts]
-    for _, _, b, node in pool[:best]:
-        chosen[b].append(node)
-    return [sorted(c) for c in chosen]
-
-
-def _plan(pending: int, draft: Draft, chosen: list[int]) -> _Plan:
-    """A beam's part of the pass: its pending token, then the chosen draft nodes below it."""
-    remap = {old: new for new, old in enumerate(chosen)}
-    draft_parents = [remap.get(draft.parents[i], -1) for i in chosen]
-    return _Plan([pending] + [draft.tokens[i] for i in chosen], [-1] + [p + 1 for p in draft_parents], draft_parents,
-                 [draft.scores[i] for i in chosen], [draft.global_counts[i] for i in chosen], draft.match_length)
-
-
 class MultiDraftGenerator:
     """k distinct completions of a prompt, ranked by model log-probability (see the module docstring).
 
@@ -358,9 +321,7 @@ class MultiDraftGenerator:
                 self.trie.insert(greedy.emitter.generated[learned:], request_id=request_id,
                                  max_windows=complete - learned)
                 learned = complete
-            drafts = [self._draft(b, prompt_ids, request_id) for b in beams]
-            chosen = joint_select(budget, drafts, [b.last_accepted for b in beams], self.config.decoding_length)
-            plans = [_plan(b.emitter.generated[-1], d, c) for b, d, c in zip(beams, drafts, chosen)]
+            plans = [self._plan(b, prompt_ids, budget, request_id, len(beams)) for b in beams]
             tokens, parents, offsets = [], [], []
             for beam, plan in zip(beams, plans):
                 offset = len(block.tokens) + len(tokens)
@@ -388,14 +349,22 @@ class MultiDraftGenerator:
         ranked = sorted(alternatives, key=lambda b: -sum(b.logprobs))
         return [_completion(b.emitter, b.logprobs) for b in [greedy, *ranked]]
 
-    def _draft(self, beam: _Beam, prompt_ids: list[int], request_id: str) -> Draft:
-        """The trie's draft after the beam's pending token."""
+    def _plan(self, beam: _Beam, prompt_ids: list[int], budget: DraftBudget, request_id: str, beams: int) -> _Plan:
+        """The beam's pending token and the budget's choice of trie draft after it."""
         generated = beam.emitter.generated
         query = self.config.max_query_length
         context = (prompt_ids[-query:] + generated)[-query:]
         remaining = beam.emitter.max_new_tokens - len(generated)
-        return self.trie.draft(context, self.config.decoding_length, request_id=request_id,
-                               branch_length=max(1, min(self.config.branch_length, remaining)))
+        draft = self.trie.draft(context, self.config.decoding_length, request_id=request_id,
+                                branch_length=max(1, min(self.config.branch_length, remaining)))
+        chosen = budget.select(draft.parents, draft.scores, draft.match_length, beam.last_accepted,
+                               draft.global_counts)
+        chosen = chosen[: max(1, self.config.decoding_length // beams)]  # parents come first: still a tree
+        remap = {old: new for new, old in enumerate(chosen)}
+        draft_parents = [remap.get(draft.parents[i], -1) for i in chosen]
+        return _Plan([generated[-1]] + [draft.tokens[i] for i in chosen], [-1] + [p + 1 for p in draft_parents],
+                     draft_parents, [draft.scores[i] for i in chosen], [draft.global_counts[i] for i in chosen],
+                     draft.match_length)
 
     def _advance(self, beam: _Beam, plan: _Plan, logp: torch.Tensor, choice: list[int], row0: int, offset: int,
                  budget: DraftBudget) -> None:
