@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import treepass
 from .batch import Batch, Request
 from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, measure_cost_curve
 from .config import LookaheadConfig
@@ -278,9 +279,7 @@ class LookaheadGenerator:
 
     def prefill(self, cache: DynamicCache, prompt_ids: list[int]) -> torch.Tensor:
         """Run the prompt through the decoder into ``cache``; returns the last position's hidden state [1, d]."""
-        hidden = self._decoder(input_ids=torch.tensor([prompt_ids], device=self.device), past_key_values=cache,
-                               use_cache=True).last_hidden_state  # [1, P, d]
-        return hidden[0, -1:]
+        return treepass.prefill(self._decoder, cache, prompt_ids)  # [1, d]
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy next token after each hidden state: [n, d] -> [n]."""
@@ -288,9 +287,7 @@ class LookaheadGenerator:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of hidden states: [n, d] -> [n, V] (float32)."""
-        if hidden.device.type == "cpu":
-            return skinny_matmul(hidden, self._lm_head_weight).float()
-        return torch.nn.functional.linear(hidden, self._lm_head_weight).float()
+        return treepass.logits_rows(self._lm_head_weight, hidden)  # [n, V]
 
     def batch_forward(self, cache: DynamicCache, trees: Sequence[TreeBuffers], lengths: Sequence[int],
                       tree_start: int) -> torch.Tensor:
@@ -357,7 +354,7 @@ class LookaheadGenerator:
         if not self._is_batch(prompt):
             request = self.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
                                    documents=documents, sampling=sampling)
-            return _collect(self._run(request))
+            return collect_chunks(self._run(request))
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         requests = [
@@ -452,10 +449,10 @@ class LookaheadGenerator:
             batch.close()
             if progress is not None:
                 progress.close()
-        return [_collect(iter(c)) for c in chunks]
+        return [collect_chunks(iter(c)) for c in chunks]
 
 
-def _collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
+def collect_chunks(chunks: Iterable[StreamChunk]) -> GenerationResult:
     """Join a request's stream into one result."""
     items = list(chunks)
     last = items[-1]

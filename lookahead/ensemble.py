@@ -32,7 +32,16 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, default_cache_dir, measure_cost_curve
 from .config import LookaheadConfig
-from .engine import GenerationResult, GenerationStats, LookaheadGenerator, Prompt, StreamChunk, _Emitter, check_model
+from .engine import (
+    GenerationResult,
+    GenerationStats,
+    LookaheadGenerator,
+    Prompt,
+    StreamChunk,
+    _Emitter,
+    check_model,
+    collect_chunks,
+)
 from .kernels import install_skinny_linear, skinny_linear
 from .kvcache import check_compactable, compact_cache
 from .sampling import SamplingParams, TokenChooser
@@ -275,7 +284,7 @@ class EnsembleGenerator:
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None) -> GenerationResult:
         """Speculative ensemble decoding of one prompt (same keywords as :meth:`LookaheadGenerator.generate`)."""
-        return _collect(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+        return collect_chunks(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
                                     documents=documents, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=seed))
 
@@ -284,7 +293,7 @@ class EnsembleGenerator:
                        do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None) -> GenerationResult:
         """Plain ensemble decoding, the reference: one forward pass per model per token, the choice from r."""
-        return _collect(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+        return collect_chunks(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=seed, speculative=False))
 
@@ -500,12 +509,3 @@ class EnsembleGenerator:
 
 
 _GREEDY = TokenChooser(SamplingParams().resolved(None))
-
-
-def _collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
-    parts = list(chunks)
-    last = parts[-1]
-    assert last.stats is not None and last.finish_reason is not None
-    token_ids = list(itertools.chain.from_iterable(c.token_ids for c in parts))
-    return GenerationResult(text="".join(c.text for c in parts), token_ids=token_ids,
-                            finish_reason=last.finish_reason, stats=last.stats)

@@ -119,14 +119,9 @@ class RequestHandle:
 
     def result(self) -> GenerationResult:
         """Block until the request ends and return it whole."""
-        from .engine import GenerationResult
+        from .engine import collect_chunks
 
-        chunks = list(self)
-        last = chunks[-1]
-        assert last.stats is not None and last.finish_reason is not None
-        return GenerationResult(text="".join(c.text for c in chunks),
-                                token_ids=[t for c in chunks for t in c.token_ids],
-                                finish_reason=last.finish_reason, stats=last.stats)
+        return collect_chunks(self)
 
 
 class Scheduler:
