@@ -64,7 +64,7 @@ class _Row:
         self.length = 0  # valid positions of this row in the batch cache
         self.pending = -1  # last emitted token, not in the cache yet (the root of the next tree)
         self.last_accepted = 0
-        self.learned = 0  # generated windows already inserted into the local trie
+        self.learned = 0  # generated tokens already counted in the local trie
         self.start = time.perf_counter()
         self.closed = False
 
@@ -209,11 +209,11 @@ class Batch:
         generator, config = self.generator, self.generator.config
         generated, prompt_ids = row.emitter.generated, row.request.prompt_ids
         t0 = time.perf_counter()
-        complete = len(generated) - config.branch_length  # windows of branch_length + 1 tokens that are complete
-        if complete > row.learned:
-            generator.trie.insert(generated[row.learned:], request_id=row.request.request_id,
-                                  max_windows=complete - row.learned)
-            row.learned = complete
+        if len(generated) > row.learned:  # the row drafts from its own output at once
+            tail = max(0, row.learned - config.branch_length)
+            before = prompt_ids[-config.branch_length:] + generated[tail:row.learned]
+            generator.trie.extend(before, generated[row.learned:], request_id=row.request.request_id)
+            row.learned = len(generated)
         query = config.max_query_length
         context = generated[-query:]
         if len(context) < query:

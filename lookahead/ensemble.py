@@ -372,8 +372,7 @@ class EnsembleGenerator:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         members = self._members()
         sequence = list(prompt_ids)
-        width = self.config.branch_length + 1
-        learned = 0
+        learned = len(prompt_ids)  # tokens of the sequence counted in the trie
         start = time.perf_counter()
         try:
             t0 = time.perf_counter()
@@ -399,10 +398,10 @@ class EnsembleGenerator:
                         return
                     yield StreamChunk(run, delta, accepted)
                     generated = emitter.generated
-                    complete = len(generated) - width + 1
-                    if complete > learned:
-                        self.trie.insert(generated[learned:], request_id=request_id, max_windows=complete - learned)
-                        learned = complete
+                    # the output drafts at once: the prompt's windows grow into it, its own windows are added
+                    self.trie.extend(sequence[max(0, learned - self.config.branch_length):learned], sequence[learned:],
+                                     request_id=request_id)
+                    learned = len(sequence)
                     new_tokens, accepted = self._cycle(members, sequence, chooser, budget, request_id,
                                                        emitter.max_new_tokens - len(generated), last_accepted, stats)
                     last_accepted = accepted

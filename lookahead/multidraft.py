@@ -310,17 +310,16 @@ class MultiDraftGenerator:
                      for loss, _, alt, _ in _branches(first, [token], 0, root, [0], k)]
             self._offer(alternatives, found, k)
         greedy.push([token], [float(first[0, token])])
-        width = self.config.branch_length + 1
-        learned = 0
+        learned = 0  # greedy tokens counted in the trie
         while True:
             beams = [b for b in [greedy, *alternatives] if not b.done]
             if not beams:
                 break
-            complete = len(greedy.emitter.generated) - width + 1
-            if complete > learned:  # the greedy output drafts for every completion
-                self.trie.insert(greedy.emitter.generated[learned:], request_id=request_id,
-                                 max_windows=complete - learned)
-                learned = complete
+            generated = greedy.emitter.generated
+            if len(generated) > learned:  # the greedy output drafts for every completion, at once
+                before = prompt_ids[-self.config.branch_length:] + generated[:learned]
+                self.trie.extend(before, generated[learned:], request_id=request_id)
+                learned = len(generated)
             plans = [self._plan(b, prompt_ids, budget, request_id, len(beams)) for b in beams]
             tokens, parents, offsets = [], [], []
             for beam, plan in zip(beams, plans):

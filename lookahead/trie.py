@@ -189,33 +189,51 @@ class TokenTrie:
         """Insert every window ``tokens[i : i + branch_length + 1]``.
 
         ``request_id`` None counts the windows as global (past outputs); otherwise as local to that request.
-        ``max_windows`` inserts only the windows starting at the first ``max_windows`` positions (used to learn a
-        stream incrementally, one complete window at a time).
+        ``max_windows`` inserts only the windows starting at the first ``max_windows`` positions.
         """
         toks = [int(t) for t in tokens]
-        n = len(toks)
         with self._lock:
-            width = self.branch_length + 1
-            index_depth = self._index_depth
-            root = self._root
-            index = self._index
-            starts = None if request_id is None else self._requests.setdefault(request_id, set())
-            for i in range(n if max_windows is None else min(n, max_windows)):
-                node = root
-                if starts is not None:
-                    starts.add(toks[i])
-                for j in range(i, min(i + width, n)):
-                    t = toks[j]
-                    children = node.children
-                    child = children.get(t) if children is not None else None
-                    if child is None:
-                        child = _Node()
-                        if children is None:
-                            node.children = children = {}
-                        children[t] = child
-                        if j - i < index_depth:
-                            index[tuple(toks[i : j + 1])] = child
-                        self._size += 1
+            self._count_windows(toks, 0, len(toks) if max_windows is None else min(len(toks), max_windows),
+                                request_id)
+
+    def extend(self, before: Sequence[int], new: Sequence[int], request_id: str | None = None) -> None:
+        """Count the tokens ``new`` of a stream whose earlier tokens ``before`` were counted already.
+
+        ``insert(a)`` then ``extend(a, b)`` leaves the same counts as ``insert(a + b)``: the windows that ended early
+        at the end of ``a`` grow into ``b`` and the windows starting in ``b`` are added. Only the last
+        ``branch_length`` tokens of ``before`` matter. This lets a request draft from its own output right away
+        (prompt lookup style) instead of once a whole window of it is complete.
+        """
+        tail = [int(t) for t in before[-self.branch_length:]]
+        toks = tail + [int(t) for t in new]
+        with self._lock:
+            self._count_windows(toks, len(tail), len(toks), request_id)
+
+    def _count_windows(self, toks: list[int], counted: int, window_end: int, request_id: str | None) -> None:
+        """Count the positions ``counted..`` of every window of ``toks`` that starts before ``window_end``; the
+        positions before ``counted`` were counted by an earlier call and are only walked (or re-created)."""
+        n = len(toks)
+        width = self.branch_length + 1
+        index_depth = self._index_depth
+        index = self._index
+        starts = None if request_id is None else self._requests.setdefault(request_id, set())
+        for i in range(max(0, counted - width + 1), window_end):
+            node = self._root
+            if starts is not None and i >= counted:
+                starts.add(toks[i])
+            for j in range(i, min(i + width, n)):
+                t = toks[j]
+                children = node.children
+                child = children.get(t) if children is not None else None
+                if child is None:
+                    child = _Node()
+                    if children is None:
+                        node.children = children = {}
+                    children[t] = child
+                    if j - i < index_depth:
+                        index[tuple(toks[i : j + 1])] = child
+                    self._size += 1
+                if j >= counted:
                     if starts is None:
                         child.count += 1.0
                     else:
@@ -224,9 +242,9 @@ class TokenTrie:
                             child.local = {request_id: 1}
                         else:
                             loc[request_id] = loc.get(request_id, 0) + 1
-                    node = child
-                if self._size > self.node_budget:
-                    self._prune()
+                node = child
+            if self._size > self.node_budget:
+                self._prune()
 
     # ------------------------------------------------------------------ draft
 

@@ -235,6 +235,40 @@ def test_release_drops_local_counts_and_empty_nodes():
     assert t.draft([1, 2], 10, "s") == Draft([3], [-1], [1.0], 2)
 
 
+def counts_of(trie: TokenTrie) -> dict[tuple[int, ...], tuple[float, dict]]:
+    return {key: (node.count, dict(node.local or {})) for key, node, _ in walk(trie)}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stream=st.lists(st.integers(0, 5), max_size=30),
+    cuts=st.lists(st.integers(0, 30), max_size=6),
+    branch=st.integers(1, 5),
+    request=st.sampled_from([None, "r"]),
+)
+def test_extend_piece_by_piece_counts_like_one_insert(stream, cuts, branch, request):
+    whole = TokenTrie(branch_length=branch, max_query_length=3)
+    whole.insert(stream, request_id=request)
+    pieces = TokenTrie(branch_length=branch, max_query_length=3)
+    bounds = sorted({min(c, len(stream)) for c in cuts} | {len(stream)})
+    pieces.insert(stream[: bounds[0]], request_id=request)
+    for a, b in zip(bounds, bounds[1:]):
+        pieces.extend(stream[:a], stream[a:b], request_id=request)
+    check_invariants(pieces)
+    assert counts_of(pieces) == counts_of(whole)
+    pieces.release("r")
+    whole.release("r")
+    assert counts_of(pieces) == counts_of(whole)
+
+
+def test_extend_lets_a_stream_draft_from_its_own_last_tokens():
+    t = TokenTrie(branch_length=8)
+    t.insert([9, 9], request_id="r")
+    t.extend([9, 9], [1, 2, 3, 4], request_id="r")
+    assert t.draft([4, 1], 5, "r").tokens == [2, 3, 4]  # no complete 9-token window needed
+    assert t.count([9, 1, 2], "r") == 1  # the prompt's windows grew into the output
+
+
 def test_release_keeps_nodes_with_global_counts():
     t = TokenTrie(branch_length=3)
     t.insert([1, 2, 3, 4], request_id="r")
