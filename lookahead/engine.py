@@ -205,7 +205,7 @@ class LookaheadGenerator:
             return measure()
         key = cost_cache_key(
             getattr(cfg, "_name_or_path", ""), cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, vocab,
-            self.model.dtype, self.device, torch.get_num_threads(), sizes, prefix_length, torch.__version__, "tree-v3",
+            self.model.dtype, self.device, torch.get_num_threads(), sizes, prefix_length, torch.__version__, "tree-v4",
             self.config.skinny_matmul,
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)

@@ -62,3 +62,32 @@ def test_the_switch_is_per_thread():
 
         seen["here"] = _state.enabled
     assert seen == {"other": False, "here": True}
+
+
+def test_masked_cpu_attention_of_a_grouped_query_model_skips_the_head_copy(monkeypatch):
+    """Inside the switch a tree pass reads grouped heads directly (no repeat_kv) and gives the stock hidden states."""
+    from conftest import make_model, random_prompt
+    from transformers import DynamicCache
+    from transformers.integrations import sdpa_attention
+
+    from lookahead.treepass import prefill, run_nodes
+
+    model = make_model("llama", seed=3)
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # grouped-query
+    install_skinny_linear(model.get_decoder())
+    decoder, prompt = model.get_decoder(), random_prompt(5)
+    tokens, parents = [7, 8, 9, 10, 11], [-1, 0, 0, 1, 2]  # a real tree: the pass needs its 4-D mask
+    copies = []
+    real_repeat = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda h, n: copies.append(n) or real_repeat(h, n))
+    outputs = []
+    for enabled in (False, True):
+        with torch.inference_mode(), skinny_linear(enabled):
+            cache = DynamicCache(config=model.config)
+            prefill(decoder, cache, prompt)
+            outputs.append(run_nodes(decoder, cache, len(prompt), tokens, parents))  # [5, d]
+        if not enabled:
+            assert copies, "the stock masked path repeats the key/value heads"
+            copies.clear()
+    assert copies == []
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
