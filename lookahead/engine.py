@@ -19,7 +19,7 @@ from .config import LookaheadConfig
 from .kernels import install_skinny_linear, skinny_linear, skinny_matmul
 from .kvcache import check_compactable, compact_cache
 from .sampling import SamplingParams
-from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
+from .tree import TreeBuffers, batch_inputs, build_tree
 from .trie import TokenTrie
 
 #: model_type values whose stock transformers implementation is verified by the test-suite to accept a 4-D tree
@@ -305,17 +305,7 @@ class LookaheadGenerator:
                                  use_cache=True).last_hidden_state  # [B, N, d]
 
     def _single_tree_pass(self, cache: DynamicCache, prefix_length: int, tree: TreeBuffers) -> torch.Tensor:
-        if tree.size == 1:  # a plain decoding step: causal, no mask needed
-            return self._decoder(
-                input_ids=tree.input_ids[None], past_key_values=cache, use_cache=True,
-                position_ids=torch.tensor([[prefix_length]], device=self.device),
-            ).last_hidden_state  # [1, 1, d]
-        return self._decoder(
-            input_ids=tree.input_ids[None],  # [1, n]
-            position_ids=position_ids(tree, prefix_length),  # [1, n]
-            attention_mask=attention_mask(tree, prefix_length, self.model.dtype),  # [1, 1, n, P + n]
-            past_key_values=cache, use_cache=True,
-        ).last_hidden_state  # [1, n, d]
+        return treepass.run_tree(self._decoder, cache, prefix_length, tree, dtype=self.model.dtype)[None]  # [1, n, d]
 
     def _tree_forward(self, cache: DynamicCache, prefix_length: int, tokens: list[int], parents: list[int]
                       ) -> list[int]:

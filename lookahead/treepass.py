@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from .kernels import skinny_matmul
-from .tree import attention_mask, build_tree, position_ids
+from .tree import TreeBuffers, attention_mask, build_tree, position_ids
 
 
 def sees_whole_block(parents: Sequence[int], start: int) -> bool:
@@ -33,30 +33,42 @@ def sees_whole_block(parents: Sequence[int], start: int) -> bool:
 def run_nodes(decoder: torch.nn.Module, cache: DynamicCache, prefix_length: int, tokens: Sequence[int],
               parents: Sequence[int], start: int = 0, inputs_embeds: torch.Tensor | None = None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Run nodes ``start..n-1`` of the tree; nodes ``0..start-1`` sit in ``cache`` right after the prefix.
+    """Run nodes ``start..n-1`` of the tree given as token and parent lists (see :func:`run_tree`); returns their
+    last hidden state, [n - start, d]."""
+    device = next(decoder.parameters()).device
+    if not 0 <= start < len(tokens):
+        raise ValueError(f"run_nodes: start must be in 0..{len(tokens) - 1}, got {start}")
+    if start == len(tokens) - 1 and sees_whole_block(parents, start):  # a chain: no tree tensors needed
+        return run_tree(decoder, cache, prefix_length, None, start, inputs_embeds, dtype,
+                        input_ids=torch.tensor([list(tokens[start:])], device=device))
+    return run_tree(decoder, cache, prefix_length, build_tree(tokens, parents, device=device), start, inputs_embeds,
+                    dtype)
+
+
+def run_tree(decoder: torch.nn.Module, cache: DynamicCache, prefix_length: int, tree: TreeBuffers | None,
+             start: int = 0, inputs_embeds: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+             input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Run nodes ``start..n-1`` of ``tree``; nodes ``0..start-1`` sit in ``cache`` right after the prefix.
 
     Args:
         decoder: the model's decoder (``model.get_decoder()``), called with a 4-D mask unless the pass is causal.
         cache: holds exactly ``prefix_length + start`` positions; grows by ``n - start``.
-        tokens, parents: the whole tree (node 0 = block root); tokens of new nodes are ignored with ``inputs_embeds``.
+        tree: the whole tree (node 0 = block root); None when the one new node follows every cached block node.
         inputs_embeds: [n - start, d] input embeddings of the new nodes instead of their tokens.
+        input_ids: [1, n - start] tokens of the new nodes (default: from ``tree``).
 
     Returns the last hidden state of the new nodes, [n - start, d].
     """
-    n = len(tokens)
-    if not 0 <= start < n:
-        raise ValueError(f"run_nodes: start must be in 0..{n - 1}, got {start}")
-    device = next(decoder.parameters()).device
     inputs: dict[str, torch.Tensor] = {}
     if inputs_embeds is not None:
         inputs["inputs_embeds"] = inputs_embeds[None]  # [1, m, d]
     else:
-        inputs["input_ids"] = torch.tensor([list(tokens[start:])], device=device)  # [1, m]
-    if start == 0 and n == 1 or sees_whole_block(parents, start):  # causal: the default mask is the tree mask
-        positions = torch.tensor([[prefix_length + n - 1]], device=device)  # [1, 1]
+        inputs["input_ids"] = input_ids if input_ids is not None else tree.input_ids[None, start:]  # [1, m]
+    if tree is None or tree.size == 1:  # causal: the default mask is the tree mask
+        device = next(decoder.parameters()).device
+        positions = torch.tensor([[prefix_length + start]], device=device)  # [1, 1]
         hidden = decoder(**inputs, position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
         return hidden[0]  # [1, d]
-    tree = build_tree(tokens, parents, device=device)
     hidden = decoder(
         **inputs,
         position_ids=position_ids(tree, prefix_length)[:, start:],  # [1, m]
