@@ -94,8 +94,12 @@ def test_constructors_load_nothing():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValidationError, match="greedy"):
-        ChatLookahead(temperature=0.7)
+    with pytest.raises(ValidationError, match="temperature"):
+        ChatLookahead(temperature=-0.5)
+    with pytest.raises(ValidationError, match="top_p"):
+        LookaheadLLM(temperature=0.7, top_p=1.5)
+    with pytest.raises(ValidationError, match="seed"):
+        LookaheadLLM(seed=-1)
     with pytest.raises(ValidationError, match="dtype"):
         LookaheadLLM(dtype="int8")
     with pytest.raises(ValidationError, match="decoding_length"):
@@ -104,6 +108,29 @@ def test_bad_settings_are_refused():
         LookaheadLLM(max_tokens=0)
     with pytest.raises(TypeError, match="LookaheadGenerator"):
         LookaheadLLM(generator=object())
+
+
+def test_sampling_through_langchain_equals_seeded_hf_sampling(gen, chat_gen):
+    """temperature > 0 samples losslessly: with a seed, the lookahead path gives the tokens of HF's seeded sampling."""
+    settings = dict(chat_template=False, max_new_tokens=30, temperature=0.9, top_k=20, seed=11)
+    sampled = LookaheadLLM(generator=gen, **settings)
+    plain = LookaheadLLM(generator=gen, use_lookahead=False, **settings)
+    greedy = LookaheadLLM(generator=gen, chat_template=False, max_new_tokens=30)
+    texts = {seed: sampled.invoke(PROMPT * 2, seed=seed) for seed in (11, 12, 13)}
+    assert texts[11] == plain.invoke(PROMPT * 2) == sampled.invoke(PROMPT * 2)  # the field's seed, reproducible
+    assert texts[12] == plain.invoke(PROMPT * 2, seed=12)  # a per-call seed
+    assert len(set(texts.values()) | {greedy.invoke(PROMPT * 2)}) > 1  # sampling does change the text
+    assert sampled.invoke(PROMPT * 2, temperature=0) == greedy.invoke(PROMPT * 2)  # temperature 0 is greedy
+    chat = ChatLookahead(generator=chat_gen, max_tokens=30, temperature=0.9, seed=5)
+    streamed = "".join(c.content for c in chat.stream("the cat"))
+    assert streamed == chat.invoke("the cat").content
+
+
+def test_sampling_settings_are_checked_per_call(llm):
+    with pytest.raises(ValueError, match="top_p"):
+        llm.invoke(PROMPT, temperature=0.5, top_p=0)
+    with pytest.raises(ValueError, match="n > 1"):
+        llm.invoke(PROMPT, n=2, temperature=0.5)
 
 
 def test_unknown_model_is_a_clear_error(monkeypatch):

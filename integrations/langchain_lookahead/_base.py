@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from lookahead.config import LookaheadConfig
+from lookahead.sampling import SamplingParams
 
 from ._engine import DocumentRouter, EngineHandle, check_documents, get_engine, register_engine
 
 #: environment variable naming the model when none is passed
 MODEL_ENV = "LOOKAHEAD_MODEL"
 #: per-call keyword arguments the LangChain classes understand (anything else is refused with this list)
-CALL_KWARGS = ("documents", "max_new_tokens", "max_tokens", "model", "n")
+CALL_KWARGS = ("documents", "max_new_tokens", "max_tokens", "model", "n", "temperature", "top_p", "top_k", "seed")
+#: the per-call keyword arguments that choose how tokens are drawn
+SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "seed")
 
 
 class LookaheadParams(BaseModel):
@@ -35,7 +39,14 @@ class LookaheadParams(BaseModel):
     max_new_tokens: int = Field(default=256, alias="max_tokens", ge=1)
     """Most new tokens per call (``max_tokens`` is accepted as an alias)."""
     temperature: float | None = None
-    """Only 0 or None: lookahead decoding is greedy and returns exactly what plain greedy decoding returns."""
+    """None or 0: greedy, exactly the tokens of plain greedy decoding. Above 0: lossless sampling, every token drawn
+    from the same distribution as Hugging Face sampling (with ``seed``, the same tokens)."""
+    top_p: float | None = None
+    """Nucleus sampling threshold in (0, 1] when sampling (None: the model's generation config)."""
+    top_k: int | None = None
+    """Keep the k most likely tokens when sampling (0: off; None: the model's generation config)."""
+    seed: int | None = None
+    """Seed of each sampled call (reproducible output); None draws a fresh one."""
     stop: list[str] | None = None
     """Default stop strings; the output is cut right before the first one."""
     n: int = Field(default=1, ge=1)
@@ -59,16 +70,6 @@ class LookaheadParams(BaseModel):
     _handle: EngineHandle | None = PrivateAttr(default=None)
     _router: DocumentRouter = PrivateAttr(default_factory=DocumentRouter)
 
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_only(cls, value: float | None) -> float | None:
-        if value not in (None, 0, 0.0):
-            raise ValueError(
-                f"temperature={value!r} is not supported: lookahead decoding is greedy (lossless against "
-                "do_sample=False); pass temperature=0 or leave it unset"
-            )
-        return value
-
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
@@ -87,6 +88,7 @@ class LookaheadParams(BaseModel):
     @model_validator(mode="after")
     def _check_knobs(self) -> LookaheadParams:
         self.lookahead_settings()  # LookaheadConfig validates every knob with a clear message
+        self.sampling({})  # SamplingParams validates the sampling fields with a clear message
         if self.generator is not None:
             self._handle = register_engine(self.generator)
             if "model_name" not in self.model_fields_set:
@@ -104,6 +106,15 @@ class LookaheadParams(BaseModel):
             changes["branch_length"] = self.branch_length
         changes.setdefault("adaptive", self.adaptive)
         return LookaheadConfig().with_updates(**changes)
+
+    def sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of the engine's ``generate``/``stream`` for this call's sampling settings (the fields,
+        overridden per call); empty for greedy decoding."""
+        values = {name: kwargs.get(name, getattr(self, name)) for name in SAMPLING_KWARGS}
+        params = SamplingParams(do_sample=True, **values)  # raises a clear ValueError on a bad value
+        if values["temperature"] in (None, 0, 0.0):
+            return {}
+        return {"do_sample": True, **{k: v for k, v in asdict(params).items() if k in values and v is not None}}
 
     def engine(self, model: str | None = None) -> EngineHandle:
         """The loaded engine (loading the model on first use); ``model`` picks another model for one call."""
@@ -150,10 +161,15 @@ class LookaheadParams(BaseModel):
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if n > 1 and not self.use_lookahead:
             raise ValueError("n > 1 needs use_lookahead=True (the plain baseline returns one completion)")
+        if n > 1 and self.sampling(kwargs):
+            raise ValueError("n > 1 returns the n most probable completions; it cannot be combined with temperature "
+                             "> 0 (call several times with different seeds to get sampled completions)")
         return n
 
     def _params(self) -> dict[str, Any]:
         data: dict[str, Any] = {"model_name": self.model_name, "dtype": self.dtype, "device": self.device,
-                                "max_new_tokens": self.max_new_tokens, "use_lookahead": self.use_lookahead}
+                                "max_new_tokens": self.max_new_tokens, "use_lookahead": self.use_lookahead,
+                                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                                "seed": self.seed}
         data.update(self.lookahead_settings().to_dict())
         return data

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -114,8 +114,12 @@ class Piece:
 
 
 def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
-                  documents: Sequence[str], use_lookahead: bool = True) -> Iterator[Piece]:
+                  documents: Sequence[str], use_lookahead: bool = True, sampling: Mapping[str, Any] | None = None
+                  ) -> Iterator[Piece]:
     """Generate under the handle's lock, yielding one piece per accepted run (lookahead) or one piece (baseline).
+
+    ``sampling`` holds the engine's sampling keywords (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+    ``seed``); empty or None decodes greedily.
 
     The lock is released when the generator finishes or is closed (a consumer that stops early).
     """
@@ -123,11 +127,11 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
     handle.lock.acquire()
     try:
         if not use_lookahead:
-            yield _plain_generate(handle, prompt, max_new_tokens=max_new_tokens, stop=stop)
+            yield _plain_generate(handle, prompt, max_new_tokens=max_new_tokens, stop=stop, sampling=sampling)
             return
         prompt_ids = generator.encode(prompt)
         for chunk in generator.stream(prompt_ids, max_new_tokens=max_new_tokens, stop=list(stop or []) or None,
-                                      documents=documents or None):
+                                      documents=documents or None, **dict(sampling or {})):
             yield _piece(chunk, len(prompt_ids))
     finally:
         handle.lock.release()
@@ -147,8 +151,10 @@ def _piece(chunk: StreamChunk, prompt_tokens: int) -> Piece:
     return Piece(chunk.text, list(chunk.token_ids), chunk.accepted, chunk.finish_reason, chunk.stats, prompt_tokens)
 
 
-def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None) -> Piece:
-    """Plain Hugging Face greedy ``generate`` (no drafts): the baseline the lookahead path must match exactly.
+def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
+                    sampling: Mapping[str, Any] | None = None) -> Piece:
+    """Plain Hugging Face ``generate`` (no drafts): the baseline the lookahead path must match exactly (greedy), or
+    match in distribution and, with the same seed, token for token (sampling).
 
     Stops like the engine does: at EOS, after ``max_new_tokens``, or as soon as the decoded text contains a stop
     string (the text is cut before it).
@@ -173,13 +179,18 @@ def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, s
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
+    options = dict(sampling or {})
+    seed = options.pop("seed", None)
+    options.setdefault("do_sample", False)
     start = time.perf_counter()
     input_ids = torch.tensor([prompt_ids], device=model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.random.fork_rng(devices=[] if model.device.type == "cpu" else [model.device]):
+        if seed is not None:
+            torch.manual_seed(seed)  # HF draws from the global generator: seeded here, restored afterwards
         out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
             eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else (eos[0] if eos else 0),
-            stopping_criteria=StoppingCriteriaList([_StopText()]) if stops else None,
+            stopping_criteria=StoppingCriteriaList([_StopText()]) if stops else None, **options,
         )
     seconds = time.perf_counter() - start
     token_ids = out[0, n_prompt:].tolist()

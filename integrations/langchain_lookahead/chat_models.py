@@ -111,7 +111,7 @@ class ChatLookahead(LookaheadParams, BaseChatModel):
         prompt_text = "\n".join(m["content"] for m in chat)
         handle, limit, stops, documents = self._request(stop, kwargs, parent, prompt_text)
         yield from stream_pieces(handle, chat, max_new_tokens=limit, stop=stops, documents=documents,
-                                 use_lookahead=self.use_lookahead)
+                                 use_lookahead=self.use_lookahead, sampling=self.sampling(kwargs))
 
     def _metadata(self, piece: Piece, kwargs: dict[str, Any]) -> dict[str, Any]:
         data: dict[str, Any] = {"model_name": kwargs.get("model") or self.model_name,

@@ -56,7 +56,8 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
         parent = run_manager.parent_run_id if run_manager else None
         handle, limit, stops, documents = self._request(stop, kwargs, parent, prompt)
         for piece in stream_pieces(handle, self._prompt(prompt, handle.tokenizer), max_new_tokens=limit, stop=stops,
-                                   documents=documents, use_lookahead=self.use_lookahead):
+                                   documents=documents, use_lookahead=self.use_lookahead,
+                                   sampling=self.sampling(kwargs)):
             info: dict[str, Any] = {"accepted": piece.accepted, "token_ids": piece.token_ids}
             if piece.finish_reason is not None:
                 info["finish_reason"] = piece.finish_reason
