@@ -74,7 +74,8 @@ class ChatLookahead(LookaheadParams, BaseChatModel):
     :meth:`lookahead.engine.LookaheadGenerator.generate` (and plain greedy decoding) gives for them. Replies carry
     ``usage_metadata`` (prompt and new token counts) and ``response_metadata`` with ``model_name``,
     ``finish_reason`` and the engine's stats. Streaming yields one chunk per accepted run of tokens. Per call:
-    ``stop``, ``documents`` (seed the request-local trie), ``max_new_tokens``/``max_tokens`` and ``model``.
+    ``stop``, ``documents`` (seed the request-local trie), ``max_new_tokens``/``max_tokens``, ``model``, and the
+    sampling settings ``temperature``, ``top_p``, ``top_k``, ``seed`` (temperature > 0 samples losslessly).
 
     Example:
         ```python

@@ -19,7 +19,8 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
     ``invoke``, ``batch``, ``stream``, ``ainvoke`` and ``astream`` all work; the text is exactly what calling
     :meth:`lookahead.engine.LookaheadGenerator.generate` on the same prompt returns. Per call: ``stop=[...]`` cuts the
     output right before the first stop string, ``documents=[...]`` seeds the request-local trie, ``max_new_tokens``
-    overrides the limit. ``run_manager.on_llm_new_token`` fires once per accepted run of tokens, with
+    overrides the limit, ``temperature``/``top_p``/``top_k``/``seed`` sample losslessly (temperature > 0).
+    ``run_manager.on_llm_new_token`` fires once per accepted run of tokens, with
     ``generation_info={"accepted": n, "token_ids": [...]}``.
 
     Example:
