@@ -185,16 +185,14 @@ class TokenTrie:
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, tokens: Sequence[int], request_id: str | None = None, max_windows: int | None = None) -> None:
+    def insert(self, tokens: Sequence[int], request_id: str | None = None) -> None:
         """Insert every window ``tokens[i : i + branch_length + 1]``.
 
         ``request_id`` None counts the windows as global (past outputs); otherwise as local to that request.
-        ``max_windows`` inserts only the windows starting at the first ``max_windows`` positions.
         """
         toks = [int(t) for t in tokens]
         with self._lock:
-            self._count_windows(toks, 0, len(toks) if max_windows is None else min(len(toks), max_windows),
-                                request_id)
+            self._count_windows(toks, 0, request_id)
 
     def extend(self, before: Sequence[int], new: Sequence[int], request_id: str | None = None) -> None:
         """Count the tokens ``new`` of a stream whose earlier tokens ``before`` were counted already.
@@ -207,17 +205,17 @@ class TokenTrie:
         tail = [int(t) for t in before[-self.branch_length:]]
         toks = tail + [int(t) for t in new]
         with self._lock:
-            self._count_windows(toks, len(tail), len(toks), request_id)
+            self._count_windows(toks, len(tail), request_id)
 
-    def _count_windows(self, toks: list[int], counted: int, window_end: int, request_id: str | None) -> None:
-        """Count the positions ``counted..`` of every window of ``toks`` that starts before ``window_end``; the
-        positions before ``counted`` were counted by an earlier call and are only walked (or re-created)."""
+    def _count_windows(self, toks: list[int], counted: int, request_id: str | None) -> None:
+        """Count the positions ``counted..`` of every window of ``toks``; the positions before ``counted`` were
+        counted by an earlier call and are only walked (or re-created)."""
         n = len(toks)
         width = self.branch_length + 1
         index_depth = self._index_depth
         index = self._index
         starts = None if request_id is None else self._requests.setdefault(request_id, set())
-        for i in range(max(0, counted - width + 1), window_end):
+        for i in range(max(0, counted - width + 1), n):
             node = self._root
             if starts is not None and i >= counted:
                 starts.add(toks[i])
