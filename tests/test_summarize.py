@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from lookahead import summarize as summ
 from lookahead.budget import CostCurve
 from lookahead.cli import main
 from lookahead.config import LookaheadConfig
@@ -157,7 +157,7 @@ def test_atomic_write_never_leaves_partial_files(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(summ.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)  # lookahead.files writes through os.replace
     with pytest.raises(OSError):
         atomic_write_text(target, "new\n")
     assert target.read_text() == "old\n" and leftovers(tmp_path) == []
