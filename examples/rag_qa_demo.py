@@ -11,10 +11,10 @@ import argparse
 import time
 
 from lookahead.bench.cases import load_cases
-from lookahead.bench.runner import hf_generate
 from lookahead.engine import LookaheadGenerator
 from lookahead.models import load_model
 from lookahead.prompts import rag_messages
+from lookahead.reference import greedy
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     for number, case in enumerate(cases, start=1):
         ids = generator.encode(rag_messages(case["question"], case["documents"]))
         start = time.perf_counter()
-        plain = hf_generate(model, ids, args.max_new_tokens, eos)
+        plain = greedy(model, ids, args.max_new_tokens, eos_token_id=eos)
         plain_seconds = time.perf_counter() - start
 
         print(f"\nQ{number}: {case['question']}  ({len(ids)} prompt tokens, {len(case['documents'])} documents)")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from lookahead.bench.cases import load_cases
-from lookahead.bench.runner import hf_generate
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.models import load_model
 from lookahead.prompts import case_messages
+from lookahead.reference import greedy as hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,8 @@ def generator(default_model):
 def reference(model, generator, case) -> tuple[list[int], list[int]]:
     ids = generator.encode(case_messages(case))
     if case["id"] not in _reference:
-        _reference[case["id"]] = hf_generate(model, ids, case["max_new_tokens"], model.generation_config.eos_token_id)
+        _reference[case["id"]] = hf_greedy(model, ids, case["max_new_tokens"],
+                                           eos_token_id=model.generation_config.eos_token_id)
     return ids, _reference[case["id"]]
 
 

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from ..engine import LookaheadGenerator
+from .. import reference
+from ..engine import LookaheadGenerator, StreamChunk, collect_chunks
 from ..prompts import case_messages
 
 BATCH_METHODS = ("lookahead-alone", "lookahead-batch", "hf-batch", "hf-alone")
@@ -39,29 +38,33 @@ class ThroughputResult:
         return {**self.__dict__, "tokens_per_second": self.tokens_per_second}
 
 
-def hf_padded_batch(generator: LookaheadGenerator, prompts: Sequence[list[int]], max_new_tokens: Sequence[int],
-                    batch_size: int) -> list[list[int]]:
-    """HF greedy ``generate`` on left-padded batches of ``batch_size`` prompts (each batch runs to its largest
-    ``max_new_tokens``; rows are cut to their own limit and EOS afterwards)."""
-    model = generator.model
+def _hf_eos_and_pad(generator: LookaheadGenerator) -> tuple[list[int], int]:
+    """The EOS ids the engine stops at (sorted; ``[0]`` when there are none) and the pad id HF batches pad with (the
+    tokenizer's, else the first EOS id)."""
     eos = sorted(generator.prepare([1], max_new_tokens=1).eos) or [0]
     pad = generator.tokenizer.pad_token_id
-    pad = eos[0] if pad is None else pad
-    outputs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        group = prompts[start:start + batch_size]
-        limits = max_new_tokens[start:start + batch_size]
-        width = max(len(p) for p in group)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=generator.device)  # [b, W]
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=generator.device)
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
-                                 eos_token_id=eos, pad_token_id=pad)
-        for row, limit in zip(out[:, width:].tolist(), limits):
-            row = row[:limit]
-            ends = [i for i, t in enumerate(row) if t in eos]
-            outputs.append(row[:ends[0] + 1] if ends else row)
-    return outputs
+    return eos, eos[0] if pad is None else pad
+
+
+def lookahead_batched(generator: LookaheadGenerator, prompts: Sequence[list[int]], max_new_tokens: Sequence[int],
+                      batch_size: int) -> list[list[int]]:
+    """Batched lookahead with one limit per prompt: up to ``batch_size`` rows decode together, and a finished row's
+    slot goes to the next waiting prompt (in order). Returns the new token ids of every prompt."""
+    requests = [generator.prepare(p, max_new_tokens=n) for p, n in zip(prompts, max_new_tokens)]
+    generator.budget  # noqa: B018 - measure (or load) the cost curve first
+    chunks: list[list[StreamChunk]] = [[] for _ in requests]
+    waiting = list(range(len(requests)))[::-1]
+    batch = generator.new_batch()
+    try:
+        while waiting or len(batch):
+            while waiting and len(batch) < batch_size:
+                index = waiting.pop()
+                batch.add(requests[index], key=index)
+            for index, chunk in batch.step():
+                chunks[index].append(chunk)
+    finally:
+        batch.close()
+    return [collect_chunks(c).token_ids for c in chunks]
 
 
 def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]], batch_size: int,
@@ -85,18 +88,18 @@ def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]
         if method == "lookahead-alone":
             outputs[method] = [generator.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, limits)]
         elif method == "lookahead-batch":
-            requests = [generator.prepare(p, max_new_tokens=n) for p, n in zip(prompts, limits)]
-            outputs[method] = [r.token_ids for r in generator._run_many(requests, batch_size, False)]
-        elif method == "hf-batch":
-            outputs[method] = hf_padded_batch(generator, prompts, limits, batch_size)
-        else:  # hf-alone
-            outputs[method] = hf_padded_batch(generator, prompts, limits, 1)
+            outputs[method] = lookahead_batched(generator, prompts, limits, batch_size)
+        else:  # hf-batch, hf-alone: HF greedy on left-padded batches
+            eos, pad = _hf_eos_and_pad(generator)
+            outputs[method] = reference.padded_batch(generator.model, prompts, limits,
+                                                     batch_size=batch_size if method == "hf-batch" else 1,
+                                                     eos_token_id=eos, pad_token_id=pad)
         seconds[method] = time.perf_counter() - start
-    reference = outputs.get("lookahead-alone")
+    expected = outputs.get("lookahead-alone")
     results = []
     for method in methods:
         rows = outputs[method]
-        exact = sum(a == b for a, b in zip(rows, reference)) if reference is not None else 0
+        exact = sum(a == b for a, b in zip(rows, expected)) if expected is not None else 0
         results.append(ThroughputResult(method, 1 if method.endswith("alone") else batch_size, len(rows),
                                         sum(len(r) for r in rows), seconds[method], exact))
     return results

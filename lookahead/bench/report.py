@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text
 from .runner import BASELINES, CaseResult
 
 
@@ -96,14 +96,7 @@ def write_json(path: str | os.PathLike, meta: dict[str, Any], results: Sequence[
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "summary": list(rows), "results": [r.to_dict() for r in results]}
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, json.dumps(payload, indent=1), fsync=False)
 
 
 def plot(path: str | os.PathLike, results: Sequence[CaseResult]) -> None:

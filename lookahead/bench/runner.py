@@ -11,11 +11,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import reference
 from ..engine import LookaheadGenerator
+from ..ensemble import EnsembleGenerator, truncated_copy
+from ..multidraft import MultiDraftGenerator
 from ..prompts import case_messages
 
 METHODS = ("vanilla", "pld", "lookahead", "ensemble", "ensemble-plain", "multidraft", "superposed", "k-sampling")
-PLD_TOKENS = 10
+PLD_TOKENS = 10  # draft tokens of HF prompt lookup decoding (the pld method)
 #: the method each one is timed against (its own baseline)
 BASELINES = {"pld": "vanilla", "lookahead": "vanilla", "ensemble": "ensemble-plain", "multidraft": "k-sampling",
              "superposed": "k-sampling"}
@@ -69,34 +72,6 @@ class PassCounter:
         self._handle.remove()
 
 
-def hf_generate(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, eos: Any,
-                pld: bool = False) -> list[int]:
-    """HF ``generate`` greedy (``pld``: with prompt lookup decoding); returns the new token ids."""
-    input_ids = torch.tensor([prompt_ids], device=model.device)
-    kwargs: dict[str, Any] = {"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}
-    with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else eos[0],
-                             **kwargs)
-    return out[0, len(prompt_ids):].tolist()
-
-
-def hf_sample(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, eos: Any, seed: int
-              ) -> tuple[list[int], float]:
-    """One HF ``generate(do_sample=True)`` run (generation-config defaults); returns the new tokens and the sum of
-    their log-probabilities under the model (raw logits, at their real prefixes)."""
-    input_ids = torch.tensor([prompt_ids], device=model.device)
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=True, eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else eos[0],
-                             output_logits=True, return_dict_in_generate=True)
-        tokens = out.sequences[0, len(prompt_ids):]  # [T]
-        logp = torch.log_softmax(torch.stack(out.logits)[:, 0].float(), dim=-1)  # [T, V]
-        logprob = float(logp.gather(-1, tokens[:, None]).sum())
-    return tokens.tolist(), logprob
-
-
 def mean_logprobs(completions: Sequence[tuple[list[int], float]]) -> tuple[float, float]:
     """(best, average) mean log-prob per token over completions given as (tokens, summed log-prob)."""
     means = [lp / len(tokens) for tokens, lp in completions if tokens]
@@ -133,15 +108,13 @@ class BenchRunner:
         self.ensemble_settings = ensemble or EnsembleSettings()
         self.k = k
         self.seed = seed
-        self._ensemble: Any = None
-        self._multidraft: Any = None
+        self._ensemble: EnsembleGenerator | None = None
+        self._multidraft: MultiDraftGenerator | None = None
 
     @property
-    def ensemble(self) -> Any:
+    def ensemble(self) -> EnsembleGenerator:
         """The :class:`EnsembleGenerator` of the ensemble methods (its cost curve measured on first use)."""
         if self._ensemble is None:
-            from ..ensemble import EnsembleGenerator, truncated_copy
-
             s = self.ensemble_settings
             members = [self.model, truncated_copy(self.model, s.amateur_layers)]
             kwargs: dict[str, Any] = {"mu": s.mu} if s.mode == "contrastive" else {"weights": s.weights}
@@ -152,11 +125,9 @@ class BenchRunner:
         return self._ensemble
 
     @property
-    def multidraft(self) -> Any:
+    def multidraft(self) -> MultiDraftGenerator:
         """The :class:`MultiDraftGenerator` of the multi-draft methods (the model's cost curve, its own trie)."""
         if self._multidraft is None:
-            from ..multidraft import MultiDraftGenerator
-
             own = LookaheadGenerator(self.model, self.tokenizer, self.generator.config,
                                      cost_curve=self.generator.budget.cost)
             self._multidraft = MultiDraftGenerator(generator=own)
@@ -173,9 +144,10 @@ class BenchRunner:
         trie_seconds, drafted = 0.0, 0
         start = time.perf_counter()
         if method == "vanilla":
-            tokens = hf_generate(self.model, ids, limit, self.eos)
+            tokens = reference.greedy(self.model, ids, limit, eos_token_id=self.eos)
         elif method == "pld":
-            tokens = hf_generate(self.model, ids, limit, self.eos, pld=True)
+            tokens = reference.greedy(self.model, ids, limit, eos_token_id=self.eos,
+                                      prompt_lookup_num_tokens=PLD_TOKENS)
         elif method == "lookahead":
             result = self.generator.generate(ids, max_new_tokens=limit)
             tokens = result.token_ids
@@ -187,7 +159,8 @@ class BenchRunner:
             trie_seconds, drafted = result.stats.time_trie, sum(result.stats.draft_sizes)
         elif method in ("multidraft", "superposed", "k-sampling"):
             if method == "k-sampling":
-                outputs = [hf_sample(self.model, ids, limit, self.eos, self.seed + i) for i in range(self.k)]
+                outputs = [reference.sample(self.model, ids, limit, seed=self.seed + i, eos_token_id=self.eos,
+                                            with_logprob=True) for i in range(self.k)]
             else:
                 drafts = self.multidraft.generate(ids, k=self.k, max_new_tokens=limit,
                                                   method="tree" if method == "multidraft" else "superposed")
