@@ -1,16 +1,32 @@
-"""Command line: ``lookahead generate``, ``bench``, ``summarize`` and ``serve``."""
+"""Command line: ``lookahead generate``, ``bench``, ``summarize``, and the commands of installed plugins (``serve``).
+
+The core's own commands are registered here. Any installed distribution can add one through the entry point group
+``lookahead.commands``: ``name = "module:add_parser"``, where ``add_parser(sub, add_model_args, build)`` adds the
+subparser ``name`` to ``sub`` (argparse subparsers), calls ``add_model_args(parser)`` for the shared model options
+and keeps ``build(args) -> (model, tokenizer, generator)`` to load the engine when it runs. The server registers
+``serve`` so (this project's ``pyproject.toml``); the core never imports an integration. A plugin that fails to load
+still gets its subcommand, which says why it is unavailable instead of running.
+"""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+from typing import Any
 
 from .argtypes import positive_int
 from .config import LookaheadConfig
 from .models import ModelLoadError
+from .summarize import add_parser as add_summarize_parser
+
+COMMAND_GROUP = "lookahead.commands"
+AddModelArgs = Callable[[argparse.ArgumentParser], None]
+Build = Callable[[argparse.Namespace], tuple]
+AddParser = Callable[[Any, AddModelArgs, Build], argparse.ArgumentParser]
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -131,18 +147,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lookahead", description="Lossless trie-drafted decoding for RAG.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_generate_parser(sub: Any, add_model_args: AddModelArgs, build: Build) -> argparse.ArgumentParser:
+    """Register ``lookahead generate``."""
     gen = sub.add_parser("generate", help="answer one prompt (optionally over documents), streaming")
     gen.add_argument("prompt")
     gen.add_argument("--document", "-d", action="append", default=[], help="a text file to answer from (repeatable)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    _add_model_args(gen)
+    add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
+    return gen
 
+
+def add_bench_parser(sub: Any, add_model_args: AddModelArgs, build: Build) -> argparse.ArgumentParser:
+    """Register ``lookahead bench``."""
     bench = sub.add_parser("bench", help="compare vanilla, pld and lookahead on case files")
     bench.add_argument("cases", nargs="+", help="case files (JSON Lines) or shipped names: rag_qa, summarize, open")
     bench.add_argument("--methods", default="vanilla,pld,lookahead",
@@ -162,22 +180,85 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--k", type=positive_int, default=3, help="multidraft, superposed, k-sampling: completions")
     bench.add_argument("--batch-size", type=positive_int, default=None,
                        help="measure batched throughput instead: lookahead batched vs one by one vs HF padded batch")
-    _add_model_args(bench)
+    add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
+    return bench
 
-    from .summarize import add_parser as add_summarize_parser
 
-    add_summarize_parser(sub, _add_model_args, _build)
+CORE_COMMANDS: dict[str, AddParser] = {
+    "generate": add_generate_parser,
+    "bench": add_bench_parser,
+    "summarize": add_summarize_parser,
+}
 
-    from lookahead_server.cli import add_parser as add_serve_parser  # argparse only: FastAPI loads when it runs
 
-    add_serve_parser(sub, _add_model_args, _build)
+def plugin_commands() -> list[EntryPoint]:
+    """The installed ``lookahead.commands`` entry points, one per name (the core's names win), sorted by name."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=COMMAND_GROUP):
+        if ep.name not in CORE_COMMANDS and ep.name not in found:
+            found[ep.name] = ep
+    return [found[name] for name in sorted(found)]
+
+
+def _install_hint(ep: EntryPoint) -> str:
+    """``pip install 'dist[name]'`` when the distribution that declares ``ep`` has an extra of the same name."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return ""
+    if ep.name in (dist.metadata.get_all("Provides-Extra") or []):
+        return f"; the {ep.name} extra may be missing: pip install '{dist.name}[{ep.name}]'"
+    return f" (declared by {dist.name})"
+
+
+def _unavailable(name: str, reason: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"error: lookahead {name} is unavailable: {reason}", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _add_unavailable_parser(sub: Any, name: str, reason: str) -> None:
+    """Stand in for a plugin command that could not be registered: it accepts anything and explains why."""
+    if name in sub.choices:  # the plugin got as far as adding its parser
+        parser = sub.choices[name]
+    else:
+        parser = sub.add_parser(name, help=f"(unavailable: 'lookahead {name}' says why)",
+                                description=f"lookahead {name} is unavailable: {reason}")
+    parser.set_defaults(func=_unavailable(name, reason), accepts_unknown_args=True)
+
+
+def add_plugin_parser(sub: Any, ep: EntryPoint, add_model_args: AddModelArgs, build: Build) -> None:
+    """Register the command of one entry point, or a stand-in that says why it could not be."""
+    try:
+        add_parser = ep.load()
+    except Exception as exc:  # any failure of a plugin is reported, never raised
+        _add_unavailable_parser(sub, ep.name, f"importing {ep.value} failed ({type(exc).__name__}: {exc})"
+                                               f"{_install_hint(ep)}")
+        return
+    try:
+        add_parser(sub, add_model_args, build)
+    except Exception as exc:
+        _add_unavailable_parser(sub, ep.name, f"{ep.value} failed to register the command "
+                                               f"({type(exc).__name__}: {exc})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookahead", description="Lossless trie-drafted decoding for RAG.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in CORE_COMMANDS.values():
+        add_parser(sub, _add_model_args, _build)
+    for ep in plugin_commands():
+        add_plugin_parser(sub, ep, _add_model_args, _build)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_unknown_args", False):  # an unavailable command takes anything
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:  # bad input: a message, not a traceback
