@@ -1,4 +1,8 @@
-"""``lookahead serve``: the command-line entry of the server. Imports nothing heavy until the command runs."""
+"""``lookahead serve``: the command-line entry of the server. Imports nothing heavy until the command runs.
+
+:func:`add_parser` is registered through the ``lookahead.commands`` entry point (``pyproject.toml``), so the core CLI
+finds it without importing this package by name.
+"""
 
 from __future__ import annotations
 
