@@ -52,6 +52,8 @@ def _generate(model: PreTrainedModel, prompt_ids: Sequence[int], max_new_tokens:
         if tokenizer is None:
             raise ValueError("stop strings need the tokenizer (tokenizer=...)")
         generate_kwargs["stopping_criteria"] = StoppingCriteriaList([_StopText(tokenizer, stops, len(prompt))])
+    if tokenizer is not None:
+        generate_kwargs["tokenizer"] = tokenizer  # HF's own ``stop_strings`` need it too
     if eos_token_id is not None:
         generate_kwargs["eos_token_id"] = eos_token_id
     pad = _default_pad(eos_token_id, pad_token_id)
@@ -74,6 +76,7 @@ def greedy(model: PreTrainedModel, prompt_ids: Sequence[int], max_new_tokens: in
         prompt_lookup_num_tokens: HF prompt lookup decoding with this many draft tokens (same output, other speed).
         stop: strings that end decoding as soon as the decoded new text contains one (the tokens up to and
             including the one that completed it are returned, as the engine's token ids are); needs ``tokenizer``.
+        tokenizer: decodes for ``stop``; also passed to ``generate`` (HF's ``stop_strings`` need it).
         generate_kwargs: passed to ``generate`` unchanged.
     """
     if prompt_lookup_num_tokens is not None:

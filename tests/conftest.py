@@ -24,6 +24,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from lookahead import reference
 from lookahead.budget import CostCurve
 
 EOS_ID = 0
@@ -84,13 +85,13 @@ def make_model(arch: str, seed: int = 0) -> PreTrainedModel:
     return model.eval()
 
 
-def hf_greedy(model: PreTrainedModel, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int = EOS_ID,
+def hf_greedy(model: PreTrainedModel, prompt_ids: Sequence[int], max_new_tokens: int,
+              eos_token_id: int | Sequence[int] = EOS_ID,
               **kwargs) -> list[int]:
-    """New tokens of plain Hugging Face greedy decoding: the reference every exactness test compares against."""
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([list(prompt_ids)]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos_token_id, pad_token_id=EOS_ID, **kwargs)
-    return out[0, len(prompt_ids):].tolist()
+    """New tokens of plain Hugging Face greedy decoding (:func:`lookahead.reference.greedy`): the reference every
+    exactness test compares against."""
+    return reference.greedy(model, prompt_ids, max_new_tokens, eos_token_id=eos_token_id, pad_token_id=EOS_ID,
+                            **kwargs)
 
 
 def random_prompt(seed: int, length: int = 12) -> list[int]:
