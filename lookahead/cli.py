@@ -20,7 +20,8 @@ from typing import Any
 
 from .argtypes import positive_int
 from .config import LookaheadConfig
-from .models import ModelLoadError
+from .models import ModelLoadError, load_model
+from .prompts import rag_messages
 from .summarize import add_parser as add_summarize_parser
 
 COMMAND_GROUP = "lookahead.commands"
@@ -43,8 +44,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace):
-    from .engine import LookaheadGenerator
-    from .models import load_model
+    from .engine import LookaheadGenerator  # heavy: only when a command runs
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     config = LookaheadConfig(decoding_length=args.decoding_length, branch_length=args.branch_length,
@@ -53,8 +53,6 @@ def _build(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .prompts import rag_messages
-
     documents = [Path(p).read_text(encoding="utf-8") for p in args.document]
     _, _, generator = _build(args)
     prompt = rag_messages(args.prompt, documents) if documents else [{"role": "user", "content": args.prompt}]
