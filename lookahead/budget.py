@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import files
 
 COST_FORMAT = "lookahead-cost-curve"
 COST_VERSION = 1
@@ -88,7 +89,8 @@ def measure_cost_curve(run_pass: Callable[[int], None], sizes: Sequence[int] = D
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LOOKAHEAD_CACHE", Path.home() / ".cache" / "lookahead"))
+    """Root of the lookahead cache (:func:`lookahead.files.cache_dir`); measured cost curves go under ``cost/``."""
+    return files.cache_dir()
 
 
 def cost_cache_key(*parts: object) -> str:
@@ -108,10 +110,7 @@ def cached_cost_curve(key: str, measure: Callable[[], CostCurve], cache_dir: str
     curve = measure()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cost-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(curve.to_dict(), fh)
-        os.replace(tmp, path)
+        files.atomic_write_text(path, json.dumps(curve.to_dict()), fsync=False)
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time
     return curve

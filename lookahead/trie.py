@@ -18,13 +18,14 @@ import heapq
 import json
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pygtrie
+
+from .files import atomic_write_bytes
 
 __all__ = ["Draft", "TokenTrie"]
 
@@ -427,20 +428,8 @@ class TokenTrie:
         path = os.fspath(path)
         if path.endswith(".gz"):
             data = gzip.compress(data, mtime=0)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write_bytes(path, data, mode=0o600)  # owner-only: the learned outputs may be private
+
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TokenTrie:
