@@ -1,86 +1,79 @@
-"""Requests decoded together: each row keeps its own draft tree, prefix length, sampler and stop condition, and
-all rows are verified in one tree-masked forward pass per step. A single request is a batch of one.
+"""The decoding loop: requests decoded together, one tree-masked forward pass per step for all of them.
 
-Row lifecycle: :meth:`Batch.add` queues a prepared :class:`Request`; the next :meth:`Batch.step` prefills it alone,
-emits its first token and merges its KV cache into the batch cache. Every later step drafts from the trie, runs one
-pass over all rows, accepts each row's longest verified path and emits it. A row whose request ends leaves the batch
-in the same step; :meth:`Batch.remove` drops one early (a cancelled request).
+Each row keeps its own draft tree, prefix length, sampler and stop condition. :meth:`Batch.add` queues a prepared
+:class:`~lookahead.outputs.Request`; the next :meth:`Batch.step` prefills it alone, emits its first token and merges
+its KV cache into the batch cache. Every later step reads top to bottom:
+
+    propose  each row's drafter counts its new output and proposes a draft tree (trie + budget)
+    verify   one pass of the model over every row's tree (:class:`~lookahead.runner.ModelRunner`)
+    accept   each row walks its tree: greedy argmax or sample-then-match (:mod:`lookahead.verify`)
+    compact  the cache keeps each row's prefix plus its accepted path
+    learn    the budget learns what was accepted
+    emit     the accepted tokens go through the row's stop condition and out as stream chunks
+
+A row whose request ends leaves the batch in the same step (its output is learned by the trie);
+:meth:`Batch.remove` drops one early (a cancelled request). A single request is a batch of one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import PreTrainedTokenizerBase
 
-from .kvcache import append_rows, cache_length, check_compactable, compact_rows, select_rows
-from .sampling import SamplingParams, TokenChooser
+from .drafter import Drafter, Proposal
+from .emitter import Emitter
+from .kvcache import append_rows, cache_length, select_rows
+from .outputs import GenerationStats, Request, StreamChunk
+from .runner import ModelRunner, RowLayout
+from .sampling import TokenChooser
 from .tree import build_tree
 from .verify import Acceptance, greedy_accept, walk_accept
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import GenerationStats, LookaheadGenerator, StreamChunk, _Emitter
+#: makes the drafter of a request from its request id (the engine binds its current trie, budget and config)
+DrafterFactory = Callable[[str], Drafter]
 
 
-@dataclass(frozen=True)
-class Request:
-    """A validated request, ready to decode (see :meth:`LookaheadGenerator.prepare`)."""
-
-    request_id: str
-    prompt_ids: list[int]
-    max_new_tokens: int  # already capped by the model's context
-    eos: frozenset[int]
-    stop: tuple[str, ...]
-    documents: tuple[str, ...]
-    sampling: SamplingParams  # resolved against the model's generation config
-
-
-@dataclass
-class _Draft:
-    """One row's verified tree for this step and what the budget needs to learn from it."""
-
-    tokens: list[int]  # root (the pending token) first
-    tree_parents: list[int]  # -1 for the root
-    draft_parents: list[int]  # parents of the draft nodes only (-1: child of the root)
-    scores: list[float]
-    global_counts: list[float]
-    match_length: int
-
-
-class _Row:
+class Row:
     """The state of one request inside a batch."""
 
-    def __init__(self, key: Hashable, request: Request, emitter: _Emitter, stats: GenerationStats,
-                 chooser: TokenChooser) -> None:
+    def __init__(self, key: Hashable, request: Request, emitter: Emitter, drafter: Drafter, chooser: TokenChooser
+                 ) -> None:
         self.key = key
         self.request = request
         self.emitter = emitter
-        self.stats = stats
+        self.drafter = drafter
         self.chooser = chooser
+        self.stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         self.length = 0  # valid positions of this row in the batch cache
         self.pending = -1  # last emitted token, not in the cache yet (the root of the next tree)
         self.last_accepted = 0
-        self.learned = 0  # generated tokens already counted in the local trie
         self.start = time.perf_counter()
-        self.closed = False
 
-    def history(self, extra: Sequence[int] = ()) -> list[int]:
-        """Prompt + output so far (+ ``extra``): what the sampler's repetition penalty looks at."""
-        return self.request.prompt_ids + self.emitter.generated + list(extra)
+    def history(self) -> list[int]:
+        """Prompt + output so far: what the sampler's repetition penalty looks at."""
+        return self.request.prompt_ids + self.emitter.generated
+
+    def close(self) -> None:
+        """Release the row's request-local trie counts; learn its output if it ended normally."""
+        self.drafter.finish(self.emitter.generated if self.emitter.finish is not None else None)
+        self.stats.time_trie = self.drafter.trie_seconds
 
 
 class Batch:
-    """Rows decoded together by one :class:`LookaheadGenerator` (its trie, budget and model)."""
+    """Rows decoded together on one model runner; each row drafts through its own :class:`Drafter`."""
 
-    def __init__(self, generator: LookaheadGenerator) -> None:
-        self.generator = generator
-        self.rows: list[_Row] = []  # rows in the batch cache, in cache row order
-        self.new: list[_Row] = []  # added, not prefilled yet
-        self.cache: DynamicCache | None = None
+    def __init__(self, runner: ModelRunner, tokenizer: PreTrainedTokenizerBase, new_drafter: DrafterFactory,
+                 max_nodes: int) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.new_drafter = new_drafter
+        self.max_nodes = max_nodes  # the draft size limit of one pass, shared by the rows
+        self.rows: list[Row] = []  # rows in the batch cache, in cache row order
+        self.new: list[Row] = []  # added, not prefilled yet
+        self.cache = None
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.new)
@@ -92,21 +85,17 @@ class Batch:
 
     def add(self, request: Request, key: Hashable) -> None:
         """Queue a request; it is prefilled and emits its first token at the next :meth:`step`."""
-        from .engine import GenerationStats, _Emitter
-
         if any(row.key == key for row in self.rows + self.new):
             raise ValueError(f"key {key!r} is already in this batch")
-        stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
-        emitter = _Emitter(self.generator.tokenizer, set(request.eos), list(request.stop), request.max_new_tokens)
-        chooser = TokenChooser(request.sampling, device=self.generator.device)
-        self.new.append(_Row(key, request, emitter, stats, chooser))
+        emitter = Emitter(self.tokenizer, request.eos, request.stop, request.max_new_tokens)
+        chooser = TokenChooser(request.sampling, device=self.runner.device)
+        self.new.append(Row(key, request, emitter, self.new_drafter(request.request_id), chooser))
 
     def remove(self, key: Hashable) -> None:
         """Drop a row (a cancelled request, or one that already finished: then nothing happens)."""
-        for row in list(self.new):
-            if row.key == key:
-                self.new.remove(row)
-                self._close(row)
+        for row in [row for row in self.new if row.key == key]:
+            self.new.remove(row)
+            row.close()
         for index, row in enumerate(self.rows):
             if row.key == key:
                 self._drop_rows([index])
@@ -114,41 +103,25 @@ class Batch:
 
     def close(self) -> None:
         """Drop every row (releases their request-local trie counts)."""
-        for row in self.new:
-            self._close(row)
-        for row in self.rows:
-            self._close(row)
+        for row in self.new + self.rows:
+            row.close()
         self.rows, self.new, self.cache = [], [], None
 
     def _drop_rows(self, indices: Sequence[int]) -> None:
         dropped = set(indices)
         for i in sorted(dropped):
-            self._close(self.rows[i])
+            self.rows[i].close()
         keep = [i for i in range(len(self.rows)) if i not in dropped]
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self.cache = None
         elif dropped:
-            assert self.cache is not None
             select_rows(self.cache, keep, max(row.length for row in self.rows))
-
-    def _close(self, row: _Row) -> None:
-        """Release the row's request-local trie counts; learn its output if it ended normally."""
-        if row.closed:
-            return
-        row.closed = True
-        generator = self.generator
-        t0 = time.perf_counter()
-        generator.trie.release(row.request.request_id)
-        generated = row.emitter.generated
-        if generator.config.learn_outputs and generated and row.emitter.finish is not None:
-            generator.trie.insert(generated)
-        row.stats.time_trie += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[tuple[Hashable, StreamChunk]]:
-        """Prefill queued rows, then draft, verify (one pass), accept and emit for every row.
+        """Prefill queued rows, then propose, verify (one pass), accept, compact, learn and emit for every row.
 
         Returns one ``(key, chunk)`` per row that produced tokens; a chunk with a ``finish_reason`` ends its row,
         which has already left the batch.
@@ -163,120 +136,93 @@ class Batch:
             self._drop_rows(finished)
         return events
 
-    def _prefill(self, row: _Row) -> None:
-        generator = self.generator
+    def _prefill(self, row: Row) -> None:
         request = row.request
+        row.drafter.start(request.prompt_ids, request.document_ids, request.max_new_tokens)
         t0 = time.perf_counter()
-        generator.trie.insert(request.prompt_ids, request_id=request.request_id)
-        for doc in request.documents:
-            generator.trie.insert(generator.tokenizer(doc, add_special_tokens=False)["input_ids"],
-                                  request_id=request.request_id)
-        t1 = time.perf_counter()
-        row.stats.time_trie += t1 - t0
-        cache = DynamicCache(config=generator.model.config)
-        check_compactable(cache)
+        cache = self.runner.new_cache()
         with torch.inference_mode():
-            hidden = generator.prefill(cache, request.prompt_ids)  # [1, d]: the last prompt position
-            row.pending = self._first_token(row, hidden)
+            hidden = self.runner.prefill(cache, request.prompt_ids)  # [1, d]: the last prompt position
+            row.pending = self._choose_first(row, hidden)
         row.length = len(request.prompt_ids)
         if self.cache is None:
             self.cache = cache
         else:
             append_rows(self.cache, cache)
         self.rows.append(row)
-        row.stats.time_prefill = row.stats.time_forward = time.perf_counter() - t1
+        row.stats.time_prefill = row.stats.time_forward = time.perf_counter() - t0
+        row.stats.time_trie = row.drafter.trie_seconds
         row.stats.steps = 1
 
-    def _first_token(self, row: _Row, hidden: torch.Tensor) -> int:
+    def _choose_first(self, row: Row, hidden: torch.Tensor) -> int:
         """The token chosen after the prompt, from the last prompt position's hidden state [1, d]."""
         if row.chooser.plain_greedy:
-            return int(self.generator.greedy_tokens(hidden)[0])
-        return row.chooser(self.generator.logits(hidden)[0], row.history())
+            return int(self.runner.greedy_tokens(hidden)[0])
+        return row.chooser(self.runner.logits(hidden)[0], row.history())
 
-    def _emit(self, row: _Row, tokens: list[int], accepted: int) -> StreamChunk:
-        from .engine import StreamChunk
-
+    def _decode(self) -> list[tuple[Hashable, StreamChunk]]:
+        rows, runner = self.rows, self.runner
+        trie_before = [row.drafter.trie_seconds for row in rows]
         t0 = time.perf_counter()
+        proposals = [self._propose(row) for row in rows]
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            layout = RowLayout(tuple(row.length for row in rows), cache_length(self.cache))
+            trees = [build_tree(p.tokens, p.parents, device=runner.device) for p in proposals]
+            with runner.kernels():
+                hidden = runner.tree_pass(self.cache, trees, layout)  # [B, N, d]
+            acceptances = self._accept(proposals, hidden)
+            lengths = runner.compact(self.cache, layout, [[0] + a.path for a in acceptances])
+        t2 = time.perf_counter()
+        for row, proposal, acceptance, length in zip(rows, proposals, acceptances, lengths):
+            row.drafter.observe(proposal, acceptance.path)
+            row.length, row.pending, row.last_accepted = length, acceptance.bonus, len(acceptance.path)
+        events = [(row.key, self._emit(row, a.tokens, len(a.path))) for row, a in zip(rows, acceptances)]
+        t3 = time.perf_counter()
+        for row, proposal, acceptance, trie0 in zip(rows, proposals, acceptances, trie_before):
+            stats = row.stats
+            trie_step = row.drafter.trie_seconds - trie0
+            stats.steps += 1
+            stats.draft_sizes.append(proposal.size - 1)
+            stats.accepted_lengths.append(len(acceptance.path))
+            stats.time_trie = row.drafter.trie_seconds
+            stats.time_forward += t2 - t1
+            stats.time_other += (t1 - t0) + (t3 - t2) - trie_step
+        return events
+
+    def _propose(self, row: Row) -> Proposal:
+        """Count the row's new output in its trie and propose its next draft tree (root: the pending token)."""
+        generated = row.emitter.generated
+        row.drafter.extend(generated)
+        batch_rows = len(self.rows)
+        max_nodes = max(1, self.max_nodes // batch_rows) if batch_rows > 1 else None
+        return row.drafter.propose(generated, last_accepted=row.last_accepted, max_nodes=max_nodes,
+                                   batch_rows=batch_rows)
+
+    def _accept(self, proposals: Sequence[Proposal], hidden: torch.Tensor) -> list[Acceptance]:
+        """Walk every row's verified tree; ``hidden`` [B, N, d] holds the nodes' last hidden states."""
+        rows = self.rows
+        greedy = [b for b, row in enumerate(rows) if row.chooser.plain_greedy]
+        predictions: dict[int, list[int]] = {}
+        if greedy:  # one head product for every greedy row
+            argmax = self.runner.greedy_tokens(hidden[greedy].flatten(0, 1)).view(len(greedy), -1)  # [b, N]
+            predictions = {b: row[:proposals[b].size] for b, row in zip(greedy, argmax.tolist())}
+        acceptances = []
+        for b, (row, proposal) in enumerate(zip(rows, proposals)):
+            if b in predictions:
+                acceptances.append(greedy_accept(proposal.tokens, proposal.parents, predictions[b]))
+                continue
+            logits = self.runner.logits(hidden[b, :proposal.size])  # [n, V]
+            history = row.history()
+            acceptances.append(walk_accept(proposal.tokens, proposal.parents,
+                                           lambda node, path, logits=logits, row=row, history=history:
+                                           row.chooser(logits[node], history + path)))
+        return acceptances
+
+    def _emit(self, row: Row, tokens: list[int], accepted: int) -> StreamChunk:
         run, delta = row.emitter.push(tokens)
         row.stats.new_tokens = len(row.emitter.generated)
-        row.stats.time_other += time.perf_counter() - t0
         if row.emitter.finish is None:
             return StreamChunk(run, delta, accepted)
         row.stats.time_total = time.perf_counter() - row.start
         return StreamChunk(run, delta, accepted, row.emitter.finish, row.stats)
-
-    def _draft(self, row: _Row, max_nodes: int | None, batch_rows: int) -> _Draft:
-        generator, config = self.generator, self.generator.config
-        generated, prompt_ids = row.emitter.generated, row.request.prompt_ids
-        t0 = time.perf_counter()
-        if len(generated) > row.learned:  # the row drafts from its own output at once
-            tail = max(0, row.learned - config.branch_length)
-            before = prompt_ids[-config.branch_length:] + generated[tail:row.learned]
-            generator.trie.extend(before, generated[row.learned:], request_id=row.request.request_id)
-            row.learned = len(generated)
-        query = config.max_query_length
-        context = generated[-query:]
-        if len(context) < query:
-            context = prompt_ids[len(context) - query:] + context
-        remaining = row.request.max_new_tokens - len(generated)
-        draft = generator.trie.draft(context, config.decoding_length, request_id=row.request.request_id,
-                                     branch_length=max(1, min(config.branch_length, remaining)))
-        t1 = time.perf_counter()
-        row.stats.time_trie += t1 - t0
-        chosen = generator.budget.select(draft.parents, draft.scores, draft.match_length, row.last_accepted,
-                                         draft.global_counts, max_nodes=max_nodes,
-                                         batch_rows=batch_rows)
-        remap = {old: new for new, old in enumerate(chosen)}
-        parents = [remap.get(draft.parents[i], -1) for i in chosen]  # -1: child of the root
-        result = _Draft(tokens=[row.pending] + [draft.tokens[i] for i in chosen],
-                        tree_parents=[-1] + [p + 1 for p in parents], draft_parents=parents,
-                        scores=[draft.scores[i] for i in chosen],
-                        global_counts=[draft.global_counts[i] for i in chosen], match_length=draft.match_length)
-        row.stats.time_other += time.perf_counter() - t1
-        return result
-
-    def _accept(self, row: _Row, draft: _Draft, hidden: torch.Tensor, predictions: list[int] | None) -> Acceptance:
-        """Walk ``row``'s verified tree; ``hidden`` [n, d] are its nodes' last hidden states."""
-        if predictions is not None:
-            return greedy_accept(draft.tokens, draft.tree_parents, predictions)
-        logits = self.generator.logits(hidden)  # [n, V]
-        history = row.history()
-        return walk_accept(draft.tokens, draft.tree_parents,
-                           lambda node, path: row.chooser(logits[node], history + path))
-
-    def _decode(self) -> list[tuple[Hashable, StreamChunk]]:
-        generator, rows = self.generator, self.rows
-        assert self.cache is not None
-        max_nodes = max(1, generator.config.decoding_length // len(rows)) if len(rows) > 1 else None
-        drafts = [self._draft(row, max_nodes, len(rows)) for row in rows]
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            trees = [build_tree(d.tokens, d.tree_parents, device=generator.device) for d in drafts]
-            tree_start = cache_length(self.cache)
-            hidden = generator.batch_forward(self.cache, trees, [row.length for row in rows], tree_start)  # [B, N, d]
-            predictions: list[list[int] | None] = [None] * len(rows)
-            greedy = [b for b, row in enumerate(rows) if row.chooser.plain_greedy]
-            if greedy:
-                argmax = generator.greedy_tokens(hidden[greedy].flatten(0, 1)).view(len(greedy), -1)  # [b, N]
-                for b, row_argmax in zip(greedy, argmax.tolist()):
-                    predictions[b] = row_argmax[:trees[b].size]
-            acceptances = [self._accept(row, d, hidden[b, :trees[b].size], predictions[b])
-                           for b, (row, d) in enumerate(zip(rows, drafts))]
-            new_lengths = compact_rows(self.cache, tree_start, [row.length for row in rows],
-                                       [[0] + a.path for a in acceptances])
-        elapsed = time.perf_counter() - t0
-        events = []
-        for b, (row, draft, acceptance) in enumerate(zip(rows, drafts, acceptances)):
-            row.length = new_lengths[b]
-            row.stats.time_forward += elapsed
-            row.stats.steps += 1
-            t1 = time.perf_counter()
-            generator.budget.observe(draft.draft_parents, draft.scores, draft.match_length, row.last_accepted,
-                                     [i - 1 for i in acceptance.path], draft.global_counts)
-            row.last_accepted = len(acceptance.path)
-            row.stats.draft_sizes.append(len(draft.tokens) - 1)
-            row.stats.accepted_lengths.append(row.last_accepted)
-            row.pending = acceptance.bonus
-            row.stats.time_other += time.perf_counter() - t1
-            events.append((row.key, self._emit(row, acceptance.tokens, row.last_accepted)))
-        return events

@@ -23,29 +23,21 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, default_cache_dir, measure_cost_curve
+from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, default_cache_dir
 from .config import LookaheadConfig
-from .engine import (
-    GenerationResult,
-    GenerationStats,
-    LookaheadGenerator,
-    Prompt,
-    StreamChunk,
-    _Emitter,
-    check_model,
-    collect_chunks,
-)
-from .kernels import install_skinny_linear, skinny_linear
-from .kvcache import check_compactable, compact_cache
+from .drafter import Drafter, new_trie
+from .emitter import Emitter
+from .inputs import InputEncoder
+from .kvcache import compact_cache
+from .outputs import GenerationResult, GenerationStats, Prompt, Request, StreamChunk, collect_chunks
+from .runner import ModelRunner, check_model, cost_grid, time_tree_passes
 from .sampling import SamplingParams, TokenChooser
-from .treepass import logits_rows, prefill, run_nodes
 from .trie import TokenTrie
 from .verify import children_index, walk_accept
 
@@ -157,9 +149,7 @@ def truncated_copy(model: PreTrainedModel, num_layers: int) -> PreTrainedModel:
 class _Member:
     """One model of the ensemble and its decoding state for the current request."""
 
-    model: PreTrainedModel
-    decoder: torch.nn.Module
-    head: torch.Tensor  # [V, d] LM head weight
+    runner: ModelRunner
     cache: DynamicCache | None = None
     done: int = 0  # tokens of the sequence held in the cache
     next_row: torch.Tensor | None = None  # [V] logits after the whole sequence, when done == len(sequence)
@@ -210,16 +200,15 @@ class EnsembleGenerator:
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.proposal_depth = proposal_depth
-        # the first model's generator provides prompt encoding, EOS defaults and the trie
-        self._base = LookaheadGenerator(models[0], tokenizer, config, trie, cost_curve=cost_curve)
-        self.config = self._base.config
-        self.trie = self._base.trie
-        self.device = self._base.device
+        self.config = config or LookaheadConfig()
+        self.trie = trie or new_trie(self.config)
+        self.runners = [ModelRunner(m, skinny=self.config.skinny_matmul) for m in models]
+        self.device = self.runners[0].device
         contexts = [int(getattr(m.config, "max_position_embeddings", 0) or 0) for m in models]
         self.max_context = min((c for c in contexts if c), default=None)
-        if self.config.skinny_matmul and self.device.type == "cpu":
-            for model in models:
-                install_skinny_linear(model.get_decoder())
+        # the first model provides the EOS defaults
+        self.inputs = InputEncoder(tokenizer, int(models[0].config.vocab_size), models[0].generation_config,
+                                   self.max_context)
         self._cost_curve = cost_curve
         self._budget: DraftBudget | None = None
 
@@ -228,7 +217,7 @@ class EnsembleGenerator:
         return self.rule.mode
 
     def _members(self) -> list[_Member]:
-        return [_Member(m, m.get_decoder(), m.get_output_embeddings().weight) for m in self.models]
+        return [_Member(runner) for runner in self.runners]
 
     # ------------------------------------------------------------------ cost model
 
@@ -242,31 +231,11 @@ class EnsembleGenerator:
 
     def measure_cost_curve(self, prefix_length: int = 384, use_cache: bool = True) -> CostCurve:
         """Time one tree pass of every model (with its logits) for 1..64 nodes; cached per ensemble and machine."""
-        sizes = tuple(n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-                      if n <= max(min(self.config.decoding_length + 1, 64), 2))
-        if self.max_context:
-            prefix_length = max(1, min(prefix_length, self.max_context - sizes[-1] - 1))
+        sizes, prefix_length = cost_grid(self.config.decoding_length, prefix_length, self.max_context)
         vocab = int(self.models[0].config.vocab_size)
 
         def measure() -> CostCurve:
-            generator = torch.Generator().manual_seed(0)
-            prefix = torch.randint(0, vocab, (prefix_length,), generator=generator).tolist()
-            members = self._members()
-            with torch.inference_mode(), skinny_linear(self.config.skinny_matmul):
-                for member in members:
-                    member.cache = DynamicCache(config=member.model.config)
-                    prefill(member.decoder, member.cache, prefix)
-
-                def run_pass(n: int) -> None:
-                    tokens = torch.randint(0, vocab, (n,), generator=generator).tolist()
-                    parents = [-1] + list(range(n - 1))
-                    for member in members:
-                        hidden = run_nodes(member.decoder, member.cache, prefix_length, tokens, parents,
-                                           dtype=member.model.dtype)
-                        logits_rows(member.head, hidden)
-                        compact_cache(member.cache, prefix_length, [])
-
-                return measure_cost_curve(run_pass, sizes, repeats=3)
+            return time_tree_passes(self.runners, sizes, prefix_length, repeats=3, with_logits=True)
 
         if not use_cache:
             return measure()
@@ -301,23 +270,18 @@ class EnsembleGenerator:
                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                seed: int | None = None, speculative: bool = True) -> Iterator[StreamChunk]:
-        """Yield every accepted run of tokens; arguments are checked right away, before any model work."""
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
-            raise TypeError("stop must be a list of strings")
+        """Yield every accepted run of tokens; arguments are checked right away, before any model work.
+
+        An ensemble has no single generation config: unset sampling settings are neutral, not a model's defaults.
+        """
         params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        request = self.inputs.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                                      documents=documents)
         chooser = TokenChooser(params.resolved(None), device=self.device)
-        docs = self._base._check_documents(documents)
-        prompt_ids = self._base.encode(prompt)
-        if self.max_context is not None and len(prompt_ids) >= self.max_context:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the models' context is {self.max_context} tokens")
-        if self.max_context is not None:
-            max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
-        emitter = _Emitter(self.tokenizer, self._base._eos_ids(eos_token_id), list(stop or []), max_new_tokens)
+        emitter = Emitter(self.tokenizer, request.eos, request.stop, request.max_new_tokens)
         if speculative:
-            return self._run(prompt_ids, emitter, chooser, docs)
-        return self._run_plain(prompt_ids, emitter, chooser)
+            return self._run(request, emitter, chooser)
+        return self._run_plain(request.prompt_ids, emitter, chooser)
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -328,19 +292,18 @@ class EnsembleGenerator:
 
     def _prefill(self, members: list[_Member], prompt_ids: list[int]) -> None:
         for member in members:
-            member.cache = DynamicCache(config=member.model.config)
-            check_compactable(member.cache)
-            member.next_row = logits_rows(member.head, prefill(member.decoder, member.cache, prompt_ids))[0]
+            member.cache = member.runner.new_cache()
+            member.next_row = member.runner.logits(member.runner.prefill(member.cache, prompt_ids))[0]
             member.done = len(prompt_ids)
 
     # ------------------------------------------------------------------ plain ensemble decoding
 
-    def _run_plain(self, prompt_ids: list[int], emitter: _Emitter, chooser: TokenChooser) -> Iterator[StreamChunk]:
+    def _run_plain(self, prompt_ids: list[int], emitter: Emitter, chooser: TokenChooser) -> Iterator[StreamChunk]:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         members = self._members()
         sequence = list(prompt_ids)
         start = time.perf_counter()
-        with torch.inference_mode(), skinny_linear(self.config.skinny_matmul):
+        with torch.inference_mode(), self.runners[0].kernels():
             self._prefill(members, prompt_ids)
             stats.time_prefill = stats.time_forward = time.perf_counter() - start
             stats.steps = 1
@@ -356,31 +319,24 @@ class EnsembleGenerator:
                 yield StreamChunk(run, delta, 0)
                 t0 = time.perf_counter()
                 for member in members:  # one full forward pass per model per token
-                    hidden = run_nodes(member.decoder, member.cache, member.done, [token], [-1],
-                                       dtype=member.model.dtype)
-                    member.next_row = logits_rows(member.head, hidden)[0]
+                    hidden = member.runner.run_nodes(member.cache, member.done, [token], [-1])
+                    member.next_row = member.runner.logits(hidden)[0]
                     member.done += 1
                 stats.time_forward += time.perf_counter() - t0
                 stats.steps += 1
 
     # ------------------------------------------------------------------ speculative ensemble decoding
 
-    def _run(self, prompt_ids: list[int], emitter: _Emitter, chooser: TokenChooser, documents: list[str]
-             ) -> Iterator[StreamChunk]:
-        budget = self.budget
-        request_id = uuid.uuid4().hex
+    def _run(self, request: Request, emitter: Emitter, chooser: TokenChooser) -> Iterator[StreamChunk]:
+        drafter = Drafter(self.trie, self.budget, self.config, request.request_id)
+        prompt_ids = request.prompt_ids
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         members = self._members()
         sequence = list(prompt_ids)
-        learned = len(prompt_ids)  # tokens of the sequence counted in the trie
         start = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            self.trie.insert(prompt_ids, request_id=request_id)
-            for doc in documents:
-                self.trie.insert(self.tokenizer(doc, add_special_tokens=False)["input_ids"], request_id=request_id)
-            stats.time_trie += time.perf_counter() - t0
-            with torch.inference_mode(), skinny_linear(self.config.skinny_matmul):
+            drafter.start(prompt_ids, request.document_ids, emitter.max_new_tokens)
+            with torch.inference_mode(), self.runners[0].kernels():
                 t0 = time.perf_counter()
                 self._prefill(members, prompt_ids)
                 new_tokens = [self._choose([m.next_row for m in members], chooser, sequence)]
@@ -393,51 +349,28 @@ class EnsembleGenerator:
                     run, delta = emitter.push(new_tokens)
                     stats.new_tokens = len(emitter.generated)
                     if emitter.finish:
+                        stats.time_trie = drafter.trie_seconds
                         stats.time_total = time.perf_counter() - start
                         yield StreamChunk(run, delta, accepted, emitter.finish, stats)
                         return
                     yield StreamChunk(run, delta, accepted)
-                    generated = emitter.generated
-                    # the output drafts at once: the prompt's windows grow into it, its own windows are added
-                    self.trie.extend(sequence[max(0, learned - self.config.branch_length):learned], sequence[learned:],
-                                     request_id=request_id)
-                    learned = len(sequence)
-                    new_tokens, accepted = self._cycle(members, sequence, chooser, budget, request_id,
-                                                       emitter.max_new_tokens - len(generated), last_accepted, stats)
+                    drafter.extend(emitter.generated)  # the output drafts at once
+                    new_tokens, accepted = self._cycle(members, sequence, emitter.generated, chooser, drafter,
+                                                       last_accepted, stats)
                     last_accepted = accepted
                     stats.steps += 1
+                    stats.time_trie = drafter.trie_seconds
         finally:
-            self.trie.release(request_id)
-            if self.config.learn_outputs and emitter.generated and emitter.finish is not None:
-                self.trie.insert(emitter.generated)
-
-    def _draft(self, tree: _Tree, attach: int, context: list[int], budget: DraftBudget, request_id: str,
-               remaining: int, last_accepted: int, stats: GenerationStats) -> tuple[list[int], dict]:
-        """Add the budget's choice of trie draft nodes under node ``attach``; returns their tree indices and what
-        the budget needs to learn from the outcome."""
-        t0 = time.perf_counter()
-        query = self.config.max_query_length
-        draft = self.trie.draft(context[-query:], self.config.decoding_length, request_id=request_id,
-                                branch_length=max(1, min(self.config.branch_length, remaining)))
-        stats.time_trie += time.perf_counter() - t0
-        chosen = budget.select(draft.parents, draft.scores, draft.match_length, last_accepted, draft.global_counts)
-        remap = {old: new for new, old in enumerate(chosen)}
-        parents = [remap.get(draft.parents[i], -1) for i in chosen]
-        first = len(tree.tokens)
-        nodes = [tree.add(draft.tokens[i], attach if p < 0 else first + p) for i, p in zip(chosen, parents)]
-        learn = {"parents": parents, "scores": [draft.scores[i] for i in chosen], "match": draft.match_length,
-                 "global": [draft.global_counts[i] for i in chosen], "last": last_accepted}
-        return nodes, learn
+            drafter.finish(emitter.generated if emitter.finish is not None else None)
 
     def _score(self, member: _Member, k: int, tree: _Tree, start: int, prefix_length: int) -> None:
         """Model ``k`` runs tree nodes ``start..`` (nodes before ``start`` are in its cache) and stores their rows."""
-        hidden = run_nodes(member.decoder, member.cache, prefix_length, tree.tokens, tree.parents, start,
-                           dtype=member.model.dtype)  # [m, d]
-        for offset, row in enumerate(logits_rows(member.head, hidden)):  # [m, V]
+        hidden = member.runner.run_nodes(member.cache, prefix_length, tree.tokens, tree.parents, start)  # [m, d]
+        for offset, row in enumerate(member.runner.logits(hidden)):  # [m, V]
             tree.rows[k][start + offset] = row
 
-    def _cycle(self, members: list[_Member], sequence: list[int], chooser: TokenChooser, budget: DraftBudget,
-               request_id: str, remaining: int, last_accepted: int, stats: GenerationStats) -> tuple[list[int], int]:
+    def _cycle(self, members: list[_Member], sequence: list[int], generated: list[int], chooser: TokenChooser,
+               drafter: Drafter, last_accepted: int, stats: GenerationStats) -> tuple[list[int], int]:
         """Draft, score with every model, accept against r and compact every cache. Returns the new tokens (the
         accepted path, then the bonus token when every model has scored the last node) and the accepted count."""
         prefix = len(sequence) - 1  # node 0 (the last confirmed token) sits at this position of every cache
@@ -448,18 +381,21 @@ class EnsembleGenerator:
             if member.next_row is not None:
                 tree.rows[k][0] = member.next_row
         verifiers = [k for k in range(len(members)) if k != self.proposer]
-        attach, context = 0, sequence
+        attach, after = 0, []
         if self.proposer is not None and all(0 in tree.rows[k] for k in verifiers):
             guess = self.rule.proposal_scores({k: tree.rows[k][0] for k in verifiers})
             if guess is not None:  # the verifiers' bonus is the next proposal
                 token = int(guess.argmax())
-                attach, context = tree.add(token, 0), sequence + [token]
-        draft_nodes, learn = self._draft(tree, attach, context, budget, request_id, remaining, last_accepted, stats)
+                attach, after = tree.add(token, 0), [token]
+        proposal = drafter.propose(generated, after=after, last_accepted=last_accepted)
+        first = len(tree.tokens)  # the draft's node i sits at tree node first + i - 1
+        for token, parent in zip(proposal.tokens[1:], proposal.placed(attach, first)):
+            tree.add(token, parent)
 
         t0 = time.perf_counter()
         if self.proposer is not None:
             self._score(members[self.proposer], self.proposer, tree, starts[self.proposer], prefix)
-            self._propose(members, tree, prefix, min(self.proposal_depth, remaining))
+            self._propose(members, tree, prefix, min(self.proposal_depth, drafter.max_new_tokens - len(generated)))
         for k in verifiers:
             self._score(members[k], k, tree, starts[k], prefix)
         stats.time_forward += time.perf_counter() - t0
@@ -477,10 +413,8 @@ class EnsembleGenerator:
             member.done = prefix + len(keep)
             member.next_row = tree.rows[k][path[-1]] if acceptance.bonus == NO_TOKEN and path[-1] in tree.rows[k] \
                 else None
-        in_draft = {node: i for i, node in enumerate(draft_nodes)}
         if attach == 0 or (path and path[0] == attach):
-            budget.observe(learn["parents"], learn["scores"], learn["match"], learn["last"],
-                           [in_draft[v] for v in path if v in in_draft], learn["global"])
+            drafter.observe(proposal, [v - first + 1 for v in path if first <= v < first + proposal.size - 1])
         stats.draft_sizes.append(len(tree.tokens) - 1)
         stats.accepted_lengths.append(len(path))
         tokens = acceptance.tokens if acceptance.bonus != NO_TOKEN else acceptance.tokens[:-1]

@@ -78,11 +78,9 @@ def compact_rows(cache: DynamicCache, tree_start: int, lengths: Sequence[int], k
     """Per batch row b, move tree nodes ``keeps[b]`` (indices into the tree block at ``tree_start``) to just after
     the row's valid prefix ``lengths[b]``; crop the cache to the longest new length. Returns the new lengths.
 
-    With one row whose prefix fills the cache (``lengths[0] == tree_start``) this is :func:`compact_cache`.
+    (:meth:`lookahead.runner.ModelRunner.compact` sends one row whose prefix fills the cache to
+    :func:`compact_cache` instead.)
     """
-    if len(lengths) == 1 and lengths[0] == tree_start:
-        compact_cache(cache, tree_start, keeps[0])
-        return [tree_start + len(keeps[0])]
     new_lengths = [length + len(keep) for length, keep in zip(lengths, keeps)]
     end = max(new_lengths)
     device = cache.layers[0].keys.device

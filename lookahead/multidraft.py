@@ -19,22 +19,23 @@ Every completion reports the sum of its tokens' log-probabilities under the mode
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .budget import CostCurve, DraftBudget
+from .budget import CostCurve
 from .config import LookaheadConfig
-from .engine import LookaheadGenerator, Prompt, _Emitter
-from .kernels import skinny_linear
-from .kvcache import check_compactable, compact_cache
-from .treepass import logits_rows, prefill, run_nodes
+from .drafter import Drafter, Proposal
+from .emitter import Emitter
+from .engine import LookaheadGenerator
+from .inputs import check_positive_int
+from .kvcache import compact_cache
+from .outputs import Prompt
+from .runner import ModelRunner
 from .trie import TokenTrie
 from .verify import greedy_accept
 
@@ -84,13 +85,10 @@ class _Block:
     """The cache after the prompt: ``prefix`` positions, then block nodes in cache order (node 0 = the last prompt
     token, cached by the prefill). Superposed nodes carry token 0: their input is an embedding."""
 
-    def __init__(self, model: PreTrainedModel, prompt_ids: list[int]) -> None:
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings().weight  # [V, d]
-        self.dtype = model.dtype
-        self.cache = DynamicCache(config=model.config)
-        check_compactable(self.cache)
-        self.first_row = logits_rows(self.head, prefill(self.decoder, self.cache, prompt_ids))[0]  # [V]
+    def __init__(self, runner: ModelRunner, prompt_ids: list[int]) -> None:
+        self.runner = runner
+        self.cache = runner.new_cache()
+        self.first_row = runner.logits(runner.prefill(self.cache, prompt_ids))[0]  # [V]
         self.prefix = len(prompt_ids) - 1
         self.tokens = [prompt_ids[-1]]
         self.parents = [-1]
@@ -101,9 +99,8 @@ class _Block:
         start = len(self.tokens)
         self.tokens.extend(tokens)
         self.parents.extend(parents)
-        hidden = run_nodes(self.decoder, self.cache, self.prefix, self.tokens, self.parents, start, inputs_embeds,
-                           self.dtype)
-        return logits_rows(self.head, hidden)  # [m, V]
+        hidden = self.runner.run_nodes(self.cache, self.prefix, self.tokens, self.parents, start, inputs_embeds)
+        return self.runner.logits(hidden)  # [m, V]
 
     def path(self, node: int) -> list[int]:
         """Block nodes from node 0 (excluded) down to ``node``."""
@@ -130,12 +127,6 @@ def _log_softmax(rows: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(rows.float(), dim=-1)  # [n, V]
 
 
-def _fork(emitter: _Emitter) -> _Emitter:
-    twin = copy.copy(emitter)
-    twin.generated = list(emitter.generated)
-    return twin
-
-
 # ---------------------------------------------------------------------------------------------------- tree method
 
 
@@ -145,7 +136,7 @@ class _Beam:
     yet), their log-probabilities, the block node of the token before the pending one (``tip``) and, for an
     alternative, the log-probability it lost where it left the greedy path."""
 
-    emitter: _Emitter
+    emitter: Emitter
     logprobs: list[float]
     tip: int
     loss: float = 0.0
@@ -166,31 +157,19 @@ class _Candidate:
     ``base_logprobs``), then ``tokens``; ``tip`` is the block node of its last cached token."""
 
     loss: float
-    before: _Emitter
+    before: Emitter
     base_logprobs: tuple[float, ...]
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...]
     tip: int
 
     def beam(self) -> _Beam:
-        beam = _Beam(_fork(self.before), list(self.base_logprobs), self.tip, self.loss)
+        beam = _Beam(self.before.fork(), list(self.base_logprobs), self.tip, self.loss)
         beam.push(self.tokens, self.logprobs)
         return beam
 
 
-@dataclass
-class _Plan:
-    """One beam's part of a pass: its pending token then the chosen trie draft below it."""
-
-    tokens: list[int]  # [pending] + draft tokens
-    parents: list[int]  # local: -1 for the pending token, draft nodes below it
-    draft_parents: list[int]  # what the budget needs to learn from the outcome
-    scores: list[float]
-    global_counts: list[float]
-    match_length: int
-
-
-def _branches(logp: torch.Tensor, choice: list[int], row0: int, plan: _Plan, visited: list[int], k: int
+def _branches(logp: torch.Tensor, choice: list[int], row0: int, plan: Proposal, visited: list[int], k: int
               ) -> list[tuple[float, int, int, list[int]]]:
     """Alternatives at the visited nodes of one verified beam tree: ``(loss, node, token, continuation)``.
 
@@ -253,80 +232,66 @@ class MultiDraftGenerator:
             horizon: superposed: tokens between two resets.
             expansion: superposed: each completion's ``expansion * k`` most likely next tokens are scored.
         """
-        _check_int("k", k)
-        _check_int("horizon", horizon)
-        _check_int("expansion", expansion)
-        _check_int("max_new_tokens", max_new_tokens)
+        check_positive_int("k", k)
+        check_positive_int("horizon", horizon)
+        check_positive_int("expansion", expansion)
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) for s in stop)):
-            raise TypeError("stop must be a list of strings")
         gen = self.generator
-        docs = gen._check_documents(documents)
-        prompt_ids = gen.encode(prompt)
-        if gen.max_context is not None:
-            room = gen.max_context - len(prompt_ids)
-            if room <= 0:
-                raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {gen.max_context}")
-            max_new_tokens = min(max_new_tokens, room)  # positions: prompt + depth in the block
-        emitter = _Emitter(self.tokenizer, gen._eos_ids(eos_token_id), list(stop or []), max_new_tokens)
+        # positions: prompt + depth in the block, so max_new_tokens is capped by the context as in generate
+        request = gen.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
+                              documents=documents)
+        prompt_ids = request.prompt_ids
+        emitter = Emitter(self.tokenizer, request.eos, request.stop, request.max_new_tokens)
         budget = gen.budget if method == "tree" else None  # measured (or read) before the clock starts
-        request_id = uuid.uuid4().hex
+        drafter = Drafter(self.trie, budget, self.config, request.request_id)
         stats = MultiDraftStats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
-        self.trie.insert(prompt_ids, request_id=request_id)
-        for doc in docs:
-            self.trie.insert(self.tokenizer(doc, add_special_tokens=False)["input_ids"], request_id=request_id)
+        drafter.start(prompt_ids, request.document_ids, request.max_new_tokens)
         completions: list[Completion] = []
         try:
-            with torch.inference_mode(), skinny_linear(self.config.skinny_matmul):
-                block = _Block(self.model, prompt_ids)
+            with torch.inference_mode(), gen.runner.kernels():
+                block = _Block(gen.runner, prompt_ids)
                 stats.passes = 1
-                if budget is not None:
-                    completions = self._tree(block, prompt_ids, emitter, k, budget, request_id, stats)
+                if method == "tree":
+                    completions = self._tree(block, emitter, k, drafter, stats)
                 else:
                     completions = self._superposed(block, prompt_ids, emitter, k, float(alpha), horizon,
-                                                   expansion, request_id, stats)
+                                                   expansion, drafter, stats)
         finally:
-            self.trie.release(request_id)
-            if self.config.learn_outputs and completions:
-                self.trie.insert(completions[0].token_ids)
+            drafter.finish(completions[0].token_ids if completions else None)
         stats.time_total = time.perf_counter() - start
         return MultiDraftResult(completions, method, stats)
 
     # ------------------------------------------------------------------ tree
 
-    def _tree(self, block: _Block, prompt_ids: list[int], emitter: _Emitter, k: int, budget: DraftBudget,
-              request_id: str, stats: MultiDraftStats) -> list[Completion]:
+    def _tree(self, block: _Block, emitter: Emitter, k: int, drafter: Drafter, stats: MultiDraftStats
+              ) -> list[Completion]:
         greedy = _Beam(emitter, [], 0)
         alternatives: list[_Beam] = []
         first = _log_softmax(block.first_row[None])  # [1, V]
         token = int(block.first_row.argmax())
         if k > 1:
-            root = _Plan([token], [-1], [], [], [], 0)  # the prefill row: top-k first tokens
-            found = [(loss, _Candidate(loss, _fork(emitter), (), (alt,), (float(first[0, alt]),), 0))
+            root = Proposal([token], [-1], [], [], 0, 0)  # the prefill row: top-k first tokens
+            found = [(loss, _Candidate(loss, emitter.fork(), (), (alt,), (float(first[0, alt]),), 0))
                      for loss, _, alt, _ in _branches(first, [token], 0, root, [0], k)]
             self._offer(alternatives, found, k)
         greedy.push([token], [float(first[0, token])])
-        learned = 0  # greedy tokens counted in the trie
         while True:
             beams = [b for b in [greedy, *alternatives] if not b.done]
             if not beams:
                 break
-            generated = greedy.emitter.generated
-            if len(generated) > learned:  # the greedy output drafts for every completion, at once
-                before = prompt_ids[-self.config.branch_length:] + generated[:learned]
-                self.trie.extend(before, generated[learned:], request_id=request_id)
-                learned = len(generated)
-            plans = [self._plan(b, prompt_ids, budget, request_id, len(beams)) for b in beams]
+            drafter.extend(greedy.emitter.generated)  # the greedy output drafts for every completion, at once
+            plans = [drafter.propose(b.emitter.generated, last_accepted=b.last_accepted,
+                                     truncate=max(1, self.config.decoding_length // len(beams))) for b in beams]
             tokens, parents, offsets = [], [], []
             for beam, plan in zip(beams, plans):
-                offset = len(block.tokens) + len(tokens)
+                offset = len(block.tokens) + len(tokens)  # the beam's pending token, then its draft
                 offsets.append(offset)
                 tokens.extend(plan.tokens)
-                parents.extend(beam.tip if p < 0 else offset + p for p in plan.parents)
+                parents.extend([beam.tip] + plan.placed(offset, offset + 1))
             rows = block.extend(tokens, parents)  # [m, V]: one tree-masked pass for every completion
             stats.passes += 1
             stats.pass_tokens.append(len(tokens))
@@ -338,7 +303,7 @@ class MultiDraftGenerator:
                 row0 = offset - first_row
                 if beam is greedy and k > 1:
                     found = self._greedy_branches(beam, plan, logp, choice, row0, offset, k)
-                self._advance(beam, plan, logp, choice, row0, offset, budget)
+                self._advance(beam, plan, logp, choice, row0, offset, drafter)
             if found and not greedy.done:
                 self._offer(alternatives, found, k)
             live = [b for b in [greedy, *alternatives] if not b.done]
@@ -348,41 +313,24 @@ class MultiDraftGenerator:
         ranked = sorted(alternatives, key=lambda b: -sum(b.logprobs))
         return [_completion(b.emitter, b.logprobs) for b in [greedy, *ranked]]
 
-    def _plan(self, beam: _Beam, prompt_ids: list[int], budget: DraftBudget, request_id: str, beams: int) -> _Plan:
-        """The beam's pending token and the budget's choice of trie draft after it."""
-        generated = beam.emitter.generated
-        query = self.config.max_query_length
-        context = (prompt_ids[-query:] + generated)[-query:]
-        remaining = beam.emitter.max_new_tokens - len(generated)
-        draft = self.trie.draft(context, self.config.decoding_length, request_id=request_id,
-                                branch_length=max(1, min(self.config.branch_length, remaining)))
-        chosen = budget.select(draft.parents, draft.scores, draft.match_length, beam.last_accepted,
-                               draft.global_counts)
-        chosen = chosen[: max(1, self.config.decoding_length // beams)]  # parents come first: still a tree
-        remap = {old: new for new, old in enumerate(chosen)}
-        draft_parents = [remap.get(draft.parents[i], -1) for i in chosen]
-        return _Plan([generated[-1]] + [draft.tokens[i] for i in chosen], [-1] + [p + 1 for p in draft_parents],
-                     draft_parents, [draft.scores[i] for i in chosen], [draft.global_counts[i] for i in chosen],
-                     draft.match_length)
-
-    def _advance(self, beam: _Beam, plan: _Plan, logp: torch.Tensor, choice: list[int], row0: int, offset: int,
-                 budget: DraftBudget) -> None:
+    @staticmethod
+    def _advance(beam: _Beam, plan: Proposal, logp: torch.Tensor, choice: list[int], row0: int, offset: int,
+                 drafter: Drafter) -> None:
         """Greedy acceptance in the beam's verified tree; the beam takes the path and the bonus token."""
         acceptance = greedy_accept(plan.tokens, plan.parents, choice[row0: row0 + len(plan.tokens)])
         nodes = [0] + acceptance.path
         logprobs = [float(logp[row0 + parent, token]) for parent, token in zip(nodes, acceptance.tokens)]
         beam.push(acceptance.tokens, logprobs)
         beam.tip = offset + nodes[-1]
-        budget.observe(plan.draft_parents, plan.scores, plan.match_length, beam.last_accepted,
-                       [i - 1 for i in acceptance.path], plan.global_counts)
+        drafter.observe(plan, acceptance.path)
         beam.last_accepted = len(acceptance.path)
 
-    def _greedy_branches(self, greedy: _Beam, plan: _Plan, logp: torch.Tensor, choice: list[int], row0: int,
+    def _greedy_branches(self, greedy: _Beam, plan: Proposal, logp: torch.Tensor, choice: list[int], row0: int,
                          offset: int, k: int) -> list[tuple[float, _Candidate]]:
         """Alternatives along this step's greedy path, before the greedy beam takes it."""
         acceptance = greedy_accept(plan.tokens, plan.parents, choice[row0: row0 + len(plan.tokens)])
         visited = [0] + acceptance.path
-        before, base = _fork(greedy.emitter), tuple(greedy.logprobs)
+        before, base = greedy.emitter.fork(), tuple(greedy.logprobs)
         found = []
         for loss, node, token, continuation in _branches(logp, choice, row0, plan, visited, k):
             chain = visited[: visited.index(node) + 1] + continuation  # its cached nodes (local), root first
@@ -407,9 +355,9 @@ class MultiDraftGenerator:
 
     # ------------------------------------------------------------------ superposed
 
-    def _superposed(self, block: _Block, prompt_ids: list[int], emitter: _Emitter, k: int, alpha: float,
-                    horizon: int, expansion: int, request_id: str, stats: MultiDraftStats) -> list[Completion]:
-        ngram = _NgramScorer(self.trie, request_id, self.config)
+    def _superposed(self, block: _Block, prompt_ids: list[int], emitter: Emitter, k: int, alpha: float,
+                    horizon: int, expansion: int, drafter: Drafter, stats: MultiDraftStats) -> list[Completion]:
+        ngram = _NgramScorer(drafter.trie, drafter.request_id, self.config)
         drafts = [_Draft(emitter, [], 0, 0.0, block.first_row)]
         done: list[_Draft] = []
         while drafts:
@@ -455,7 +403,7 @@ class MultiDraftGenerator:
         out = []
         for score, i, token, lp in scored[:keep]:
             parent = drafts[i]
-            child = _Draft(_fork(parent.emitter), list(parent.logprobs), parent.node, score, None,
+            child = _Draft(parent.emitter.fork(), list(parent.logprobs), parent.node, score, None,
                            parent.processed)
             child.emitter.push([token])
             child.logprobs.append(lp if exact else None)
@@ -511,7 +459,7 @@ class _Draft:
     the last of them at block node ``node``), their log-probabilities (None until a reset scores them), the
     ranking score, and the exact logits row after its last token when it has one."""
 
-    emitter: _Emitter
+    emitter: Emitter
     logprobs: list
     node: int
     score: float
@@ -558,11 +506,7 @@ class _NgramScorer:
         return [math.log(max(m / total, self.FLOOR)) for m in mixed]
 
 
-def _completion(emitter: _Emitter, logprobs: Sequence[float | None]) -> Completion:
+def _completion(emitter: Emitter, logprobs: Sequence[float | None]) -> Completion:
     assert emitter.finish is not None and all(lp is not None for lp in logprobs)
     return Completion(emitter.text, list(emitter.generated), float(sum(logprobs)), emitter.finish)
 
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

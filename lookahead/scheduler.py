@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .outputs import GenerationResult, Prompt, StreamChunk, collect_chunks
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import GenerationResult, LookaheadGenerator, Prompt, StreamChunk
+    from .engine import LookaheadGenerator
 
 
 class QueueFullError(RuntimeError):
@@ -119,8 +120,6 @@ class RequestHandle:
 
     def result(self) -> GenerationResult:
         """Block until the request ends and return it whole."""
-        from .engine import collect_chunks
-
         return collect_chunks(self)
 
 

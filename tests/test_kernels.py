@@ -70,12 +70,12 @@ def test_masked_cpu_attention_of_a_grouped_query_model_skips_the_head_copy(monke
     from transformers import DynamicCache
     from transformers.integrations import sdpa_attention
 
-    from lookahead.treepass import prefill, run_nodes
+    from lookahead.runner import ModelRunner
 
     model = make_model("llama", seed=3)
     assert model.config.num_attention_heads > model.config.num_key_value_heads  # grouped-query
     install_skinny_linear(model.get_decoder())
-    decoder, prompt = model.get_decoder(), random_prompt(5)
+    runner, prompt = ModelRunner(model), random_prompt(5)
     tokens, parents = [7, 8, 9, 10, 11], [-1, 0, 0, 1, 2]  # a real tree: the pass needs its 4-D mask
     copies = []
     real_repeat = sdpa_attention.repeat_kv
@@ -84,8 +84,8 @@ def test_masked_cpu_attention_of_a_grouped_query_model_skips_the_head_copy(monke
     for enabled in (False, True):
         with torch.inference_mode(), skinny_linear(enabled):
             cache = DynamicCache(config=model.config)
-            prefill(decoder, cache, prompt)
-            outputs.append(run_nodes(decoder, cache, len(prompt), tokens, parents))  # [5, d]
+            runner.prefill(cache, prompt)
+            outputs.append(runner.run_nodes(cache, len(prompt), tokens, parents))  # [5, d]
         if not enabled:
             assert copies, "the stock masked path repeats the key/value heads"
             copies.clear()

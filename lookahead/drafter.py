@@ -1,0 +1,141 @@
+"""One request's drafting lifecycle over the shared trie and the draft budget.
+
+``start`` seeds the trie with the prompt and documents under the request's id; ``extend`` counts its new output
+tokens, so the output drafts at once; ``propose`` matches the context tail, drafts from the trie and keeps the
+budget's choice, as a :class:`Proposal` in tree index space (node 0 is the root); ``observe`` teaches the budget what
+was accepted; ``finish`` releases the request-local counts and learns the output into the global trie. The batch
+loop, the speculative ensemble and multidraft all draft through this class.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .budget import DraftBudget
+from .config import LookaheadConfig
+from .trie import TokenTrie
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """This step's tree: node 0 is the root (the last token of the context), nodes ``1..n-1`` the chosen draft.
+
+    ``parents[i]`` is node ``i``'s parent (-1 for the root; parents come before children). ``scores`` and
+    ``global_counts`` describe the draft nodes ``1..n-1`` (index ``i - 1``), ``match_length`` the matched context
+    suffix and ``last_accepted`` the accepted length the budget priced it with.
+    """
+
+    tokens: list[int]  # [n]
+    parents: list[int]  # [n]
+    scores: list[float]  # [n - 1]
+    global_counts: list[float]  # [n - 1]
+    match_length: int
+    last_accepted: int
+
+    @property
+    def size(self) -> int:
+        """Nodes in the tree, the root included."""
+        return len(self.tokens)
+
+    def placed(self, root_at: int, first_at: int) -> list[int]:
+        """Parents of the draft nodes ``1..n-1`` in a larger tree where the root sits at node ``root_at`` and draft
+        node ``i`` at node ``first_at + i - 1``."""
+        return [root_at if p == 0 else first_at + p - 1 for p in self.parents[1:]]
+
+
+def new_trie(config: LookaheadConfig) -> TokenTrie:
+    """An empty trie with the knobs of ``config``."""
+    return TokenTrie(branch_length=config.branch_length, max_query_length=config.max_query_length,
+                     node_budget=config.node_budget, decay=config.decay, local_weight=config.local_weight,
+                     global_weight=config.global_weight)
+
+
+class Drafter:
+    """Drafts for one request (and for several lines of it: each ``propose`` names its own output so far).
+
+    ``trie_seconds`` adds up the time spent in the trie (seeding, counting, drafting, releasing, learning).
+    ``budget`` may be None for a user of the trie counts only (no :meth:`propose`).
+    """
+
+    def __init__(self, trie: TokenTrie, budget: DraftBudget | None, config: LookaheadConfig,
+                 request_id: str | None = None) -> None:
+        self.trie = trie
+        self.budget = budget
+        self.config = config
+        self.request_id = request_id or uuid.uuid4().hex
+        self.prompt_ids: list[int] = []
+        self.max_new_tokens = 0
+        self.learned = 0  # output tokens already counted in the request-local trie
+        self.trie_seconds = 0.0
+        self.finished = False
+
+    def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
+              max_new_tokens: int = 1 << 30) -> None:
+        """Count the prompt's and the documents' windows as this request's local trie."""
+        t0 = time.perf_counter()
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.trie.insert(self.prompt_ids, request_id=self.request_id)
+        for doc in documents:
+            self.trie.insert(list(doc), request_id=self.request_id)
+        self.trie_seconds += time.perf_counter() - t0
+
+    def extend(self, generated: Sequence[int]) -> None:
+        """Count the output tokens not counted yet (``generated`` is the whole output so far)."""
+        if len(generated) <= self.learned:
+            return
+        t0 = time.perf_counter()
+        before = (self.prompt_ids + list(generated[:self.learned]))[-self.config.branch_length:]
+        self.trie.extend(before, generated[self.learned:], request_id=self.request_id)
+        self.learned = len(generated)
+        self.trie_seconds += time.perf_counter() - t0
+
+    def propose(self, generated: Sequence[int], *, after: Sequence[int] = (), last_accepted: int = 0,
+                max_nodes: int | None = None, batch_rows: int = 1, truncate: int | None = None) -> Proposal:
+        """The draft tree to verify after ``prompt + generated + after`` (its last token is the root).
+
+        ``last_accepted`` (the previous step's accepted length), ``max_nodes`` and ``batch_rows`` go to
+        :meth:`DraftBudget.select`; ``truncate`` keeps only the first nodes of its choice (still a tree).
+        """
+        if self.budget is None:
+            raise RuntimeError("this drafter has no draft budget: it cannot propose")
+        config = self.config
+        t0 = time.perf_counter()
+        query = config.max_query_length
+        line = list(generated) + list(after)
+        context = (self.prompt_ids[-query:] + line)[-query:]
+        remaining = self.max_new_tokens - len(generated)
+        draft = self.trie.draft(context, config.decoding_length, request_id=self.request_id,
+                                branch_length=max(1, min(config.branch_length, remaining)))
+        self.trie_seconds += time.perf_counter() - t0
+        chosen = self.budget.select(draft.parents, draft.scores, draft.match_length, last_accepted,
+                                    draft.global_counts, max_nodes=max_nodes, batch_rows=batch_rows)
+        if truncate is not None:
+            chosen = chosen[:truncate]  # parents come first: still a tree
+        tree_index = {old: new for new, old in enumerate(chosen, start=1)}  # draft index -> tree index
+        return Proposal(tokens=[context[-1]] + [draft.tokens[i] for i in chosen],
+                        parents=[-1] + [tree_index.get(draft.parents[i], 0) for i in chosen],
+                        scores=[draft.scores[i] for i in chosen],
+                        global_counts=[draft.global_counts[i] for i in chosen],
+                        match_length=draft.match_length, last_accepted=last_accepted)
+
+    def observe(self, proposal: Proposal, accepted: Sequence[int]) -> None:
+        """Teach the budget: ``accepted`` are the accepted draft nodes (tree indices >= 1, path order)."""
+        draft_parents = [p - 1 for p in proposal.parents[1:]]  # -1: child of the root
+        self.budget.observe(draft_parents, proposal.scores, proposal.match_length, proposal.last_accepted,
+                            [i - 1 for i in accepted], proposal.global_counts)
+
+    def finish(self, output: Sequence[int] | None = None) -> None:
+        """Release the request-local counts; learn ``output`` into the global trie (when given and the config
+        learns outputs). Only the first call does anything."""
+        if self.finished:
+            return
+        self.finished = True
+        t0 = time.perf_counter()
+        self.trie.release(self.request_id)
+        if self.config.learn_outputs and output:
+            self.trie.insert(list(output))
+        self.trie_seconds += time.perf_counter() - t0

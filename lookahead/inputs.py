@@ -1,0 +1,139 @@
+"""From what a caller passes to a validated :class:`~lookahead.outputs.Request`: prompt encoding, EOS defaults,
+and the one set of argument checks every decoder uses (clear errors, before any model work)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .outputs import Prompt, Request
+from .sampling import SamplingParams
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an integer >= 1 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+    return value
+
+
+def check_stop(stop: Sequence[str] | None) -> tuple[str, ...]:
+    """Stop strings as a tuple; a bare string or a non-string item is a TypeError."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+        raise TypeError("stop must be a list of strings")
+    return tuple(stop)
+
+
+def check_documents(documents: Sequence[str] | None) -> list[str]:
+    """Documents as a list of strings; anything else is a TypeError naming the bad item."""
+    if documents is None:
+        return []
+    if isinstance(documents, str) or not isinstance(documents, Sequence):
+        raise TypeError(f"documents must be a list of strings, got {type(documents).__name__}")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise TypeError(f"documents[{i}] must be a string, got {type(doc).__name__}")
+    return list(documents)
+
+
+def is_prompt_list(prompt: Any) -> bool:
+    """True when ``prompt`` is a list of prompts (strings, message lists or id lists), not one prompt."""
+    if isinstance(prompt, (str, torch.Tensor)) or not isinstance(prompt, Sequence) or not prompt:
+        return False
+    first = prompt[0]
+    return isinstance(first, str) or (isinstance(first, Sequence) and not isinstance(first, dict))
+
+
+class InputEncoder:
+    """Encodes prompts with a tokenizer and prepares requests for a model of ``vocab_size`` tokens whose context
+    holds ``max_context`` positions (None: unbounded)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, generation_config: Any = None,
+                 max_context: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.generation_config = generation_config
+        self.max_context = max_context
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: a string, chat messages (rendered with the chat template) or token ids."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty: pass a non-empty string, chat messages or token ids")
+            return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.dim() != 1 or prompt.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"a tensor prompt must be 1-D (or [1, n]) integer token ids, got shape "
+                                 f"{tuple(prompt.shape)} dtype {prompt.dtype}")
+            prompt = prompt.tolist()
+        if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            items = list(prompt)
+            if not items:
+                raise ValueError("prompt is empty: pass a non-empty string, chat messages or token ids")
+            if all(isinstance(m, dict) for m in items):
+                return self.encode_messages(items)
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+                bad = [t for t in items if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ValueError(f"token ids must be in 0..{self.vocab_size - 1}, got {bad[:5]}")
+                return items
+        raise TypeError(
+            "prompt must be a string, a list of chat messages ({'role': ..., 'content': ...}) or a list of token ids, "
+            f"got {type(prompt).__name__}"
+        )
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Chat messages through the tokenizer's chat template, with the generation prompt."""
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"chat message {i} needs string 'role' and 'content' keys, got {m!r}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: pass a plain string prompt or token ids")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def encode_document(self, text: str) -> list[int]:
+        """Token ids of a document's text, without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def eos_ids(self, eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+        """The EOS set: the given id(s), else the model's generation config, else the tokenizer's."""
+        if eos_token_id is None:
+            eos_token_id = getattr(self.generation_config, "eos_token_id", None)
+            if eos_token_id is None:
+                eos_token_id = self.tokenizer.eos_token_id
+        if eos_token_id is None:
+            return frozenset()
+        if isinstance(eos_token_id, int):
+            return frozenset({eos_token_id})
+        return frozenset(int(t) for t in eos_token_id)
+
+    def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
+                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
+                sampling: SamplingParams | None = None) -> Request:
+        """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong."""
+        check_positive_int("max_new_tokens", max_new_tokens)
+        stops = check_stop(stop)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a lookahead.sampling.SamplingParams, got {type(sampling).__name__}")
+        docs = check_documents(documents)
+        prompt_ids = self.encode(prompt)
+        if self.max_context is not None:
+            if len(prompt_ids) >= self.max_context:
+                raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context} "
+                                 "tokens")
+            max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
+        resolved = (sampling or SamplingParams()).resolved(self.generation_config)
+        return Request(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
+                       eos=self.eos_ids(eos_token_id), stop=stops, documents=tuple(docs), sampling=resolved,
+                       document_ids=tuple(tuple(self.encode_document(d)) for d in docs))

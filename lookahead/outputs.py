@@ -1,0 +1,91 @@
+"""The types below the decoding loop: a prepared request, its stats, stream chunks and the joined result.
+
+Nothing here runs a model; every decoder (the batch loop, the ensemble, multidraft) produces these, and every
+consumer (the facade, the scheduler, the adapters) reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+import torch
+
+from .sampling import SamplingParams
+
+Message = dict[str, str]
+Prompt = Union[str, Sequence[Message], Sequence[int], torch.Tensor]  # noqa: UP007 (a runtime alias)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request, ready to decode (see :meth:`lookahead.inputs.InputEncoder.prepare`)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int  # already capped by the model's context
+    eos: frozenset[int]
+    stop: tuple[str, ...]
+    documents: tuple[str, ...]
+    sampling: SamplingParams  # resolved against the model's generation config
+    document_ids: tuple[tuple[int, ...], ...] = ()  # token ids of ``documents`` (no special tokens)
+
+
+@dataclass
+class GenerationStats:
+    """What one request cost and how well drafting worked. Times are seconds."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # forward passes, the prefill included
+    draft_sizes: list[int] = field(default_factory=list)  # draft nodes verified per decoding step
+    accepted_lengths: list[int] = field(default_factory=list)  # draft tokens accepted per decoding step
+    time_prefill: float = 0.0
+    time_trie: float = 0.0
+    time_forward: float = 0.0
+    time_other: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(tokens_per_step=self.tokens_per_step, tokens_per_second=self.tokens_per_second)
+        return data
+
+
+@dataclass
+class GenerationResult:
+    """Decoded text (stop string and what follows removed), new token ids and stats of one request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" (a stop string), or "length"
+    stats: GenerationStats
+
+
+@dataclass
+class StreamChunk:
+    """One accepted run of tokens. ``text`` is the new text it adds (may lag to hold back a partial stop)."""
+
+    token_ids: list[int]
+    text: str
+    accepted: int  # draft tokens accepted in the step that produced this run
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None  # set on the last chunk
+
+
+def collect_chunks(chunks: Iterable[StreamChunk]) -> GenerationResult:
+    """Join a request's stream into one result."""
+    items = list(chunks)
+    last = items[-1]
+    assert last.stats is not None and last.finish_reason is not None
+    return GenerationResult(text="".join(c.text for c in items), token_ids=[t for c in items for t in c.token_ids],
+                            finish_reason=last.finish_reason, stats=last.stats)
