@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -21,6 +20,8 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
+
+from lookahead.files import atomic_path, atomic_write_text
 
 FAISS_INSTALL = ("pip install faiss-cpu  (CUDA: pip install faiss-gpu; or the extra: "
                  "pip install 'lookahead-rag[langchain]')")
@@ -47,17 +48,6 @@ def _matches(metadata: dict[str, Any], filter: Filter | None) -> bool:
     if callable(filter):
         return bool(filter(metadata))
     return all(metadata.get(key) == value for key, value in filter.items())
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FAISSVectorStore(VectorStore):
@@ -298,15 +288,11 @@ class FAISSVectorStore(VectorStore):
                     "entries": entries}
             index = self._index if self._index is not None else None
             if index is not None:
-                _atomic_write(path / INDEX_FILE, lambda tmp: self._faiss.write_index(index, tmp))
+                with atomic_path(path / INDEX_FILE, mode=0o600) as tmp:  # owner-only: documents may be private
+                    self._faiss.write_index(index, str(tmp))
             else:
                 (path / INDEX_FILE).unlink(missing_ok=True)
-
-            def write_json(tmp: str) -> None:
-                with open(tmp, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle, ensure_ascii=False)
-
-            _atomic_write(path / DOCSTORE_FILE, write_json)
+            atomic_write_text(path / DOCSTORE_FILE, json.dumps(data, ensure_ascii=False), mode=0o600, fsync=False)
 
     @classmethod
     def load_local(cls, folder: str | os.PathLike[str], embeddings: Embeddings, *, use_gpu: bool = False,

@@ -1,9 +1,9 @@
 """Trie persistence for the server: load at start, save periodically and at shutdown (``--trie PATH``).
 
-:meth:`TokenTrie.save` writes atomically (a temporary file in the same folder, fsync, ``os.replace``), so a crash
-mid-save leaves the previous snapshot intact. A file that cannot be read as a trie (corrupt, foreign, another
-version) is moved aside to ``PATH.corrupt-<UTC time>`` (never deleted, never overwritten) and the server starts with
-an empty trie.
+:meth:`TokenTrie.save` writes atomically (``lookahead.files``: a temporary file in the same folder, fsync, then a
+rename), so a crash mid-save leaves the previous snapshot intact. A file that cannot be read as a trie (corrupt,
+foreign, another version) is moved aside to ``PATH.corrupt-<UTC time>`` (never deleted, never overwritten) and the
+server starts with an empty trie.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from lookahead.files import move_aside
 from lookahead.trie import TokenTrie
 
 log = logging.getLogger("lookahead_server")
@@ -58,14 +59,7 @@ class TrieStore:
         return trie
 
     def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            n += 1
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
-        os.replace(self.path, target)
-        return target
+        return move_aside(self.path, "corrupt-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
 
     def save(self, trie: TokenTrie) -> None:
         """Write ``trie`` atomically (parent folders are created)."""
