@@ -8,6 +8,7 @@ from conftest import make_model, random_prompt, tiny_config
 from transformers import DynamicCache, StaticCache
 
 from lookahead.kvcache import check_compactable, compact_cache
+from lookahead.runner import cache_argument
 from lookahead.tree import attention_mask, build_tree, position_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -18,14 +19,19 @@ TREE_TOKENS = [11, 40, 41, 50, 42, 51, 43, 60]
 TREE_PARENTS = [-1, 0, 1, 0, 2, 3, 4, 1]
 
 
+def with_cache(model, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The cache keyword the installed transformers accepts (no deprecation warning)."""
+    return {cache_argument(model): cache}
+
+
 def filled_cache(model) -> tuple[DynamicCache, torch.Tensor]:
     """Prefill PROMPT, then run TREE as one tree-masked pass; returns the cache and the tree pass logits [n, vocab]."""
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.tensor([PROMPT]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([PROMPT]), **with_cache(model, cache), use_cache=True)
         tree = build_tree(TREE_TOKENS, TREE_PARENTS)
         out = model(input_ids=tree.input_ids[None], position_ids=position_ids(tree, len(PROMPT)),
-                    attention_mask=attention_mask(tree, len(PROMPT)), past_key_values=cache, use_cache=True)
+                    attention_mask=attention_mask(tree, len(PROMPT)), **with_cache(model, cache), use_cache=True)
     return cache, out.logits[0]
 
 
@@ -33,7 +39,7 @@ def causal_cache(model, tokens: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     """The cache and logits of plain causal decoding of ``tokens``."""
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([tokens]), **with_cache(model, cache), use_cache=True)
     return cache, out.logits[0]
 
 
@@ -80,7 +86,7 @@ def test_compact_equals_selected_slices_and_causal_run(arch, keep):
     # decoding continues correctly on the compacted cache
     nxt = 123
     with torch.inference_mode():
-        cont = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
+        cont = model(input_ids=torch.tensor([[nxt]]), **with_cache(model, cache), use_cache=True,
                      position_ids=torch.tensor([[prefix + len(keep)]])).logits[0, -1]
     _, full_logits = causal_cache(model, PROMPT + path_tokens + [nxt])
     torch.testing.assert_close(cont, full_logits[-1], rtol=1e-4, atol=1e-5)
