@@ -18,7 +18,16 @@ import sys
 import time
 from typing import Any
 
+from lookahead_server.app import ServeSettings, create_app
+from lookahead_server.background import BackgroundServer
+from lookahead_server.loadgen import Job, run_load
+
 from lookahead.argtypes import positive_int
+from lookahead.bench.cases import load_cases
+from lookahead.config import LookaheadConfig
+from lookahead.engine import LookaheadGenerator
+from lookahead.models import load_model
+from lookahead.prompts import case_messages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,12 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_jobs(args: argparse.Namespace) -> tuple[list[Any], list[dict[str, Any]]]:
-    from lookahead_server.loadgen import Job
-
-    from lookahead.bench.cases import load_cases
-    from lookahead.prompts import case_messages
-
+def build_jobs(args: argparse.Namespace) -> tuple[list[Job], list[dict[str, Any]]]:
     cases = load_cases(args.cases, args.limit)
     jobs, used = [], []
     for i in range(args.requests):
@@ -68,19 +72,10 @@ def scrape(url: str, api_key: str | None) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lookahead_server.loadgen import run_load
-
     jobs, cases = build_jobs(args)
     server = generator = None
     url, api_key = args.url, args.api_key
     if url is None:
-        from lookahead_server import ServeSettings, create_app
-        from lookahead_server.background import BackgroundServer
-
-        from lookahead.config import LookaheadConfig
-        from lookahead.engine import LookaheadGenerator
-        from lookahead.models import load_model
-
         print(f"loading {args.model} ...", file=sys.stderr)
         model, tokenizer = load_model(args.model)
         generator = LookaheadGenerator(model, tokenizer, LookaheadConfig(cost_cache=args.cost_cache))
