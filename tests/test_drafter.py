@@ -1,0 +1,103 @@
+"""Literal tests of one request's drafting lifecycle (lookahead.drafter): trie + budget in, tree-space drafts out."""
+
+from __future__ import annotations
+
+import pytest
+
+from lookahead.budget import CostCurve, DraftBudget
+from lookahead.config import LookaheadConfig
+from lookahead.drafter import Drafter, Proposal, new_trie
+
+CONFIG = LookaheadConfig(branch_length=4, max_query_length=2, decoding_length=8, adaptive=False)
+
+
+class RecordingBudget(DraftBudget):
+    """A fixed budget (first nodes up to the limit) that records what it is taught."""
+
+    def __init__(self) -> None:
+        super().__init__(CostCurve((1,), (1.0,)), CONFIG.decoding_length, adaptive=False)
+        self.observed: list[tuple] = []
+
+    def observe(self, parents, scores, match_length, last_accepted, accepted, global_counts=None) -> None:
+        self.observed.append((list(parents), list(scores), match_length, last_accepted, list(accepted),
+                              list(global_counts or [])))
+
+
+def make_drafter(prompt: list[int], documents: tuple = (), max_new_tokens: int = 100) -> Drafter:
+    drafter = Drafter(new_trie(CONFIG), RecordingBudget(), CONFIG, request_id="r1")
+    drafter.start(prompt, documents, max_new_tokens)
+    return drafter
+
+
+def test_propose_returns_the_budgets_choice_in_tree_index_space():
+    # prompt windows under [1, 2]: 3 -> 6 -> 1 and 4 (one count each)
+    drafter = make_drafter([5, 1, 2, 3, 6, 1, 2, 4])
+    proposal = drafter.propose([1, 2])
+    assert proposal.tokens == [2, 3, 4, 6, 1]  # root: the last context token, then best-first draft nodes
+    assert proposal.parents == [-1, 0, 0, 1, 3]
+    assert proposal.scores == [1.0, 1.0, 1.0, 1.0]
+    assert proposal.global_counts == [0.0, 0.0, 0.0, 0.0]
+    assert proposal.match_length == 2
+    assert proposal.size == 5
+
+
+def test_propose_after_extra_tokens_and_truncated():
+    drafter = make_drafter([5, 1, 2, 3, 6, 1, 2, 4])
+    proposal = drafter.propose([9], after=[1, 2], truncate=2, last_accepted=3)
+    assert proposal.tokens == [2, 3, 4]
+    assert proposal.parents == [-1, 0, 0]
+    assert proposal.last_accepted == 3
+
+
+def test_documents_draft_and_depth_is_capped_by_the_tokens_left():
+    drafter = make_drafter([7], documents=[(1, 2, 3, 4, 5)], max_new_tokens=4)
+    assert drafter.propose([8, 1]).tokens == [1, 2, 3]  # 4 - 2 generated = 2 tokens deep at most
+    assert drafter.propose([8, 1]).parents == [-1, 0, 1]
+
+
+def test_extend_lets_the_output_draft_at_once():
+    drafter = make_drafter([5, 6])
+    assert drafter.propose([8, 9]).tokens == [9]  # nothing known after 9
+    drafter.extend([8, 9, 8])
+    assert drafter.learned == 3
+    proposal = drafter.propose([8, 9, 8])
+    assert proposal.tokens == [8, 9, 8] and proposal.parents == [-1, 0, 1]
+    drafter.extend([8, 9, 8])  # nothing new: no change
+    assert drafter.trie.count([8, 9, 8], "r1") == 1.0
+
+
+def test_observe_teaches_the_budget_in_draft_index_space():
+    drafter = make_drafter([5, 1, 2, 3, 6, 1, 2, 4])
+    proposal = drafter.propose([1, 2], last_accepted=2)
+    drafter.observe(proposal, [1, 3])  # tree nodes 1 (token 3) and 3 (token 6) accepted
+    assert drafter.budget.observed == [([-1, -1, 0, 2], [1.0, 1.0, 1.0, 1.0], 2, 2, [0, 2], [0.0, 0.0, 0.0, 0.0])]
+
+
+def test_placed_maps_a_proposal_into_a_larger_tree():
+    proposal = Proposal(tokens=[2, 3, 4, 6, 1], parents=[-1, 0, 0, 1, 3], scores=[1.0] * 4,
+                        global_counts=[0.0] * 4, match_length=2, last_accepted=0)
+    assert proposal.placed(root_at=10, first_at=20) == [10, 10, 20, 22]
+    assert proposal.placed(root_at=4, first_at=5) == [4, 4, 5, 7]  # root at 4, draft right after it
+
+
+def test_finish_releases_local_counts_and_learns_the_output_once():
+    drafter = make_drafter([5, 1, 2, 3])
+    drafter.finish([1, 2, 7])
+    trie = drafter.trie
+    assert trie.count([5, 1], "r1") == 0.0 and trie.count([5, 1]) == 0.0
+    assert trie.count([1, 2, 7]) == 1.0
+    drafter.finish([1, 2, 7])  # a second call changes nothing
+    assert trie.count([1, 2, 7]) == 1.0
+
+
+def test_finish_without_output_learns_nothing():
+    drafter = make_drafter([5, 1, 2, 3])
+    drafter.finish(None)
+    assert drafter.trie.count([5, 1]) == 0.0 and drafter.trie.count([1, 2, 3]) == 0.0
+
+
+def test_a_drafter_without_budget_cannot_propose():
+    drafter = Drafter(new_trie(CONFIG), None, CONFIG)
+    drafter.start([1, 2, 3])
+    with pytest.raises(RuntimeError, match="no draft budget"):
+        drafter.propose([1])
