@@ -94,10 +94,8 @@ def test_stop_string_matches_hf(default_model, generator):
     words = text.split()
     stop = words[len(words) // 2]  # a word from the middle of the greedy answer
     result = generator.generate(ids, max_new_tokens=case["max_new_tokens"], stop=[stop])
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=case["max_new_tokens"], do_sample=False,
-                             stop_strings=[stop], tokenizer=tokenizer,
-                             pad_token_id=model.generation_config.eos_token_id)
-    assert result.token_ids == out[0, len(ids):].tolist()
+    out = hf_greedy(model, ids, case["max_new_tokens"], stop_strings=[stop], tokenizer=tokenizer,
+                           pad_token_id=model.generation_config.eos_token_id)
+    assert result.token_ids == out
     assert result.finish_reason == "stop"
     assert stop not in result.text and text.startswith(result.text)

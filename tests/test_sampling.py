@@ -17,6 +17,7 @@ from conftest import EOS_ID, FLAT_CURVE, hf_greedy, make_model, make_tokenizer, 
 from scipy.stats import chisquare
 
 import lookahead.batch
+from lookahead import reference
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.sampling import SamplingParams, TokenChooser
@@ -152,11 +153,8 @@ def test_seeded_sampling_equals_seeded_hf_sampling(params):
     for i in range(3):
         prompt = random_prompt(20 + i, 12)
         prompt = prompt + prompt  # drafts from the prompt
-        torch.manual_seed(99 + i)
-        with torch.inference_mode():
-            out = gen.model.generate(torch.tensor([prompt]), do_sample=True, max_new_tokens=24, top_k=params.get(
-                "top_k", 0), **{k: v for k, v in params.items() if k != "top_k"}, pad_token_id=0, eos_token_id=0)
-        ref = out[0, len(prompt):].tolist()
+        ref = reference.sample(gen.model, prompt, 24, seed=99 + i, top_k=params.get("top_k", 0),
+                               **{k: v for k, v in params.items() if k != "top_k"}, pad_token_id=0, eos_token_id=0)
         result = gen.generate(prompt, max_new_tokens=24, do_sample=True, seed=99 + i, **params)
         assert result.token_ids == ref
         again = gen.generate(prompt, max_new_tokens=24, do_sample=True, seed=99 + i, **params)
