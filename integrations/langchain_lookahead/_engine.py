@@ -1,9 +1,8 @@
 """Shared plumbing of the LangChain classes: a process-wide registry of loaded engines, message conversion, the plain
 greedy baseline and the router that carries retrieved documents to the LLM call of the same chain run.
 
-Nothing here imports torch or transformers at import time: models are loaded on the first generation, once per
-(model, dtype, device, knobs) in a process, and shared by every LangChain object that names them, so the global trie
-of past outputs is shared across calls and across instances.
+Models are loaded on the first generation, once per (model, dtype, device, knobs) in a process, and shared by every
+LangChain object that names them, so the global trie of past outputs is shared across calls and across instances.
 """
 
 from __future__ import annotations
@@ -13,14 +12,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
-from lookahead.config import LookaheadConfig
+import torch
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
-    from lookahead.multidraft import MultiDraftResult
+from lookahead import reference
+from lookahead.config import LookaheadConfig
+from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
+from lookahead.models import load_model
+from lookahead.multidraft import MultiDraftGenerator, MultiDraftResult
 
 __all__ = ["EngineHandle", "DocumentRouter", "get_engine", "register_engine", "clear_engines", "check_documents"]
 
@@ -57,9 +58,6 @@ def get_engine(name: str, dtype: str, device: str | None, config: LookaheadConfi
     with _ENGINES_LOCK:
         handle = _ENGINES.get(key)
         if handle is None:
-            from lookahead.engine import LookaheadGenerator
-            from lookahead.models import load_model
-
             model, tokenizer = load_model(name, dtype=dtype, device=device)
             handle = EngineHandle(name, LookaheadGenerator(model, tokenizer, config))
             _ENGINES[key] = handle
@@ -68,8 +66,6 @@ def get_engine(name: str, dtype: str, device: str | None, config: LookaheadConfi
 
 def register_engine(generator: LookaheadGenerator, name: str | None = None) -> EngineHandle:
     """Wrap a prebuilt generator (not put in the registry: the caller owns it)."""
-    from lookahead.engine import LookaheadGenerator
-
     if not isinstance(generator, LookaheadGenerator):
         raise TypeError(f"generator must be a lookahead.engine.LookaheadGenerator, got {type(generator).__name__}")
     if name is None:
@@ -140,8 +136,6 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
 def generate_n(handle: EngineHandle, prompt: Any, *, n: int, max_new_tokens: int, stop: Sequence[str] | None,
                documents: Sequence[str]) -> MultiDraftResult:
     """``n`` distinct completions under the handle's lock (multidraft tree method: the first is the greedy output)."""
-    from lookahead.multidraft import MultiDraftGenerator
-
     with handle.lock:
         return MultiDraftGenerator(generator=handle.generator).generate(
             prompt, k=n, max_new_tokens=max_new_tokens, stop=list(stop or []) or None, documents=documents or None)
@@ -159,41 +153,27 @@ def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, s
     Stops like the engine does: at EOS, after ``max_new_tokens``, or as soon as the decoded text contains a stop
     string (the text is cut before it).
     """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    from lookahead.engine import GenerationStats
-
     generator = handle.generator
     model, tokenizer = generator.model, generator.tokenizer
     prompt_ids = generator.encode(prompt)
     stops = [s for s in (stop or []) if s]
     n_prompt = len(prompt_ids)
-
-    class _StopText(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            text = tokenizer.decode(input_ids[0, n_prompt:], skip_special_tokens=True)
-            done = any(s in text for s in stops)
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
+    pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
     options = dict(sampling or {})
     seed = options.pop("seed", None)
-    options.setdefault("do_sample", False)
+    do_sample = options.pop("do_sample", False)
+    decode = dict(eos_token_id=eos, pad_token_id=pad, stop=stops, tokenizer=tokenizer, **options)
     start = time.perf_counter()
-    input_ids = torch.tensor([prompt_ids], device=model.device)
-    with torch.inference_mode(), torch.random.fork_rng(devices=[] if model.device.type == "cpu" else [model.device]):
-        if seed is not None:
-            torch.manual_seed(seed)  # HF draws from the global generator: seeded here, restored afterwards
-        out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else (eos[0] if eos else 0),
-            stopping_criteria=StoppingCriteriaList([_StopText()]) if stops else None, **options,
-        )
+    if do_sample:
+        # HF draws from the global generator: seeded here, restored afterwards
+        with torch.random.fork_rng(devices=[] if model.device.type == "cpu" else [model.device]):
+            token_ids = reference.sample(model, prompt_ids, max_new_tokens, seed=seed, **decode)
+    else:
+        token_ids = reference.greedy(model, prompt_ids, max_new_tokens, **decode)
     seconds = time.perf_counter() - start
-    token_ids = out[0, n_prompt:].tolist()
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     found = [p for p in (text.find(s) for s in stops) if p >= 0]

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,20 +32,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
 from lookahead.sampling import SamplingParams
 from lookahead.scheduler import QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
 
 from .errors import ApiError, describe_validation_error, parse_json, validate_body
 from .metrics import ServerMetrics
 from .persistence import TrieStore
-from .schemas import ChatCompletionRequest, CompletionRequest, DocumentsRequest, _GenerationRequest, as_documents_body
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
+from .schemas import ChatCompletionRequest, CompletionRequest, DocumentsRequest, as_documents_body
 
 log = logging.getLogger("lookahead_server")
 
-SchedulerFactory = Callable[["LookaheadGenerator", "ServeSettings"], Scheduler]
+SchedulerFactory = Callable[[LookaheadGenerator, "ServeSettings"], Scheduler]
+GenerationBody = CompletionRequest | ChatCompletionRequest  # the bodies that ask for a generation
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # engine reason -> OpenAI finish_reason
 _END = object()
 _CONTEXT_FALLBACK = 4096  # max_tokens limit when the model does not say how long its context is
@@ -223,14 +222,14 @@ class _Service:
         return requested if requested is not None else min(self.settings.default_max_tokens, room, limit)
 
     @staticmethod
-    def sampling(body: _GenerationRequest) -> SamplingParams:
+    def sampling(body: GenerationBody) -> SamplingParams:
         """Absent or zero temperature: greedy (a documented deviation from OpenAI's default of 1)."""
         if not body.temperature:
             return SamplingParams()
         top_p = 1.0 if body.top_p is None else body.top_p
         return SamplingParams(do_sample=True, temperature=body.temperature, top_p=top_p, top_k=0, seed=body.seed)
 
-    def _submit_sync(self, prompt: Any, body: _GenerationRequest, requested: int | None, param: str
+    def _submit_sync(self, prompt: Any, body: GenerationBody, requested: int | None, param: str
                      ) -> tuple[RequestHandle, int]:
         if self.scheduler is None:
             raise ApiError(503, "the server is starting or shutting down; retry shortly")
@@ -251,7 +250,7 @@ class _Service:
         self.handles.add(handle)
         return handle, len(prompt_ids)
 
-    async def submit(self, prompt: Any, body: _GenerationRequest, requested: int | None, param: str
+    async def submit(self, prompt: Any, body: GenerationBody, requested: int | None, param: str
                      ) -> tuple[RequestHandle, int]:
         # in a thread: tokenizing the prompt and the documents can take a while; the event loop keeps serving
         return await asyncio.to_thread(self._submit_sync, prompt, body, requested, param)
@@ -437,7 +436,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
                                                      param)
         return await _respond(request, handle, body, prompt_tokens, started, chat=True)
 
-    async def _respond(request: Request, handle: RequestHandle, body: _GenerationRequest, prompt_tokens: int,
+    async def _respond(request: Request, handle: RequestHandle, body: GenerationBody, prompt_tokens: int,
                        started: float, chat: bool) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{handle.id}"
         created = int(time.time())
@@ -471,7 +470,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
             "lookahead": _lookahead_info(stats, reason),
         })
 
-    async def _stream(request: Request, handle: RequestHandle, body: _GenerationRequest, rid: str, created: int,
+    async def _stream(request: Request, handle: RequestHandle, body: GenerationBody, rid: str, created: int,
                       prompt_tokens: int, started: float, chat: bool, endpoint: str) -> AsyncIterator[str]:
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": settings.model_name}
