@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import reference
-from ..engine import LookaheadGenerator, StreamChunk, collect_chunks
+from ..engine import LookaheadGenerator
 from ..prompts import case_messages
 
 BATCH_METHODS = ("lookahead-alone", "lookahead-batch", "hf-batch", "hf-alone")
@@ -46,27 +46,6 @@ def _hf_eos_and_pad(generator: LookaheadGenerator) -> tuple[list[int], int]:
     return eos, eos[0] if pad is None else pad
 
 
-def lookahead_batched(generator: LookaheadGenerator, prompts: Sequence[list[int]], max_new_tokens: Sequence[int],
-                      batch_size: int) -> list[list[int]]:
-    """Batched lookahead with one limit per prompt: up to ``batch_size`` rows decode together, and a finished row's
-    slot goes to the next waiting prompt (in order). Returns the new token ids of every prompt."""
-    requests = [generator.prepare(p, max_new_tokens=n) for p, n in zip(prompts, max_new_tokens)]
-    generator.budget  # noqa: B018 - measure (or load) the cost curve first
-    chunks: list[list[StreamChunk]] = [[] for _ in requests]
-    waiting = list(range(len(requests)))[::-1]
-    batch = generator.new_batch()
-    try:
-        while waiting or len(batch):
-            while waiting and len(batch) < batch_size:
-                index = waiting.pop()
-                batch.add(requests[index], key=index)
-            for index, chunk in batch.step():
-                chunks[index].append(chunk)
-    finally:
-        batch.close()
-    return [collect_chunks(c).token_ids for c in chunks]
-
-
 def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]], batch_size: int,
                    methods: Sequence[str] = BATCH_METHODS) -> list[ThroughputResult]:
     """Decode every case with every method; lookahead-alone is the reference for exactness.
@@ -88,7 +67,8 @@ def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]
         if method == "lookahead-alone":
             outputs[method] = [generator.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, limits)]
         elif method == "lookahead-batch":
-            outputs[method] = lookahead_batched(generator, prompts, limits, batch_size)
+            requests = [generator.prepare(p, max_new_tokens=n) for p, n in zip(prompts, limits)]
+            outputs[method] = [r.token_ids for r in generator.run_many(requests, batch_size)]
         else:  # hf-batch, hf-alone: HF greedy on left-padded batches
             eos, pad = _hf_eos_and_pad(generator)
             outputs[method] = reference.padded_batch(generator.model, prompts, limits,
