@@ -2,8 +2,9 @@
 the timing of tree passes that the draft budget's cost curve is made of.
 
 The model is a stock Hugging Face causal LM; only its decoder (``model.get_decoder()``) runs here, with explicit
-``position_ids``, a 4-D additive mask where the pass is not plainly causal, and a ``DynamicCache`` passed under the
-argument name the installed transformers accepts (:func:`cache_argument`). The LM head is applied here too, so a
+``position_ids``, a 4-D additive mask where the pass is not plainly causal (windowed for sliding-window layers, whose
+cache keeps every position), and a ``DynamicCache`` passed under the argument name the installed transformers accepts
+(:func:`cache_argument`). The LM head, with the model's own post-processing of its output, is applied here too, so a
 pass computes logits only for the rows that need them.
 """
 
@@ -25,8 +26,52 @@ from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, positio
 
 #: model_type values whose stock transformers implementation is verified by the test-suite to accept a 4-D tree
 #: mask with explicit position ids and a DynamicCache, giving output identical to greedy decoding.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "qwen2", "qwen3", "mistral", "mixtral", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "qwen2_moe",
+    "qwen3_moe", "starcoder2", "smollm3", "granite", "cohere",
+)
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+#: architectures without ``layer_types`` whose modeling applies ``config.sliding_window`` to every layer when set
+WINDOW_ON_EVERY_LAYER = ("mistral", "mixtral", "phi3", "qwen3_moe", "starcoder2")
+#: layer types a tree pass can mask: the cache keeps every position, sliding layers get a windowed mask
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_types(config: Any) -> set[str]:
+    """The RoPE types of ``config`` (one per layer type where the parameters are given per layer type)."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(parameters, dict):
+        return set()
+    if "rope_type" in parameters or "type" in parameters:
+        return {str(parameters.get("rope_type", parameters.get("type")))}
+    return {str(p.get("rope_type", p.get("type", "default"))) for p in parameters.values() if isinstance(p, dict)}
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of the model's sliding-window layers (None: every layer attends to everything).
+
+    Raises ValueError for windows the tree masks cannot reproduce: a non-positive window, a window on an
+    architecture whose modeling ignores it, layer types other than full and sliding attention, bidirectional
+    windows."""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("bidirectional attention is not causal: lookahead decodes causal language models only")
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"attention layer types {unknown} are not supported by lookahead's tree masks and KV "
+                             f"compaction (supported: {', '.join(LAYER_TYPES)})")
+        if "sliding_attention" not in layer_types:
+            return None
+    elif window is None:
+        return None
+    elif getattr(config, "model_type", None) not in WINDOW_ON_EVERY_LAYER:
+        raise ValueError(f"sliding_window={window!r} on a {getattr(config, 'model_type', None)!r} config without "
+                         "layer_types: its modeling does not apply it, so lookahead cannot match it")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding-window attention needs a positive integer sliding_window, got {window!r}")
+    return window
 
 
 def check_model(model: Any) -> None:
@@ -41,20 +86,79 @@ def check_model(model: Any) -> None:
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or softcap:
-        raise ValueError("lookahead needs a plain bias-free linear LM head (no logit soft-capping)")
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise ValueError("lookahead needs a plain bias-free linear LM head")
     attn = getattr(config, "_attn_implementation", None) or "eager"
     if attn not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"attention implementation {attn!r} does not accept a 4-D tree mask; load the model with "
             f"attn_implementation='sdpa' or 'eager'"
         )
-    try:  # the cache the model would get: sliding-window layers also come from a bare `sliding_window` (Mistral)
-        check_compactable(DynamicCache(config=config))
+    dynamic = sorted(t for t in rope_types(config) if t == "longrope" or "dynamic" in t)
+    if dynamic:
+        raise ValueError(
+            f"RoPE type {dynamic[0]!r} is not supported: transformers recomputes its frequencies from the largest "
+            "position in each forward pass, so a tree pass (whose draft nodes reach further) would rotate the same "
+            "token differently from plain decoding"
+        )
+    sliding_window(config)
+    try:  # the cache a runner makes: every layer a plain growing DynamicLayer
+        check_compactable(full_cache(config))
     except TypeError as error:
-        raise ValueError(f"sliding-window attention layers are not supported by lookahead's KV compaction ({error})"
+        raise ValueError(f"this model's KV cache layers are not supported by lookahead's KV compaction ({error})"
                          ) from error
+
+
+def full_cache(config: Any) -> DynamicCache:
+    """An empty cache in which every layer keeps every position: sliding-window layers too (their tree masks apply
+    the window instead, see :func:`window_mask`), so compaction never has to know which positions a window evicted.
+    Models without sliding-window layers get the cache transformers itself builds for their config."""
+    if sliding_window(config) is None:
+        return DynamicCache(config=config)
+    return DynamicCache()  # layers are created on first use, each a full DynamicLayer
+
+
+def window_mask(mask: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor, window: int
+                ) -> torch.Tensor:
+    """``mask`` with every key ``window`` or more positions before its query hidden, as transformers' sliding
+    window (a key at position k is visible from position q iff ``q - k < window``).
+
+    Args:
+        mask: [B, 1, m, L] additive mask.
+        query_positions: [B, m] or [1, m] positions of the queries.
+        key_positions: [B, L] or [1, L] positions of the keys (of cached keys and tree nodes alike).
+    """
+    distance = query_positions[:, None, :, None] - key_positions[:, None, None, :]  # [B, 1, m, L]
+    return mask.masked_fill(distance >= window, torch.finfo(mask.dtype).min)
+
+
+@dataclass(frozen=True)
+class LogitProcessing:
+    """What a model's forward does to ``lm_head(h)`` before it returns logits, in its order: divide by ``divide``
+    (Granite's ``logits_scaling``), multiply by ``multiply`` (Cohere's ``logit_scale``), then soft-cap as
+    ``tanh(x / softcap) * softcap`` (Gemma 2/3's ``final_logit_softcapping``). All None: plain ``lm_head(h)``."""
+
+    divide: float | None = None
+    multiply: float | None = None
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config: Any) -> LogitProcessing:
+        """The processing of a supported architecture, read from its config."""
+        divide, multiply = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
+        return cls(divide=None if divide in (None, 1) else float(divide),  # x / 1 and x * 1 are exact no-ops
+                   multiply=None if multiply in (None, 1) else float(multiply),
+                   softcap=getattr(config, "final_logit_softcapping", None) or None)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's own operations on ``logits`` (in their dtype, as the model computes them)."""
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.multiply is not None:
+            logits = logits * self.multiply
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def cache_argument(decoder: torch.nn.Module) -> str:
@@ -89,12 +193,18 @@ class ModelRunner:
         self.model = model
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings().weight  # [V, d]
+        self.processing = LogitProcessing.of(model.config)
+        self.window = sliding_window(model.config)
+        layer_types = getattr(model.config, "layer_types", None)
+        #: sliding-window models with ``layer_types`` take one mask per layer type, the others one for every layer
+        self.layer_types = sorted(set(layer_types)) if self.window and layer_types is not None else None
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
         self.skinny = skinny and self.device.type == "cpu"
         if self.skinny:
             install_skinny_linear(self.decoder)
         self.cache_name = cache_argument(self.decoder)
+        self.check_head()
 
     def kernels(self) -> AbstractContextManager[None]:
         """The block inside which this runner's small CPU passes use the skinny kernels (a no-op elsewhere)."""
@@ -102,13 +212,29 @@ class ModelRunner:
 
     def new_cache(self) -> DynamicCache:
         """An empty cache for this model, checked to be compactable."""
-        cache = DynamicCache(config=self.model.config)
+        cache = full_cache(self.model.config)
         check_compactable(cache)
         return cache
 
     def _decode(self, cache: DynamicCache, **inputs: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden state for ``inputs``, with ``cache`` passed under the accepted name."""
         return self.decoder(**inputs, **{self.cache_name: cache}, use_cache=True).last_hidden_state
+
+    def _masks(self, mask: torch.Tensor, query_positions: torch.Tensor, block_positions: torch.Tensor
+               ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The attention mask argument for a tree pass whose full-attention mask is ``mask`` [B, 1, m, C + n]: the
+        same mask, windowed for sliding-window layers (one mask per layer type where the model has several).
+
+        ``query_positions`` [B, m] are the positions of the queries, ``block_positions`` [B, n] those of the whole
+        tree block at cache index C (cached position j < C is position j)."""
+        if self.window is None:
+            return mask
+        cached = torch.arange(mask.shape[-1] - block_positions.shape[-1], device=mask.device)  # [C]
+        keys = torch.cat([cached.expand(block_positions.shape[0], -1), block_positions], dim=-1)  # [B, C + n]
+        windowed = window_mask(mask, query_positions, keys, self.window)
+        if self.layer_types is None:  # the window applies to every layer
+            return windowed
+        return {t: windowed if t == "sliding_attention" else mask for t in self.layer_types}
 
     # ------------------------------------------------------------------ passes
 
@@ -137,11 +263,10 @@ class ModelRunner:
         if tree is None or tree.size == 1:  # causal: the default mask is the tree mask
             positions = torch.tensor([[prefix_length + start]], device=self.device)  # [1, 1]
             return self._decode(cache, **inputs, position_ids=positions)[0]  # [1, d]
-        hidden = self._decode(
-            cache, **inputs,
-            position_ids=position_ids(tree, prefix_length)[:, start:],  # [1, m]
-            attention_mask=attention_mask(tree, prefix_length, self.dtype)[:, :, start:],  # [1, 1, m, P + n]
-        )  # [1, m, d]
+        positions = position_ids(tree, prefix_length)  # [1, n]
+        mask = attention_mask(tree, prefix_length, self.dtype)[:, :, start:]  # [1, 1, m, P + n]
+        hidden = self._decode(cache, **inputs, position_ids=positions[:, start:],  # [1, m]
+                              attention_mask=self._masks(mask, positions[:, start:], positions))  # [1, m, d]
         return hidden[0]  # [m, d]
 
     def run_nodes(self, cache: DynamicCache, prefix_length: int, tokens: Sequence[int], parents: Sequence[int],
@@ -164,7 +289,8 @@ class ModelRunner:
             return self.run_tree(cache, layout.tree_start, trees[0])[None]  # [1, n, d]
         inputs = batch_inputs(trees, layout.lengths, layout.tree_start, self.dtype)
         return self._decode(cache, input_ids=inputs.input_ids, position_ids=inputs.position_ids,
-                            attention_mask=inputs.attention_mask)  # [B, N, d]
+                            attention_mask=self._masks(inputs.attention_mask, inputs.position_ids, inputs.position_ids)
+                            )  # [B, N, d]
 
     @staticmethod
     def compact(cache: DynamicCache, layout: RowLayout, keeps: Sequence[Sequence[int]]) -> list[int]:
@@ -177,17 +303,40 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ the head
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``hidden @ W.T``: [n, d] -> [n, V] (on CPU as ``W @ hidden.T``, see lookahead.kernels)."""
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ W.T`` in the model's dtype: [n, d] -> [n, V] (on CPU as ``W @ hidden.T``, see
+        lookahead.kernels)."""
         if hidden.device.type != "cpu":
-            return torch.nn.functional.linear(hidden, self.head).float()  # [n, V]
-        return skinny_matmul(hidden, self.head).float()  # [n, V]
+            return torch.nn.functional.linear(hidden, self.head)  # [n, V]
+        return skinny_matmul(hidden, self.head)  # [n, V]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits as the model's forward returns them: ``hidden @ W.T`` and the model's own processing of it
+        (scaling, soft-capping; see :class:`LogitProcessing`): [n, d] -> [n, V]."""
+        return self.processing.apply(self._head(hidden)).float()  # [n, V]
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Argmax of ``hidden @ W.T`` for every row: [n, d] -> [n] (on CPU 2-4x faster as ``W @ hidden.T``)."""
-        if hidden.device.type != "cpu":
-            return torch.nn.functional.linear(hidden, self.head).argmax(-1)  # [n]
-        return skinny_matmul(hidden, self.head).argmax(-1)  # [n]
+        """Argmax of :meth:`logits` for every row: [n, d] -> [n] (on CPU 2-4x faster as ``W @ hidden.T``). The
+        processing is applied before the argmax too: rounding (and soft-capping's saturation) can make ties."""
+        return self.processing.apply(self._head(hidden)).argmax(-1)  # [n]
+
+    def check_head(self) -> None:
+        """Refuse the model unless :meth:`logits` of the decoder's hidden states reproduce the logits of the model's
+        own forward, on a 2-token probe: a head post-processing this runner does not know would change outputs."""
+        vocab = int(self.head.shape[0])
+        probe = torch.tensor([[1 % vocab, vocab // 2]], device=self.device)  # [1, 2]
+        with torch.inference_mode():
+            expected = self.model(input_ids=probe, use_cache=False).logits[0].float()  # [2, V]
+            ours = self.logits(self.decoder(input_ids=probe, use_cache=False).last_hidden_state[0])  # [2, V]
+        scale = float(expected.abs().max())
+        error = float((ours.to(expected.device) - expected).abs().max())
+        tolerance = max(4 * torch.finfo(self.dtype).eps, 1e-4) * max(scale, 1.0)
+        if not error <= tolerance:
+            raise ValueError(
+                f"lookahead's LM head does not reproduce the logits of this {self.model.config.model_type!r} model "
+                f"(largest difference {error:.3g} on a probe, logits up to {scale:.3g}): its forward post-processes "
+                "the LM head's output in a way lookahead does not apply"
+            )
 
 
 def sees_whole_block(parents: Sequence[int], start: int) -> bool:

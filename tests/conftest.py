@@ -14,21 +14,36 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from lookahead import reference
 from lookahead.budget import CostCurve
 
 EOS_ID = 0
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+#: further tiny models, tested by tests/test_architectures.py: name -> (model_type, config overrides, attention).
+#: Sliding windows are small (6) so that prompts and outputs outgrow them; head scalings are far from 1, and the
+#: soft-capped models get larger weights so that their logits reach the cap.
+HYBRID = dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+              final_logit_softcapping=3.0, initializer_range=0.2)
+MORE_ARCHITECTURES = {
+    "gemma": ("gemma", dict(tie_word_embeddings=True), "sdpa"),
+    "gemma2": ("gemma2", dict(HYBRID, attn_logit_softcapping=5.0), "eager"),  # transformers' gemma2 has no sdpa
+    "gemma3_text": ("gemma3_text", HYBRID, "sdpa"),
+    "phi3": ("phi3", {}, "sdpa"),
+    "olmo2": ("olmo2", {}, "sdpa"),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=64), "sdpa"),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "sdpa"),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), "sdpa"),
+    "starcoder2": ("starcoder2", {}, "sdpa"),
+    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0]), "sdpa"),
+    "granite": ("granite", dict(logits_scaling=0.25), "sdpa"),
+    "cohere": ("cohere", dict(logit_scale=4.0, tie_word_embeddings=True), "sdpa"),
+    "mistral_sliding": ("mistral", dict(sliding_window=6), "sdpa"),  # Mistral-7B-v0.1 style: every layer
+    "qwen2_sliding": ("qwen2", dict(sliding_window=6, use_sliding_window=True, max_window_layers=1), "sdpa"),
+    "phi3_sliding": ("phi3", dict(sliding_window=6), "sdpa"),
+}
 #: a pass of 64 tokens costs what a pass of 1 does: drafting always pays, so the budget drafts whatever it has
 FLAT_CURVE = CostCurve((1, 64), (1.0, 1.0))
 
@@ -59,10 +74,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 VOCAB_SIZE = len(_tokenizer_vocab()[0])
 
-_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
-
-
 def tiny_config(arch: str, **overrides):
+    """The config of a tiny model: ``arch`` is one of ARCHITECTURES, a name in MORE_ARCHITECTURES or a model_type."""
+    model_type, variant, _ = MORE_ARCHITECTURES.get(arch, (arch, {}, "sdpa"))
     kwargs = dict(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
@@ -70,18 +84,21 @@ def tiny_config(arch: str, **overrides):
     )
     if arch == "mistral":
         kwargs["sliding_window"] = None
+    kwargs.update(variant)
     kwargs.update(overrides)
-    return _CONFIGS[arch](**kwargs)
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 @functools.cache
 def make_model(arch: str, seed: int = 0) -> PreTrainedModel:
-    """A tiny float32 sdpa model with seeded random weights (cached: tests never modify it).
+    """A tiny float32 model with seeded random weights (cached: tests never modify it), with sdpa attention unless
+    MORE_ARCHITECTURES names another.
 
     The seed is mixed with the architecture: llama and mistral build identical modules, and would otherwise get
     identical weights."""
-    torch.manual_seed(1000 * ARCHITECTURES.index(arch) + seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="sdpa", dtype=torch.float32)
+    torch.manual_seed(1000 * (ARCHITECTURES + tuple(MORE_ARCHITECTURES)).index(arch) + seed)
+    attention = MORE_ARCHITECTURES[arch][2] if arch in MORE_ARCHITECTURES else "sdpa"
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation=attention, dtype=torch.float32)
     return model.eval()
 
 
