@@ -9,6 +9,7 @@ and that output equals HF's up to the first near-tie. This module tells the two 
 - :func:`classify`: at that position, one teacher-forced pass of the model (in its own dtype) over the prompt and the
   reference's prefix; a *near-tie* when the token the output chose there is within :func:`rounding_tolerance` of the
   largest logit, else *hard* (always hard in float32 and float64).
+- :func:`classify_text`: the same for an output known only as text (a server's answer).
 - :func:`worst_margin`: a teacher-forced pass over prompt + output; how far each emitted token's logit falls below
   the largest logit at its position (every one should be within the tolerance).
 
@@ -28,8 +29,8 @@ import torch
 
 __all__ = [
     "EXACT_DTYPES", "HARD", "IDENTICAL", "NEAR_TIE", "TOLERANCE_EPS", "Margin", "Verdict", "classify",
-    "classify_position", "first_divergence", "first_text_divergence", "position_logits", "rounding_tolerance",
-    "worst_margin",
+    "classify_position", "classify_text", "first_divergence", "first_text_divergence", "position_logits",
+    "rounding_tolerance", "worst_margin",
 ]
 
 IDENTICAL, NEAR_TIE, HARD = "identical", "near-tie", "hard"
@@ -113,8 +114,10 @@ def rounding_tolerance(logits: torch.Tensor, dtype: torch.dtype, k: float = TOLE
 class Verdict:
     """Where an output parts from its reference, and what kind of difference that is.
 
-    ``gap`` is the reference pass's largest logit minus the logit of the token the output chose there (the top-2
-    gap when that token is unknown); a near-tie when ``gap <= tolerance`` in a half-precision dtype.
+    In the teacher-forced pass over the reference's prefix, ``gap`` is how far the lower of the two tokens (the
+    output's and the reference's) falls below the largest logit: both are the model's own choice within rounding,
+    a near-tie, when ``gap <= tolerance`` in a half-precision dtype. When the output's token is unknown (text only),
+    it is taken to be the best token other than the reference's.
     """
 
     kind: str  # IDENTICAL, NEAR_TIE or HARD
@@ -151,9 +154,10 @@ def classify_position(model: Any, prompt_ids: Sequence[int], reference: Sequence
                       output_token: int | None = None, k: float = TOLERANCE_EPS) -> Verdict:
     """Classify a difference from ``reference`` that starts at new-token index ``position``.
 
-    One teacher-forced pass over ``prompt + reference[:position]``. ``output_token``: the token the output chose
-    there (None when only the text is known: the reference's top-2 gap decides then). Hard in float32 and float64,
-    and when the reference has no token at ``position`` (it ended first).
+    One teacher-forced pass over ``prompt + reference[:position]``: a near-tie when both the reference's token
+    and ``output_token`` are within the dtype's rounding of the largest logit there (see :class:`Verdict`).
+    ``output_token``: the token the output chose (None when only its text is known: the best token other than the
+    reference's stands in). Hard in float32 and float64, and when the reference has no token at ``position``.
     """
     dtype = model.dtype
     name = _dtype_name(dtype)
@@ -163,7 +167,11 @@ def classify_position(model: Any, prompt_ids: Sequence[int], reference: Sequence
     row = position_logits(model, prompt_ids, list(reference[:position + 1]), last=1)[0]  # [V]
     top2 = row.topk(2).values
     top2_gap = float(top2[0] - top2[1])
-    gap = top2_gap if output_token is None else float(row.max() - row[output_token])
+    if output_token is None:  # the output's best possible token: the largest logit but the reference's
+        other = float(torch.cat([row[:expected], row[expected + 1:]]).max())
+    else:
+        other = float(row[output_token])
+    gap = float(row.max()) - min(other, float(row[expected]))
     tolerance = float(rounding_tolerance(row, dtype, k))
     tie = dtype not in EXACT_DTYPES and gap <= tolerance
     return Verdict(NEAR_TIE if tie else HARD, name, position, output_token, expected, gap, top2_gap, tolerance)
@@ -182,6 +190,17 @@ def classify(model: Any, prompt_ids: Sequence[int], output: Sequence[int], refer
     if position >= len(output):  # the output stopped where the reference went on
         return Verdict(HARD, _dtype_name(model.dtype), position, None, int(reference[position]))
     return classify_position(model, prompt_ids, reference, position, int(output[position]), k)
+
+
+def classify_text(model: Any, decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int], text: str,
+                  reference: Sequence[int], k: float = TOLERANCE_EPS) -> Verdict:
+    """:func:`classify` for an output known only as its ``text``: it parts from ``reference`` at the first token
+    whose decoded prefix disagrees with ``text`` (:func:`first_text_divergence`), and the reference's top-2 gap
+    there decides (the output's own token is unknown)."""
+    position = first_text_divergence(decode, reference, text)
+    if position is None:
+        return Verdict(IDENTICAL, _dtype_name(model.dtype))
+    return classify_position(model, prompt_ids, reference, position, None, k)
 
 
 @dataclass(frozen=True)
