@@ -78,17 +78,22 @@ def _bench_batching(args: argparse.Namespace) -> int:
     model, tokenizer, generator = _build(args)
     generator.budget  # noqa: B018 - measure (or load) the cost curve before timing anything
     results = run_throughput(generator, cases, args.batch_size, BATCH_METHODS)
-    print(format_throughput(results))
+    dtype = str(model.dtype).removeprefix("torch.")
+    print(format_throughput(results, mismatches=dtype != "float32"))
     if args.json:
         from .bench.report import write_json
 
         write_json(args.json, {"cases": args.cases, "batch_size": args.batch_size, "model": args.model}, [],
                    [r.to_dict() for r in results])
         print(f"results written to {args.json}")
-    reference = next(r for r in results if r.method == "lookahead-alone")
     batched = next(r for r in results if r.method == "lookahead-batch")
-    if batched.exact != reference.requests:
-        print("WARNING: a batched row differs from the same request decoded alone", file=sys.stderr)
+    if batched.near_tie:
+        print(f"note: {batched.near_tie} batched row(s) equal the request decoded alone up to a near-tie ({dtype} "
+              "rounding)", file=sys.stderr)
+    if batched.hard:  # every mismatch in float32; only hard ones in half precision
+        print("WARNING: a batched row differs from the same request decoded alone" if dtype == "float32" else
+              f"FAILED: a batched row differs from the same request decoded alone beyond {dtype} rounding (hard "
+              "mismatch)", file=sys.stderr)
         return 1
     return 0
 
@@ -97,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .bench.cases import load_cases
-    from .bench.report import format_own_baselines, format_table, plot, summarize, write_json
+    from .bench.report import exactness_messages, format_own_baselines, format_table, plot, summarize, write_json
     from .bench.runner import METHODS, BenchRunner, EnsembleSettings
 
     if args.batch_size:
@@ -121,9 +126,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = runner.run(cases, methods, rounds=args.rounds, progress=lambda _: bar.update())
     runner.close()
     rows = summarize(results)
-    print(format_table(rows))
+    dtype = str(model.dtype).removeprefix("torch.")
+    half = dtype != "float32"  # near-tie and hard columns: what is not exact in half precision
+    print(format_table(rows, mismatches=half))
     if format_own_baselines(rows):
-        print(format_own_baselines(rows))
+        print(format_own_baselines(rows, mismatches=half))
     print("cost curve c(n)/c(1): " + ", ".join(f"{n}:{r:.2f}" for n, r in curve.relative().items()))
     meta = {
         "cases": args.cases, "warmup": args.warmup, "rounds": args.rounds, "methods": methods,
@@ -138,11 +145,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(args.plot, results)
         print(f"plot written to {args.plot}")
-    mismatches = [f"{r.case_id}/{r.method}" for r in results if r.exact is False]
-    if mismatches:
-        print(f"WARNING: output differs from vanilla on {mismatches}", file=sys.stderr)
-        return 1
-    return 0
+    messages, failed = exactness_messages(results, dtype)  # only hard mismatches fail
+    for line in messages:
+        print(line, file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_generate_parser(sub: Any, add_model_args: AddModelArgs, build: Build) -> argparse.ArgumentParser:

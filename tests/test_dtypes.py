@@ -16,20 +16,31 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import EOS_ID, FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt
+from lookahead_server.loadgen import Job, Outcome
 
 from lookahead import agreement
 from lookahead.agreement import HARD, IDENTICAL, NEAR_TIE
+from lookahead.bench import batching
 from lookahead.bench.cases import load_cases
+from lookahead.bench.report import exactness_messages, format_own_baselines, format_table, summarize
+from lookahead.bench.runner import BenchRunner, CaseResult
+from lookahead.cli import main
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.models import load_model
 from lookahead.prompts import case_messages
+from lookahead.summarize import Summarizer
+from lookahead.summarize import summarizer as summarizer_module
+from lookahead.summarize.report import DocumentReport, SummaryRun
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -37,6 +48,9 @@ HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ARCHS = ("llama", "qwen2")
 N_PROMPTS = 24
 NEW_TOKENS = 24
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
 
 
 @functools.cache
@@ -58,9 +72,17 @@ def new_generator(model: torch.nn.Module) -> LookaheadGenerator:
     return LookaheadGenerator(model, make_tokenizer(), LookaheadConfig(), cost_curve=FLAT_CURVE)
 
 
+@functools.cache
+def chat_tokenizer():
+    tokenizer = copy.deepcopy(make_tokenizer())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@functools.cache
 def decode_all(model: torch.nn.Module, broken: bool = False
                ) -> list[tuple[list[int], list[int], list[int], int]]:
-    """(prompt, lookahead output, HF greedy output, accepted draft tokens) for every prompt.
+    """(prompt, lookahead output, HF greedy output, accepted draft tokens) for every prompt (cached per model).
 
     Every third prompt first teaches the trie HF's own continuation, so long drafts are verified in tree passes.
     ``broken``: the engine's tree passes let every node see every other node of the tree (siblings, later nodes).
@@ -221,6 +243,142 @@ def test_a_broken_tree_mask_is_caught(arch, dtype_name, capsys):
     assert sum(caught) >= 0.8 * len(differing), f"caught {sum(caught)} of {len(differing)}"
     assert sum(v.kind == HARD for _, v in differing) > len(differing) // 2
     report(capsys, f"{arch} {dtype_name}, broken tree mask", verdicts)
+
+
+# ---------------------------------------------------------------------------------------------------- applications
+
+
+def near_tie_and_hard_runs() -> tuple[tuple, tuple]:
+    """(prompt, output, reference) of a healthy bfloat16 run that parts from HF at a near-tie, and of a broken one
+    that parts with a hard mismatch (tiny llama; deterministic)."""
+    model = half_model("llama", "bfloat16")
+    kinds = {}
+    for broken in (False, True):
+        for prompt, output, reference, _ in decode_all(model, broken=broken):
+            kinds.setdefault(agreement.classify(model, prompt, output, reference).kind, (prompt, output, reference))
+    return kinds[NEAR_TIE], kinds[HARD]
+
+
+def test_bench_classifies_what_is_not_exact_and_fails_only_on_hard():
+    model = half_model("llama", "bfloat16")
+    (tie_prompt, tie_out, tie_ref), (hard_prompt, hard_out, hard_ref) = near_tie_and_hard_runs()
+    cases = {"tie": (tie_prompt, tie_out, tie_ref), "hard": (hard_prompt, hard_out, hard_ref),
+             "same": (tie_prompt, tie_ref, tie_ref)}
+    runner = BenchRunner(model, make_tokenizer(), new_generator(model))
+    runner.prompt_ids = lambda case: cases[case["id"]][0]
+
+    def run_method(method, case, round_index):
+        _, output, reference = cases[case["id"]]
+        tokens = reference if method == "vanilla" else output
+        return CaseResult(round=round_index, case_id=case["id"], task="rag_qa", method=method, prompt_tokens=10,
+                          new_tokens=len(tokens), seconds=1.0, steps=len(tokens), token_ids=tokens)
+
+    runner.run_method = run_method
+    results = runner.run([{"id": name} for name in cases], ["vanilla", "lookahead"])
+    runner.close()
+    by_case = {r.case_id: r for r in results if r.method == "lookahead"}
+    assert [by_case[c].exact for c in cases] == [False, False, True]
+    assert [by_case[c].mismatch for c in cases] == [NEAR_TIE, HARD, None]
+    assert by_case["tie"].verdict["position"] == agreement.first_divergence(tie_out, tie_ref)
+
+    row = next(r for r in summarize(results) if r["method"] == "lookahead")
+    assert (row["exact"], row["compared"], row["near_tie"], row["hard"]) == (1, 3, 1, 1)
+    plain, half = format_table([row]), format_table([row], mismatches=True)
+    assert "| exact | trie % |" in plain and "near-tie" not in plain  # the float32 table is unchanged
+    assert "| exact | near-tie | hard | trie % |" in half and "| 1/3 | 1 | 1 |" in half
+    assert format_own_baselines([row], mismatches=True) == ""
+
+    lines, failed = exactness_messages(results, "bfloat16")
+    assert failed and lines[0].startswith("note: 1 output(s) equal vanilla up to a near-tie")
+    assert lines[1].startswith("FAILED:") and "hard/lookahead" in lines[1] and "tie/lookahead" not in lines[1]
+    lines, failed = exactness_messages([r for r in results if r.case_id != "hard"], "bfloat16")
+    assert not failed and len(lines) == 1
+    float32 = CaseResult(round=1, case_id="x", task="rag_qa", method="lookahead", prompt_tokens=1, new_tokens=1,
+                         seconds=1.0, steps=1, token_ids=[1], exact=False, mismatch=HARD)
+    assert exactness_messages([float32], "float32") == (["WARNING: output differs from vanilla on ['x/lookahead']"],
+                                                        True)
+
+
+def test_batching_bench_classifies_rows():
+    (prompt, output, reference), (hard_prompt, hard_out, hard_ref) = near_tie_and_hard_runs()
+    half = new_generator(half_model("llama", "bfloat16"))
+    assert batching.mismatch_kind(half, prompt, reference, reference) is None
+    assert batching.mismatch_kind(half, prompt, output, reference) == NEAR_TIE
+    assert batching.mismatch_kind(half, hard_prompt, hard_out, hard_ref) == HARD
+    assert batching.mismatch_kind(new_generator(make_model("llama", 0)), prompt, output, reference) == HARD
+    result = batching.ThroughputResult("lookahead-batch", 4, 3, 30, 1.0, exact=1, near_tie=1, hard=1)
+    assert "| 1/3 |" in batching.format_throughput([result])
+    assert "| exact | near-tie | hard |" in batching.format_throughput([result], mismatches=True)
+
+
+def test_summarize_baseline_classifies_and_fails_only_on_hard(monkeypatch):
+    generator = LookaheadGenerator(half_model("llama", "bfloat16"), chat_tokenizer(), LookaheadConfig(),
+                                   cost_curve=FLAT_CURVE)
+    summarizer = Summarizer(generator, max_new_tokens=12, chunk_tokens=512, baseline=True)
+    text = "the cat sat on the mat. the cat sat on the mat."
+    _, _, (same,) = summarizer.summarize(text)
+    assert same.exact and same.mismatch is None
+    monkeypatch.setattr(summarizer_module, "greedy", lambda *args, **kwargs: [5] * 12)  # far from the model's own
+    _, _, (wrong,) = summarizer.summarize(text)
+    assert wrong.exact is False and wrong.mismatch == HARD
+
+    def run(*requests):
+        return SummaryRun([DocumentReport("d", "d", "d.summary.txt", 1, list(requests))], Path("."))
+
+    tie = copy.copy(wrong)
+    tie.mismatch = NEAR_TIE
+    assert "outputs identical" in run(same).format() and not run(same).failed
+    assert "equal up to a near-tie in 1 request" in run(same, tie).format() and not run(same, tie).failed
+    assert "DIFFERENT (1 hard" in run(tie, wrong).format() and run(tie, wrong).failed
+    assert run(tie, wrong).totals()["near_tie_mismatches"] == 1
+
+
+def test_load_test_check_classifies_answers(monkeypatch):
+    """``scripts/load_test.py --check``: answers are compared with the case decoded alone as text; HF greedy's own
+    answers are never hard (identical, or parted at a near-tie in bfloat16; identical in float32), garbage is."""
+    spec = importlib.util.spec_from_file_location("load_test", Path(__file__).parents[1] / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    for model, count in ((half_model("llama", "bfloat16"), N_PROMPTS), (make_model("llama", 0), 6)):
+        generator = new_generator(model)
+        decode = functools.partial(generator.tokenizer.decode, skip_special_tokens=True)
+        chosen = prompts(count)
+        monkeypatch.setattr(generator, "encode", lambda messages: prompts()[int(messages[0]["content"])])
+        jobs, cases, outcomes = [], [], []
+        for index, prompt in enumerate(chosen):  # every answer: HF greedy's text for that prompt
+            jobs.append(Job("/v1/chat/completions", {"messages": [{"role": "user", "content": str(index)}],
+                                                     "max_tokens": NEW_TOKENS}))
+            cases.append({"id": f"case-{index}"})
+            outcomes.append(Outcome(index, 200, decode(hf_greedy(model, prompt, NEW_TOKENS))))
+        outcomes[-1].text = "zzzz" + outcomes[-1].text  # one answer that is not the model's at all
+        hard, ties = load_test.check_answers(generator, jobs, cases, outcomes)
+        assert hard == [count - 1]
+        assert all(0 <= i < count - 1 for i in ties)
+        assert not ties or model.dtype == torch.bfloat16
+
+
+def test_cli_bench_in_bfloat16(tmp_path, capsys, monkeypatch):
+    """``lookahead bench --dtype bfloat16`` on a tiny model: the table gains near-tie and hard columns, the JSON
+    both counts, and the command succeeds (no hard mismatch)."""
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "tiny"
+    model = make_model("llama", 3)
+    model.save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join(json.dumps({"id": f"q{i}", "task": "rag_qa", "question": q, "max_new_tokens": 12,
+                                           "documents": ["the cat sat on the mat", "the rain in spain"]})
+                               for i, q in enumerate(["what is it", "where is the cat", "tell me"])) + "\n")
+    out = tmp_path / "out.json"
+    code = main(["bench", str(cases), "--model", str(model_dir), "--dtype", "bfloat16", "--methods",
+                 "vanilla,lookahead", "--json", str(out), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| exact | near-tie | hard | trie % |" in printed
+    data = json.loads(out.read_text())
+    row = next(r for r in data["summary"] if r["method"] == "lookahead")
+    assert row["hard"] == 0 and row["exact"] + row["near_tie"] == row["compared"] == 3
+    assert data["meta"]["dtype"] == "bfloat16"
 
 
 # ---------------------------------------------------------------------------------------------------- default model

@@ -1,7 +1,8 @@
 """Throughput of batched lookahead against the same requests one by one and HF ``generate`` on a padded batch.
 
 All methods decode the same prompts greedily in one process. Reported per method: new tokens over all rows, wall
-seconds, tokens per second, and how many rows equal lookahead-alone token for token.
+seconds, tokens per second, and how many rows equal lookahead-alone token for token; in half precision the other rows
+are classified as near-tie or hard (lookahead.agreement), in float32 every one is hard.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import reference
+from ..agreement import EXACT_DTYPES, HARD, NEAR_TIE, classify
 from ..engine import LookaheadGenerator
 from ..prompts import case_messages
 
@@ -29,6 +31,8 @@ class ThroughputResult:
     new_tokens: int
     seconds: float
     exact: int  # rows equal to lookahead-alone (which equals greedy decoding)
+    near_tie: int = 0  # other rows that part from lookahead-alone at a near-tie of the dtype's rounding
+    hard: int = 0  # other rows (all of them in float32)
 
     @property
     def tokens_per_second(self) -> float:
@@ -79,16 +83,31 @@ def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]
     results = []
     for method in methods:
         rows = outputs[method]
-        exact = sum(a == b for a, b in zip(rows, expected)) if expected is not None else 0
+        kinds = [] if expected is None else [mismatch_kind(generator, prompt, row, want)
+                                             for prompt, row, want in zip(prompts, rows, expected)]
         results.append(ThroughputResult(method, 1 if method.endswith("alone") else batch_size, len(rows),
-                                        sum(len(r) for r in rows), seconds[method], exact))
+                                        sum(len(r) for r in rows), seconds[method], kinds.count(None),
+                                        kinds.count(NEAR_TIE), kinds.count(HARD)))
     return results
 
 
-def format_throughput(results: Sequence[ThroughputResult]) -> str:
-    """A Markdown table; speedups are tokens/s relative to lookahead-alone and to hf-batch."""
+def mismatch_kind(generator: LookaheadGenerator, prompt: list[int], row: list[int], expected: list[int]
+                  ) -> str | None:
+    """None when ``row`` equals ``expected``; else ``"hard"`` in float32, and in half precision the classifier's
+    ``"near-tie"`` or ``"hard"`` (one teacher-forced pass over the prompt and the expected prefix)."""
+    if row == expected:
+        return None
+    if generator.model.dtype in EXACT_DTYPES:
+        return HARD
+    return classify(generator.model, prompt, row, expected).kind
+
+
+def format_throughput(results: Sequence[ThroughputResult], mismatches: bool = False) -> str:
+    """A Markdown table; speedups are tokens/s relative to lookahead-alone and to hf-batch. ``mismatches`` (half
+    precision) adds the columns ``near-tie`` and ``hard``."""
     by_method = {r.method: r for r in results}
-    header = ["method", "batch", "requests", "new tok", "sec", "tok/s", "vs lookahead-alone", "vs hf-batch", "exact"]
+    header = ["method", "batch", "requests", "new tok", "sec", "tok/s", "vs lookahead-alone", "vs hf-batch", "exact",
+              *(["near-tie", "hard"] if mismatches else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def ratio(r: ThroughputResult, base: str) -> str:
@@ -98,5 +117,6 @@ def format_throughput(results: Sequence[ThroughputResult]) -> str:
     for r in results:
         lines.append("| " + " | ".join([r.method, str(r.batch_size), str(r.requests), str(r.new_tokens),
                                         f"{r.seconds:.1f}", f"{r.tokens_per_second:.1f}", ratio(r, "lookahead-alone"),
-                                        ratio(r, "hf-batch"), f"{r.exact}/{r.requests}"]) + " |")
+                                        ratio(r, "hf-batch"), f"{r.exact}/{r.requests}",
+                                        *([str(r.near_tie), str(r.hard)] if mismatches else [])]) + " |")
     return "\n".join(lines)

@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..agreement import HARD, NEAR_TIE
 from ..files import atomic_write_text
-from .runner import BASELINES, CaseResult
+from .runner import BASELINES, REFERENCES, CaseResult
 
 
 def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    """One row per (round, task, method): totals, tokens/s, speedups vs vanilla and pld, tokens/step, exactness."""
+    """One row per (round, task, method): totals, tokens/s, speedups vs vanilla and pld, tokens/step, exactness
+    (``exact`` of ``compared`` cases identical to the reference; ``near_tie`` and ``hard`` classify the others)."""
     groups: dict[tuple[int, str, str], list[CaseResult]] = defaultdict(list)
     for r in results:
         groups[(r.round, r.task, r.method)].append(r)
@@ -28,6 +30,8 @@ def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
             "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds else 0.0,
             "tokens_per_step": new_tokens / steps if steps else 0.0,
             "exact": sum(1 for r in items if r.exact), "compared": sum(1 for r in items if r.exact is not None),
+            "near_tie": sum(1 for r in items if r.mismatch == NEAR_TIE),
+            "hard": sum(1 for r in items if r.mismatch == HARD),
             "trie_share": sum(r.trie_seconds for r in items) / seconds if seconds else 0.0,
         }
         for base in ("vanilla", "pld"):
@@ -47,10 +51,15 @@ def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of the summary rows."""
+def _mismatch_cells(r: dict[str, Any]) -> list[str]:
+    return [str(r["near_tie"]), str(r["hard"])] if r["compared"] else ["-", "-"]
+
+
+def format_table(rows: Sequence[dict[str, Any]], mismatches: bool = False) -> str:
+    """A Markdown table of the summary rows. ``mismatches`` (half precision) adds the columns ``near-tie`` and
+    ``hard``: how the cases that are not ``exact`` differ (lookahead.agreement)."""
     header = ["round", "task", "method", "cases", "new tok", "sec", "tok/s", "vs vanilla", "vs pld", "tok/step",
-              "exact", "trie %"]
+              "exact", *(["near-tie", "hard"] if mismatches else []), "trie %"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
@@ -60,21 +69,23 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['speedup_vs_pld']:.2f}x" if "speedup_vs_pld" in r else "-",
             f"{r['tokens_per_step']:.2f}",
             f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
+            *(_mismatch_cells(r) if mismatches else []),
             f"{100 * r['trie_share']:.1f}" if r["method"] == "lookahead" else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def format_own_baselines(rows: Sequence[dict[str, Any]]) -> str:
+def format_own_baselines(rows: Sequence[dict[str, Any]], mismatches: bool = False) -> str:
     """A Markdown table of the ensemble and multi-draft methods against their own baselines ('' if none ran):
-    speedup, exactness and, for k completions, the mean log-prob per token of the best one and of all k."""
+    speedup, exactness (``mismatches``: also near-tie and hard) and, for k completions, the mean log-prob per token
+    of the best one and of all k."""
     own = {"ensemble-plain", "k-sampling"}
     picked = [r for r in rows if r["method"] in own or r.get("baseline") in own]
     if not picked:
         return ""
     header = ["round", "task", "method", "k", "new tok", "sec", "tok/s", "vs own base", "tok/step", "exact",
-              "logprob/tok best", "logprob/tok all k"]
+              *(["near-tie", "hard"] if mismatches else []), "logprob/tok best", "logprob/tok all k"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in picked:
         cells = [
@@ -83,11 +94,31 @@ def format_own_baselines(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if "speedup_vs_baseline" in r else "-",
             f"{r['tokens_per_step']:.2f}",
             f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
+            *(_mismatch_cells(r) if mismatches else []),
             f"{r['logprob_best']:.3f}" if "logprob_best" in r else "-",
             f"{r['logprob_all']:.3f}" if "logprob_all" in r else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def exactness_messages(results: Sequence[CaseResult], dtype: str) -> tuple[list[str], bool]:
+    """Lines that say which outputs differ from their reference, and whether the run failed: only hard mismatches
+    fail (in float32 every mismatch is hard; in half precision a near-tie is what the dtype allows, README)."""
+    hard = [r for r in results if r.exact is False and r.mismatch != NEAR_TIE]
+    ties = [f"{r.case_id}/{r.method}" for r in results if r.exact is False and r.mismatch == NEAR_TIE]
+    lines = []
+    if ties:
+        lines.append(f"note: {len(ties)} output(s) equal vanilla up to a near-tie (two logits equal within {dtype} "
+                     f"rounding; what {dtype} promises): {ties}")
+    if hard:
+        what = "vanilla" if all(REFERENCES.get(r.method) == "vanilla" for r in hard) else "its reference"
+        names = [f"{r.case_id}/{r.method}" for r in hard]
+        if dtype == "float32":
+            lines.append(f"WARNING: output differs from {what} on {names}")
+        else:
+            lines.append(f"FAILED: output differs from {what} beyond {dtype} rounding (hard mismatch) on {names}")
+    return lines, bool(hard)
 
 
 def write_json(path: str | os.PathLike, meta: dict[str, Any], results: Sequence[CaseResult],

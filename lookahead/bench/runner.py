@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import reference
+from ..agreement import HARD, classify
 from ..engine import LookaheadGenerator
 from ..ensemble import EnsembleGenerator, truncated_copy
 from ..multidraft import MultiDraftGenerator
@@ -26,6 +27,9 @@ BASELINES = {"pld": "vanilla", "lookahead": "vanilla", "ensemble": "ensemble-pla
 #: k-sampling have none (not greedy, or sampled)
 REFERENCES = {"vanilla": "vanilla", "pld": "vanilla", "lookahead": "vanilla", "ensemble": "ensemble-plain",
               "ensemble-plain": "ensemble-plain", "multidraft": "vanilla"}
+#: methods whose mismatches can be classified as near-tie or hard: greedy on the model itself, compared with
+#: vanilla (an ensemble decodes from combined logits: any mismatch of its own is counted hard)
+CLASSIFIED = {"pld", "lookahead", "multidraft"}
 
 
 @dataclass
@@ -42,6 +46,8 @@ class CaseResult:
     steps: int  # forward passes of the decoder, the prefill included
     token_ids: list[int] = field(repr=False)
     exact: bool | None = None  # token-for-token equal to vanilla (None when vanilla was not run)
+    mismatch: str | None = None  # when not exact: "near-tie" or "hard" (lookahead.agreement; always hard in float32)
+    verdict: dict[str, Any] | None = field(default=None, repr=False)  # where and by how much (agreement.Verdict)
     trie_seconds: float = 0.0
     draft_tokens: int = 0
     completions: int = 1  # multidraft, superposed, k-sampling: k (new_tokens counts the tokens of all of them)
@@ -200,10 +206,21 @@ class BenchRunner:
                 for r in per_case:
                     reference = by_method.get(REFERENCES.get(r.method, ""))
                     r.exact = None if reference is None else r.token_ids == reference.token_ids
+                    if r.exact is False:
+                        self.classify(r, reference, case)
                 results.extend(per_case)
                 if progress:
                     progress(f"round {round_index} {case['id']}")
         return results
+
+    def classify(self, result: CaseResult, reference: CaseResult, case: dict[str, Any]) -> None:
+        """Mark a result that differs from its reference as a near-tie or a hard mismatch (DESIGN.md section 8):
+        one teacher-forced pass of the model over the prompt and the reference's prefix."""
+        if result.method not in CLASSIFIED:
+            result.mismatch = HARD
+            return
+        verdict = classify(self.model, self.prompt_ids(case), result.token_ids, reference.token_ids)
+        result.mismatch, result.verdict = verdict.kind, verdict.to_dict()
 
     def close(self) -> None:
         self.counter.close()

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..agreement import NEAR_TIE
 from .summarizer import RequestStats
 
 
@@ -61,7 +62,14 @@ class SummaryRun:
             mine = sum(r.seconds for r in measured)
             data["measured_speedup"] = base / mine if mine else 0.0
             data["identical_to_baseline"] = all(r.exact for r in measured)
+            data["near_tie_mismatches"] = sum(1 for r in measured if not r.exact and r.mismatch == NEAR_TIE)
+            data["hard_mismatches"] = sum(1 for r in measured if not r.exact and r.mismatch != NEAR_TIE)
         return data
+
+    @property
+    def failed(self) -> bool:
+        """A request of this run differs from its ``--baseline`` beyond the dtype's rounding (a hard mismatch)."""
+        return bool(self.totals().get("hard_mismatches"))
 
     def to_dict(self) -> dict[str, Any]:
         docs = []
@@ -88,7 +96,13 @@ class SummaryRun:
         lines.append(f"estimated speedup over plain greedy decoding: x{t['estimated_speedup']:.2f} "
                      "(tokens/step and this machine's measured cost of a 1-token pass)")
         if "measured_speedup" in t:
-            same = "identical" if t["identical_to_baseline"] else "DIFFERENT"
+            if t["hard_mismatches"]:
+                same = f"DIFFERENT ({t['hard_mismatches']} hard mismatch(es); FAILED)"
+            elif t["near_tie_mismatches"]:
+                same = (f"equal up to a near-tie in {t['near_tie_mismatches']} request(s) (two logits equal within "
+                        "half-precision rounding: what the dtype promises)")
+            else:
+                same = "identical"
             lines.append(f"measured speedup over HF greedy generate (this run): x{t['measured_speedup']:.2f}, "
                          f"outputs {same}")
         return "\n".join(lines)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..agreement import classify
 from ..reference import greedy
 from .chunking import split_text
 from .prompts import combine_messages, summary_messages
@@ -27,6 +28,7 @@ class RequestStats:
     estimated_plain_seconds: float  # prefill + one 1-token pass per further new token, from the cost curve
     baseline_seconds: float | None = None  # measured plain HF greedy generate (--baseline)
     exact: bool | None = None  # token-for-token equal to the baseline (--baseline)
+    mismatch: str | None = None  # when not exact: "near-tie" or "hard" (lookahead.agreement; float32: always hard)
 
 
 class Summarizer:
@@ -37,7 +39,8 @@ class Summarizer:
         max_new_tokens: most tokens per summary (and per partial summary).
         chunk_tokens: longest text (in tokens) summarized in one request.
         baseline: also run plain HF greedy ``generate`` on every request, to measure the speedup and check that
-            the outputs are identical (doubles the time).
+            the outputs are identical (doubles the time); in half precision an output that is not is classified as
+            a near-tie or a hard mismatch (README: what lossless means per dtype).
     """
 
     def __init__(self, generator: LookaheadGenerator, max_new_tokens: int = 160, chunk_tokens: int = 1024,
@@ -87,6 +90,8 @@ class Summarizer:
             plain = greedy(generator.model, prompt_ids, self.max_new_tokens, eos_token_id=eos)
             stats.baseline_seconds = time.perf_counter() - start
             stats.exact = plain == result.token_ids
+            if not stats.exact:
+                stats.mismatch = classify(generator.model, prompt_ids, result.token_ids, plain).kind
         return result.text.strip(), stats
 
     def summarize(self, text: str) -> tuple[str, int, list[RequestStats]]:
