@@ -8,8 +8,8 @@ Several causal LMs that share one tokenizer decode together from an ensemble dis
 Plain ensemble decoding (:meth:`EnsembleGenerator.generate_plain`) pays one forward pass per model per token. The
 speculative path verifies trie drafts against r instead: every model runs the same tree pass (same tokens, positions
 and 4-D mask, each with its own DynamicCache), r is formed at every node, and the walk accepts while the choice from
-r (argmax, or a seeded draw for sampling) is a child; every cache is then compacted to the same accepted path. The
-output equals plain ensemble decoding token for token.
+r (argmax, or a seeded draw for sampling) is a child; every cache is then compacted to the same accepted path. In
+float32 the output equals plain ensemble decoding token for token (in half precision up to the first near-tie).
 
 With ``proposer=i`` the cheap model ``i`` also proposes (the alternating scheme of the paper): it scores the draft
 tree first and extends its own best path to ``proposal_depth`` tokens, one cheap pass per token; the other models

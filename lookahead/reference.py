@@ -1,7 +1,8 @@
 """Plain Hugging Face decoding: the one baseline every exactness check compares against.
 
-Greedy output of the lookahead engine must equal :func:`greedy` token for token; seeded sampled output must equal
-:func:`sample` with the same seed; batched lookahead must equal :func:`padded_batch` row by row. Nothing here drafts:
+In float32, greedy output of the lookahead engine must equal :func:`greedy` token for token; seeded sampled output
+must equal :func:`sample` with the same seed; batched lookahead must equal :func:`padded_batch` row by row (in half
+precision up to the first near-tie, see :mod:`lookahead.agreement`). Nothing here drafts:
 every function is ``model.generate`` with the engine's stopping rules (EOS, ``max_new_tokens``, stop strings).
 """
 

@@ -25,7 +25,7 @@ from .kvcache import check_compactable, compact_cache, compact_rows
 from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
 
 #: model_type values whose stock transformers implementation is verified by the test-suite to accept a 4-D tree
-#: mask with explicit position ids and a DynamicCache, giving output identical to greedy decoding.
+#: mask with explicit position ids and a DynamicCache, giving output identical to greedy decoding in float32.
 SUPPORTED_ARCHITECTURES = (
     "llama", "qwen2", "qwen3", "mistral", "mixtral", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "qwen2_moe",
     "qwen3_moe", "starcoder2", "smollm3", "granite", "cohere",

@@ -147,8 +147,9 @@ def _piece(chunk: StreamChunk, prompt_tokens: int) -> Piece:
 
 def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
                     sampling: Mapping[str, Any] | None = None) -> Piece:
-    """Plain Hugging Face ``generate`` (no drafts): the baseline the lookahead path must match exactly (greedy), or
-    match in distribution and, with the same seed, token for token (sampling).
+    """Plain Hugging Face ``generate`` (no drafts): the baseline the lookahead path must match exactly in float32
+    (greedy; in half precision up to the first near-tie), or match in distribution and, with the same seed, token
+    for token (sampling).
 
     Stops like the engine does: at EOS, after ``max_new_tokens``, or as soon as the decoded text contains a stop
     string (the text is cut before it).
