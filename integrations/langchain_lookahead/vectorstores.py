@@ -3,6 +3,11 @@
 Upsert by id, tolerant delete, ``get_by_ids``, similarity search with scores (optionally filtered by metadata), MMR,
 ``from_texts``, and ``save_local``/``load_local`` that store the index with FAISS's own format and the documents as
 JSON: loading never unpickles, so it cannot run code from the folder.
+
+On GPU (``use_gpu=True``, needs the CUDA build of FAISS and a visible GPU, checked when the store is built) the CPU
+index stays the source of truth and one GPU holds a replica: adds go to both, a delete drops the replica (rebuilt
+from the CPU index on the next search), and searches for more than :data:`GPU_MAX_K` neighbours (which FAISS's GPU
+indexes cannot serve) run on the CPU index.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from lookahead.files import atomic_path, atomic_write_text
 
-FAISS_INSTALL = ("pip install faiss-cpu  (CUDA: pip install faiss-gpu; or the extra: "
-                 "pip install 'lookahead-rag[langchain]')")
+FAISS_INSTALL = ("pip install faiss-cpu  (or the extra: pip install 'lookahead-rag[langchain]'; for CUDA instead: "
+                 "pip install 'lookahead-rag[langchain-gpu]', never both faiss packages)")
+FAISS_GPU_INSTALL = ("pip uninstall -y faiss-cpu && pip install 'lookahead-rag[faiss-gpu]'  (with the LangChain "
+                     "integration: pip install 'lookahead-rag[langchain-gpu]')")
+#: the largest k a FAISS GPU index can search; larger searches run on the CPU index
+GPU_MAX_K = 2048
 METRICS = ("cosine", "ip", "l2")
 INDEX_FILE = "index.faiss"
 DOCSTORE_FILE = "docstore.json"
@@ -42,6 +51,22 @@ def import_faiss() -> Any:
     return faiss
 
 
+def check_gpu(faiss: Any, device: int) -> None:
+    """Raise a ``ValueError`` unless ``faiss`` is a GPU build that sees GPU number ``device``."""
+    missing = [name for name in ("StandardGpuResources", "index_cpu_to_gpu", "get_num_gpus")
+               if not hasattr(faiss, name)]
+    if missing:
+        raise ValueError(f"use_gpu=True needs FAISS built with GPU support, but the installed faiss "
+                         f"({getattr(faiss, '__version__', '?')}, probably faiss-cpu) lacks {', '.join(missing)}. "
+                         f"Install the CUDA build instead of faiss-cpu: {FAISS_GPU_INSTALL}; or pass use_gpu=False")
+    count = int(faiss.get_num_gpus())
+    if count <= 0:
+        raise ValueError("use_gpu=True, but FAISS sees no GPU (faiss.get_num_gpus() == 0): check the NVIDIA driver "
+                         "and CUDA_VISIBLE_DEVICES, or pass use_gpu=False")
+    if device >= count:
+        raise ValueError(f"gpu_device={device}, but FAISS sees only {count} GPU(s) (devices 0..{count - 1})")
+
+
 def _matches(metadata: dict[str, Any], filter: Filter | None) -> bool:
     if filter is None:
         return True
@@ -57,22 +82,29 @@ class FAISSVectorStore(VectorStore):
         embedding: the :class:`~langchain_core.embeddings.Embeddings` used for texts and queries.
         metric: ``"cosine"`` (vectors are L2-normalised; score = cosine similarity, higher is closer), ``"ip"``
             (raw inner product, higher is closer) or ``"l2"`` (squared Euclidean distance, lower is closer).
-        use_gpu: search on all visible GPUs (needs ``faiss-gpu``); the CPU index stays the source of truth.
+        use_gpu: search on a GPU replica of the index (needs the CUDA build of FAISS, ``faiss-gpu``, and a visible
+            GPU: otherwise a ``ValueError`` here); the CPU index stays the source of truth.
+        gpu_device: the GPU that holds the replica (FAISS's device number).
     """
 
-    def __init__(self, embedding: Embeddings, *, metric: str = "cosine", use_gpu: bool = False) -> None:
+    def __init__(self, embedding: Embeddings, *, metric: str = "cosine", use_gpu: bool = False,
+                 gpu_device: int = 0) -> None:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if not isinstance(embedding, Embeddings):
             raise TypeError(f"embedding must be a langchain_core Embeddings, got {type(embedding).__name__}")
+        if not isinstance(gpu_device, int) or isinstance(gpu_device, bool) or gpu_device < 0:
+            raise ValueError(f"gpu_device must be a non-negative integer, got {gpu_device!r}")
         self._faiss = import_faiss()
-        if use_gpu and not hasattr(self._faiss, "index_cpu_to_all_gpus"):
-            raise ImportError("use_gpu=True needs the CUDA build of FAISS: pip install faiss-gpu (not faiss-cpu)")
+        if use_gpu:
+            check_gpu(self._faiss, gpu_device)
         self._embedding = embedding
         self.metric = metric
-        self.use_gpu = use_gpu
+        self.use_gpu = bool(use_gpu)
+        self.gpu_device = gpu_device
         self._index: Any = None  # faiss.IndexIDMap2 over a flat index, created with the first vectors
-        self._gpu_index: Any = None
+        self._gpu_res: Any = None  # one StandardGpuResources for the store's life, created with the first replica
+        self._gpu_index: Any = None  # the GPU replica of _index; None: (re)built from _index by the next search
         self._dim: int | None = None
         self._docs: dict[str, Document] = {}
         self._int_ids: dict[str, int] = {}
@@ -110,7 +142,15 @@ class FAISSVectorStore(VectorStore):
             self._docs.pop(self._str_ids.pop(i), None)
         if ints and self._index is not None:
             self._index.remove_ids(np.asarray(ints, dtype=np.int64))
-        self._gpu_index = None
+            self._gpu_index = None  # GPU flat indexes cannot remove: the next search rebuilds the replica
+
+    def _gpu_replica(self) -> Any:
+        """The GPU replica of the CPU index, cloned once from it when missing (after creation, a load or a delete)."""
+        if self._gpu_index is None:
+            if self._gpu_res is None:
+                self._gpu_res = self._faiss.StandardGpuResources()
+            self._gpu_index = self._faiss.index_cpu_to_gpu(self._gpu_res, self.gpu_device, self._index)
+        return self._gpu_index
 
     # ------------------------------------------------------------------ writes
 
@@ -147,8 +187,14 @@ class FAISSVectorStore(VectorStore):
                 self._str_ids[int_id] = out[n]
                 self._docs[out[n]] = Document(page_content=texts[n], metadata=metas[n], id=out[n])
                 ints.append(int_id)
-            self._index.add_with_ids(vectors[keep], np.asarray(ints, dtype=np.int64))
-            self._gpu_index = None
+            new_ids = np.asarray(ints, dtype=np.int64)
+            self._index.add_with_ids(vectors[keep], new_ids)
+            if self._gpu_index is not None:  # incremental: the replica gets the same vectors, never a re-clone
+                try:
+                    self._gpu_index.add_with_ids(vectors[keep], new_ids)
+                except BaseException:
+                    self._gpu_index = None  # possibly half-added: rebuilt from the CPU index by the next search
+                    raise
         return out
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
@@ -180,11 +226,7 @@ class FAISSVectorStore(VectorStore):
                         if doc.metadata else {}, id=doc.id)
 
     def _search_index(self, vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        index = self._index
-        if self.use_gpu:
-            if self._gpu_index is None:
-                self._gpu_index = self._faiss.index_cpu_to_all_gpus(self._index)
-            index = self._gpu_index
+        index = self._gpu_replica() if self.use_gpu and n <= GPU_MAX_K else self._index
         scores, ints = index.search(vector, n)
         return scores[0], ints[0]
 
@@ -262,7 +304,7 @@ class FAISSVectorStore(VectorStore):
     @classmethod
     def from_texts(cls, texts: list[str], embedding: Embeddings, metadatas: list[dict] | None = None, *,
                    ids: list[str] | None = None, **kwargs: Any) -> FAISSVectorStore:
-        """A new store holding ``texts`` (``kwargs``: ``metric``, ``use_gpu``)."""
+        """A new store holding ``texts`` (``kwargs``: ``metric``, ``use_gpu``, ``gpu_device``)."""
         store = cls(embedding, **kwargs)
         store.add_texts(texts, metadatas, ids=ids)
         return store
@@ -296,7 +338,7 @@ class FAISSVectorStore(VectorStore):
 
     @classmethod
     def load_local(cls, folder: str | os.PathLike[str], embeddings: Embeddings, *, use_gpu: bool = False,
-                   **kwargs: Any) -> FAISSVectorStore:
+                   gpu_device: int = 0, **kwargs: Any) -> FAISSVectorStore:
         """Load a store written by :meth:`save_local` (JSON + FAISS index; nothing is unpickled)."""
         path = Path(folder)
         try:
@@ -309,7 +351,7 @@ class FAISSVectorStore(VectorStore):
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{path / DOCSTORE_FILE}: not a FAISSVectorStore docstore of format {STORE_FORMAT} "
                              f"(found {found!r})")
-        store = cls(embeddings, metric=data["metric"], use_gpu=use_gpu)
+        store = cls(embeddings, metric=data["metric"], use_gpu=use_gpu, gpu_device=gpu_device)
         entries = data["entries"]
         if entries:
             index = store._faiss.read_index(str(path / INDEX_FILE))
