@@ -20,7 +20,7 @@ from typing import Any
 
 from .argtypes import positive_int
 from .config import LookaheadConfig
-from .models import ModelLoadError, load_model
+from .models import AUTO_DTYPE, DTYPE_CHOICES, ModelLoadError, load_model
 from .prompts import rag_messages
 from .summarize import add_parser as add_summarize_parser
 
@@ -33,7 +33,8 @@ AddParser = Callable[[Any, AddModelArgs, Build], argparse.ArgumentParser]
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), an HF model id, a local dir or a .gguf file")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default=AUTO_DTYPE, choices=DTYPE_CHOICES,
+                        help="auto (default): bfloat16 on CUDA where supported, else float16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--decoding-length", type=int, default=LookaheadConfig.decoding_length,
                         help="most draft nodes verified per pass")
@@ -47,6 +48,7 @@ def _build(args: argparse.Namespace):
     from .engine import LookaheadGenerator  # heavy: only when a command runs
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    args.dtype = str(model.dtype).removeprefix("torch.")  # what "auto" became: reports and records name it
     config = LookaheadConfig(decoding_length=args.decoding_length, branch_length=args.branch_length,
                              adaptive=not args.fixed_draft)
     return model, tokenizer, LookaheadGenerator(model, tokenizer, config)

@@ -36,11 +36,14 @@ except ImportError:  # pragma: no cover - non-POSIX platforms
 
 __all__ = [
     "CACHE_ENV",
+    "AUTO_DTYPE",
     "DEFAULT_MODEL",
     "DTYPES",
+    "DTYPE_CHOICES",
     "INSTALL_COMMAND",
     "ModelLoadError",
     "cache_dir",
+    "check_single_device",
     "default_gguf_path",
     "default_model_dir",
     "load_model",
@@ -65,6 +68,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
+#: the default dtype: bfloat16 on CUDA devices that support it, else float16 on CUDA, float32 elsewhere
+AUTO_DTYPE = "auto"
+DTYPE_CHOICES: tuple[str, ...] = (AUTO_DTYPE, *DTYPES)
+
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
@@ -72,15 +79,30 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be found or loaded."""
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Map ``"float32"``/``"float16"``/``"bfloat16"`` (or one of those torch dtypes) to a torch dtype."""
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """Map ``"auto"``/``"float32"``/``"float16"``/``"bfloat16"`` (or one of those torch dtypes) to a torch dtype.
+
+    ``"auto"`` depends on ``device`` (``None``: CUDA when available, else CPU): bfloat16 on a CUDA device that supports
+    it natively, float16 on other CUDA devices, float32 on CPU and any other device. Explicit dtypes ignore ``device``.
+    """
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():
             return dtype
+    elif isinstance(dtype, str) and dtype == AUTO_DTYPE:
+        return _auto_dtype(resolve_device(device))
     elif isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    allowed = ", ".join(DTYPES)
+    allowed = ", ".join(DTYPE_CHOICES)
     raise ValueError(f"unsupported dtype {dtype!r}; allowed: {allowed} (or the matching torch.dtype)")
+
+
+def _auto_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
+        # without emulation: a GPU that only emulates bfloat16 (before Ampere) is faster in float16
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -256,29 +278,63 @@ def _load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
         )
-        tokenizer_kwargs = {key: value for key, value in kwargs.items() if key != "quantization_config"}
+        tokenizer_kwargs = {key: value for key, value in kwargs.items()
+                            if key not in ("quantization_config", "device_map")}
         tokenizer = AutoTokenizer.from_pretrained(location, **tokenizer_kwargs)
     except (OSError, ValueError) as exc:  # missing files, unknown hub id, invalid repo id
         raise _not_found(name, f"{type(exc).__name__}: {exc}") from exc
     return model, tokenizer
 
 
+def _device_name(device: Any) -> str:
+    """One spelling per device for an ``hf_device_map`` value: ``0``, ``"cuda:0"`` and ``torch.device(0)`` agree."""
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    if device == "disk":
+        return "disk"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        return str(device)
+    return f"{device.type}:{device.index if device.index is not None else 0}" if device.type != "cpu" else "cpu"
+
+
+def check_single_device(model: Any) -> None:
+    """Refuse a model spread over several devices (an ``hf_device_map`` naming more than one, e.g. from
+    ``device_map="auto"`` on several GPUs, or CPU/disk offloading): the engine keeps its cache, masks and compaction
+    indices on one device. Raises ``ValueError`` saying to load the model on one device.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if not isinstance(device_map, dict):
+        return
+    devices = sorted({_device_name(device) for device in device_map.values()})
+    if len(devices) > 1:
+        raise ValueError(
+            f"the model is spread over several devices ({', '.join(devices)}); lookahead needs the whole model on "
+            "one device. Load it on one device, e.g. load_model(name, device=\"cuda:0\") or "
+            "from_pretrained(..., device_map=\"cuda:0\") instead of device_map=\"auto\"."
+        )
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype = "float32",
-    device: str | None = None,
+    dtype: str | torch.dtype = AUTO_DTYPE,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer in eval mode with SDPA attention.
+    """Load a causal LM and its tokenizer in eval mode with SDPA attention, straight onto one device.
 
     ``name_or_path`` is ``"default"`` (the embedded SmolLM2-135M-Instruct, cached as safetensors after the first
-    use), a Hugging Face model id, a local model directory, or a ``.gguf`` file. ``dtype`` is ``"float32"``,
-    ``"float16"``, ``"bfloat16"`` or the matching torch dtype. ``device`` defaults to CUDA when available, else CPU.
+    use), a Hugging Face model id, a local model directory, or a ``.gguf`` file. ``device`` defaults to CUDA when
+    available, else CPU. ``dtype`` is ``"auto"`` (the default: bfloat16 on CUDA devices that support it, float16 on
+    other CUDA devices, float32 on CPU; see :func:`resolve_dtype`), ``"float32"``, ``"float16"``, ``"bfloat16"`` or
+    the matching torch dtype. The weights are loaded onto ``device`` directly (``device_map``), never staged on CPU.
     """
-    torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    placement: dict[str, Any] = {"device_map": torch_device}
     name = str(name_or_path)
     if name == DEFAULT_MODEL:
-        model, tokenizer = _load_pretrained(default_model_dir(), name, torch_dtype)
+        model, tokenizer = _load_pretrained(default_model_dir(), name, torch_dtype, **placement)
     elif _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
@@ -286,13 +342,14 @@ def load_model(
         if path.is_file():
             if path.suffix != ".gguf":
                 raise _not_found(name, "a file was given but only .gguf files are accepted")
-            model, tokenizer = _load_pretrained(path.parent, name, torch_dtype, **_gguf_kwargs(path.name))
+            model, tokenizer = _load_pretrained(path.parent, name, torch_dtype, **_gguf_kwargs(path.name),
+                                                **placement)
             _drop_gguf_quantizer(model)
         else:
-            model, tokenizer = _load_pretrained(path, name, torch_dtype)
+            model, tokenizer = _load_pretrained(path, name, torch_dtype, **placement)
     else:
         kwargs: dict[str, Any] = {"local_files_only": True} if _offline() else {}
-        model, tokenizer = _load_pretrained(name, name, torch_dtype, **kwargs)
-    model = model.to(torch_device)
+        model, tokenizer = _load_pretrained(name, name, torch_dtype, **kwargs, **placement)
+    check_single_device(model)
     model.eval()
     return model, tokenizer

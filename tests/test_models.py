@@ -286,9 +286,181 @@ def test_gguf_path_is_loaded_dequantized(tmp_path: Path, monkeypatch: pytest.Mon
     assert seen["location"] == tmp_path
     assert seen["gguf_file"] == "tiny.gguf"
     assert seen["dtype"] == torch.float16
+    assert seen["device_map"] == torch.device("cpu")
     if models.GgufConfig is not None:
         assert seen["quantization_config"].dequantize is True
     assert model.hf_quantizer is None
     assert not hasattr(model.config, "quantization_config")
     assert not model.training
     assert tokenizer == "tokenizer"
+
+
+# --- dtype="auto", loading straight onto the device, one device only ------------------------------------------------
+
+
+def _count_bf16_checks(monkeypatch: pytest.MonkeyPatch, supported: bool) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+
+    def is_bf16_supported(**kwargs: Any) -> bool:
+        calls.append(kwargs)
+        return supported
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    return calls
+
+
+def test_auto_dtype_is_float32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_bf16_checks(monkeypatch, supported=True)
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.resolve_dtype("auto") == torch.float32  # no device: CPU when CUDA is unavailable
+    assert calls == []
+
+
+@pytest.mark.parametrize(("supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda(monkeypatch: pytest.MonkeyPatch, supported: bool, expected: torch.dtype) -> None:
+    calls = _count_bf16_checks(monkeypatch, supported)
+    assert models.resolve_dtype("auto", "cuda") == expected
+    assert calls == [{"including_emulation": False}]  # emulated bfloat16 (before Ampere) is slower than float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.resolve_dtype("auto") == expected  # no device: CUDA when available
+
+
+def test_auto_dtype_asks_the_named_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    _count_bf16_checks(monkeypatch, supported=True)
+    entered: list[torch.device] = []
+
+    class FakeDeviceContext:
+        def __init__(self, device: torch.device) -> None:
+            self.device = device
+
+        def __enter__(self) -> None:
+            entered.append(self.device)
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    assert models.resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert entered == [torch.device("cuda:1")]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", None])
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_explicit_dtypes_ignore_the_device(monkeypatch: pytest.MonkeyPatch, name: str, device: str | None) -> None:
+    calls = _count_bf16_checks(monkeypatch, supported=True)
+    assert models.resolve_dtype(name, device) == models.DTYPES[name]
+    assert models.resolve_dtype(models.DTYPES[name], device) == models.DTYPES[name]
+    assert calls == []
+
+
+def test_bad_dtype_message_names_auto() -> None:
+    with pytest.raises(ValueError, match="auto, float32, float16, bfloat16"):
+        models.resolve_dtype("float64")
+
+
+def _fake_loader(monkeypatch: pytest.MonkeyPatch, device_map: dict[str, Any] | None = None) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    class FakeModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            if device_map is not None:
+                self.hf_device_map = device_map
+
+    def fake_load(location: Path, name: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+        seen.update(location=location, name=name, dtype=dtype, **kwargs)
+        return FakeModel(), "tokenizer"
+
+    monkeypatch.setattr(models, "_load_pretrained", fake_load)
+    return seen
+
+
+def test_load_model_defaults_to_auto_and_loads_onto_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    assert inspect.signature(load_model).parameters["dtype"].default == "auto"
+    seen = _fake_loader(monkeypatch)
+    model, _ = load_model(str(tmp_path), device="cpu")
+    assert seen["dtype"] == torch.float32
+    assert seen["device_map"] == torch.device("cpu")  # straight onto the device, not loaded then moved
+    assert not model.training
+
+
+def test_load_model_auto_on_cuda_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _count_bf16_checks(monkeypatch, supported=True)
+    seen = _fake_loader(monkeypatch)
+    load_model(str(tmp_path), device="cuda")
+    assert seen["dtype"] == torch.bfloat16
+    assert seen["device_map"] == torch.device("cuda")
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_load_model_explicit_dtype_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    seen = _fake_loader(monkeypatch)
+    load_model(str(tmp_path), dtype=name, device="cpu")
+    assert seen["dtype"] == models.DTYPES[name]
+
+
+@pytest.mark.parametrize(
+    "device_map",
+    [
+        {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1},
+        {"model": "cuda:0", "lm_head": "cpu"},
+        {"model": "cpu", "lm_head": "disk"},
+    ],
+)
+def test_model_over_several_devices_is_refused(device_map: dict[str, Any]) -> None:
+    model = SimpleNamespace(hf_device_map=device_map)
+    with pytest.raises(ValueError, match="spread over several devices") as info:
+        models.check_single_device(model)
+    assert "one device" in str(info.value)
+    assert 'device="cuda:0"' in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "device_map",
+    [
+        {"": "cpu"},
+        {"": torch.device("cpu")},
+        {"model": 0, "lm_head": "cuda:0"},  # one device, spelled two ways
+        {"model": "cuda", "lm_head": torch.device("cuda", 0)},
+    ],
+)
+def test_model_on_one_device_is_accepted(device_map: dict[str, Any]) -> None:
+    models.check_single_device(SimpleNamespace(hf_device_map=device_map))
+    models.check_single_device(SimpleNamespace())  # no device map at all: a plain model
+
+
+def test_load_model_refuses_a_spread_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_loader(monkeypatch, device_map={"model": 0, "lm_head": 1})
+    with pytest.raises(ValueError, match="Load it on one device"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_cli_dtype_defaults_to_auto_and_build_names_the_loaded_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from lookahead import cli, engine
+
+    parser = argparse.ArgumentParser()
+    cli._add_model_args(parser)
+    args = parser.parse_args([])
+    assert args.dtype == "auto"
+    assert parser.parse_args(["--dtype", "float32"]).dtype == "float32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "float64"])
+
+    seen: dict[str, Any] = {}
+
+    def fake_load_model(name: str, dtype: str, device: str | None) -> tuple[Any, Any]:
+        seen.update(name=name, dtype=dtype, device=device)
+        return SimpleNamespace(dtype=torch.float32), "tokenizer"
+
+    monkeypatch.setattr(cli, "load_model", fake_load_model)
+    monkeypatch.setattr(engine, "LookaheadGenerator", lambda model, tokenizer, config: "generator")
+    model, tokenizer, generator = cli._build(args)
+    assert seen["dtype"] == "auto"
+    assert args.dtype == "float32"  # records and reports name what "auto" became
+    assert generator == "generator"
