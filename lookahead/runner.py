@@ -22,6 +22,7 @@ from transformers import DynamicCache, PreTrainedModel
 from .budget import DEFAULT_SIZES, CostCurve, measure_cost_curve
 from .kernels import install_skinny_linear, skinny_linear, skinny_matmul
 from .kvcache import check_compactable, compact_cache, compact_rows
+from .models import check_single_device
 from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
 
 #: model_type values whose stock transformers implementation is verified by the test-suite to accept a 4-D tree
@@ -88,6 +89,7 @@ def check_model(model: Any) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         raise ValueError("lookahead needs a plain bias-free linear LM head")
+    check_single_device(model)  # cache, masks and compaction indices live on one device
     attn = getattr(config, "_attn_implementation", None) or "eager"
     if attn not in SUPPORTED_ATTENTION:
         raise ValueError(

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", help="load an already running server instead of starting one here")
     p.add_argument("--api-key", default=None, help="bearer key for --url")
     p.add_argument("--model", default="default", help="model of the in-process server (default: the embedded one)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the in-process server's model")
     p.add_argument("--cases", default="rag_qa", help="case file or shipped name (rag_qa, summarize, open)")
     p.add_argument("--limit", type=positive_int, default=None, help="first N cases")

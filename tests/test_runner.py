@@ -68,3 +68,13 @@ def test_greedy_tokens_equal_the_argmax_of_the_logits():
     hidden = torch.randn(6, model.config.hidden_size)
     assert runner.greedy_tokens(hidden).tolist() == runner.logits(hidden).argmax(-1).tolist()
     assert runner.logits(hidden).shape == (6, model.config.vocab_size)
+
+
+def test_a_model_spread_over_several_devices_is_refused_at_construction():
+    model = make_model("llama", seed=2)
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers.0": 0, "lm_head": 1}
+    try:
+        with pytest.raises(ValueError, match="one device"):
+            ModelRunner(model)
+    finally:
+        del model.hf_device_map

@@ -32,8 +32,9 @@ class LookaheadParams(BaseModel):
     model_name: str = Field(default_factory=lambda: os.environ.get(MODEL_ENV) or "default", alias="model")
     """'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face model id in the local cache, a local model
     directory or a .gguf file. Default: ``$LOOKAHEAD_MODEL``, else 'default'."""
-    dtype: str = "float32"
-    """float32, float16 or bfloat16."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a CUDA GPU that supports it, float16 on other GPUs, float32 on CPU), float32, float16 or
+    bfloat16."""
     device: str | None = None
     """cpu, cuda, cuda:1 ... (None: CUDA when available, else CPU)."""
     max_new_tokens: int = Field(default=256, alias="max_tokens", ge=1)
@@ -73,7 +74,7 @@ class LookaheadParams(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        allowed = ("float32", "float16", "bfloat16")
+        allowed = ("auto", "float32", "float16", "bfloat16")
         if value not in allowed:
             raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {value!r}")
         return value
