@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from lookahead.config import LookaheadConfig
+from lookahead.inputs import check_positive_int, check_stop
 from lookahead.sampling import SamplingParams
 
 from ._engine import DocumentRouter, EngineHandle, check_documents, get_engine, register_engine
@@ -141,11 +142,8 @@ class LookaheadParams(BaseModel):
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {unknown}; per-call options: {', '.join(CALL_KWARGS)}")
         limit = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {limit!r}")
-        stops = list(stop) if stop is not None else list(self.stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise TypeError("stop must be a list of strings")
+        check_positive_int("max_new_tokens", limit)
+        stops = list(check_stop(list(stop) if stop is not None else list(self.stop or [])))
         documents = check_documents(kwargs.get("documents"))
         for text in self._router.take(parent_run_id, prompt_text):
             if text not in documents:
@@ -158,8 +156,7 @@ class LookaheadParams(BaseModel):
     def _completions(self, kwargs: dict[str, Any]) -> int:
         """How many completions this call asks for (``n=`` per call, else the field)."""
         n = kwargs.get("n", self.n)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        check_positive_int("n", n)
         if n > 1 and not self.use_lookahead:
             raise ValueError("n > 1 needs use_lookahead=True (the plain baseline returns one completion)")
         if n > 1 and self.sampling(kwargs):

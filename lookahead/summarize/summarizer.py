@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..agreement import classify
+from ..inputs import check_positive_int
 from ..reference import greedy
 from .chunking import split_text
 from .prompts import combine_messages, summary_messages
@@ -45,8 +46,7 @@ class Summarizer:
 
     def __init__(self, generator: LookaheadGenerator, max_new_tokens: int = 160, chunk_tokens: int = 1024,
                  baseline: bool = False) -> None:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_positive_int("max_new_tokens", max_new_tokens)
         if not isinstance(chunk_tokens, int) or chunk_tokens < 16:
             raise ValueError(f"chunk_tokens must be an integer >= 16, got {chunk_tokens!r}")
         self.generator = generator
