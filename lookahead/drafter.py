@@ -88,7 +88,8 @@ class Drafter:
         if len(generated) <= self.learned:
             return
         t0 = time.perf_counter()
-        before = (self.prompt_ids + list(generated[:self.learned]))[-self.config.branch_length:]
+        tail = self.config.branch_length  # only the last branch_length counted tokens matter to the trie
+        before = (self.prompt_ids[-tail:] + list(generated[max(0, self.learned - tail):self.learned]))[-tail:]
         self.trie.extend(before, generated[self.learned:], request_id=self.request_id)
         self.learned = len(generated)
         self.trie_seconds += time.perf_counter() - t0
@@ -105,8 +106,7 @@ class Drafter:
         config = self.config
         t0 = time.perf_counter()
         query = config.max_query_length
-        line = list(generated) + list(after)
-        context = (self.prompt_ids[-query:] + line)[-query:]
+        context = (self.prompt_ids[-query:] + list(generated[-query:]) + list(after))[-query:]  # tails only
         remaining = self.max_new_tokens - len(generated)
         draft = self.trie.draft(context, config.decoding_length, request_id=self.request_id,
                                 branch_length=max(1, min(config.branch_length, remaining)))
