@@ -312,15 +312,19 @@ class ModelRunner:
             return torch.nn.functional.linear(hidden, self.head)  # [n, V]
         return skinny_matmul(hidden, self.head)  # [n, V]
 
+    def _processed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head and the model's own processing of its output, in the model's dtype: [n, d] -> [n, V]."""
+        return self.processing.apply(self._head(hidden))
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits as the model's forward returns them: ``hidden @ W.T`` and the model's own processing of it
         (scaling, soft-capping; see :class:`LogitProcessing`): [n, d] -> [n, V]."""
-        return self.processing.apply(self._head(hidden)).float()  # [n, V]
+        return self._processed(hidden).float()  # [n, V]
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Argmax of :meth:`logits` for every row: [n, d] -> [n] (on CPU 2-4x faster as ``W @ hidden.T``). The
         processing is applied before the argmax too: rounding (and soft-capping's saturation) can make ties."""
-        return self.processing.apply(self._head(hidden)).argmax(-1)  # [n]
+        return self._processed(hidden).argmax(-1)  # [n]
 
     def check_head(self) -> None:
         """Refuse the model unless :meth:`logits` of the decoder's hidden states reproduce the logits of the model's
