@@ -43,9 +43,15 @@ class GenerationStats:
     accepted_lengths: list[int] = field(default_factory=list)  # draft tokens accepted per decoding step
     time_prefill: float = 0.0
     time_trie: float = 0.0
-    time_forward: float = 0.0
-    time_other: float = 0.0
+    time_forward: float = 0.0  # model passes (prefill and tree passes)
+    time_other: float = 0.0  # host work outside the model and the trie (trees, acceptance, compaction, emitting)
     time_total: float = 0.0
+
+    @property
+    def host_seconds_per_step(self) -> float:
+        """Host time outside the model forward (trie work included) per decoding step, the prefill excluded."""
+        decoding = self.steps - 1
+        return (self.time_trie + self.time_other) / decoding if decoding > 0 else 0.0
 
     @property
     def tokens_per_step(self) -> float:
@@ -57,7 +63,8 @@ class GenerationStats:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(tokens_per_step=self.tokens_per_step, tokens_per_second=self.tokens_per_second)
+        data.update(tokens_per_step=self.tokens_per_step, tokens_per_second=self.tokens_per_second,
+                    host_seconds_per_step=self.host_seconds_per_step)
         return data
 
 
