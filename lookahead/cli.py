@@ -168,7 +168,8 @@ def add_generate_parser(sub: Any, add_model_args: AddModelArgs, build: Build) ->
 def add_bench_parser(sub: Any, add_model_args: AddModelArgs, build: Build) -> argparse.ArgumentParser:
     """Register ``lookahead bench``."""
     bench = sub.add_parser("bench", help="compare vanilla, pld and lookahead on case files")
-    bench.add_argument("cases", nargs="+", help="case files (JSON Lines) or shipped names: rag_qa, summarize, open")
+    bench.add_argument("cases", nargs="+",
+                       help="case files (JSON Lines) or shipped names: rag_qa, summarize, open, long_rag")
     bench.add_argument("--methods", default="vanilla,pld,lookahead",
                        help="comma-separated: vanilla,pld,lookahead,ensemble,ensemble-plain,multidraft,superposed,"
                             "k-sampling")

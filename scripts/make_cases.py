@@ -4,8 +4,13 @@ Deterministic: a fixed module list, sorted candidates and a fixed random seed. D
 Python versions, so the files are generated once (with Python 3.11) and committed; the benchmark reads the committed
 files, and ``--check`` only matches on the Python version that generated them.
 
-    python scripts/make_cases.py            # (re)write the three files
-    python scripts/make_cases.py --check    # exit 1 if the committed files differ from a fresh build
+``long_rag.jsonl`` holds long-context questions: many full docstrings of functions and classes (3,000 to 6,000 prompt
+tokens with the default model's tokenizer, which building it loads), one of which answers the question. Each of its
+cases records the Python version (``python``) and its prompt length in tokens (``prompt_tokens``).
+
+    python scripts/make_cases.py                    # (re)write the four files
+    python scripts/make_cases.py --only long_rag    # (re)write one of them
+    python scripts/make_cases.py --check            # exit 1 if the committed files differ from a fresh build
 """
 
 from __future__ import annotations
@@ -17,9 +22,16 @@ import json
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from transformers import AutoTokenizer
+
+from lookahead.inputs import InputEncoder
+from lookahead.models import default_model_dir
+from lookahead.prompts import case_messages
 
 SEED = 20240607
 OUT_DIR = Path(__file__).resolve().parent.parent / "lookahead" / "bench" / "cases"
@@ -31,6 +43,12 @@ SUMMARIZE_MAX_NEW_TOKENS = 128
 OPEN_MAX_NEW_TOKENS = 96
 RAG_DOC_CHARS = (300, 1500)
 SUMMARY_DOC_CHARS = (800, 2500)
+LONG_COUNT = 8
+LONG_MAX_NEW_TOKENS = 128
+LONG_PROMPT_TOKENS = (3000, 6000)  # what every long_rag prompt must measure with the default model's tokenizer
+LONG_TARGET_TOKENS = (3400, 5600)  # each case draws its length from this range
+LONG_DOC_CHARS = (120, 3000)  # full docstrings of the documents around the answer
+LONG_SEED_OFFSET = 1  # long_rag draws from its own generator: the other files stay as they were
 
 # Modules whose documentation is mostly prose.
 RAG_MODULES = (
@@ -109,6 +127,13 @@ RAG_QUESTIONS = (
     "According to the documentation, what is `{name}` for?",
     "Explain `{name}` to a beginner, using only the documentation provided.",
     "What does `{name}` return, and which special cases does its documentation mention?",
+)
+
+LONG_QUESTIONS = (
+    "What does `{name}` do and what does it return?",
+    "What does `{name}` return, and which special cases does its documentation mention?",
+    "Which arguments does `{name}` accept, and what do they do?",
+    "According to the documentation, what is `{name}` for?",
 )
 
 OPEN_PROMPTS = (
@@ -203,6 +228,37 @@ def summary_docs(modules: tuple[str, ...], bounds: tuple[int, int]) -> list[Doc]
     return [docs[name] for name in sorted(docs)]
 
 
+def long_docs(modules: tuple[str, ...], bounds: tuple[int, int]) -> list[Doc]:
+    """Public functions and classes of ``modules`` with their own full docstring of ``bounds`` characters (doctests
+    and code included: retrieved documentation as it is)."""
+    docs: dict[str, Doc] = {}
+    seen_texts: set[str] = set()
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for attr, obj in _public(module):
+            name = f"{module_name}.{attr}"
+            is_function = inspect.isfunction(obj) or inspect.isbuiltin(obj)
+            if not (is_function or inspect.isclass(obj)) or getattr(obj, "__name__", None) != attr or name in EXCLUDE:
+                continue
+            doc = obj.__doc__ and inspect.cleandoc(obj.__doc__)  # its own docstring, never an inherited one
+            if not doc or not bounds[0] <= len(doc) <= bounds[1] or " at 0x" in doc or doc in seen_texts:
+                continue
+            seen_texts.add(doc)
+            heading = f"{name}{signature_text(obj)}" if is_function else f"class {name}{signature_text(obj)}"
+            if " at 0x" in heading:
+                continue
+            docs[name] = Doc(name=name, heading=heading, text=doc)
+    return [docs[name] for name in sorted(docs)]
+
+
+def signature_text(obj: Any) -> str:
+    """``obj``'s signature as text, or ``''`` when it has none that ``inspect`` can read."""
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return ""
+
+
 def mentions(text: str, word: str) -> bool:
     """Whether ``word`` occurs in ``text`` as a whole identifier."""
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
@@ -268,17 +324,104 @@ def open_cases() -> list[dict[str, Any]]:
     ]
 
 
-def build() -> dict[str, str]:
-    """Return the text of each case file, keyed by file name."""
+TokenCounter = Callable[[dict[str, Any]], int]
+
+
+def default_token_counter() -> TokenCounter:
+    """Prompt tokens of a case with the default model's tokenizer and chat template, encoded as the bench does."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    encoder = InputEncoder(tokenizer, len(tokenizer), None, None)
+    return lambda case: len(encoder.encode_messages(case_messages(case)))
+
+
+def python_version() -> str:
+    """The running Python's ``major.minor``: docstrings (and so the long_rag cases) depend on it."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def long_context(answer: Doc, candidates: list[Doc], question: str, target: int, count_tokens: TokenCounter,
+                 rng: random.Random) -> tuple[list[str], int]:
+    """The answer's document among distractors from ``candidates`` (in order) until the prompt holds ``target``
+    tokens, never more than the upper bound of LONG_PROMPT_TOKENS; then shuffled. Returns (documents, tokens)."""
+    low, high = LONG_PROMPT_TOKENS
+    chosen = [answer.document()]
+
+    def measure(documents: list[str]) -> int:
+        return count_tokens({"task": "rag_qa", "question": question, "documents": documents})
+
+    tokens = measure(chosen)
+    for doc in candidates:
+        if tokens >= target:
+            break
+        longer = measure([*chosen, doc.document()])
+        if longer <= high - 100:  # room for the numbering to change when the documents are shuffled
+            chosen, tokens = [*chosen, doc.document()], longer
+    rng.shuffle(chosen)
+    tokens = measure(chosen)
+    if not low <= tokens <= high:
+        raise SystemExit(f"long_rag case about {answer.name}: {tokens} prompt tokens, outside {low}..{high}")
+    return chosen, tokens
+
+
+def long_rag_cases(rng: random.Random, count_tokens: TokenCounter, answers: list[Doc], pool: list[Doc],
+                   exclude: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Questions about one function each, over many full docstrings: first the other documents of the answer's own
+    module, then documents of other modules (as a retriever returns neighbours), none naming the answer."""
+    picked = rng.sample([doc for doc in answers if doc.name not in exclude], LONG_COUNT)
+    cases = []
+    for index, answer in enumerate(picked):
+        module = answer.name.rsplit(".", 1)[0]
+        others = [
+            doc
+            for doc in pool
+            if doc.name != answer.name
+            and not mentions(doc.document(), answer.short_name)
+            and not mentions(answer.document(), doc.short_name)
+        ]
+        same = [doc for doc in others if doc.name.rsplit(".", 1)[0] == module]
+        rest = [doc for doc in others if doc.name.rsplit(".", 1)[0] != module]
+        rng.shuffle(same)
+        rng.shuffle(rest)
+        question = LONG_QUESTIONS[index % len(LONG_QUESTIONS)].format(name=answer.name)
+        documents, tokens = long_context(answer, same + rest, question, rng.randint(*LONG_TARGET_TOKENS),
+                                         count_tokens, rng)
+        cases.append(
+            {
+                "id": f"long-{index:03d}",
+                "task": "rag_qa",
+                "question": question,
+                "documents": documents,
+                "max_new_tokens": LONG_MAX_NEW_TOKENS,
+                "prompt_tokens": tokens,
+                "python": python_version(),
+            }
+        )
+    return cases
+
+
+def rag_answer_names(cases: list[dict[str, Any]]) -> frozenset[str]:
+    """The functions the rag_qa questions ask about (long_rag asks about others)."""
+    return frozenset(m.group(1) for case in cases if (m := re.search(r"`([\w.]+)`", case["question"])))
+
+
+FILES = ("rag_qa", "summarize", "open", "long_rag")
+
+
+def build(names: tuple[str, ...] = FILES, count_tokens: TokenCounter | None = None) -> dict[str, str]:
+    """Return the text of each case file in ``names``, keyed by file name. long_rag measures its prompts with
+    ``count_tokens`` (default: the default model's tokenizer, loaded only then)."""
     rng = random.Random(SEED)
-    splits = {
-        "rag_qa.jsonl": rag_cases(rng),
-        "summarize.jsonl": summarize_cases(rng),
-        "open.jsonl": open_cases(),
-    }
+    rag = rag_cases(rng)
+    splits = {"rag_qa": rag, "summarize": summarize_cases(rng), "open": open_cases()}
+    if "long_rag" in names:
+        answers = function_docs(RAG_MODULES, RAG_DOC_CHARS)
+        pool = long_docs(tuple(sorted(set(RAG_MODULES) | set(SUMMARY_MODULES))), LONG_DOC_CHARS)
+        splits["long_rag"] = long_rag_cases(random.Random(SEED + LONG_SEED_OFFSET),
+                                            count_tokens or default_token_counter(), answers, pool,
+                                            rag_answer_names(rag))
     return {
-        file_name: "".join(json.dumps(case, ensure_ascii=False) + "\n" for case in cases)
-        for file_name, cases in splits.items()
+        f"{name}.jsonl": "".join(json.dumps(case, ensure_ascii=False) + "\n" for case in splits[name])
+        for name in names
     }
 
 
@@ -286,8 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="compare with the files in --out instead of writing")
+    parser.add_argument("--only", action="append", choices=FILES,
+                        help="build this file only (repeatable; default: all of them)")
     args = parser.parse_args(argv)
-    files = build()
+    files = build(tuple(args.only) if args.only else FILES)
     if args.check:
         stale = [
             name

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from lookahead.bench.cases import load_cases
+
 CASES = resources.files("lookahead.bench") / "cases"
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_cases.py"
 EXPECTED = {
@@ -22,6 +24,9 @@ EXPECTED = {
     "open.jsonl": ("open", 10, "open-", 96),
 }
 ALLOWED_KEYS = {"id", "task", "question", "documents", "max_new_tokens"}
+QUICK = ("rag_qa", "summarize", "open")  # the files built without a tokenizer
+LONG_KEYS = ALLOWED_KEYS | {"prompt_tokens", "python"}
+LONG_COUNT, LONG_MAX_NEW_TOKENS = 8, 128
 
 
 def load(file_name: str) -> list[dict[str, Any]]:
@@ -126,8 +131,8 @@ def test_documents_hold_no_memory_addresses() -> None:
 
 def test_script_is_deterministic() -> None:
     module = make_cases()
-    first = module.build()
-    assert first == module.build()
+    first = module.build(QUICK)
+    assert first == module.build(QUICK)
     assert set(first) == set(EXPECTED)
     assert first["open.jsonl"] == (CASES / "open.jsonl").read_text(encoding="utf-8")
     for file_name, (_, count, _, _) in EXPECTED.items():
@@ -136,11 +141,12 @@ def test_script_is_deterministic() -> None:
 
 def test_script_check_mode(tmp_path: Path) -> None:
     module = make_cases()
-    assert module.main(["--out", str(tmp_path)]) == 0
+    only = [arg for name in QUICK for arg in ("--only", name)]
+    assert module.main(["--out", str(tmp_path), *only]) == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(EXPECTED)
-    assert module.main(["--out", str(tmp_path), "--check"]) == 0
+    assert module.main(["--out", str(tmp_path), "--check", *only]) == 0
     (tmp_path / "open.jsonl").write_text("", encoding="utf-8")
-    assert module.main(["--out", str(tmp_path), "--check"]) == 1
+    assert module.main(["--out", str(tmp_path), "--check", *only]) == 1
 
 
 def test_plain_english_filter() -> None:
@@ -148,3 +154,73 @@ def test_plain_english_filter() -> None:
     assert module.is_plain_english("Return the sum of the numbers in the given list, or zero when it is empty.")
     assert not module.is_plain_english("Add two numbers.\n\n>>> add(1, 2)\n3")
     assert not module.is_plain_english("x = {'a': [1, 2, 3], 'b': (4, 5, 6)} # 0x1f 0x2e 0x3d")
+
+
+# ---------------------------------------------------------------------------------------------------- long_rag
+
+
+@pytest.fixture(scope="module")
+def count_tokens():
+    """Prompt tokens of a case with the default model's tokenizer (what make_cases.py measured with)."""
+    return make_cases().default_token_counter()
+
+
+def test_long_rag_schema() -> None:
+    cases = load("long_rag.jsonl")
+    assert [case["id"] for case in cases] == [f"long-{index:03d}" for index in range(LONG_COUNT)]
+    for case in cases:
+        assert set(case) == LONG_KEYS
+        assert case["task"] == "rag_qa"
+        assert type(case["max_new_tokens"]) is int and case["max_new_tokens"] == LONG_MAX_NEW_TOKENS
+        assert re.fullmatch(r"3\.\d+", case["python"])  # the docstrings' Python version
+        assert len(case["documents"]) >= 15 and len(set(case["documents"])) == len(case["documents"])
+        assert all(isinstance(doc, str) and doc.strip() and " at 0x" not in doc for doc in case["documents"])
+
+
+def test_long_rag_prompts_are_long(count_tokens) -> None:
+    low, high = make_cases().LONG_PROMPT_TOKENS
+    for case in load("long_rag.jsonl"):
+        tokens = count_tokens(case)
+        assert tokens == case["prompt_tokens"], case["id"]
+        assert low <= tokens <= high, (case["id"], tokens)
+
+
+def test_long_rag_documents_hold_the_answer_exactly_once() -> None:
+    cases = load("long_rag.jsonl")
+    names = [answer_name(case["question"]) for case in cases]
+    assert len(set(names)) == len(names)
+    assert not set(names) & {answer_name(case["question"]) for case in load("rag_qa.jsonl")}
+    for case, name in zip(cases, names, strict=True):
+        docs = case["documents"]
+        assert sum(doc.startswith(f"{name}(") for doc in docs) == 1
+        assert sum(mentions(doc, name.rsplit(".", 1)[-1]) for doc in docs) == 1
+    positions = {next(i for i, doc in enumerate(case["documents"]) if doc.startswith(f"{name}("))
+                 for case, name in zip(cases, names, strict=True)}
+    assert len(positions) > 1
+
+
+def test_long_rag_loads_by_name() -> None:
+    cases = load_cases("long_rag", limit=2)
+    assert [case["id"] for case in cases] == ["long-000", "long-001"]
+
+
+def test_long_rag_builder_fills_the_token_range() -> None:
+    """The builder on a synthetic pool with a character-count tokenizer: lengths in range, deterministic."""
+    module = make_cases()
+    docs = [module.Doc(name=f"mod{i % 3}.func{i}", heading=f"mod{i % 3}.func{i}(x)", text="word " * (40 + 7 * i))
+            for i in range(200)]
+
+    def count(case: dict[str, Any]) -> int:
+        return sum(len(doc) for doc in case["documents"]) // 4 + len(case["question"])
+
+    def run() -> list[dict[str, Any]]:
+        return module.long_rag_cases(module.random.Random(5), count, docs[:20], docs, frozenset({"mod0.func0"}))
+
+    cases = run()
+    assert cases == run()
+    assert len(cases) == LONG_COUNT
+    low, high = module.LONG_PROMPT_TOKENS
+    for case in cases:
+        assert low <= case["prompt_tokens"] <= high and case["prompt_tokens"] == count(case)
+        assert "`mod0.func0`" not in case["question"]
+        assert sum(doc.startswith(answer_name(case["question"]) + "(") for doc in case["documents"]) == 1

@@ -9,11 +9,12 @@ from typing import Any
 
 from ..prompts import TASKS
 
-BUILTIN = ("rag_qa", "summarize", "open")
+#: the shipped case files; ``long_rag`` asks rag_qa questions over 3,000 to 6,000 prompt tokens of documents
+BUILTIN = ("rag_qa", "summarize", "open", "long_rag")
 
 
 def builtin_path(name: str) -> Path:
-    """Path of a shipped case file: ``rag_qa``, ``summarize`` or ``open``."""
+    """Path of a shipped case file: ``rag_qa``, ``summarize``, ``open`` or ``long_rag``."""
     return Path(str(resources.files("lookahead.bench") / "cases" / f"{name}.jsonl"))
 
 
