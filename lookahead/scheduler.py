@@ -4,6 +4,11 @@ Knows nothing of HTTP. A server calls :meth:`Scheduler.submit` (which validates 
 :class:`QueueFullError` when the queue is full, before any compute) and reads the returned :class:`RequestHandle`
 chunk by chunk, synchronously or with ``async for``. A client that goes away calls :meth:`RequestHandle.cancel`,
 which frees its batch slot at the next step.
+
+Admission is by count (``max_batch_size``) and by KV-cache bytes (``max_kv_bytes``): each admitted request reserves
+the cache its longest possible sequence needs (:func:`kv_cache_bytes_per_token`), and the queue's head waits (FIFO)
+until the reservations of the running requests leave room for it. When a step runs out of device memory anyway, the
+newest request leaves the batch with :class:`OutOfMemoryRequestError` and the others go on decoding.
 """
 
 from __future__ import annotations
@@ -12,15 +17,21 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .outputs import GenerationResult, Prompt, StreamChunk, collect_chunks
+import torch
+
+from .outputs import GenerationResult, Prompt, Request, StreamChunk, collect_chunks
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import LookaheadGenerator
+
+#: share of the free device memory (at scheduler start) that ``max_kv_bytes=None`` lets KV caches reserve on CUDA
+CUDA_KV_SHARE = 0.9
 
 
 class QueueFullError(RuntimeError):
@@ -29,6 +40,45 @@ class QueueFullError(RuntimeError):
 
 class SchedulerClosedError(RuntimeError):
     """The scheduler is shut down and takes no more requests."""
+
+
+class OutOfMemoryRequestError(RuntimeError):
+    """The request was evicted: the device ran out of memory decoding it with the others (retry it; HTTP 503)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory (``torch.OutOfMemoryError`` or a RuntimeError saying
+    "out of memory", as some backends raise)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def _config_int(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token takes: layers x key/value heads x head dim x 2 (K and V) x bytes of ``dtype``.
+
+    Reads ``num_key_value_heads`` (else ``num_attention_heads``) and ``head_dim`` (else ``hidden_size //
+    num_attention_heads``) from ``config``, or from its ``text_config`` when it nests one (multimodal models). An
+    upper bound for models with sliding-window layers, whose caches stop growing at the window.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    text = getattr(config, "text_config", None) or config
+    layers = _config_int(text, "num_hidden_layers")
+    heads = _config_int(text, "num_attention_heads")
+    kv_heads = _config_int(text, "num_key_value_heads") or heads
+    head_dim = _config_int(text, "head_dim")
+    if head_dim is None and heads is not None and _config_int(text, "hidden_size") is not None:
+        head_dim = text.hidden_size // heads
+    missing = [name for name, value in (("num_hidden_layers", layers), ("num_key_value_heads or num_attention_heads",
+                                        kv_heads), ("head_dim or hidden_size", head_dim)) if not value]
+    if missing:
+        raise ValueError(f"cannot size the KV cache: the model config has no positive {', '.join(missing)}")
+    return layers * kv_heads * head_dim * 2 * dtype.itemsize
 
 
 _DONE = object()
@@ -44,8 +94,11 @@ class SchedulerStats:
     requests_rejected: int = 0
     requests_failed: int = 0
     tokens_generated: int = 0
+    requests_out_of_memory: int = 0  # evicted when a step ran out of device memory (also counted as failed)
+    tokens_generated: int = 0
     decoding_steps: int = 0  # batched forward passes (prefills excluded)
     busy_seconds: float = 0.0  # time the worker spent decoding
+    kv_bytes_reserved: int = 0  # KV-cache bytes reserved by the admitted requests now (a gauge)
     started: float = field(default_factory=time.time)
 
 
@@ -124,88 +177,147 @@ class RequestHandle:
 
 
 class Scheduler:
-    """Bounded queue + one decoding thread running up to ``max_batch_size`` requests in each batched pass.
+    """Bounded FIFO queue + one decoding thread running up to ``max_batch_size`` requests in each batched pass.
 
     Args:
         generator: the engine (its trie is shared by all requests).
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting (not yet admitted); past it :meth:`submit` raises QueueFullError.
+        max_kv_bytes: most KV-cache bytes the admitted requests may reserve together; each reserves
+            ``(prompt tokens + max_new_tokens + decoding_length + 1) x`` :func:`kv_cache_bytes_per_token`. None: on a
+            CUDA device ``CUDA_KV_SHARE`` (90%) of the memory free now, on other devices no limit.
     """
 
-    def __init__(self, generator: LookaheadGenerator, max_batch_size: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, generator: LookaheadGenerator, max_batch_size: int = 8, max_queue: int = 64,
+                 max_kv_bytes: int | None = None) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_kv_bytes is not None and (not isinstance(max_kv_bytes, int) or isinstance(max_kv_bytes, bool)
+                                         or max_kv_bytes < 1):
+            raise ValueError(f"max_kv_bytes must be an integer >= 1 or None (automatic), got {max_kv_bytes!r}")
         self.generator = generator
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.kv_bytes_per_token = kv_cache_bytes_per_token(generator.model.config, generator.model.dtype)
+        self.max_kv_bytes = max_kv_bytes if max_kv_bytes is not None else self._default_kv_bytes()
         self.stats = SchedulerStats()
-        self._waiting: queue.Queue[tuple[Any, RequestHandle]] = queue.Queue(maxsize=max_queue)
+        self._waiting: deque[tuple[Request, RequestHandle, int]] = deque()
+        self._queue_lock = threading.Condition()
         self._closed = threading.Event()
         self._count_lock = threading.Lock()
         self._active = 0
+        self._reserved: dict[RequestHandle, int] = {}  # admitted handle -> its KV-cache bytes (worker thread only)
+        self._admission_held = False  # after an out-of-memory eviction: admit nothing until a row leaves
         self._thread = threading.Thread(target=self._work, name="lookahead-scheduler", daemon=True)
         self._thread.start()
 
+    def _default_kv_bytes(self) -> int | None:
+        device = torch.device(self.generator.device)
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1, int(free * CUDA_KV_SHARE))
+
     @property
     def queued(self) -> int:
-        return self._waiting.qsize()
+        return len(self._waiting)
 
     @property
     def active(self) -> int:
         return self._active
 
+    def kv_bytes_needed(self, request: Request) -> int:
+        """The KV-cache bytes ``request`` reserves while it runs: its longest sequence plus one draft tree."""
+        tokens = len(request.prompt_ids) + request.max_new_tokens + self.generator.config.decoding_length + 1
+        return tokens * self.kv_bytes_per_token
+
+    def _check_fits(self, request: Request, need: int) -> None:
+        if self.max_kv_bytes is not None and need > self.max_kv_bytes:
+            raise ValueError(
+                f"the request needs {need} bytes of KV cache ({len(request.prompt_ids)} prompt tokens + "
+                f"{request.max_new_tokens} max_new_tokens + {self.generator.config.decoding_length + 1} draft tokens, "
+                f"x {self.kv_bytes_per_token} bytes per token), more than max_kv_bytes={self.max_kv_bytes} allows "
+                f"even alone; shorten the prompt or lower max_new_tokens")
+
     def submit(self, prompt: Prompt, *, max_new_tokens: int = 128, stop: Sequence[str] | None = None,
                documents: Sequence[str] | None = None, sampling: SamplingParams | None = None,
                eos_token_id: int | Sequence[int] | None = None) -> RequestHandle:
-        """Validate and enqueue one request. Raises ValueError/TypeError for bad input (nothing is queued),
-        QueueFullError when the queue is full, SchedulerClosedError after :meth:`close`."""
+        """Validate and enqueue one request. Raises ValueError/TypeError for bad input or a request whose KV cache
+        exceeds ``max_kv_bytes`` alone (nothing is queued), QueueFullError when the queue is full,
+        SchedulerClosedError after :meth:`close`."""
         if self._closed.is_set():
             raise SchedulerClosedError("the scheduler is shut down")
         request = self.generator.prepare(prompt, max_new_tokens=max_new_tokens, stop=stop, documents=documents,
                                          sampling=sampling, eos_token_id=eos_token_id)
+        need = self.kv_bytes_needed(request)
+        self._check_fits(request, need)
         handle = RequestHandle(request.request_id, len(request.prompt_ids))
-        try:
-            self._waiting.put_nowait((request, handle))
-        except queue.Full:
-            with self._count_lock:
-                self.stats.requests_rejected += 1
-            raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later") from None
+        with self._queue_lock:
+            full = len(self._waiting) >= self.max_queue
+            if not full:
+                self._waiting.append((request, handle, need))
+                self._queue_lock.notify()
         with self._count_lock:
-            self.stats.requests_submitted += 1
+            if full:
+                self.stats.requests_rejected += 1
+            else:
+                self.stats.requests_submitted += 1
+        if full:
+            raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
         return handle
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop taking requests, cancel the waiting ones and let the worker end."""
         self._closed.set()
-        while True:
-            try:
-                _, handle = self._waiting.get_nowait()
-            except queue.Empty:
-                break
+        with self._queue_lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._queue_lock.notify_all()
+        for _, handle, _ in waiting:
             handle._finish(SchedulerClosedError("the scheduler shut down before this request ran"))
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker
 
     def _admit(self, batch: Any, block: bool) -> None:
-        while len(batch) < self.max_batch_size:
-            try:
-                request, handle = self._waiting.get(timeout=0.05) if block and not len(batch) else \
-                    self._waiting.get_nowait()
-            except queue.Empty:
-                return
-            if handle.cancelled:
-                self._finished(handle, cancelled=True)
-                continue
+        """Move waiting requests into the batch while count and KV bytes allow (FIFO: a head that does not fit
+        waits, and so does everything behind it)."""
+        with self._queue_lock:
+            if block and not len(batch) and not self._waiting:
+                self._queue_lock.wait(timeout=0.05)
+            cancelled = [item for item in self._waiting if item[1].cancelled]
+            for item in cancelled:
+                self._waiting.remove(item)
+            taken = self._take(len(batch))
+        for _, handle, _ in cancelled:
+            self._finished(handle, cancelled=True)
+        for request, handle, need in taken:
+            self._reserve(handle, need)
             try:
                 batch.add(request, handle)
             except Exception as error:  # noqa: BLE001 - reported to the one request that caused it
-                with self._count_lock:
-                    self.stats.requests_failed += 1
-                handle._finish(error)
+                self._finished(handle, error=error)
+
+    def _take(self, rows: int) -> list[tuple[Request, RequestHandle, int]]:
+        """Pop the waiting requests that fit now (call with the queue lock held)."""
+        limit = rows if self._admission_held else self.max_batch_size
+        reserved = self.stats.kv_bytes_reserved
+        taken = []
+        while self._waiting and rows + len(taken) < limit:
+            need = self._waiting[0][2]
+            if self.max_kv_bytes is not None and reserved + need > self.max_kv_bytes:
+                break
+            reserved += need
+            taken.append(self._waiting.popleft())
+        return taken
+
+    def _reserve(self, handle: RequestHandle, need: int) -> None:
+        self._reserved[handle] = need
+        self.stats.kv_bytes_reserved += need
 
     def _finished(self, handle: RequestHandle, cancelled: bool = False, error: BaseException | None = None) -> None:
+        self.stats.kv_bytes_reserved -= self._reserved.pop(handle, 0)
         with self._count_lock:
             if cancelled:
                 self.stats.requests_cancelled += 1
@@ -229,17 +341,25 @@ class Scheduler:
 
     def _cycle(self, batch: Any) -> None:
         """Admit waiting requests, drop cancelled ones, run one batched step and deliver its chunks."""
+        if not len(batch):
+            self._admission_held = False
         if not self._closed.is_set():
             self._admit(batch, block=True)
         for handle in [h for h in batch.keys() if h.cancelled]:
             batch.remove(handle)
             self._finished(handle, cancelled=True)
+            self._admission_held = False
         self._active = len(batch)
         if not len(batch):
             return
         t0 = time.perf_counter()
         try:
             events = batch.step()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            self._evict_newest(batch, error)
+            return
         finally:
             self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.decoding_steps += 1
@@ -248,3 +368,20 @@ class Scheduler:
             handle._put(chunk)
             if chunk.finish_reason is not None:
                 self._finished(handle)  # the batch has already dropped the finished row
+                self._admission_held = False
+
+    def _evict_newest(self, batch: Any, error: BaseException) -> None:
+        """After a step ran out of device memory (and left the batch as it was): fail the newest request, free the
+        allocator's cached blocks, and admit nothing new until another row leaves, so the rest can go on."""
+        handle = batch.keys()[-1]
+        batch.remove(handle)
+        if torch.device(self.generator.device).type == "cuda":
+            torch.cuda.empty_cache()
+        evicted = OutOfMemoryRequestError(
+            f"out of device memory: this request did not fit in device memory together with the {len(batch)} "
+            f"other request(s) being decoded, and was stopped; retry it later ({type(error).__name__}: {error})")
+        evicted.__cause__ = error
+        with self._count_lock:
+            self.stats.requests_out_of_memory += 1
+        self._finished(handle, error=evicted)
+        self._admission_held = len(batch) > 0

@@ -79,7 +79,7 @@ def slow_factory(gate: threading.Event | None = None, delay: float = 0.0) -> Cal
 
     def factory(generator: LookaheadGenerator, settings: Any) -> Scheduler:
         return Scheduler(SlowGenerator(generator, gate, delay), max_batch_size=settings.max_batch_size,
-                         max_queue=settings.max_queue)
+                         max_queue=settings.max_queue, max_kv_bytes=settings.max_kv_bytes)
 
     return factory
 

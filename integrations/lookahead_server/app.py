@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect
 
 from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
 from lookahead.sampling import SamplingParams
-from lookahead.scheduler import QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
+from lookahead.scheduler import OutOfMemoryRequestError, QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
 
 from .errors import ApiError, describe_validation_error, parse_json, validate_body
 from .metrics import ServerMetrics
@@ -60,12 +60,15 @@ class ServeSettings:
         api_key: when set, every endpoint but /health needs ``Authorization: Bearer <api_key>``.
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting for a batch slot; past it requests get 429.
+        max_kv_bytes: most KV-cache bytes the running requests may reserve together (None: 90% of the free
+            device memory at start on CUDA, no limit on CPU); a request that needs more alone gets 400.
         default_max_tokens: ``max_tokens`` of requests that do not give one (capped by the context left).
         max_tokens_limit: largest ``max_tokens`` accepted (None: the model's context length).
         max_body_bytes: largest request body (413 past it).
         trie_path: load the trie from here at start, save it here periodically and at shutdown.
         trie_save_interval: seconds between saves (only when something changed); 0 saves at shutdown only.
-        disconnect_poll: seconds between checks that a waiting client is still connected.
+        disconnect_poll: seconds between checks that a waiting client is still connected (a client that goes
+            away is cancelled, streamed or not).
     """
 
     model_name: str = "default"
@@ -73,12 +76,13 @@ class ServeSettings:
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 64
+    max_kv_bytes: int | None = None
     default_max_tokens: int = 256
     max_tokens_limit: int | None = None
     max_body_bytes: int = 16 * 2**20
     trie_path: str | None = None
     trie_save_interval: float = 300.0
-    disconnect_poll: float = 0.25
+    disconnect_poll: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes"):
@@ -88,6 +92,8 @@ class ServeSettings:
         if self.max_tokens_limit is not None and (not isinstance(self.max_tokens_limit, int)
                                                   or self.max_tokens_limit < 1):
             raise ValueError(f"max_tokens_limit must be an integer >= 1 or None, got {self.max_tokens_limit!r}")
+        if self.max_kv_bytes is not None and (not isinstance(self.max_kv_bytes, int) or self.max_kv_bytes < 1):
+            raise ValueError(f"max_kv_bytes must be an integer >= 1 or None, got {self.max_kv_bytes!r}")
         if self.trie_save_interval < 0 or self.disconnect_poll <= 0:
             raise ValueError("trie_save_interval must be >= 0 and disconnect_poll > 0")
         if self.api_key is not None and not self.api_key.strip():
@@ -95,7 +101,8 @@ class ServeSettings:
 
 
 def default_scheduler(generator: LookaheadGenerator, settings: ServeSettings) -> Scheduler:
-    return Scheduler(generator, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+    return Scheduler(generator, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                     max_kv_bytes=settings.max_kv_bytes)
 
 
 class _ClientGone(Exception):
@@ -256,18 +263,26 @@ class _Service:
         return await asyncio.to_thread(self._submit_sync, prompt, body, requested, param)
 
     async def chunks(self, handle: RequestHandle, request: Request) -> AsyncIterator[StreamChunk]:
-        """The handle's chunks; cancels it and raises _ClientGone when the client disconnects while waiting."""
+        """The handle's chunks; cancels it and raises _ClientGone when the client disconnects.
+
+        The connection is checked every ``disconnect_poll`` seconds however fast chunks come: a non-streamed answer
+        writes nothing until the end, so only this check notices a client that went away.
+        """
         loop = asyncio.get_running_loop()
         it: Iterator[StreamChunk] = iter(handle)
+        poll = self.settings.disconnect_poll
+        next_check = loop.time() + poll
         while True:
             future = loop.run_in_executor(self.pool, next, it, _END)
             while True:
-                done, _ = await asyncio.wait({future}, timeout=self.settings.disconnect_poll)
+                done, _ = await asyncio.wait({future}, timeout=max(0.0, next_check - loop.time()))
+                if loop.time() >= next_check:
+                    next_check = loop.time() + poll
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        raise _ClientGone()
                 if done:
                     break
-                if await request.is_disconnected():
-                    handle.cancel()
-                    raise _ClientGone()
             item = future.result()
             if item is _END:
                 return
@@ -301,6 +316,11 @@ def _lookahead_info(stats: GenerationStats, reason: str) -> dict[str, Any]:
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _out_of_memory(error: OutOfMemoryRequestError) -> ApiError:
+    """503 with Retry-After: the request was evicted to let the others finish; it may succeed when retried."""
+    return ApiError(503, str(error), code="out_of_memory", headers={"Retry-After": "1"})
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -453,6 +473,8 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
             return Response(status_code=499)
         except SchedulerClosedError as error:
             raise ApiError(503, f"{error}; retry shortly") from None
+        except OutOfMemoryRequestError as error:
+            raise _out_of_memory(error) from None
         except Exception as error:
             raise ApiError(500, f"generation failed: {type(error).__name__}: {error}") from error
         finally:
@@ -500,6 +522,9 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
             yield "data: [DONE]\n\n"
         except _ClientGone:
             return
+        except OutOfMemoryRequestError as error:  # the status line is sent: report in the stream
+            log.warning("request %s evicted: %s", handle.id, error)
+            yield _sse(_out_of_memory(error).body())
         except Exception as error:  # noqa: BLE001 - the status line is sent: report in the stream
             log.exception("streamed generation failed", exc_info=error)
             status = 503 if isinstance(error, SchedulerClosedError) else 500

@@ -45,6 +45,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB > 0, got {text!r}")
+    return value
+
+
 def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],
                build: Callable[[argparse.Namespace], tuple]) -> argparse.ArgumentParser:
     """Register ``lookahead serve`` on the CLI's subparsers."""
@@ -65,6 +75,10 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="most requests decoded together")
     parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="most requests waiting for a batch slot; more get HTTP 429")
+    parser.add_argument("--max-kv-gib", type=_gib, default=None, metavar="GIB",
+                        help="most KV cache (GiB) the running requests may reserve together; each reserves "
+                             "(prompt + max_tokens + decoding length + 1) tokens' worth and waits in the queue until "
+                             "it fits (default: 90%% of the free GPU memory at start; no limit on CPU)")
     parser.add_argument("--served-model-name", default=None,
                         help="model id in /v1/models and responses (default: the --model value)")
     parser.add_argument("--default-max-tokens", type=positive_int, default=256,
@@ -100,7 +114,9 @@ def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tu
             return 2
     settings = ServeSettings(
         model_name=args.served_model_name or args.model, model_aliases=(args.model,), api_key=api_key,
-        max_batch_size=args.max_batch_size, max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        max_kv_bytes=None if args.max_kv_gib is None else max(1, int(args.max_kv_gib * 2**30)),
+        default_max_tokens=args.default_max_tokens,
         max_body_bytes=args.max_body_mb * 2**20, trie_path=args.trie, trie_save_interval=args.trie_save_interval,
     )
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
