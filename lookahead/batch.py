@@ -164,7 +164,7 @@ class Batch:
         rows, runner = self.rows, self.runner
         trie_before = [row.drafter.trie_seconds for row in rows]
         t0 = time.perf_counter()
-        proposals = [self._propose(row) for row in rows]
+        proposals = self._propose()
         t1 = time.perf_counter()
         with torch.inference_mode():
             layout = RowLayout(tuple(row.length for row in rows), cache_length(self.cache))
@@ -190,14 +190,17 @@ class Batch:
             stats.time_other += (t1 - t0) + (t3 - t2) - trie_step
         return events
 
-    def _propose(self, row: Row) -> Proposal:
-        """Count the row's new output in its trie and propose its next draft tree (root: the pending token)."""
-        generated = row.emitter.generated
-        row.drafter.extend(generated)
-        batch_rows = len(self.rows)
-        max_nodes = max(1, self.max_nodes // batch_rows) if batch_rows > 1 else None
-        return row.drafter.propose(generated, last_accepted=row.last_accepted, max_nodes=max_nodes,
-                                   batch_rows=batch_rows)
+    def _propose(self) -> list[Proposal]:
+        """Count every row's new output in its trie, draft, and size all drafts with one joint budget choice."""
+        found = []
+        for row in self.rows:
+            generated = row.emitter.generated
+            row.drafter.extend(generated)
+            found.append(row.drafter.candidates(generated, last_accepted=row.last_accepted))
+        budget = self.rows[0].drafter.budget
+        assert budget is not None
+        counts = budget.sizes([f.ranking for f in found], context=cache_length(self.cache), max_nodes=self.max_nodes)
+        return [Drafter.proposal(f, n) for f, n in zip(found, counts)]
 
     def _accept(self, proposals: Sequence[Proposal], hidden: torch.Tensor) -> list[Acceptance]:
         """Walk every row's verified tree; ``hidden`` [B, N, d] holds the nodes' last hidden states."""

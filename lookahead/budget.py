@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from . import files
 
 COST_FORMAT = "lookahead-cost-curve"
 COST_VERSION = 1
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CostT = TypeVar("CostT", "CostCurve", "CostModel")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class CostCurve:
         if list(self.sizes) != sorted(set(self.sizes)) or self.sizes[0] < 1:
             raise ValueError(f"cost curve sizes must be increasing positive integers, got {self.sizes}")
 
-    def cost(self, n: int) -> float:
+    def cost(self, n: float) -> float:
         """Interpolated seconds for an ``n``-token pass (linear beyond the measured range)."""
         sizes, secs = self.sizes, self.seconds
         if len(sizes) == 1:
@@ -64,6 +66,87 @@ class CostCurve:
         if not isinstance(data, dict) or data.get("format") != COST_FORMAT or data.get("version") != COST_VERSION:
             raise ValueError("not a lookahead cost curve (format/version mismatch)")
         return cls(tuple(int(s) for s in data["sizes"]), tuple(float(c) for c in data["seconds"]))
+
+
+MODEL_FORMAT = "lookahead-cost-model"
+MODEL_VERSION = 1
+
+
+def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Piecewise-linear ``y(x)``: flat below the first point, extended with the last (non-negative) slope above."""
+    if len(xs) == 1 or x <= xs[0]:
+        return ys[0]
+    for a, b, ya, yb in zip(xs, xs[1:], ys, ys[1:]):
+        if x <= b:
+            return ya + (yb - ya) * (x - a) / (b - a)
+    a, b, ya, yb = xs[-2], xs[-1], ys[-2], ys[-1]
+    return yb + max(yb - ya, 0.0) * (x - b) / (b - a)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of one pass, ``c(n, context, batch)``: ``batch`` rows of ``n`` tree nodes each (the root included)
+    after ``context`` cached positions. Made of :class:`CostCurve` s over ``n`` measured at a few (batch, context)
+    points; between points it interpolates linearly (context first, then batch). Past the largest measured batch
+    ``b``, ``B`` rows of ``n`` cost what ``b`` rows of ``n * B / b`` do; past the longest measured context the
+    cost grows with the last measured slope.
+    """
+
+    points: tuple[tuple[int, int, CostCurve], ...]  # (batch, context, curve), sorted
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("a cost model needs at least one measured curve")
+        keys = [(b, c) for b, c, _ in self.points]
+        if keys != sorted(set(keys)) or keys[0][0] != 1 or any(b < 1 or c < 0 for b, c in keys):
+            raise ValueError(f"cost model points must be distinct (batch >= 1, context >= 0), sorted, with batch 1 "
+                             f"measured; got {keys}")
+
+    @classmethod
+    def of(cls, cost: CostCurve | CostModel) -> CostModel:
+        """``cost`` as a model (a single curve is taken for batch 1 at any context)."""
+        return cost if isinstance(cost, CostModel) else cls(((1, 0, cost),))
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        return tuple(sorted({b for b, _, _ in self.points}))
+
+    def curve(self, batch: int = 1) -> CostCurve:
+        """The measured curve of ``batch`` rows at the shortest measured context."""
+        return next(curve for b, _, curve in self.points if b == batch)
+
+    def _at_batch(self, batch: int, n: float, context: float) -> float:
+        points = [(c, curve) for b, c, curve in self.points if b == batch]
+        return _interpolate(context, [c for c, _ in points], [curve.cost(n) for _, curve in points])
+
+    def cost(self, n: float, context: float = 0, batch: int = 1) -> float:
+        """Interpolated seconds of a pass of ``batch`` rows of ``n`` nodes after ``context`` positions."""
+        batches = self.batches
+        if batch >= batches[-1]:
+            return self._at_batch(batches[-1], n * batch / batches[-1], context)
+        return _interpolate(batch, batches, [self._at_batch(b, n, context) for b in batches])
+
+    def relative(self) -> dict[int, float]:
+        """c(n) / c(1) of one row at the shortest measured context."""
+        return self.curve().relative()
+
+    def to_dict(self) -> dict:
+        return {"format": MODEL_FORMAT, "version": MODEL_VERSION,
+                "points": [{"batch": b, "context": c, "curve": curve.to_dict()} for b, c, curve in self.points]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CostModel:
+        if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT or data.get("version") != MODEL_VERSION:
+            raise ValueError("not a lookahead cost model (format/version mismatch)")
+        return cls(tuple((int(p["batch"]), int(p["context"]), CostCurve.from_dict(p["curve"]))
+                         for p in data["points"]))
+
+
+def load_cost(data: dict) -> CostCurve | CostModel:
+    """A cost curve or cost model from its :meth:`to_dict` form."""
+    if isinstance(data, dict) and data.get("format") == MODEL_FORMAT:
+        return CostModel.from_dict(data)
+    return CostCurve.from_dict(data)
 
 
 def measure_cost_curve(run_pass: Callable[[int], None], sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3,
@@ -98,13 +181,12 @@ def cost_cache_key(*parts: object) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def cached_cost_curve(key: str, measure: Callable[[], CostCurve], cache_dir: str | os.PathLike | None = None
-                      ) -> CostCurve:
-    """Load the curve cached under ``key`` or measure it and cache it atomically."""
+def cached_cost_curve(key: str, measure: Callable[[], CostT], cache_dir: str | os.PathLike | None = None) -> CostT:
+    """Load the curve (or cost model) cached under ``key`` or measure it and cache it atomically."""
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "cost"
     path = directory / f"{key}.json"
     try:
-        return CostCurve.from_dict(json.loads(path.read_text()))
+        return load_cost(json.loads(path.read_text()))  # type: ignore[return-value]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # missing or unreadable: measure again
     curve = measure()
@@ -124,6 +206,7 @@ class NodeFeatures:
     depth: int  # 1 for children of the root
     score: float  # mixed trie count
     from_outputs: bool = False  # seen in a past output (global count > 0), not only in this request's text
+    follow: int = 0  # how many context tokens have followed one past output (see Drafter); 0 when not from outputs
 
 
 def _bucket(value: float, edges: Sequence[float]) -> int:
@@ -133,8 +216,19 @@ def _bucket(value: float, edges: Sequence[float]) -> int:
     return len(edges)
 
 
+#: edges of the ``follow`` bins: a context that has followed a past output for 16+ tokens is most likely repeating it
+FOLLOW_EDGES = (2, 4, 8, 16)
+
+
 class AcceptanceModel:
-    """Online estimate of P(node accepted | its parent accepted), from binned counts with a coarse-bin back-off."""
+    """Online estimate of P(node accepted | its parent accepted), from binned counts backed off over three levels.
+
+    ``base`` bins know the node's share of its siblings, whether it comes from past outputs and how long the
+    context has followed one; ``coarse`` adds the depth, ``fine`` the match length, last accepted length and score.
+    A bin with few trials leans on the level above, so a depth never drafted yet starts from what shallower nodes
+    of the same kind showed (one-node drafts teach the estimate of deeper ones: drafting cannot stay stuck at one
+    node where deeper drafts would pay), and ``exploration`` adds optimism to rarely tried fine bins.
+    """
 
     def __init__(self, prior: float = 0.5, prior_strength: float = 2.0, backoff_strength: float = 4.0,
                  max_trials: float = 400.0, exploration: float = 0.0) -> None:
@@ -143,31 +237,37 @@ class AcceptanceModel:
         self.prior_strength = prior_strength
         self.backoff_strength = backoff_strength
         self.max_trials = max_trials
-        self._fine: dict[tuple, list[float]] = {}  # key -> [successes, trials]
+        self._base: dict[tuple, list[float]] = {}  # key -> [successes, trials]
         self._coarse: dict[tuple, list[float]] = {}
+        self._fine: dict[tuple, list[float]] = {}
 
     @staticmethod
-    def keys(node: NodeFeatures, match_length: int, last_accepted: int) -> tuple[tuple, tuple]:
-        coarse = (_bucket(node.share, (0.3, 0.6, 0.95)), min(node.depth, 4), node.from_outputs)
+    def keys(node: NodeFeatures, match_length: int, last_accepted: int) -> tuple[tuple, tuple, tuple]:
+        """The node's (base, coarse, fine) bins."""
+        follow = _bucket(node.follow, FOLLOW_EDGES) if node.from_outputs else -1
+        base = (_bucket(node.share, (0.3, 0.6, 0.95)), node.from_outputs, follow)
+        coarse = base + (min(node.depth, 4),)
         fine = coarse + (min(match_length, 4), _bucket(last_accepted, (1, 2, 4, 8)),
                          _bucket(node.score, (1.5, 3.5, 8.0)))
-        return coarse, fine
+        return base, coarse, fine
 
-    def _rate(self, table: dict, key: tuple, prior: float, strength: float) -> float:
+    @staticmethod
+    def _rate(table: dict, key: tuple, prior: float, strength: float) -> float:
         succ, trials = table.get(key, (0.0, 0.0))
         return (succ + strength * prior) / (trials + strength)
 
     def probability(self, node: NodeFeatures, match_length: int, last_accepted: int) -> float:
-        coarse, fine = self.keys(node, match_length, last_accepted)
-        p_coarse = self._rate(self._coarse, coarse, self.prior, self.prior_strength)
-        rate = self._rate(self._fine, fine, p_coarse, self.backoff_strength)
+        base, coarse, fine = self.keys(node, match_length, last_accepted)
+        rate = self._rate(self._base, base, self.prior, self.prior_strength)
+        rate = self._rate(self._coarse, coarse, rate, self.backoff_strength)
+        rate = self._rate(self._fine, fine, rate, self.backoff_strength)
         if self.exploration:  # optimism for rarely tried bins, so a changed regime is noticed
             trials = self._fine.get(fine, (0.0, 0.0))[1]
             rate = min(1.0, rate + self.exploration / (trials + 1.0) ** 0.5)
         return rate
 
     def observe(self, node: NodeFeatures, match_length: int, last_accepted: int, accepted: bool) -> None:
-        for table, key in zip((self._coarse, self._fine), self.keys(node, match_length, last_accepted)):
+        for table, key in zip((self._base, self._coarse, self._fine), self.keys(node, match_length, last_accepted)):
             entry = table.setdefault(key, [0.0, 0.0])
             entry[0] += float(accepted)
             entry[1] += 1.0
@@ -176,9 +276,12 @@ class AcceptanceModel:
                 entry[1] *= 0.5
 
 
-def node_features(parents: Sequence[int], scores: Sequence[float], global_counts: Sequence[float] | None = None
-                  ) -> list[NodeFeatures]:
-    """Features of every draft node; ``parents`` index into the draft, -1 means a child of the root."""
+def node_features(parents: Sequence[int], scores: Sequence[float], global_counts: Sequence[float] | None = None,
+                  follow: int = 0) -> list[NodeFeatures]:
+    """Features of every draft node; ``parents`` index into the draft, -1 means a child of the root.
+
+    ``follow`` is how many tokens the context has followed a past output; a node from past outputs at depth ``d``
+    is priced as if the context had followed it for ``follow + d - 1`` (its ancestors were accepted when it is)."""
     from_outputs = [g > 0 for g in global_counts] if global_counts else [False] * len(parents)
     sibling_mass: dict[int, float] = {}
     for p, s in zip(parents, scores):
@@ -187,50 +290,107 @@ def node_features(parents: Sequence[int], scores: Sequence[float], global_counts
     for p in parents:
         depths.append(1 if p < 0 else depths[p] + 1)
     return [
-        NodeFeatures(share=(s / sibling_mass[p]) if sibling_mass[p] > 0 else 0.0, depth=d, score=s, from_outputs=o)
+        NodeFeatures(share=(s / sibling_mass[p]) if sibling_mass[p] > 0 else 0.0, depth=d, score=s, from_outputs=o,
+                     follow=(follow + d - 1) if o and follow else 0)
         for p, s, d, o in zip(parents, scores, depths, from_outputs)
     ]
 
 
-class DraftBudget:
-    """Chooses each step which draft nodes to verify, and learns from what was accepted."""
+@dataclass(frozen=True)
+class Ranking:
+    """One row's draft nodes ranked for verification: ``order`` by decreasing ``reach`` (P(node is on the accepted
+    path)); a parent always comes before its children."""
 
-    def __init__(self, cost: CostCurve, max_nodes: int, adaptive: bool = True,
+    order: list[int]  # draft node indices
+    reach: list[float]  # reach[k] belongs to order[k]
+
+    def expected(self, count: int) -> float:
+        """Expected accepted draft tokens when the first ``count`` ranked nodes are verified."""
+        return sum(self.reach[:count])
+
+    def chosen(self, count: int) -> list[int]:
+        """The first ``count`` ranked nodes, in draft order (parents before children)."""
+        return sorted(self.order[:count])
+
+
+class DraftBudget:
+    """Chooses each step which draft nodes to verify, and learns from what was accepted.
+
+    ``cost`` prices a pass: a :class:`CostModel` (seconds by nodes per row, context and batch) or a single
+    :class:`CostCurve` (then a batch of ``B`` rows of ``n`` nodes costs ``c(B * n)`` at any context).
+    """
+
+    def __init__(self, cost: CostCurve | CostModel, max_nodes: int, adaptive: bool = True,
                  acceptance: AcceptanceModel | None = None) -> None:
-        self.cost = cost
+        self.cost_model = CostModel.of(cost)
         self.max_nodes = max_nodes
         self.adaptive = adaptive
         self.acceptance = acceptance or AcceptanceModel(prior=0.3, exploration=0.1)
 
-    def select(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
-               global_counts: Sequence[float] | None = None, max_nodes: int | None = None, batch_rows: int = 1
-               ) -> list[int]:
-        """Indices of the draft nodes to verify (parents before children), possibly none.
+    @property
+    def cost(self) -> CostCurve:
+        """The curve at batch 1 and the shortest measured context (what reports print)."""
+        return self.cost_model.curve()
 
-        ``max_nodes`` lowers the size limit for this call; ``batch_rows`` > 1 prices the pass as if every row of a
-        batch drafted as many nodes as this one (the pass then holds ``batch_rows`` trees).
-        """
-        limit = self.max_nodes if max_nodes is None else min(max_nodes, self.max_nodes)
-        if not parents or limit == 0:
-            return []
+    def rank(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
+             global_counts: Sequence[float] | None = None, follow: int = 0) -> Ranking:
+        """Every draft node with its estimated reach, most promising first (all reach 1.0 when not adaptive)."""
         if not self.adaptive:
-            return list(range(min(len(parents), limit)))
-        features = node_features(parents, scores, global_counts)
+            return Ranking(list(range(len(parents))), [1.0] * len(parents))
+        features = node_features(parents, scores, global_counts, follow)
         reach: list[float] = []  # P(node is on the accepted path)
         for p, feat in zip(parents, features):
             parent_reach = 1.0 if p < 0 else reach[p]
             reach.append(parent_reach * self.acceptance.probability(feat, match_length, last_accepted))
         order = sorted(range(len(parents)), key=lambda i: (-reach[i], features[i].depth, i))
-        best_count, best_rate, expected = 0, 1.0 / self.cost.cost(batch_rows), 0.0
-        for count, i in enumerate(order[:limit], start=1):
-            expected += reach[i]
-            rate = (1.0 + expected) / self.cost.cost(batch_rows * (count + 1))
+        return Ranking(order, [reach[i] for i in order])
+
+    def sizes(self, rankings: Sequence[Ranking], context: int = 0, max_nodes: int | None = None) -> list[int]:
+        """How many ranked nodes each row of one pass verifies: one joint choice for the whole pass.
+
+        Rows are padded to the largest tree, so the pass costs ``c(N + 1, context, B)`` for a common node count
+        ``N``; every row verifies its best ``min(N, len)`` nodes, and ``N`` maximises expected tokens per second
+        of the shared pass, ``(B + sum of expected accepted) / cost``. ``N = 0`` (no drafting) is a plain step.
+        ``context`` is the cache length the pass attends to; ``max_nodes`` lowers the per-row limit.
+        """
+        limit = self.max_nodes if max_nodes is None else min(max_nodes, self.max_nodes)
+        lengths = [len(r.order) for r in rankings]
+        if not rankings or limit <= 0:
+            return [0] * len(rankings)
+        top = min(limit, max(lengths))
+        if not self.adaptive:
+            return [min(top, n) for n in lengths]
+        rows = len(rankings)
+        cost = self.cost_model.cost
+        best_n, best_rate = 0, rows / cost(1, context, rows)
+        cumulative = [0.0] * rows
+        for n in range(1, top + 1):
+            expected = 0.0
+            for b, ranking in enumerate(rankings):
+                if n <= lengths[b]:
+                    cumulative[b] += ranking.reach[n - 1]
+                expected += cumulative[b]
+            rate = (rows + expected) / cost(n + 1, context, rows)
             if rate > best_rate:
-                best_count, best_rate = count, rate
-        return sorted(order[:best_count])
+                best_n, best_rate = n, rate
+        return [min(best_n, n) for n in lengths]
+
+    def select(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
+               global_counts: Sequence[float] | None = None, max_nodes: int | None = None, batch_rows: int = 1,
+               follow: int = 0, context: int = 0) -> list[int]:
+        """Indices of the draft nodes to verify (parents before children), possibly none: one row's choice.
+
+        ``max_nodes`` lowers the size limit for this call; ``batch_rows`` > 1 prices the pass as if every row of a
+        batch drafted as many nodes as this one (the pass then holds ``batch_rows`` trees).
+        """
+        if not parents:
+            return []
+        ranking = self.rank(parents, scores, match_length, last_accepted, global_counts, follow)
+        count = self.sizes([ranking] * batch_rows, context, max_nodes)[0]
+        return ranking.chosen(count)
 
     def observe(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
-                accepted: Sequence[int], global_counts: Sequence[float] | None = None) -> None:
+                accepted: Sequence[int], global_counts: Sequence[float] | None = None, follow: int = 0) -> None:
         """Learn from one verified draft: every node whose parent was accepted was a trial.
 
         ``parents`` and ``scores`` describe the verified nodes only (parent -1: child of the root); ``accepted``
@@ -238,7 +398,7 @@ class DraftBudget:
         """
         if not self.adaptive or not parents:
             return
-        features = node_features(parents, scores, global_counts)
+        features = node_features(parents, scores, global_counts, follow)
         accepted_set = set(accepted)
         for i, (p, feat) in enumerate(zip(parents, features)):
             if p < 0 or p in accepted_set:

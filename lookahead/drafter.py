@@ -14,9 +14,20 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .budget import DraftBudget
+from .budget import DraftBudget, Ranking
 from .config import LookaheadConfig
-from .trie import TokenTrie
+from .trie import Draft, TokenTrie
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Everything the trie offers for one step, ranked by the budget; :meth:`Drafter.proposal` keeps a prefix."""
+
+    root: int  # the last context token
+    draft: Draft
+    ranking: Ranking
+    last_accepted: int
+    follow: int
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class Proposal:
     global_counts: list[float]  # [n - 1]
     match_length: int
     last_accepted: int
+    follow: int = 0  # context tokens that had followed one past output (a budget feature)
 
     @property
     def size(self) -> int:
@@ -71,6 +83,8 @@ class Drafter:
         self.learned = 0  # output tokens already counted in the request-local trie
         self.trie_seconds = 0.0
         self.finished = False
+        self.follow = 0  # see follow_length
+        self.follow_end = -1  # len(generated) when ``follow`` was computed
 
     def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
               max_new_tokens: int = 1 << 30) -> None:
@@ -94,39 +108,74 @@ class Drafter:
         self.learned = len(generated)
         self.trie_seconds += time.perf_counter() - t0
 
-    def propose(self, generated: Sequence[int], *, after: Sequence[int] = (), last_accepted: int = 0,
-                max_nodes: int | None = None, batch_rows: int = 1, truncate: int | None = None) -> Proposal:
-        """The draft tree to verify after ``prompt + generated + after`` (its last token is the root).
+    def follow_length(self, context: Sequence[int], at_most: int) -> int:
+        """How many of the last tokens of ``context`` follow one past output: the longest suffix (at most
+        ``at_most`` tokens) that is a path of the trie with a global count. A context that repeats a past answer
+        reaches a whole window within a step, so the budget recognises the repeat and drafts deep."""
+        length = min(at_most, len(context))
+        while length > 0 and self.trie.count(context[-length:]) <= 0:
+            length -= 1
+        return length
 
-        ``last_accepted`` (the previous step's accepted length), ``max_nodes`` and ``batch_rows`` go to
-        :meth:`DraftBudget.select`; ``truncate`` keeps only the first nodes of its choice (still a tree).
-        """
+    def candidates(self, generated: Sequence[int], *, after: Sequence[int] = (), last_accepted: int = 0
+                   ) -> Candidates:
+        """Draft from the trie after ``prompt + generated + after`` and rank the nodes (nothing is chosen yet)."""
         if self.budget is None:
             raise RuntimeError("this drafter has no draft budget: it cannot propose")
         config = self.config
         t0 = time.perf_counter()
-        query = config.max_query_length
-        context = (self.prompt_ids[-query:] + list(generated[-query:]) + list(after))[-query:]  # tails only
+        width = max(config.max_query_length, config.branch_length + 1)
+        context = (self.prompt_ids[-width:] + list(generated[-width:]) + list(after))[-width:]  # tails only
         remaining = self.max_new_tokens - len(generated)
-        draft = self.trie.draft(context, config.decoding_length, request_id=self.request_id,
-                                branch_length=max(1, min(config.branch_length, remaining)))
+        draft = self.trie.draft(context[-config.max_query_length:], config.decoding_length,
+                                request_id=self.request_id, branch_length=max(1, min(config.branch_length, remaining)))
+        follow = 0
+        if not after:  # the main line, followed step by step (other lines are drafted without the feature)
+            end = len(generated)  # the context grew by ``end - self.follow_end`` tokens since the last call
+            grown = end - self.follow_end
+            at_most = config.branch_length + 1
+            if self.follow_end >= 0 and grown >= 0:  # a longer match would have matched before, minus the growth
+                at_most = min(at_most, self.follow + grown)
+            follow = self.follow = self.follow_length(context, at_most)
+            self.follow_end = end
         self.trie_seconds += time.perf_counter() - t0
-        chosen = self.budget.select(draft.parents, draft.scores, draft.match_length, last_accepted,
-                                    draft.global_counts, max_nodes=max_nodes, batch_rows=batch_rows)
-        if truncate is not None:
-            chosen = chosen[:truncate]  # parents come first: still a tree
+        ranking = self.budget.rank(draft.parents, draft.scores, draft.match_length, last_accepted,
+                                   draft.global_counts, follow)
+        return Candidates(context[-1], draft, ranking, last_accepted, follow)
+
+    @staticmethod
+    def proposal(candidates: Candidates, count: int) -> Proposal:
+        """The tree of the first ``count`` ranked candidates (root first)."""
+        draft, chosen = candidates.draft, candidates.ranking.chosen(count)
         tree_index = {old: new for new, old in enumerate(chosen, start=1)}  # draft index -> tree index
-        return Proposal(tokens=[context[-1]] + [draft.tokens[i] for i in chosen],
+        return Proposal(tokens=[candidates.root] + [draft.tokens[i] for i in chosen],
                         parents=[-1] + [tree_index.get(draft.parents[i], 0) for i in chosen],
                         scores=[draft.scores[i] for i in chosen],
                         global_counts=[draft.global_counts[i] for i in chosen],
-                        match_length=draft.match_length, last_accepted=last_accepted)
+                        match_length=draft.match_length, last_accepted=candidates.last_accepted,
+                        follow=candidates.follow)
+
+    def propose(self, generated: Sequence[int], *, after: Sequence[int] = (), last_accepted: int = 0,
+                max_nodes: int | None = None, batch_rows: int = 1, truncate: int | None = None, context: int = 0
+                ) -> Proposal:
+        """The draft tree to verify after ``prompt + generated + after`` (its last token is the root), sized by
+        the budget for this row alone.
+
+        ``last_accepted`` (the previous step's accepted length), ``max_nodes``, ``batch_rows`` and ``context`` (the
+        cache length) price it (see :meth:`DraftBudget.sizes`); ``truncate`` keeps only the first nodes of its
+        choice (still a tree).
+        """
+        found = self.candidates(generated, after=after, last_accepted=last_accepted)
+        count = self.budget.sizes([found.ranking] * batch_rows, context, max_nodes)[0]  # type: ignore[union-attr]
+        if truncate is not None:
+            count = min(count, truncate)
+        return self.proposal(found, count)
 
     def observe(self, proposal: Proposal, accepted: Sequence[int]) -> None:
         """Teach the budget: ``accepted`` are the accepted draft nodes (tree indices >= 1, path order)."""
         draft_parents = [p - 1 for p in proposal.parents[1:]]  # -1: child of the root
         self.budget.observe(draft_parents, proposal.scores, proposal.match_length, proposal.last_accepted,
-                            [i - 1 for i in accepted], proposal.global_counts)
+                            [i - 1 for i in accepted], proposal.global_counts, proposal.follow)
 
     def finish(self, output: Sequence[int] | None = None) -> None:
         """Release the request-local counts; learn ``output`` into the global trie (when given and the config

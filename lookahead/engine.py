@@ -13,16 +13,26 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .batch import Batch
-from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key
+from .budget import CostCurve, CostModel, DraftBudget, cached_cost_curve, cost_cache_key
 from .config import LookaheadConfig
 from .drafter import Drafter, new_trie
 from .inputs import InputEncoder, check_positive_int, is_prompt_list
 from .outputs import GenerationResult, GenerationStats, Message, Prompt, Request, StreamChunk, collect_chunks
-from .runner import SUPPORTED_ARCHITECTURES, SUPPORTED_ATTENTION, ModelRunner, check_model, cost_grid, time_tree_passes
+from .runner import (
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_ATTENTION,
+    ModelRunner,
+    check_model,
+    cost_grid,
+    cost_model_grid,
+    measure_cost_model,
+    time_tree_passes,
+)
 from .sampling import SamplingParams
 from .trie import TokenTrie
 
@@ -43,7 +53,7 @@ class LookaheadGenerator:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  config: LookaheadConfig | None = None, trie: TokenTrie | None = None,
-                 cost_curve: CostCurve | None = None) -> None:
+                 cost_curve: CostCurve | CostModel | None = None) -> None:
         self.config = config or LookaheadConfig()
         self.runner = ModelRunner(model, skinny=self.config.skinny_matmul)  # refuses unverified models first
         self.model = model
@@ -68,8 +78,8 @@ class LookaheadGenerator:
         """The adaptive draft budget; the cost curve is measured (or read from cache) on first use."""
         with self._budget_lock:
             if self._budget is None:
-                curve = self._cost_curve or self.measure_cost_curve()
-                self._budget = DraftBudget(curve, self.config.decoding_length, adaptive=self.config.adaptive)
+                cost = self._cost_curve or self.measure_cost_model()
+                self._budget = DraftBudget(cost, self.config.decoding_length, adaptive=self.config.adaptive)
             return self._budget
 
     def measure_cost_curve(self, prefix_length: int = 384, use_cache: bool = True) -> CostCurve:
@@ -86,6 +96,26 @@ class LookaheadGenerator:
             getattr(cfg, "_name_or_path", ""), cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers,
             int(cfg.vocab_size), self.model.dtype, self.device, torch.get_num_threads(), sizes, prefix_length,
             torch.__version__, "tree-v4", self.config.skinny_matmul,
+        )
+        return cached_cost_curve(key, measure, self.config.cost_cache)
+
+    def measure_cost_model(self, use_cache: bool = True) -> CostModel:
+        """Time tree passes over a grid of contexts and batch sizes (:func:`lookahead.runner.cost_model_grid`);
+        cached per model, dtype, device (and its name), attention implementation, thread count and library
+        versions."""
+        cfg = self.model.config
+
+        def measure() -> CostModel:
+            return measure_cost_model([self.runner], self.config.decoding_length, self.max_context)
+
+        if not use_cache:
+            return measure()
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        key = cost_cache_key(
+            getattr(cfg, "_name_or_path", ""), cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers,
+            int(cfg.vocab_size), self.model.dtype, self.device, device_name, getattr(cfg, "_attn_implementation", ""),
+            torch.get_num_threads(), cost_model_grid(self.config.decoding_length, self.max_context),
+            torch.__version__, transformers.__version__, "model-v1", self.config.skinny_matmul,
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)
 

@@ -83,13 +83,18 @@ def compact_rows(cache: DynamicCache, tree_start: int, lengths: Sequence[int], k
     """
     new_lengths = [length + len(keep) for length, keep in zip(lengths, keeps)]
     end = max(new_lengths)
-    device = cache.layers[0].keys.device
-    moves = [(b, lengths[b], torch.tensor(list(keep), dtype=torch.long, device=device) + tree_start)
-             for b, keep in enumerate(keeps) if keep]
+    rows = [b for b, keep in enumerate(keeps) for _ in keep]
+    if rows:  # one gather and one scatter per layer and K/V for all rows: built from one upload of the indices
+        moves = torch.tensor([rows,
+                              [tree_start + node for keep in keeps for node in keep],
+                              [lengths[b] + j for b, keep in enumerate(keeps) for j in range(len(keep))]],
+                             dtype=torch.long, device=cache.layers[0].keys.device)  # [3, M]: row, source, target
+        row, source, target = moves
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)  # [batch, heads, seq, head_dim]
+                states[row, :, target] = states[row, :, source]  # gathered first (a copy), then written: [M, heads, d]
     for layer in cache.layers:
-        for name in ("keys", "values"):
-            states = getattr(layer, name)  # [batch, heads, seq, head_dim]
-            for b, start, index in moves:
-                states[b, :, start:start + len(index)] = states[b].index_select(-2, index)  # gather, then write
-            setattr(layer, name, states[..., :end, :])
+        layer.keys = layer.keys[..., :end, :]
+        layer.values = layer.values[..., :end, :]
     return new_lengths

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .budget import DEFAULT_SIZES, CostCurve, measure_cost_curve
+from .budget import DEFAULT_SIZES, CostCurve, CostModel, measure_cost_curve
 from .kernels import install_skinny_linear, skinny_linear, skinny_matmul
-from .kvcache import check_compactable, compact_cache, compact_rows
+from .kvcache import check_compactable, compact_cache, compact_rows, select_rows
 from .models import check_single_device
 from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
 
@@ -369,25 +369,56 @@ def cost_grid(decoding_length: int, prefix_length: int, max_context: int | None)
     return sizes, prefix_length
 
 
+#: contexts and batch sizes the cost model is measured at (contexts past the model's own are dropped)
+COST_CONTEXTS = (384, 2048, 6144)
+COST_BATCHES = (1, 4, 8)
+
+
+def cost_model_grid(decoding_length: int, max_context: int | None, contexts: Sequence[int] = COST_CONTEXTS,
+                    batches: Sequence[int] = COST_BATCHES) -> list[tuple[int, int, tuple[int, ...]]]:
+    """The (batch, context, sizes) points of a cost model: batch ``b`` is timed up to ``b * n <= 4 * limit``
+    tokens (``limit = decoding_length + 1``, at most 64; beyond that the model extrapolates), at every context
+    that fits the model (at least one)."""
+    sizes, _ = cost_grid(decoding_length, 1, None)
+    limit = sizes[-1]
+    fitting = sorted({cost_grid(decoding_length, c, max_context)[1] for c in contexts})
+    points = []
+    for batch in sorted(set(batches)):
+        batch_sizes = tuple(n for n in sizes if batch == 1 or batch * n <= 4 * limit) or sizes[:2]
+        if len(batch_sizes) < 2:
+            batch_sizes = sizes[:2]
+        points += [(batch, context, batch_sizes) for context in fitting]
+    return points
+
+
 def time_tree_passes(runners: Sequence[ModelRunner], sizes: Sequence[int], prefix_length: int, repeats: int,
-                     with_logits: bool = False) -> CostCurve:
+                     with_logits: bool = False, batch: int = 1) -> CostCurve:
     """Seconds of one chain-shaped tree pass of every runner (then its greedy tokens, or full logits), per size,
-    after a random ``prefix_length``-token prefix; see :func:`lookahead.budget.measure_cost_curve`."""
+    after a random ``prefix_length``-token prefix, for ``batch`` rows of the same tree (one row is the dense
+    single-row pass, several the batched one); see :func:`lookahead.budget.measure_cost_curve`. Device work is
+    synchronised before each timer reads."""
     vocab = int(runners[0].model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (prefix_length,), generator=generator).tolist()
     caches = [runner.new_cache() for runner in runners]
+    layout = RowLayout((prefix_length,) * batch, prefix_length)
     with torch.inference_mode():
         for runner, cache in zip(runners, caches):
             with runner.kernels():
                 runner.prefill(cache, prefix)
+            if batch > 1:
+                select_rows(cache, [0] * batch, prefix_length)  # the same row ``batch`` times
 
         def run_pass(n: int) -> None:
             tokens = torch.randint(0, vocab, (n,), generator=generator).tolist()
             parents = [-1] + list(range(n - 1))
             for runner, cache in zip(runners, caches):
                 with runner.kernels():
-                    hidden = runner.run_nodes(cache, prefix_length, tokens, parents)  # [n, d]
+                    if batch == 1:
+                        hidden = runner.run_nodes(cache, prefix_length, tokens, parents)  # [n, d]
+                    else:
+                        tree = build_tree(tokens, parents, device=runner.device)
+                        hidden = runner.tree_pass(cache, [tree] * batch, layout).flatten(0, 1)  # [B * n, d]
                 if with_logits:
                     runner.logits(hidden)
                 else:
@@ -396,6 +427,15 @@ def time_tree_passes(runners: Sequence[ModelRunner], sizes: Sequence[int], prefi
             synchronize(runners[0].device)
 
         return measure_cost_curve(run_pass, sizes, repeats=repeats)
+
+
+def measure_cost_model(runners: Sequence[ModelRunner], decoding_length: int, max_context: int | None,
+                       repeats: int = 3, with_logits: bool = False, contexts: Sequence[int] = COST_CONTEXTS,
+                       batches: Sequence[int] = COST_BATCHES) -> CostModel:
+    """Time tree passes at every point of :func:`cost_model_grid`."""
+    return CostModel(tuple(
+        (batch, context, time_tree_passes(runners, sizes, context, repeats, with_logits, batch))
+        for batch, context, sizes in cost_model_grid(decoding_length, max_context, contexts, batches)))
 
 
 def synchronize(device: torch.device) -> None:

@@ -16,11 +16,14 @@ from lookahead.budget import (
     COST_VERSION,
     AcceptanceModel,
     CostCurve,
+    CostModel,
     DraftBudget,
     NodeFeatures,
+    Ranking,
     cached_cost_curve,
     cost_cache_key,
     default_cache_dir,
+    load_cost,
     measure_cost_curve,
     node_features,
 )
@@ -324,19 +327,35 @@ def test_observe_counts_only_nodes_whose_parent_was_accepted():
     feats = node_features(CHAIN, CHAIN_SCORES)
     model = budget.acceptance
 
-    def prob(i: int) -> float:
-        return model.probability(feats[i], 2, 0)
+    def trials(i: int) -> tuple[float, float]:
+        """(successes, trials) of node i's depth bin."""
+        return tuple(model._coarse.get(model.keys(feats[i], 2, 0)[1], (0.0, 0.0)))
 
-    assert [prob(i) for i in range(4)] == [pytest.approx(0.5)] * 4
+    assert model.probability(feats[0], 2, 0) == pytest.approx(0.5)
     budget.observe(CHAIN, CHAIN_SCORES, 2, 0, [])  # node 0 rejected; nodes below it were never tried
-    assert prob(0) < 0.5
-    assert prob(1) == pytest.approx(0.5) and prob(2) == pytest.approx(0.5)
+    assert model.probability(feats[0], 2, 0) < 0.5
+    assert [trials(i) for i in range(4)] == [(0.0, 1.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)]
     budget.observe(CHAIN, CHAIN_SCORES, 2, 0, [0])  # node 0 accepted, node 1 rejected, node 2 not tried
-    assert prob(1) < 0.5
-    assert prob(2) == pytest.approx(0.5)
-    before = prob(2)
+    assert [trials(i) for i in range(4)] == [(1.0, 2.0), (0.0, 1.0), (0.0, 0.0), (0.0, 0.0)]
+    before = model.probability(feats[2], 2, 0)
     learn(budget, CHAIN, CHAIN_SCORES, [0, 1, 2], times=5)
-    assert prob(2) > before
+    assert model.probability(feats[2], 2, 0) > before
+
+
+def test_untried_depths_lean_on_shallower_nodes_of_the_same_kind():
+    """One-node drafts that keep being accepted raise the estimate of deeper nodes never drafted yet (the budget
+    cannot stay stuck at one node), and a context that follows a past output for long is its own bin."""
+    model = AcceptanceModel(prior=0.3)
+    shallow = NodeFeatures(share=1.0, depth=1, score=5.0, from_outputs=True, follow=20)
+    deep = NodeFeatures(share=1.0, depth=3, score=5.0, from_outputs=True, follow=22)
+    fresh = NodeFeatures(share=1.0, depth=3, score=5.0, from_outputs=True, follow=0)
+    for _ in range(30):
+        model.observe(shallow, 4, 1, True)
+    assert model.probability(deep, 4, 1) > 0.8
+    assert model.probability(fresh, 4, 1) == pytest.approx(0.3)
+    assert node_features([-1, 0], [1.0, 1.0], [1.0, 0.0], follow=5)[0].follow == 5
+    assert node_features([-1, 0], [1.0, 1.0], [1.0, 1.0], follow=5)[1].follow == 6
+    assert node_features([-1, 0], [1.0, 1.0], [1.0, 0.0], follow=5)[1].follow == 0  # not from outputs
 
 
 def test_acceptance_model_estimate_and_forgetting():
@@ -345,11 +364,12 @@ def test_acceptance_model_estimate_and_forgetting():
     assert model.probability(node, 1, 0) == pytest.approx(0.5)
     for _ in range(8):
         model.observe(node, 1, 0, True)
-    # coarse: (8 + 1) / (8 + 2) = 0.9; fine: (8 + 4 * 0.9) / (8 + 4)
-    assert model.probability(node, 1, 0) == pytest.approx((8 + 4 * 0.9) / 12)
+    # base: (8 + 1) / (8 + 2) = 0.9; coarse: (8 + 4 * 0.9) / (8 + 4); fine: (8 + 4 * coarse) / (8 + 4)
+    coarse_rate = (8 + 4 * 0.9) / 12
+    assert model.probability(node, 1, 0) == pytest.approx((8 + 4 * coarse_rate) / 12)
     for _ in range(3):
         model.observe(node, 1, 0, True)
-    coarse, fine = model.keys(node, 1, 0)
+    _, _, fine = model.keys(node, 1, 0)
     assert model._fine[fine][1] <= 10.0  # halved once it passed max_trials
     # a node in another bin still sees only the prior, backed off through its coarse bin
     other = NodeFeatures(share=0.1, depth=3, score=1.0)
@@ -362,3 +382,41 @@ def test_node_features():
     assert [f.share for f in feats] == [pytest.approx(0.75), pytest.approx(0.25), pytest.approx(0.25),
                                         pytest.approx(0.75), 0.0]
     assert [f.score for f in feats] == [3.0, 1.0, 2.0, 6.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------------- CostModel
+
+
+def test_cost_model_interpolates_over_context_and_batch():
+    short = CostCurve((1, 2, 8), (1.0, 2.0, 8.0))
+    long = CostCurve((1, 2, 8), (3.0, 4.0, 10.0))
+    wide = CostCurve((1, 2, 8), (2.0, 3.0, 9.0))
+    model = CostModel(((1, 100, short), (1, 1100, long), (4, 100, wide), (4, 1100, wide)))
+    assert model.cost(2, context=100) == 2.0
+    assert model.cost(2, context=600) == pytest.approx(3.0)  # halfway between the contexts
+    assert model.cost(2, context=0) == 2.0  # flat below the shortest context
+    assert model.cost(2, context=2100) == pytest.approx(6.0)  # the last slope beyond the longest
+    assert model.cost(1, context=100, batch=2) == pytest.approx(1.0 + (2.0 - 1.0) / 3)
+    assert model.cost(1, context=100, batch=8) == pytest.approx(wide.cost(2))  # 8 rows of 1 = 4 rows of 2
+    assert CostModel.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+    assert load_cost(model.to_dict()) == model and load_cost(short.to_dict()) == short
+    single = CostModel.of(short)  # one curve: B rows of n cost c(B * n) at any context
+    assert single.cost(2, context=5000, batch=4) == short.cost(8)
+    with pytest.raises(ValueError, match="batch 1"):
+        CostModel(((4, 0, short),))
+
+
+def test_joint_sizes_share_one_pass_between_rows():
+    """Rows are padded to the largest tree: one node count N for the pass, each row keeps its best min(N, len)."""
+    gentle = CostCurve((1, 64), (1.0, 2.0))
+    budget = DraftBudget(CostModel(((1, 0, gentle), (2, 0, gentle))), max_nodes=16)  # two rows cost one
+    sure = Ranking([0, 1, 2], [0.99, 0.98, 0.97])
+    hopeless = Ranking([0, 1], [0.01, 0.0])
+    alone = budget.sizes([sure])
+    assert alone == [3]
+    assert budget.sizes([sure, hopeless]) == [min(alone[0], 3), 2]  # the hopeless row rides along for free
+    assert budget.sizes([hopeless, hopeless]) == [0, 0]
+    assert budget.sizes([]) == []
+    assert DraftBudget(SLOPED, max_nodes=16).sizes([sure, hopeless]) == [0, 0]  # priced c(2 n): not worth it
+    assert DraftBudget(SLOPED, max_nodes=16, adaptive=False).sizes([sure, hopeless]) == [3, 2]
+    assert budget.sizes([sure], max_nodes=1) == [1]

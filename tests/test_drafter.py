@@ -18,7 +18,7 @@ class RecordingBudget(DraftBudget):
         super().__init__(CostCurve((1,), (1.0,)), CONFIG.decoding_length, adaptive=False)
         self.observed: list[tuple] = []
 
-    def observe(self, parents, scores, match_length, last_accepted, accepted, global_counts=None) -> None:
+    def observe(self, parents, scores, match_length, last_accepted, accepted, global_counts=None, follow=0) -> None:
         self.observed.append((list(parents), list(scores), match_length, last_accepted, list(accepted),
                               list(global_counts or [])))
 
@@ -101,3 +101,18 @@ def test_a_drafter_without_budget_cannot_propose():
     drafter.start([1, 2, 3])
     with pytest.raises(RuntimeError, match="no draft budget"):
         drafter.propose([1])
+
+
+def test_follow_length_counts_how_long_the_context_repeats_a_past_output():
+    drafter = Drafter(new_trie(CONFIG), RecordingBudget(), CONFIG, request_id="r1")
+    drafter.trie.insert([7, 8, 9, 10, 11, 12])  # a past output (global counts)
+    drafter.start([1, 2, 3], (), 100)
+    assert drafter.follow_length([1, 2, 3], 10) == 0  # the prompt is local, not a past output
+    assert drafter.follow_length([1, 7, 8, 9], 10) == 3
+    assert drafter.follow_length([1, 7, 8, 9], 2) == 2  # bounded
+    drafter.candidates([7, 8])
+    assert drafter.follow == 2
+    drafter.candidates([7, 8, 9, 10])  # grew by two tokens: follows on
+    assert drafter.follow == 4
+    drafter.candidates([7, 8, 9, 10, 5])
+    assert drafter.follow == 0
