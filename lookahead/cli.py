@@ -71,22 +71,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine() -> dict[str, str]:
+    return {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor()}
+
+
 def _bench_batching(args: argparse.Namespace) -> int:
-    """``lookahead bench --batch-size N``: throughput of batched lookahead vs one by one and HF padded batches."""
-    from .bench.batching import BATCH_METHODS, format_throughput, run_throughput
+    """``lookahead bench --batch-size N``: throughput of batched lookahead vs one by one and HF padded batches.
+
+    ``--json`` writes ``meta``, ``summary`` (one row per method, with its exactness counts and speedups) and
+    ``results`` (one row per method and request: new tokens, exact, agreement)."""
+    from .bench.batching import BATCH_METHODS, format_throughput, request_rows, run_throughput, throughput_rows
     from .bench.cases import load_cases
 
     cases = [c for name in args.cases for c in load_cases(name, args.limit)]
     model, tokenizer, generator = _build(args)
-    generator.budget  # noqa: B018 - measure (or load) the cost curve before timing anything
+    curve = generator.budget.cost  # measure (or load) the cost curve before timing anything
     results = run_throughput(generator, cases, args.batch_size, BATCH_METHODS)
     dtype = str(model.dtype).removeprefix("torch.")
     print(format_throughput(results, mismatches=dtype != "float32"))
     if args.json:
         from .bench.report import write_json
 
-        write_json(args.json, {"cases": args.cases, "batch_size": args.batch_size, "model": args.model}, [],
-                   [r.to_dict() for r in results])
+        meta = {"cases": args.cases, "batch_size": args.batch_size, "model": args.model, "dtype": dtype,
+                "device": str(generator.device), "methods": list(BATCH_METHODS), "limit": args.limit,
+                "config": generator.config.to_dict(), "cost_curve": curve.to_dict(), "machine": _machine()}
+        write_json(args.json, meta, request_rows(results, [c["id"] for c in cases]), throughput_rows(results))
         print(f"results written to {args.json}")
     batched = next(r for r in results if r.method == "lookahead-batch")
     if batched.near_tie:
@@ -138,8 +147,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "cases": args.cases, "warmup": args.warmup, "rounds": args.rounds, "methods": methods,
         "model": args.model, "dtype": args.dtype, "device": str(generator.device),
         "config": generator.config.to_dict(), "cost_curve": curve.to_dict(),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "processor": platform.processor()},
+        "machine": _machine(),
     }
     if args.json:
         write_json(args.json, meta, results, rows)

@@ -99,11 +99,27 @@ def test_runner_interleaves_methods_and_checks_exactness(tiny_dir, tmp_path):
     assert {(r["round"], r["method"]) for r in rows} >= {(1, "lookahead"), (2, "vanilla")}
     look = next(r for r in rows if r["method"] == "lookahead" and r["task"] == "rag_qa" and r["round"] == 2)
     assert look["exact"] == look["compared"] == 1 and look["speedup_vs_vanilla"] > 0
+    for r in results:  # every greedy method measured its prefill; lookahead also its host time per step
+        assert r.prefill_seconds is not None and 0 < r.prefill_seconds <= r.seconds
+        assert r.decode_seconds == pytest.approx(r.seconds - r.prefill_seconds)
+        assert (r.host_seconds_per_step is not None) == (r.method == "lookahead")
+    for row in rows:
+        assert row["decode_seconds"] == pytest.approx(row["seconds"] - row["prefill_seconds"])
+        assert row["speedup_vs_vanilla_decode"] > 0 and row["speedup_vs_pld_decode"] > 0
+        assert ("host_ms_per_step" in row) == (row["method"] == "lookahead")
+    vanilla_row = next(r for r in rows if r["method"] == "vanilla" and r["round"] == 1 and r["task"] == "rag_qa")
+    assert vanilla_row["speedup_vs_vanilla_decode"] == pytest.approx(1.0)
     table = format_table(rows)
     assert "vs vanilla" in table and "| 2 | rag_qa | lookahead |" in table
+    assert "| vs vanilla | vs vanilla (decode) | vs pld |" in table
+    assert table.splitlines()[0].endswith("| trie % | host ms/step |")
+    look_line = next(line for line in table.splitlines() if "| 2 | rag_qa | lookahead |" in line)
+    assert look_line.split("|")[-2].strip() == f"{look['host_ms_per_step']:.2f}"
     write_json(tmp_path / "r.json", {"x": 1}, results, rows)
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data["results"]) == len(results) and data["meta"] == {"x": 1}
+    assert all("decode_seconds" in r and "prefill_seconds" in r for r in data["results"])
+    assert all("speedup_vs_vanilla_decode" in r for r in data["summary"])
     plot(tmp_path / "r.png", results)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -119,6 +135,30 @@ def test_cli_bench_end_to_end(tiny_dir, case_file, tmp_path, capsys, monkeypatch
     data = json.loads(out.read_text())
     assert all(r["exact"] for r in data["results"])
     assert (tmp_path / "p.png").exists()
+
+
+def test_cli_bench_batch_size_writes_the_throughput_table(tiny_dir, case_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "batch.json"
+    code = main(["bench", str(case_file), "--model", str(tiny_dir), "--batch-size", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| lookahead-batch | 2 | 3 |" in printed and "vs hf-batch" in printed
+    data = json.loads(out.read_text())
+    assert data["meta"]["batch_size"] == 2 and data["meta"]["dtype"] == "float32" and "cost_curve" in data["meta"]
+    summary = {row["method"]: row for row in data["summary"]}
+    assert set(summary) == {"lookahead-alone", "lookahead-batch", "hf-batch", "hf-alone"}
+    for row in summary.values():
+        assert {"exact", "near_tie", "hard", "requests", "tokens_per_second", "speedup_vs_hf_batch",
+                "speedup_vs_lookahead_alone"} <= set(row)
+    assert summary["lookahead-batch"]["exact"] == summary["lookahead-batch"]["requests"] == 3
+    assert summary["hf-batch"]["speedup_vs_hf_batch"] == pytest.approx(1.0)
+    rows = data["results"]
+    assert len(rows) == 4 * 3 and {r["case_id"] for r in rows} == {c["id"] for c in CASES}
+    batched = [r for r in rows if r["method"] == "lookahead-batch"]
+    assert all(r["exact"] and r["agreement"] == "identical" and r["batch_size"] == 2 for r in batched)
+    assert all(r["agreement"] in ("identical", "near-tie", "hard") for r in rows)
+    assert sum(r["new_tokens"] for r in batched) == summary["lookahead-batch"]["new_tokens"]
 
 
 def test_cli_errors_are_messages_not_tracebacks(case_file, capsys):

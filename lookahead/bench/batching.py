@@ -10,11 +10,11 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import reference
-from ..agreement import EXACT_DTYPES, HARD, NEAR_TIE, classify
+from ..agreement import EXACT_DTYPES, HARD, IDENTICAL, NEAR_TIE, classify
 from ..engine import LookaheadGenerator
 from ..prompts import case_messages
 
@@ -33,6 +33,9 @@ class ThroughputResult:
     exact: int  # rows equal to lookahead-alone (which equals greedy decoding)
     near_tie: int = 0  # other rows that part from lookahead-alone at a near-tie of the dtype's rounding
     hard: int = 0  # other rows (all of them in float32)
+    row_new_tokens: list[int] = field(default_factory=list)  # per request, in case order
+    row_kinds: list[str | None] = field(default_factory=list)  # per request: None (exact), "near-tie" or "hard";
+    # empty when lookahead-alone did not run
 
     @property
     def tokens_per_second(self) -> float:
@@ -40,6 +43,35 @@ class ThroughputResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "tokens_per_second": self.tokens_per_second}
+
+
+def throughput_rows(results: Sequence[ThroughputResult]) -> list[dict[str, Any]]:
+    """The summary of each method (its ``to_dict`` without the per-request lists) with its speedups in tokens/s:
+    ``speedup_vs_lookahead_alone`` and ``speedup_vs_hf_batch`` (when those methods ran)."""
+    by_method = {r.method: r for r in results}
+    rows = []
+    for r in results:
+        row = {k: v for k, v in r.to_dict().items() if k not in ("row_new_tokens", "row_kinds")}
+        for base in ("lookahead-alone", "hf-batch"):
+            other = by_method.get(base)
+            if other and other.tokens_per_second:
+                row[f"speedup_vs_{base.replace('-', '_')}"] = r.tokens_per_second / other.tokens_per_second
+        rows.append(row)
+    return rows
+
+
+def request_rows(results: Sequence[ThroughputResult], case_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per method and request: ``method``, ``case_id``, ``new_tokens``, ``exact`` (equal to lookahead-alone;
+    None when it did not run) and ``agreement`` (``identical``, ``near-tie`` or ``hard``; None when not compared)."""
+    rows = []
+    for r in results:
+        compared = len(r.row_kinds) == len(r.row_new_tokens)
+        for index, (case_id, tokens) in enumerate(zip(case_ids, r.row_new_tokens)):
+            kind = r.row_kinds[index] if compared else None
+            rows.append({"method": r.method, "batch_size": r.batch_size, "case_id": case_id, "new_tokens": tokens,
+                         "exact": kind is None if compared else None,
+                         "agreement": (kind or IDENTICAL) if compared else None})
+    return rows
 
 
 def _hf_eos_and_pad(generator: LookaheadGenerator) -> tuple[list[int], int]:
@@ -87,7 +119,7 @@ def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]
                                              for prompt, row, want in zip(prompts, rows, expected)]
         results.append(ThroughputResult(method, 1 if method.endswith("alone") else batch_size, len(rows),
                                         sum(len(r) for r in rows), seconds[method], kinds.count(None),
-                                        kinds.count(NEAR_TIE), kinds.count(HARD)))
+                                        kinds.count(NEAR_TIE), kinds.count(HARD), [len(r) for r in rows], kinds))
     return results
 
 

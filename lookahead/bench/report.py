@@ -14,9 +14,35 @@ from ..files import atomic_write_text
 from .runner import BASELINES, REFERENCES, CaseResult
 
 
+def decode_seconds(items: Sequence[CaseResult]) -> float | None:
+    """Seconds after the prefill summed over ``items``; None unless every one measured its prefill."""
+    parts = [r.decode_seconds for r in items]
+    return None if not parts or any(p is None for p in parts) else sum(parts)  # type: ignore[misc]
+
+
+def decode_fields(items: Sequence[CaseResult], groups: dict[tuple[int, str, str], list[CaseResult]],
+                  round_index: int, task: str) -> dict[str, Any]:
+    """``prefill_seconds``, ``decode_seconds``, ``decode_tokens_per_second`` and ``speedup_vs_<base>_decode`` (the
+    base's decode seconds over these) of one summary row; empty when the prefill was not measured."""
+    decode = decode_seconds(items)
+    if decode is None:
+        return {}
+    fields: dict[str, Any] = {
+        "prefill_seconds": sum(r.prefill_seconds or 0.0 for r in items), "decode_seconds": decode,
+        "decode_tokens_per_second": sum(r.new_tokens for r in items) / decode if decode else 0.0,
+    }
+    for base in ("vanilla", "pld"):
+        base_decode = decode_seconds(groups.get((round_index, task, base), []))
+        if base_decode is not None and decode:
+            fields[f"speedup_vs_{base}_decode"] = base_decode / decode
+    return fields
+
+
 def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    """One row per (round, task, method): totals, tokens/s, speedups vs vanilla and pld, tokens/step, exactness
-    (``exact`` of ``compared`` cases identical to the reference; ``near_tie`` and ``hard`` classify the others)."""
+    """One row per (round, task, method): totals, tokens/s, speedups vs vanilla and pld (overall, and ``_decode``:
+    over the seconds after the prefill), tokens/step, exactness (``exact`` of ``compared`` cases identical to the
+    reference; ``near_tie`` and ``hard`` classify the others) and, for lookahead, ``host_ms_per_step`` (host time
+    outside the model forward per decoding step, averaged over the cases)."""
     groups: dict[tuple[int, str, str], list[CaseResult]] = defaultdict(list)
     for r in results:
         groups[(r.round, r.task, r.method)].append(r)
@@ -38,6 +64,10 @@ def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
             base_items = groups.get((round_index, task, base))
             if base_items:
                 row[f"speedup_vs_{base}"] = sum(r.seconds for r in base_items) / seconds if seconds else 0.0
+        row.update(decode_fields(items, groups, round_index, task))
+        host = [r.host_seconds_per_step for r in items if r.host_seconds_per_step is not None]
+        if host:
+            row["host_ms_per_step"] = 1000 * sum(host) / len(host)
         own = groups.get((round_index, task, BASELINES.get(method, "")))
         if own:
             row["baseline"] = BASELINES[method]
@@ -57,20 +87,24 @@ def _mismatch_cells(r: dict[str, Any]) -> list[str]:
 
 def format_table(rows: Sequence[dict[str, Any]], mismatches: bool = False) -> str:
     """A Markdown table of the summary rows. ``mismatches`` (half precision) adds the columns ``near-tie`` and
-    ``hard``: how the cases that are not ``exact`` differ (lookahead.agreement)."""
-    header = ["round", "task", "method", "cases", "new tok", "sec", "tok/s", "vs vanilla", "vs pld", "tok/step",
-              "exact", *(["near-tie", "hard"] if mismatches else []), "trie %"]
+    ``hard``: how the cases that are not ``exact`` differ (lookahead.agreement). ``vs vanilla (decode)``: the
+    speedup over the seconds after the prefill; ``host ms/step``: lookahead's host time outside the model forward per
+    decoding step."""
+    header = ["round", "task", "method", "cases", "new tok", "sec", "tok/s", "vs vanilla", "vs vanilla (decode)",
+              "vs pld", "tok/step", "exact", *(["near-tie", "hard"] if mismatches else []), "trie %", "host ms/step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             str(r["round"]), r["task"], r["method"], str(r["cases"]), str(r["new_tokens"]), f"{r['seconds']:.1f}",
             f"{r['tokens_per_second']:.1f}",
             f"{r['speedup_vs_vanilla']:.2f}x" if "speedup_vs_vanilla" in r else "-",
+            f"{r['speedup_vs_vanilla_decode']:.2f}x" if "speedup_vs_vanilla_decode" in r else "-",
             f"{r['speedup_vs_pld']:.2f}x" if "speedup_vs_pld" in r else "-",
             f"{r['tokens_per_step']:.2f}",
             f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
             *(_mismatch_cells(r) if mismatches else []),
             f"{100 * r['trie_share']:.1f}" if r["method"] == "lookahead" else "-",
+            f"{r['host_ms_per_step']:.2f}" if "host_ms_per_step" in r else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -121,12 +155,14 @@ def exactness_messages(results: Sequence[CaseResult], dtype: str) -> tuple[list[
     return lines, bool(hard)
 
 
-def write_json(path: str | os.PathLike, meta: dict[str, Any], results: Sequence[CaseResult],
+def write_json(path: str | os.PathLike, meta: dict[str, Any], results: Sequence[CaseResult | dict[str, Any]],
                rows: Sequence[dict[str, Any]]) -> None:
-    """Write all results atomically (temp file + rename)."""
+    """Write ``{"meta", "summary": rows, "results"}`` atomically (temp file + rename); ``results`` are case results
+    or rows that already are dicts (the batched throughput's per-request rows)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "summary": list(rows), "results": [r.to_dict() for r in results]}
+    payload = {"meta": meta, "summary": list(rows),
+               "results": [r if isinstance(r, dict) else r.to_dict() for r in results]}
     atomic_write_text(target, json.dumps(payload, indent=1), fsync=False)
 
 

@@ -17,6 +17,7 @@ from ..engine import LookaheadGenerator
 from ..ensemble import EnsembleGenerator, truncated_copy
 from ..multidraft import MultiDraftGenerator
 from ..prompts import case_messages
+from ..runner import synchronize
 
 METHODS = ("vanilla", "pld", "lookahead", "ensemble", "ensemble-plain", "multidraft", "superposed", "k-sampling")
 PLD_TOKENS = 10  # draft tokens of HF prompt lookup decoding (the pld method)
@@ -53,14 +54,24 @@ class CaseResult:
     completions: int = 1  # multidraft, superposed, k-sampling: k (new_tokens counts the tokens of all of them)
     logprob_best: float | None = None  # mean log-prob per token of the best completion (by that mean)
     logprob_all: float | None = None  # mean over the completions of their mean log-prob per token
+    #: seconds to the first new token (the prompt's pass): the engine's own figure (lookahead, ensemble), the end of
+    #: HF generate's first forward (vanilla; pld: that pass also checks its first draft); None when not measured
+    prefill_seconds: float | None = None
+    host_seconds_per_step: float | None = None  # lookahead: host time outside the model forward per decoding step
 
     @property
     def tokens_per_step(self) -> float:
         return self.new_tokens / self.steps if self.steps else 0.0
 
+    @property
+    def decode_seconds(self) -> float | None:
+        """Seconds after the prefill (None when the prefill was not measured)."""
+        return None if self.prefill_seconds is None else max(self.seconds - self.prefill_seconds, 0.0)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["tokens_per_step"] = self.tokens_per_step
+        data["decode_seconds"] = self.decode_seconds
         return data
 
 
@@ -73,6 +84,34 @@ class PassCounter:
 
     def _hook(self, *_: Any) -> None:
         self.count += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class FirstPassTimer:
+    """Seconds from :meth:`arm` to the end of the model's next forward pass: the prefill of HF ``generate`` (a
+    forward hook on the model, so the LM head is included; on CUDA it waits for the pass to finish)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.seconds: float | None = None
+        self._start: float | None = None
+        self._handle = model.register_forward_hook(self._hook)
+
+    def arm(self, start: float) -> None:
+        """Time the next pass from ``start`` (a ``time.perf_counter()`` reading)."""
+        self._start, self.seconds = start, None
+
+    def disarm(self) -> float | None:
+        """Stop timing; the seconds measured since :meth:`arm` (None when no pass ran)."""
+        self._start = None
+        return self.seconds
+
+    def _hook(self, *_: Any) -> None:
+        if self._start is not None and self.seconds is None:
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self._start
 
     def close(self) -> None:
         self._handle.remove()
@@ -111,6 +150,7 @@ class BenchRunner:
         eos = model.generation_config.eos_token_id
         self.eos = eos if eos is not None else tokenizer.eos_token_id
         self.counter = PassCounter(model.get_decoder())
+        self.first_pass = FirstPassTimer(model, generator.device)
         self.ensemble_settings = ensemble or EnsembleSettings()
         self.k = k
         self.seed = seed
@@ -148,21 +188,25 @@ class BenchRunner:
         gc.collect()
         self.counter.count = 0
         trie_seconds, drafted = 0.0, 0
+        prefill: float | None = None
+        host: float | None = None
         start = time.perf_counter()
-        if method == "vanilla":
-            tokens = reference.greedy(self.model, ids, limit, eos_token_id=self.eos)
-        elif method == "pld":
+        if method in ("vanilla", "pld"):
+            self.first_pass.arm(start)
             tokens = reference.greedy(self.model, ids, limit, eos_token_id=self.eos,
-                                      prompt_lookup_num_tokens=PLD_TOKENS)
+                                      prompt_lookup_num_tokens=PLD_TOKENS if method == "pld" else None)
+            prefill = self.first_pass.disarm()
         elif method == "lookahead":
             result = self.generator.generate(ids, max_new_tokens=limit)
             tokens = result.token_ids
             trie_seconds, drafted = result.stats.time_trie, sum(result.stats.draft_sizes)
+            prefill, host = result.stats.time_prefill, result.stats.host_seconds_per_step
         elif method in ("ensemble", "ensemble-plain"):
             run = self.ensemble.generate if method == "ensemble" else self.ensemble.generate_plain
             result = run(ids, max_new_tokens=limit)
             tokens = result.token_ids
             trie_seconds, drafted = result.stats.time_trie, sum(result.stats.draft_sizes)
+            prefill = result.stats.time_prefill
         elif method in ("multidraft", "superposed", "k-sampling"):
             if method == "k-sampling":
                 outputs = [reference.sample(self.model, ids, limit, seed=self.seed + i, eos_token_id=self.eos,
@@ -182,7 +226,8 @@ class BenchRunner:
         seconds = time.perf_counter() - start
         return CaseResult(round=round_index, case_id=case["id"], task=case["task"], method=method,
                           prompt_tokens=len(ids), new_tokens=len(tokens), seconds=seconds, steps=self.counter.count,
-                          token_ids=tokens, trie_seconds=trie_seconds, draft_tokens=drafted)
+                          token_ids=tokens, trie_seconds=trie_seconds, draft_tokens=drafted, prefill_seconds=prefill,
+                          host_seconds_per_step=host)
 
     def warm(self, cases: Sequence[dict[str, Any]], progress: Callable[[str], None] | None = None) -> None:
         """Generate the warm-up cases with lookahead so their outputs land in the global trie (untimed)."""
@@ -224,3 +269,4 @@ class BenchRunner:
 
     def close(self) -> None:
         self.counter.close()
+        self.first_pass.close()
