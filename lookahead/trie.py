@@ -9,6 +9,12 @@ Suffix matching goes through a :class:`pygtrie.Trie` that maps every n-gram of u
 (a tuple of token ids) to its node. Each node also keeps its own child map, so inserting, drafting and pruning walk
 only the nodes they need (never a whole subtree), and deeper n-grams, which are never looked up by key, cost no
 index entry.
+
+Pruning is amortised: decay is O(1) (a trie-wide epoch; each node stores its global count as of the epoch it was last
+touched at, see :class:`_Node`) and rare subtrees are removed by a resumable sweep that runs in bounded slices from
+``insert`` / ``extend`` (and from :meth:`TokenTrie.maintain`, which a caller may run between decoding steps), never as
+a whole-trie walk inside one call except as a last resort (the hard cap). Nodes holding local counts of a live
+request are never pruned.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import gzip
 import heapq
 import json
 import math
+import operator
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +42,10 @@ FORMAT_VERSION = 1
 
 _PRUNE_THRESHOLD = 1.0  # a globally-only node whose decayed count falls below this is pruned with its subtree
 _PRUNE_TARGET = 0.8  # pruning stops once the trie is at or below this fraction of the node budget
+_HARD_CAP = 2  # past this many times its budget the trie is pruned fully inside the call (last resort)
+_SWEEP_BASE = 256  # node visits an insert / extend call owes the sweep while the trie is over budget ...
+_SWEEP_PER_NODE = 8  # ... plus this many per node the call created
+_SWEEP_CHUNK = 1024  # owed visits are paid in slices of at least this many, between windows
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -76,18 +88,76 @@ def _empty_draft() -> Draft:
     return Draft([], [], [], 0)
 
 
+def _window_range(start: int, stop: int | None, n: int) -> tuple[int, int]:
+    """``start`` and ``stop`` of windowed insertion checked and cut to ``0 <= start <= stop <= n``."""
+    if isinstance(start, bool) or not hasattr(start, "__index__") or operator.index(start) < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    start = operator.index(start)
+    if stop is None:
+        return min(start, n), n
+    if isinstance(stop, bool) or not hasattr(stop, "__index__") or operator.index(stop) < start:
+        raise ValueError(f"stop must be None or an int >= start ({start}), got {stop!r}")
+    stop = min(operator.index(stop), n)
+    return min(start, stop), stop
+
+
 class _Node:
-    """One trie node: global count, per-request local counts and the child map (token -> node)."""
+    """One trie node: global count, per-request local counts and the child map (token -> node).
 
-    __slots__ = ("count", "local", "children")
+    ``count`` is the global count as of decay round ``epoch``: the effective count is
+    ``count * decay ** (trie epoch - epoch)``, so decaying every count is one increment of the trie's epoch. A node is
+    brought up to date (``count`` rescaled, ``epoch`` set) whenever its global count changes or the sweep visits it.
+    """
 
-    def __init__(self) -> None:
-        self.count = 0.0  # global count (decays when the trie is pruned)
+    __slots__ = ("count", "epoch", "local", "children")
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.count = 0.0  # global count as of decay round `epoch`
+        self.epoch = epoch
         self.local: dict[str, int] | None = None  # request_id -> count of that request's local inserts
         self.children: dict[int, _Node] | None = None
 
     def total(self) -> float:
+        """Stored global plus local counts: positive exactly when the node holds any count."""
         return self.count + (sum(self.local.values()) if self.local else 0)
+
+
+class _Sweep:
+    """Where pruning stands: the decay epoch and a resumable depth-first walk (one pass) over the trie."""
+
+    __slots__ = ("epoch", "frames", "active", "stalled", "removed", "global_seen")
+
+    def __init__(self) -> None:
+        self.epoch = 0  # decay rounds so far
+        self.frames: list[list[Any]] = []  # the walk: [node, key, its child tokens, next position], root first
+        self.active = False  # over budget: prune until the trie is at its target
+        self.stalled = False  # the last pass found nothing it could ever prune: wait for a release or global insert
+        self.removed = False  # this pass removed a subtree
+        self.global_seen = False  # this pass saw a node holding global counts only, or a global insert came
+
+    def start_pass(self, root: _Node) -> None:
+        """One decay round (every global count times ``decay``), then a fresh walk from the root."""
+        self.epoch += 1
+        self.frames = [[root, (), list(root.children or ()), 0]]
+        self.removed = self.global_seen = False
+
+    def end_pass(self) -> None:
+        if not self.removed and not self.global_seen:
+            self.stalled = True  # only nodes of live requests: no number of decay rounds would free anything
+
+    def note_global_insert(self) -> None:
+        self.global_seen = True
+        self.stalled = False
+
+    def revalidate(self) -> None:
+        """Cut the walk where a node on it was removed (by release) since the last slice."""
+        frames = self.frames
+        for i in range(1, len(frames)):
+            children = frames[i - 1][0].children
+            node, key = frames[i][0], frames[i][1]
+            if children is None or children.get(key[-1]) is not node:
+                del frames[i:]
+                return
 
 
 class TokenTrie:
@@ -101,6 +171,22 @@ class TokenTrie:
         decay: factor applied to all global counts at each pruning round, in (0, 1).
         local_weight: weight of this request's local counts in a node's score.
         global_weight: weight of global counts in a node's score.
+
+    Pruning. Once the trie has more than ``node_budget`` nodes, a sweep walks it in rounds: each round multiplies
+    every global count by ``decay`` (O(1): see :class:`_Node`) and then visits the nodes, removing every subtree whose
+    root holds global counts only and fell below 1, until the trie is at or below 80% of its budget. The sweep is
+    resumable and runs in slices: an ``insert`` / ``extend`` call over budget visits at most
+    ``256 + 4 x (nodes it created)`` nodes (paid between windows), plus the nodes of the subtrees it removes, so its
+    pruning work is a constant factor of its own insert work and a short call stays short; :meth:`maintain` does
+    more of it on demand (between decoding steps, say). Meanwhile the trie may exceed its budget: by a fraction
+    (each call sweeps four nodes per node it adds, and a round removes what the decay left below 1), and never by
+    more than the hard cap, ``2 x node_budget``: a call that takes the trie past it finishes the pruning at once
+    (a whole-trie walk, the last resort). Inserting long prompts in slices (``insert(t, rid, 0, 256)``, ...) keeps
+    every call short.
+
+    Nodes holding local counts of a live request (not released yet) are never pruned: if only such nodes are left,
+    the trie stays over its budget until their requests are released (the hard cap then rises to those nodes plus
+    ``node_budget``, so a full prune is not retried after every window).
     """
 
     def __init__(
@@ -138,6 +224,8 @@ class TokenTrie:
         self._index_depth = min(max_query_length, branch_length + 1)
         # request_id -> first tokens of the windows inserted for it (where release starts looking)
         self._requests: dict[str, set[int]] = {}
+        self._sweep_state = _Sweep()
+        self._hard_cap = _HARD_CAP * node_budget  # past it, a call prunes fully
 
     # ------------------------------------------------------------------ config and size
 
@@ -173,27 +261,39 @@ class TokenTrie:
                 return None
         return node
 
+    def _effective(self, node: _Node) -> float:
+        """The global count of ``node`` after every decay round so far."""
+        epoch = self._sweep_state.epoch
+        return node.count if node.epoch == epoch else node.count * self.decay ** (epoch - node.epoch)
+
     def count(self, tokens: Sequence[int], request_id: str | None = None) -> float:
-        """Count of the n-gram ``tokens``: global if ``request_id`` is None, else that request's local count."""
+        """Count of the n-gram ``tokens``: global (decayed, as pruning left it) if ``request_id`` is None, else that
+        request's local count."""
         key = tuple(int(t) for t in tokens)
         with self._lock:
             node = self._find(key) if key else None
             if node is None:
                 return 0.0
             if request_id is None:
-                return node.count
+                return self._effective(node)
             return float(node.local.get(request_id, 0)) if node.local else 0.0
 
     # ------------------------------------------------------------------ insert
 
-    def insert(self, tokens: Sequence[int], request_id: str | None = None) -> None:
-        """Insert every window ``tokens[i : i + branch_length + 1]``.
+    def insert(self, tokens: Sequence[int], request_id: str | None = None, start: int = 0,
+               stop: int | None = None) -> None:
+        """Insert every window ``tokens[i : i + branch_length + 1]`` with ``start <= i < stop`` (default: all).
 
-        ``request_id`` None counts the windows as global (past outputs); otherwise as local to that request.
+        ``request_id`` None counts the windows as global (past outputs); otherwise as local to that request. Windows
+        are cut by the end of ``tokens`` only, never by ``stop``, so a long prompt inserted in slices
+        (``insert(t, rid, 0, 256)``, ``insert(t, rid, 256, 512)``, ...) leaves the same counts as ``insert(t, rid)``,
+        and each call reads only the tokens its windows cover. ``stop`` past the end is cut to it, like a slice.
         """
-        toks = [int(t) for t in tokens]
+        start, stop = _window_range(start, stop, len(tokens))
+        end = min(len(tokens), stop + self.branch_length)  # one past the last token a counted window reaches
+        toks = [int(t) for t in tokens[start:end]]
         with self._lock:
-            self._count_windows(toks, 0, request_id)
+            self._count_windows(toks, 0, stop - start, 0, request_id)
 
     def extend(self, before: Sequence[int], new: Sequence[int], request_id: str | None = None) -> None:
         """Count the tokens ``new`` of a stream whose earlier tokens ``before`` were counted already.
@@ -205,19 +305,45 @@ class TokenTrie:
         """
         tail = [int(t) for t in before[-self.branch_length:]]
         toks = tail + [int(t) for t in new]
+        counted = len(tail)
         with self._lock:
-            self._count_windows(toks, len(tail), request_id)
+            self._count_windows(toks, max(0, counted - self.branch_length), len(toks), counted, request_id)
 
-    def _count_windows(self, toks: list[int], counted: int, request_id: str | None) -> None:
-        """Count the positions ``counted..`` of every window of ``toks``; the positions before ``counted`` were
-        counted by an earlier call and are only walked (or re-created)."""
+    def maintain(self, max_nodes_visited: int = 4096) -> int:
+        """Do up to about ``max_nodes_visited`` node visits of pruning now; return how many were done.
+
+        Meant for a caller with idle time (between decoding steps, say): it sweeps whenever the trie holds more than
+        80% of its budget, so inserts rarely find pruning to do. Returns 0 when there is nothing to do (the trie is
+        small enough, or only nodes of live requests are left); the visits may be exceeded by the nodes of the
+        last subtree removed.
+        """
+        limit = operator.index(max_nodes_visited)
+        if limit < 0:
+            raise ValueError(f"max_nodes_visited must be >= 0, got {max_nodes_visited!r}")
+        with self._lock:
+            if self._size > self._prune_target():
+                self._sweep_state.active = True
+            return self._sweep(limit)
+
+    def _count_windows(self, toks: list[int], first: int, last: int, counted: int, request_id: str | None) -> None:
+        """Count the windows of ``toks`` starting at ``first..last-1``, their positions ``counted..`` only; the
+        positions before ``counted`` were counted by an earlier call and are only walked (or re-created). Pays the
+        pruning sweep its share between windows."""
         n = len(toks)
         width = self.branch_length + 1
         index_depth = self._index_depth
         index = self._index
+        sweep = self._sweep_state
+        epoch = sweep.epoch
+        decay = self.decay
+        budget = self.node_budget
         starts = None if request_id is None else self._requests.setdefault(request_id, set())
-        for i in range(max(0, counted - width + 1), n):
+        if starts is None:
+            sweep.note_global_insert()  # new global-only nodes: prunable after some decay rounds
+        owed = _SWEEP_BASE
+        for i in range(first, last):
             node = self._root
+            made = self._size
             if starts is not None and i >= counted:
                 starts.add(toks[i])
             for j in range(i, min(i + width, n)):
@@ -225,7 +351,7 @@ class TokenTrie:
                 children = node.children
                 child = children.get(t) if children is not None else None
                 if child is None:
-                    child = _Node()
+                    child = _Node(epoch)
                     if children is None:
                         node.children = children = {}
                     children[t] = child
@@ -234,6 +360,9 @@ class TokenTrie:
                     self._size += 1
                 if j >= counted:
                     if starts is None:
+                        if child.epoch != epoch:
+                            child.count *= decay ** (epoch - child.epoch)
+                            child.epoch = epoch
                         child.count += 1.0
                     else:
                         loc = child.local
@@ -242,8 +371,23 @@ class TokenTrie:
                         else:
                             loc[request_id] = loc.get(request_id, 0) + 1
                 node = child
-            if self._size > self.node_budget:
-                self._prune()
+            if self._size > budget:
+                sweep.active = True
+            if sweep.active:
+                owed += _SWEEP_PER_NODE * (self._size - made)
+                if owed >= _SWEEP_CHUNK + _SWEEP_BASE:
+                    self._sweep(owed - _SWEEP_BASE)
+                    owed = _SWEEP_BASE
+                    epoch = sweep.epoch
+                    if starts is None:
+                        sweep.note_global_insert()  # the windows still to come
+            if self._size > self._hard_cap:
+                self._prune_fully()
+                epoch = sweep.epoch
+                if starts is None:
+                    sweep.note_global_insert()
+        if sweep.active:
+            self._sweep(owed)
 
     # ------------------------------------------------------------------ draft
 
@@ -282,14 +426,17 @@ class TokenTrie:
         """Best-first expansion of the subtree under ``node``; None if no child has a positive score."""
         gw = self.global_weight
         lw = self.local_weight if request_id is not None else 0.0
-        heap: list[tuple[float, int, int, int, _Node, int]] = []
+        epoch = self._sweep_state.epoch
+        decay = self.decay
+        heap: list[tuple[float, int, int, int, _Node, int, float]] = []
         seq = 0
         for t, c in node.children.items():  # type: ignore[union-attr]
-            s = gw * c.count
+            g = c.count if c.epoch == epoch else c.count * decay ** (epoch - c.epoch)
+            s = gw * g
             if lw and c.local:
                 s += lw * c.local.get(request_id, 0)  # type: ignore[arg-type]
             if s > 0:
-                heap.append((-s, 1, t, seq, c, -1))
+                heap.append((-s, 1, t, seq, c, -1, g))
                 seq += 1
         if not heap:
             return None
@@ -300,20 +447,21 @@ class TokenTrie:
         global_counts: list[float] = []
         push, pop = heapq.heappush, heapq.heappop
         while heap and len(tokens) < k:
-            neg, depth, t, _, c, p = pop(heap)
+            neg, depth, t, _, c, p, g = pop(heap)
             idx = len(tokens)
             tokens.append(t)
             parents.append(p)
             scores.append(-neg)
-            global_counts.append(c.count)
+            global_counts.append(g)
             if depth < depth_limit and c.children:
                 d1 = depth + 1
                 for t2, c2 in c.children.items():
-                    s = gw * c2.count
+                    g = c2.count if c2.epoch == epoch else c2.count * decay ** (epoch - c2.epoch)
+                    s = gw * g
                     if lw and c2.local:
                         s += lw * c2.local.get(request_id, 0)  # type: ignore[arg-type]
                     if s > 0:
-                        push(heap, (-s, d1, t2, seq, c2, idx))
+                        push(heap, (-s, d1, t2, seq, c2, idx, g))
                         seq += 1
         return Draft(tokens, parents, scores, q, global_counts)
 
@@ -325,6 +473,8 @@ class TokenTrie:
             starts = self._requests.pop(request_id, None)
             if not starts or not self._root.children:
                 return
+            self._sweep_state.stalled = False  # nodes it held may be prunable now
+            self._hard_cap = min(self._hard_cap, self._cap_above(self._size))
             # The nodes holding this request's counts form a subtree under the root (counts shrink with depth).
             stack: list[tuple[_Node, tuple[int, ...], list[int]]] = [(self._root, (), sorted(starts))]
             while stack:
@@ -363,65 +513,93 @@ class TokenTrie:
         self._size -= removed
         return removed
 
-    def _prune(self) -> None:
-        """Decay global counts and prune rare subtrees until the trie is at or below ~80% of its budget.
+    def _prune_target(self) -> int:
+        return int(self.node_budget * _PRUNE_TARGET)
 
-        Globally-only subtrees go first (in rounds of decay, those whose count fell below 1); nodes carrying local
-        counts of live requests are pruned, rarest first, only if that is not enough.
-        """
-        target = int(self.node_budget * _PRUNE_TARGET)
+    def _sweep(self, max_visits: int) -> int:
+        """Run the pruning sweep for about ``max_visits`` node visits (fewer once the trie is at or below its
+        target, or only nodes of live requests are left); return the visits made. Each pass over the trie starts
+        with one decay round."""
+        state = self._sweep_state
+        target = self._prune_target()
+        visited = 0
+        while visited < max_visits and self._size > target and not state.stalled:
+            if not state.frames:
+                state.start_pass(self._root)
+            visited += self._sweep_slice(max_visits - visited, target)
+            if not state.frames:
+                state.end_pass()
+        if self._size <= target:
+            state.active = False
+        return visited
+
+    def _sweep_slice(self, max_visits: int, target: int) -> int:
+        """Continue the current pass for up to ``max_visits`` node visits (plus the nodes of removed subtrees), or
+        until the trie is at ``target``; return the visits made."""
+        state = self._sweep_state
+        frames = state.frames
+        state.revalidate()
+        epoch = state.epoch
         decay = self.decay
-        while self._size > target:
-            doomed: list[tuple[_Node, int, tuple[int, ...]]] = []
-            global_only_left = False
-            stack: list[tuple[_Node, tuple[int, ...]]] = [(self._root, ())]
-            while stack:
-                node, key = stack.pop()
-                for t, c in node.children.items():  # type: ignore[union-attr]
-                    c.count *= decay
-                    if c.local is None:
-                        if c.count < _PRUNE_THRESHOLD:
-                            doomed.append((node, t, key + (t,)))
-                            continue
-                        global_only_left = True
-                    if c.children:
-                        stack.append((c, key + (t,)))
-            for parent, t, key in doomed:
-                self._remove(parent, t, key)
-            if not doomed and not global_only_left:
-                break
-        threshold = 2.0
-        while self._size > target:  # only nodes with local counts are left: prune the rarest
-            doomed = []
-            stack = [(self._root, ())]
-            while stack:
-                node, key = stack.pop()
-                for t, c in node.children.items():  # type: ignore[union-attr]
-                    if c.total() < threshold:
-                        doomed.append((node, t, key + (t,)))
-                    elif c.children:
-                        stack.append((c, key + (t,)))
-            for parent, t, key in doomed:
-                self._remove(parent, t, key)
-            threshold *= 2.0
+        visited = 0
+        while frames and visited < max_visits and self._size > target:
+            frame = frames[-1]
+            node, key, tokens, pos = frame
+            if pos >= len(tokens):
+                frames.pop()
+                continue
+            frame[3] = pos + 1
+            t = tokens[pos]
+            child = node.children.get(t) if node.children else None
+            if child is None:
+                continue  # removed since the frame was listed
+            visited += 1
+            if child.epoch != epoch:
+                child.count *= decay ** (epoch - child.epoch)
+                child.epoch = epoch
+            if child.local is None:
+                if child.count < _PRUNE_THRESHOLD:
+                    visited += self._remove(node, t, key + (t,))
+                    state.removed = True
+                    continue
+                state.global_seen = True
+            if child.children:
+                frames.append([child, key + (t,), list(child.children), 0])
+        return visited
+
+    def _prune_fully(self) -> None:
+        """Last resort (the trie passed its hard cap): sweep, unbounded, until the trie is at its target or only
+        nodes of live requests are left; then put the hard cap ``node_budget`` above what is left."""
+        self._sweep_state.active = True
+        self._sweep_state.stalled = False
+        self._sweep(sys.maxsize)
+        self._hard_cap = self._cap_above(self._size)
+
+    def _cap_above(self, left: int) -> int:
+        """The hard cap over ``left`` nodes that pruning cannot remove (live requests' nodes): ``2 x node_budget``,
+        or ``left`` plus the larger of ``node_budget`` and ``left / 2`` (room for the sweep to keep pace)."""
+        return max(_HARD_CAP * self.node_budget, left + max(self.node_budget, left // 2))
 
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the config and global counts to ``path`` atomically (JSON; gzip-compressed if it ends in .gz).
 
-        Nodes are stored in preorder as ``[parent_index, token, count]`` (``-1``: child of the root); request-local
-        counts are not saved.
+        Nodes are stored in preorder as ``[parent_index, token, count]`` (``-1``: child of the root) with their
+        effective (decayed) global counts; request-local counts are not saved.
         """
         with self._lock:
             nodes: list[list[float | int]] = []
             stack: list[tuple[int, int, _Node]] = [(-1, t, c) for t, c in _sorted_children(self._root, reverse=True)]
             while stack:
                 parent_idx, t, node = stack.pop()
-                if node.count <= 0.0:
-                    continue  # local-only: so is its subtree
+                count = self._effective(node)
+                if count <= 0.0:
+                    continue  # local-only (or decayed to nothing): so is its subtree
+                if parent_idx >= 0:
+                    count = min(count, nodes[parent_idx][2])  # never above the parent's, whatever the rounding
                 idx = len(nodes)
-                nodes.append([parent_idx, t, node.count])
+                nodes.append([parent_idx, t, count])
                 stack.extend((idx, t2, c2) for t2, c2 in _sorted_children(node, reverse=True))
             doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config(), "nodes": nodes}
         data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
@@ -490,7 +668,7 @@ class TokenTrie:
             keys.append(key)
         trie._size = len(built)
         if trie._size > trie.node_budget:
-            trie._prune()
+            trie._prune_fully()  # loading is not a hot path: get within the budget at once
         return trie
 
 
