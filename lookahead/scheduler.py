@@ -377,9 +377,10 @@ class Scheduler:
         batch.remove(handle)
         if torch.device(self.generator.device).type == "cuda":
             torch.cuda.empty_cache()
+        others = f"together with the {len(batch)} other request(s) being decoded" if len(batch) else "even alone"
         evicted = OutOfMemoryRequestError(
-            f"out of device memory: this request did not fit in device memory together with the {len(batch)} "
-            f"other request(s) being decoded, and was stopped; retry it later ({type(error).__name__}: {error})")
+            f"out of device memory: this request did not fit in device memory {others} and was stopped; it may be "
+            f"retried ({type(error).__name__}: {error})")
         evicted.__cause__ = error
         with self._count_lock:
             self.stats.requests_out_of_memory += 1

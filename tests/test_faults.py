@@ -163,24 +163,32 @@ def inject(gen: LookaheadGenerator, monkeypatch: pytest.MonkeyPatch, error: Base
 
 
 def test_out_of_memory_evicts_the_newest_row_and_the_others_are_exact(monkeypatch):
+    """Three rows, then a step runs out of memory: the newest leaves with OutOfMemoryRequestError, the other two
+    finish exactly, and the waiting fourth request joins only once one of them has left."""
     gen = make_generator()
-    prompts, refs = full_length_prompts(gen, 3)
+    prompts, refs = full_length_prompts(gen, 4)
     fired = inject(gen, monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), rows=3)
     recorder = Recorder(gen)
-    scheduler = Scheduler(gen, max_batch_size=4)
+    scheduler = Scheduler(gen, max_batch_size=3)
     first = scheduler.submit(prompts[0], max_new_tokens=N)
     wait_until(lambda: scheduler.active == 1, 10, "the first request to be admitted")
     later = [scheduler.submit(p, max_new_tokens=N) for p in prompts[1:]]
-    recorder.gate.set()  # the next cycle admits both: the batch holds three rows, joined in submit order
+    recorder.gate.set()  # the next cycle admits two more: the batch holds three rows, joined in submit order
     assert first.result().token_ids == refs[0]
     assert later[0].result().token_ids == refs[1]
     with pytest.raises(OutOfMemoryRequestError, match="did not fit in device memory together with the 2 other") as e:
         later[1].result()
     assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+    assert later[2].result().token_ids == refs[3]
     scheduler.close()
     assert fired == [3]
+    three = [i for i, keys in enumerate(recorder.steps) if keys == [first, *later[:2]]]
+    assert len(three) == 2  # the step that prefilled the two, then the one that ran out of memory
+    assert recorder.steps[three[1] + 1] == [first, later[0]]
+    joined = next(keys for keys in recorder.steps if later[2] in keys)
+    assert first not in joined or later[0] not in joined  # admission waited for a row to leave
     stats = scheduler.stats
-    assert (stats.requests_finished, stats.requests_failed, stats.requests_out_of_memory) == (2, 1, 1)
+    assert (stats.requests_finished, stats.requests_failed, stats.requests_out_of_memory) == (3, 1, 1)
     assert stats.kv_bytes_reserved == 0 and gen.trie._requests == {}
 
 
@@ -189,7 +197,7 @@ def test_out_of_memory_of_a_single_row_fails_it_and_serving_goes_on(monkeypatch)
     prompts, refs = full_length_prompts(gen, 1)
     fired = inject(gen, monkeypatch, RuntimeError("CUDA error: out of memory"))
     scheduler = Scheduler(gen)
-    with pytest.raises(OutOfMemoryRequestError, match="retry"):
+    with pytest.raises(OutOfMemoryRequestError, match="did not fit in device memory even alone .* may be retried"):
         scheduler.submit(prompts[0], max_new_tokens=N).result()
     assert scheduler.submit(prompts[0], max_new_tokens=N).result().token_ids == refs[0]
     scheduler.close()
@@ -236,7 +244,7 @@ def test_server_answers_out_of_memory_with_503_and_retry_after(oom_client):
     assert r.headers["retry-after"] == "1"
     error = r.json()["error"]
     assert error["code"] == "out_of_memory" and error["type"] == "server_error"
-    assert "did not fit in device memory" in error["message"] and "retry" in error["message"]
+    assert "did not fit in device memory" in error["message"] and "may be retried" in error["message"]
     r = oom_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                       "max_tokens": N, "stream": True})
     assert r.status_code == 200  # the tree pass no longer fails: the stream ends normally
