@@ -20,7 +20,13 @@ from serve_utils import LiveServer, new_generator, slow_factory, sse_events, wai
 
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
-from lookahead.scheduler import OutOfMemoryRequestError, Scheduler, is_out_of_memory, kv_cache_bytes_per_token
+from lookahead.scheduler import (
+    CUDA_KV_SHARE,
+    OutOfMemoryRequestError,
+    Scheduler,
+    is_out_of_memory,
+    kv_cache_bytes_per_token,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -202,6 +208,25 @@ def test_out_of_memory_of_a_single_row_fails_it_and_serving_goes_on(monkeypatch)
     assert scheduler.submit(prompts[0], max_new_tokens=N).result().token_ids == refs[0]
     scheduler.close()
     assert fired == [1] and scheduler.stats.requests_out_of_memory == 1 and scheduler.stats.requests_finished == 1
+
+
+def test_on_cuda_the_default_limit_is_most_of_the_free_memory_and_oom_empties_the_cache(monkeypatch):
+    """The CUDA paths, with the device faked (the model stays on the CPU): this machine may have no GPU."""
+    gen = make_generator()
+    prompts, refs = full_length_prompts(gen, 1)
+    free = 3 * 2**30
+    emptied: list[bool] = []
+    monkeypatch.setattr(gen, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 8 * 2**30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    inject(gen, monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    scheduler = Scheduler(gen)
+    assert scheduler.max_kv_bytes == int(free * CUDA_KV_SHARE) and CUDA_KV_SHARE == 0.9
+    with pytest.raises(OutOfMemoryRequestError):
+        scheduler.submit(prompts[0], max_new_tokens=N).result()
+    assert emptied == [True]
+    assert scheduler.submit(prompts[0], max_new_tokens=N).result().token_ids == refs[0]
+    scheduler.close()
 
 
 def test_other_errors_fail_the_whole_batch(monkeypatch):
