@@ -1,0 +1,104 @@
+"""scripts/gpu_check.py end to end on a tiny random model on the CPU (the sections of its report, not speed)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from conftest import make_model, make_tokenizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+CASES = [
+    {"id": "q1", "task": "rag_qa", "question": "what is it", "documents": ["the cat sat on the mat", "a dog"],
+     "max_new_tokens": 12},
+    {"id": "q2", "task": "rag_qa", "question": "where is the cat", "documents": ["the cat sat on the mat"],
+     "max_new_tokens": 10},
+]
+
+
+@functools.cache
+def gpu_check() -> ModuleType:
+    """Import scripts/gpu_check.py (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama + tokenizer with a chat template, saved like any local HF model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = make_model("llama", seed=3)
+    model.generation_config.eos_token_id = 0
+    model.generation_config.pad_token_id = 0
+    tokenizer = make_tokenizer()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture()
+def case_file(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in CASES) + "\n")
+    return path
+
+
+def test_report_has_every_section(tiny_dir, case_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOOKAHEAD_CACHE", str(tmp_path / "cache"))
+    out, numbers = tmp_path / "report.md", tmp_path / "report.json"
+    code = gpu_check().main(["--model", str(tiny_dir), "--device", "cpu", "--cases", str(case_file), "--limit", "2",
+                             "--quick", "--batch-size", "2", "--contexts", "16,1000", "--out", str(out),
+                             "--json", str(numbers)])
+    report = capsys.readouterr().out
+    assert code == 0
+    assert out.read_text() == report
+    for heading in ("# lookahead device check", "## 1. Exactness", "## 2. Tree verification cost",
+                    "## 3. Speedups at batch 1", "## 4. Batched throughput at batch 2", "## Verdict"):
+        assert heading in report, heading
+    assert "dtype float32" in report and "device: cpu" in report
+    assert f"| {case_file} | 2 | 2 | 0 | 0 | 0 |" in report  # float32: lookahead equals HF greedy
+    assert "| 16 | 0." in report or "| 16 | " in report
+    assert "| 447 | " in report  # 1000 shortened to fit the tiny model's 512 positions (and a 64-token tree)
+    assert "| 1 | rag_qa | lookahead |" in report and "vs vanilla (decode)" in report
+    assert "| lookahead-batch | 2 | 2 |" in report and "| hf-batch | 2 | 2 |" in report
+    assert "PASS: no hard mismatch" in report
+    data = json.loads(numbers.read_text())
+    assert data["exactness"][str(case_file)] == {"compared": 2, "identical": 2, "near_tie": 0, "hard": 0,
+                                                 "batch_hard": 0}
+    assert [c["context"] for c in data["tree_cost"]] == [16, 447]
+    assert data["tree_cost"][0]["sizes"][-1] == 64
+    assert {r["method"] for r in data["bench"][str(case_file)]} == {"vanilla", "pld", "lookahead"}
+    assert {r["method"] for r in data["batch"][str(case_file)]} == {"lookahead-alone", "lookahead-batch", "hf-batch"}
+    assert data["meta"]["max_new_tokens"] == 32 and data["failed"] is False
+
+
+def test_quick_caps_answers_and_contexts():
+    args = gpu_check().parse_args(["--quick"])
+    assert args.contexts == gpu_check().QUICK_CONTEXTS and args.max_new_tokens == gpu_check().QUICK_MAX_NEW_TOKENS
+    assert args.cases == ["rag_qa", "long_rag"] and args.device == "cuda" and args.dtype == "auto"
+    capped = gpu_check().capped([{"id": "a", "max_new_tokens": 128}, {"id": "b", "max_new_tokens": 8}], 32)
+    assert [c["max_new_tokens"] for c in capped] == [32, 8]
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check().parse_args(["--contexts", "128,zero"])
+    assert "--contexts" in capsys.readouterr().err
+    assert gpu_check().main(["--model", "/nonexistent/model/dir", "--device", "cpu", "--cases", "rag_qa",
+                             "--limit", "1"]) == 2
+    assert "error:" in capsys.readouterr().err
