@@ -43,8 +43,8 @@ FORMAT_VERSION = 1
 _PRUNE_THRESHOLD = 1.0  # a globally-only node whose decayed count falls below this is pruned with its subtree
 _PRUNE_TARGET = 0.8  # pruning stops once the trie is at or below this fraction of the node budget
 _HARD_CAP = 2  # past this many times its budget the trie is pruned fully inside the call (last resort)
-_SWEEP_BASE = 256  # node visits an insert / extend call owes the sweep while the trie is over budget ...
-_SWEEP_PER_NODE = 8  # ... plus this many per node the call created
+_SWEEP_BASE = 64  # node visits an insert / extend call owes the sweep while the trie is over budget ...
+_SWEEP_PER_NODE = 4  # ... plus this many per node the call created
 _SWEEP_CHUNK = 1024  # owed visits are paid in slices of at least this many, between windows
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -145,7 +145,8 @@ class _Sweep:
         if not self.removed and not self.global_seen:
             self.stalled = True  # only nodes of live requests: no number of decay rounds would free anything
 
-    def note_global_insert(self) -> None:
+    def note_prunable(self) -> None:
+        """Nodes may have become prunable (a global insert, a release): the current pass cannot stall."""
         self.global_seen = True
         self.stalled = False
 
@@ -175,18 +176,22 @@ class TokenTrie:
     Pruning. Once the trie has more than ``node_budget`` nodes, a sweep walks it in rounds: each round multiplies
     every global count by ``decay`` (O(1): see :class:`_Node`) and then visits the nodes, removing every subtree whose
     root holds global counts only and fell below 1, until the trie is at or below 80% of its budget. The sweep is
-    resumable and runs in slices: an ``insert`` / ``extend`` call over budget visits at most
-    ``256 + 4 x (nodes it created)`` nodes (paid between windows), plus the nodes of the subtrees it removes, so its
-    pruning work is a constant factor of its own insert work and a short call stays short; :meth:`maintain` does
-    more of it on demand (between decoding steps, say). Meanwhile the trie may exceed its budget: by a fraction
-    (each call sweeps four nodes per node it adds, and a round removes what the decay left below 1), and never by
-    more than the hard cap, ``2 x node_budget``: a call that takes the trie past it finishes the pruning at once
-    (a whole-trie walk, the last resort). Inserting long prompts in slices (``insert(t, rid, 0, 256)``, ...) keeps
-    every call short.
+    resumable and runs in slices: an ``insert`` / ``extend`` call made while the trie is over budget visits at most
+    ``64 + 4 x (nodes it created) x max(1, num_nodes // node_budget)`` nodes (paid between windows), plus the nodes
+    of the subtrees it removes, so its pruning work is a constant factor of its own insert work and a short call (a
+    decoding step's ``extend``) stays short; :meth:`maintain` does more of it on demand (between decoding steps,
+    say). Inserting long prompts in slices (``insert(t, rid, 0, 256)``, ...) keeps every call short.
+
+    Meanwhile the trie may exceed its budget. A pass over ``N`` nodes lets the inserts add at most about
+    ``node_budget / 4`` nodes, and the next pass removes every global-only one still at count 1 (the decay took it
+    below), so in practice the trie stays within a few percent of its budget; it never ends a call above the hard cap,
+    ``2 x node_budget``: a window that takes the trie past it finishes the pruning at once (a whole-trie walk, the
+    last resort, also used by :meth:`load`).
 
     Nodes holding local counts of a live request (not released yet) are never pruned: if only such nodes are left,
-    the trie stays over its budget until their requests are released (the hard cap then rises to those nodes plus
-    ``node_budget``, so a full prune is not retried after every window).
+    the trie stays over its budget until their requests are released. The hard cap then rises to what is left plus
+    the larger of ``node_budget`` and half of it, so a full prune is not retried after every window; ``release``
+    lowers it again.
     """
 
     def __init__(
@@ -339,7 +344,7 @@ class TokenTrie:
         budget = self.node_budget
         starts = None if request_id is None else self._requests.setdefault(request_id, set())
         if starts is None:
-            sweep.note_global_insert()  # new global-only nodes: prunable after some decay rounds
+            sweep.note_prunable()  # new global-only nodes: prunable after some decay rounds
         owed = _SWEEP_BASE
         for i in range(first, last):
             node = self._root
@@ -373,19 +378,19 @@ class TokenTrie:
                 node = child
             if self._size > budget:
                 sweep.active = True
-            if sweep.active:
-                owed += _SWEEP_PER_NODE * (self._size - made)
+            if sweep.active:  # a pass visits every node: pay more per new node when the trie is far over budget
+                owed += _SWEEP_PER_NODE * (self._size - made) * max(1, self._size // budget)
                 if owed >= _SWEEP_CHUNK + _SWEEP_BASE:
                     self._sweep(owed - _SWEEP_BASE)
                     owed = _SWEEP_BASE
                     epoch = sweep.epoch
                     if starts is None:
-                        sweep.note_global_insert()  # the windows still to come
+                        sweep.note_prunable()  # the windows still to come
             if self._size > self._hard_cap:
                 self._prune_fully()
                 epoch = sweep.epoch
                 if starts is None:
-                    sweep.note_global_insert()
+                    sweep.note_prunable()
         if sweep.active:
             self._sweep(owed)
 
@@ -473,7 +478,7 @@ class TokenTrie:
             starts = self._requests.pop(request_id, None)
             if not starts or not self._root.children:
                 return
-            self._sweep_state.stalled = False  # nodes it held may be prunable now
+            self._sweep_state.note_prunable()  # nodes it held may be global-only now, some visited already
             self._hard_cap = min(self._hard_cap, self._cap_above(self._size))
             # The nodes holding this request's counts form a subtree under the root (counts shrink with depth).
             stack: list[tuple[_Node, tuple[int, ...], list[int]]] = [(self._root, (), sorted(starts))]
@@ -545,26 +550,34 @@ class TokenTrie:
         while frames and visited < max_visits and self._size > target:
             frame = frames[-1]
             node, key, tokens, pos = frame
-            if pos >= len(tokens):
+            end = len(tokens)
+            while pos < end:  # the children of one node, until the walk goes deeper or the slice is done
+                t = tokens[pos]
+                pos += 1
+                children = node.children
+                child = children.get(t) if children is not None else None
+                if child is None:
+                    continue  # removed since the frame was listed
+                visited += 1
+                if child.epoch != epoch:
+                    child.count *= decay ** (epoch - child.epoch)
+                    child.epoch = epoch
+                if child.local is None:
+                    if child.count < _PRUNE_THRESHOLD:
+                        visited += self._remove(node, t, key + (t,))
+                        state.removed = True
+                        if visited >= max_visits or self._size <= target:
+                            break
+                        continue
+                    state.global_seen = True
+                if child.children:
+                    frames.append([child, key + (t,), list(child.children), 0])
+                    break
+                if visited >= max_visits:
+                    break
+            frame[3] = pos
+            if pos >= end and frames[-1] is frame:
                 frames.pop()
-                continue
-            frame[3] = pos + 1
-            t = tokens[pos]
-            child = node.children.get(t) if node.children else None
-            if child is None:
-                continue  # removed since the frame was listed
-            visited += 1
-            if child.epoch != epoch:
-                child.count *= decay ** (epoch - child.epoch)
-                child.epoch = epoch
-            if child.local is None:
-                if child.count < _PRUNE_THRESHOLD:
-                    visited += self._remove(node, t, key + (t,))
-                    state.removed = True
-                    continue
-                state.global_seen = True
-            if child.children:
-                frames.append([child, key + (t,), list(child.children), 0])
         return visited
 
     def _prune_fully(self) -> None:

@@ -12,6 +12,7 @@ time, the longest single call and the longest call made while the trie was over 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import inspect
 import pkgutil
@@ -108,7 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=64, help="extend calls of 4 tokens per prompt")
     p.add_argument("--warm", type=int, default=0, help="prompts inserted globally first (not timed)")
     p.add_argument("--maintain", type=int, default=0, help="run trie.maintain(N) after every extend call")
+    p.add_argument("--gc-off", action="store_true",
+                   help="disable the cyclic garbage collector (its pauses over a big trie are not the trie's own work)")
     args = p.parse_args(argv)
+    if args.gc_off:
+        gc.disable()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated stdlib aliases warn when their docstrings are read
@@ -142,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         trie.release(rid or "decode")
     total = time.perf_counter() - t_all
     mode = "local" if args.local else "global"
+    gc_mode = "off" if args.gc_off else "on"
     print(f"corpus {len(ids)} tokens; {args.prompts} prompts x {args.tokens} tokens, budget {args.budget}, "
-          f"warm {args.warm}, slice {args.slice or 'none'}, {mode}, maintain {args.maintain or 'none'}")
+          f"warm {args.warm}, gc {gc_mode}, slice {args.slice or 'none'}, {mode}, maintain {args.maintain or 'none'}")
     print(f"total {total:.3f} s; insert calls {len(insert_t.calls)} sum {sum(insert_t.calls):.3f} s "
           f"max {max(insert_t.calls) * 1e3:.1f} ms; extend calls {len(extend_t.calls)} "
           f"max {max(extend_t.calls) * 1e3:.2f} ms")

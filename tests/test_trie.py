@@ -273,6 +273,52 @@ def test_extend_piece_by_piece_counts_like_one_insert(stream, cuts, branch, requ
     assert counts_of(pieces) == counts_of(whole)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stream=st.lists(st.integers(0, 5), max_size=40),
+    cuts=st.lists(st.integers(0, 45), max_size=6),
+    branch=st.integers(1, 5),
+    request=st.sampled_from([None, "r"]),
+)
+def test_windowed_insert_in_slices_counts_like_one_insert(stream, cuts, branch, request):
+    whole = TokenTrie(branch_length=branch, max_query_length=3)
+    whole.insert(stream, request_id=request)
+    pieces = TokenTrie(branch_length=branch, max_query_length=3)
+    bounds = sorted({0, len(stream) + 3} | set(cuts))  # a last stop past the end is cut to it
+    for a, b in zip(bounds, bounds[1:]):
+        pieces.insert(stream, request, a, b)
+        check_invariants(pieces)
+    assert counts_of(pieces) == counts_of(whole)
+    pieces.release("r")
+    whole.release("r")
+    assert counts_of(pieces) == counts_of(whole)
+
+
+@settings(max_examples=100, deadline=None)
+@given(stream=st.lists(st.integers(0, 4), max_size=30), start=st.integers(0, 32), span=st.integers(0, 32))
+def test_windowed_insert_counts_the_windows_starting_in_the_range(stream, start, span):
+    t = TokenTrie(branch_length=3, max_query_length=2)
+    t.insert(stream, None, start, start + span)
+    windows = [stream[i : i + 4] for i in range(start, min(start + span, len(stream)))]
+    expected = Counter(tuple(w[:j]) for w in windows for j in range(1, len(w) + 1))
+    assert {k: n.count for k, n, _ in walk(t)} == dict(expected)
+    check_invariants(t)
+
+
+def test_windowed_insert_reads_array_slices_and_checks_its_range():
+    t = TokenTrie(branch_length=2)
+    t.insert(np.array([1, 2, 3, 4, 5]), "r", np.int64(1), 2)  # numpy ids and a numpy start
+    assert {k for k, _, _ in walk(t)} == {(2,), (2, 3), (2, 3, 4)}
+    t.insert([1, 2, 3], None, 5)  # start past the end: nothing
+    t.insert([1, 2, 3], None, 1, 1)  # empty range: nothing
+    assert t.num_nodes() == 3
+    for start, stop, message in [(-1, None, "start must be an int >= 0"), (True, None, "start"), (1.5, None, "start"),
+                                 (2, 1, r"stop must be None or an int >= start \(2\)"), (0, "3", "stop")]:
+        with pytest.raises(ValueError, match=message):
+            t.insert([1, 2, 3], None, start, stop)
+    assert t.num_nodes() == 3
+
+
 def test_extend_lets_a_stream_draft_from_its_own_last_tokens():
     t = TokenTrie(branch_length=8)
     t.insert([9, 9], request_id="r")
@@ -475,6 +521,94 @@ def test_live_local_counts_alone_over_budget_are_kept_until_release(monkeypatch:
     settle(t)
     assert t.num_nodes() <= 80
     check_invariants(t)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    local=st.lists(st.integers(0, 8), max_size=30),
+    other=st.lists(st.integers(0, 8), max_size=30),
+    seqs=st.lists(st.lists(st.integers(0, 20), min_size=1, max_size=25), min_size=1, max_size=4),
+    budget=st.integers(5, 60),
+    decay=st.sampled_from([0.5, 0.3, 0.9]),
+    release_other_at=st.integers(0, 100),
+    maintain=st.lists(st.integers(0, 40), max_size=8),
+)
+def test_property_amortised_pruning_matches_the_old_semantics(local, other, seqs, budget, decay, release_other_at,
+                                                              maintain):
+    """Global counts after amortised pruning: every count decayed by ``decay`` at each round, exactly, for the nodes
+    still there; a live request's windows all stay; a request released mid-sweep does not confuse the sweep."""
+    width = 4
+    t = TokenTrie(branch_length=width - 1, max_query_length=2, node_budget=budget, decay=decay)
+    t.insert(local, "r")
+    t.insert(other, "s")
+    live = ngram_counts([local], width)
+    reference: dict[tuple[int, ...], float] = {}  # the old semantics: +1 per window, x decay per round
+    step = 0
+    for s_ in seqs:
+        for i in range(len(s_)):
+            epoch = t._sweep_state.epoch
+            t.insert(s_, None, i, i + 1)  # one window per call: rounds run after it is counted
+            for j in range(1, len(s_[i : i + width]) + 1):
+                reference[tuple(s_[i : i + j])] = reference.get(tuple(s_[i : i + j]), 0.0) + 1.0
+            if maintain:
+                t.maintain(maintain[step % len(maintain)])
+            if step == release_other_at:
+                t.release("s")
+            step += 1
+            factor = decay ** (t._sweep_state.epoch - epoch)
+            present = {k for k, _, _ in walk(t)}
+            reference = {k: v * factor for k, v in reference.items() if k in present}  # the rest was pruned
+            for key in present:
+                assert t.count(key) == pytest.approx(reference.get(key, 0.0), rel=1e-9, abs=1e-12), key
+            assert all(t.count(k, "r") == c for k, c in live.items())  # never pruned while live
+            assert t.num_nodes() <= hard_bound(t, len(live) + len(ngram_counts([other], width)))
+    check_invariants(t)
+    t.release("r")
+    t.release("s")
+    settle(t)
+    assert t.num_nodes() <= int(0.8 * budget)
+    check_invariants(t)
+
+
+def test_no_call_walks_the_whole_trie():
+    """Over budget, an insert's pruning work is bounded by the nodes it creates (plus the subtrees it removes)."""
+    t = TokenTrie(branch_length=6, max_query_length=3, node_budget=3000)
+    visits, removed = [0], [0]
+    real_slice, real_remove = t._sweep_slice, t._remove
+    t._sweep_slice = lambda *a: visits.__setitem__(0, visits[0] + real_slice(*a)) or 0  # type: ignore[method-assign]
+    t._remove = lambda *a: removed.__setitem__(0, removed[0] + real_remove(*a)) or 0  # type: ignore[method-assign]
+    t._prune_fully = None  # type: ignore[assignment]  # the last resort must not be needed here
+    rng = random.Random(11)
+    swept = 0
+    for _ in range(400):
+        seq = [rng.randrange(300) for _ in range(rng.randrange(1, 40))]
+        before, visits[0], removed[0] = t.num_nodes(), 0, 0
+        t.insert(seq)
+        created = t.num_nodes() - before + removed[0]
+        assert visits[0] <= 64 + 4 * created * max(1, t.num_nodes() // t.node_budget) + removed[0]
+        assert visits[0] < before or before < 100
+        swept += visits[0] > 0
+        assert t.num_nodes() <= 1.25 * t.node_budget
+    assert swept > 50  # the sweep ran, in slices, in many calls
+    check_invariants(t)
+
+
+def test_maintain_prunes_between_calls():
+    t = TokenTrie(branch_length=3, max_query_length=2, node_budget=1000)
+    rng = random.Random(5)
+    while t.num_nodes() <= 850:
+        t.insert([rng.randrange(200) for _ in range(10)])
+    assert t.num_nodes() <= 1000  # above the 80% target, within the budget: inserts leave it alone
+    assert t.maintain(0) == 0
+    first = t.maintain(100)
+    assert 100 <= first < 100 + 4  # at most one removed subtree (here at most 4 nodes deep) past the limit
+    settle(t)
+    assert t.num_nodes() <= 800 and t.maintain(100) == 0
+    check_invariants(t)
+    with pytest.raises(ValueError, match="max_nodes_visited must be >= 0"):
+        t.maintain(-1)
+    with pytest.raises(TypeError):
+        t.maintain(1.5)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------- threads
@@ -701,6 +835,46 @@ def test_load_rejects_corrupt_or_foreign_files(tmp_path: Path, data: bytes, mess
 def test_load_missing_file_is_not_a_value_error(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         TokenTrie.load(tmp_path / "missing.json")
+
+
+# Saved by the code before amortised pruning: TokenTrie(branch_length=2, max_query_length=2, node_budget=8), three
+# inserts of [1, 2, 3] then [4, 5]: one pruning round halved every count and removed the 4, 5 n-grams.
+OLD_FILE = (
+    '{"format":"lookahead-trie","version":1,"config":{"branch_length":2,"max_query_length":2,"node_budget":8,'
+    '"decay":0.5,"local_weight":1.0,"global_weight":1.0},"nodes":[[-1,1,1.5],[0,2,1.5],[1,3,1.5],[-1,2,1.5],'
+    '[3,3,1.5],[-1,3,1.5]]}'
+)
+
+
+def test_files_of_the_old_code_load_and_the_same_inserts_save_the_same_file(tmp_path: Path):
+    old = tmp_path / "old.json"
+    old.write_text(OLD_FILE)
+    t = TokenTrie.load(old)
+    assert t.count([1, 2, 3]) == 1.5 and t.count([4]) == 0 and t.num_nodes() == 6
+    t.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_text() == OLD_FILE
+    u = TokenTrie(branch_length=2, max_query_length=2, node_budget=8)
+    for seq in ([1, 2, 3], [1, 2, 3], [1, 2, 3], [4, 5]):
+        u.insert(seq)
+    u.save(tmp_path / "new.json")
+    assert (tmp_path / "new.json").read_text() == OLD_FILE
+
+
+def test_save_mid_sweep_writes_the_decayed_counts(tmp_path: Path):
+    t = TokenTrie(branch_length=4, max_query_length=2, node_budget=400, decay=0.3)
+    rng = random.Random(8)
+    for _ in range(40):
+        t.insert([rng.randrange(40) for _ in range(30)])
+    t.maintain(50)  # leave a pass half done: nodes of two epochs
+    epochs = {node.epoch for _, node, _ in walk(t)}
+    assert len(epochs) == 2, epochs
+    t.save(tmp_path / "t.json")
+    u = TokenTrie.load(tmp_path / "t.json")
+    keys = [k for k, _, _ in walk(t)]
+    assert {k for k, _, _ in walk(u)} == set(keys)
+    for key in keys:
+        assert u.count(key) == pytest.approx(t.count(key), rel=1e-12)
+    check_invariants(u)
 
 
 def test_loaded_trie_over_budget_is_pruned(tmp_path: Path):
