@@ -5,7 +5,8 @@ Sections, for every case file (default: rag_qa and long_rag):
 1. Exactness: lookahead greedy against HF greedy ``generate`` (identical / near-tie / hard, lookahead.agreement;
    in float32 every difference is hard).
 2. Tree verification cost: seconds of one tree pass of n tokens (n = 1..64) after a prefix of several context
-   lengths, and its ratio to a 1-token pass (lookahead.runner.time_tree_passes).
+   lengths, at batch 1 and at ``--batch-size`` rows, and its ratio to a 1-token pass
+   (lookahead.runner.time_tree_passes).
 3. Speedups at batch 1: vanilla (HF greedy), pld (HF prompt lookup) and lookahead, overall and after the prefill,
    tokens per step, lookahead's host time per step (the ``lookahead bench`` table).
 4. Batched throughput: lookahead-batch against hf-batch (HF greedy on left-padded batches) at ``--batch-size``, and
@@ -118,16 +119,21 @@ def capped(cases: list[dict[str, Any]], max_new_tokens: int | None) -> list[dict
 # ---------------------------------------------------------------------------------------------------- measuring
 
 
-def tree_costs(generator: LookaheadGenerator, contexts: Sequence[int], repeats: int) -> list[tuple[int, CostCurve]]:
-    """The cost curve of tree passes (1..64 tokens) after a prefix of each context length (fitted to the model's
-    context; lengths that fit to the same prefix are timed once)."""
-    curves: list[tuple[int, CostCurve]] = []
+def tree_costs(generator: LookaheadGenerator, contexts: Sequence[int], batches: Sequence[int], repeats: int
+               ) -> list[tuple[int, int, CostCurve]]:
+    """(context, batch, curve): seconds of tree passes of 1..64 tokens per row (a batch of ``b`` rows: up to
+    ``b * n <= 256`` tokens in all) after a prefix of each context length, fitted to the model's context (lengths
+    that fit to the same prefix are timed once)."""
+    curves: list[tuple[int, int, CostCurve]] = []
     for context in contexts:
         sizes, prefix = cost_grid(LARGEST_TREE, context, generator.max_context)
-        if any(prefix == done for done, _ in curves):
+        if any(prefix == done for done, _, _ in curves):
             continue
-        progress(f"tree passes after {prefix} tokens")
-        curves.append((prefix, time_tree_passes([generator.runner], sizes, prefix, repeats=repeats)))
+        for batch in sorted(set(batches)):
+            fitting = tuple(n for n in sizes if batch * n <= 4 * LARGEST_TREE) if batch > 1 else sizes
+            progress(f"tree passes after {prefix} tokens, batch {batch}")
+            curves.append((prefix, batch, time_tree_passes([generator.runner], fitting, prefix, repeats=repeats,
+                                                           batch=batch)))
     return curves
 
 
@@ -187,17 +193,18 @@ def exactness_section(reports: Sequence[FileReport], dtype: str) -> list[str]:
     return lines
 
 
-def cost_section(curves: Sequence[tuple[int, CostCurve]]) -> list[str]:
+def cost_section(curves: Sequence[tuple[int, int, CostCurve]]) -> list[str]:
     lines = ["", "## 2. Tree verification cost vs tree size", "",
-             "Milliseconds of one tree pass of n tokens after a prefix of the given length (ratio to n = 1).", ""]
+             "Milliseconds of one tree pass of n tokens per row after a prefix of the given length, for a batch of "
+             "rows (ratio to n = 1 at the same context and batch).", ""]
     if not curves:
         return [*lines, "(no context length measured)"]
-    sizes = sorted({n for _, curve in curves for n in curve.sizes})
-    lines += ["| context | " + " | ".join(f"n={n}" for n in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
-    for prefix, curve in curves:
+    sizes = sorted({n for _, _, curve in curves for n in curve.sizes})
+    lines += ["| context | batch | " + " | ".join(f"n={n}" for n in sizes) + " |", "|" + "---|" * (len(sizes) + 2)]
+    for prefix, batch, curve in curves:
         ratios = curve.relative()
         cells = [f"{1000 * curve.cost(n):.2f} ({ratios[n]:.2f}x)" if n in ratios else "-" for n in sizes]
-        lines.append(f"| {prefix} | " + " | ".join(cells) + " |")
+        lines.append(f"| {prefix} | {batch} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -240,7 +247,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any], bool]:
     dtype = str(model.dtype).removeprefix("torch.")
     progress("the engine's cost curve")
     generator.budget  # noqa: B018 - measure (or load) the draft budget's cost curve before timing anything
-    curves = tree_costs(generator, args.contexts, repeats=1 if args.quick else 5)
+    curves = tree_costs(generator, args.contexts, (1, args.batch_size), repeats=1 if args.quick else 5)
     runner = BenchRunner(model, tokenizer, generator)
     try:
         reports = [bench_file(runner, name, cases, args.batch_size, dtype != "float32") for name, cases in case_sets]
@@ -256,7 +263,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any], bool]:
                  "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
                  "config": generator.config.to_dict()},
         "exactness": {r.name: {**exactness_counts(r.results), "batch_hard": r.batch_hard} for r in reports},
-        "tree_cost": [{"context": prefix, **curve.to_dict()} for prefix, curve in curves],
+        "tree_cost": [{"context": prefix, "batch": batch, **curve.to_dict()} for prefix, batch, curve in curves],
         "bench": {r.name: r.rows for r in reports},
         "batch": {r.name: r.batch_rows for r in reports},
         "failed": failed,

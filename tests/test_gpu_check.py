@@ -72,16 +72,16 @@ def test_report_has_every_section(tiny_dir, case_file, tmp_path, capsys, monkeyp
         assert heading in report, heading
     assert "dtype float32" in report and "device: cpu" in report
     assert f"| {case_file} | 2 | 2 | 0 | 0 | 0 |" in report  # float32: lookahead equals HF greedy
-    assert "| 16 | 0." in report or "| 16 | " in report
-    assert "| 447 | " in report  # 1000 shortened to fit the tiny model's 512 positions (and a 64-token tree)
+    assert "| 16 | 1 | " in report and "| 16 | 2 | " in report
+    assert "| 447 | 1 | " in report  # 1000 shortened to fit the tiny model's 512 positions (and a 64-token tree)
     assert "| 1 | rag_qa | lookahead |" in report and "vs vanilla (decode)" in report
     assert "| lookahead-batch | 2 | 2 |" in report and "| hf-batch | 2 | 2 |" in report
     assert "PASS: no hard mismatch" in report
     data = json.loads(numbers.read_text())
     assert data["exactness"][str(case_file)] == {"compared": 2, "identical": 2, "near_tie": 0, "hard": 0,
                                                  "batch_hard": 0}
-    assert [c["context"] for c in data["tree_cost"]] == [16, 447]
-    assert data["tree_cost"][0]["sizes"][-1] == 64
+    assert [(c["context"], c["batch"]) for c in data["tree_cost"]] == [(16, 1), (16, 2), (447, 1), (447, 2)]
+    assert data["tree_cost"][0]["sizes"][-1] == 64 and data["tree_cost"][1]["sizes"][-1] == 64  # 2 x 64 <= 256
     assert {r["method"] for r in data["bench"][str(case_file)]} == {"vanilla", "pld", "lookahead"}
     assert {r["method"] for r in data["batch"][str(case_file)]} == {"lookahead-alone", "lookahead-batch", "hf-batch"}
     assert data["meta"]["max_new_tokens"] == 32 and data["failed"] is False
