@@ -42,6 +42,22 @@ def check_documents(documents: Sequence[str] | None) -> list[str]:
     return list(documents)
 
 
+def prompt_texts(prompt: Prompt) -> list[str]:
+    """The text a prompt was written in: the string itself, or each chat message's content (none for token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        return [m["content"] for m in prompt if isinstance(m.get("content"), str)]
+    return []
+
+
+def in_prompt(document: str, texts: Sequence[str]) -> bool:
+    """True when ``document`` (its surrounding whitespace aside) occurs verbatim in one of ``texts``: its windows
+    reach the trie with the prompt's already."""
+    needle = document.strip()
+    return bool(needle) and any(needle in text for text in texts)
+
+
 def is_prompt_list(prompt: Any) -> bool:
     """True when ``prompt`` is a list of prompts (strings, message lists or id lists), not one prompt."""
     if isinstance(prompt, (str, torch.Tensor)) or not isinstance(prompt, Sequence) or not prompt:
@@ -121,7 +137,13 @@ class InputEncoder:
     def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
                 stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
                 sampling: SamplingParams | None = None) -> Request:
-        """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong."""
+        """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong.
+
+        ``documents`` are all kept in the request's ``documents``; ``document_ids`` (what seeds the request-local
+        trie) leaves out those whose text occurs verbatim in the prompt (a string prompt, a chat message's content,
+        or the decoded text of a prompt of token ids), whose windows the prompt's insertion counts already: a RAG
+        prompt that quotes its retrieved documents and also passes them as ``documents=`` inserts each once.
+        """
         check_positive_int("max_new_tokens", max_new_tokens)
         stops = check_stop(stop)
         if sampling is not None and not isinstance(sampling, SamplingParams):
@@ -136,4 +158,13 @@ class InputEncoder:
         resolved = (sampling or SamplingParams()).resolved(self.generation_config)
         return Request(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                        eos=self.eos_ids(eos_token_id), stop=stops, documents=tuple(docs), sampling=resolved,
-                       document_ids=tuple(tuple(self.encode_document(d)) for d in docs))
+                       document_ids=self.document_ids(docs, prompt, prompt_ids))
+
+    def document_ids(self, documents: Sequence[str], prompt: Prompt, prompt_ids: Sequence[int]
+                     ) -> tuple[tuple[int, ...], ...]:
+        """Token ids of each document whose text does not occur in the prompt (see :func:`in_prompt`): the prompt
+        as written, or, for a prompt of token ids, its decoded text."""
+        if not documents:
+            return ()
+        texts = prompt_texts(prompt) or [self.tokenizer.decode(list(prompt_ids), clean_up_tokenization_spaces=False)]
+        return tuple(tuple(self.encode_document(d)) for d in documents if not in_prompt(d, texts))

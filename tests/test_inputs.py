@@ -1,0 +1,148 @@
+"""Tests for lookahead.inputs: documents already quoted in the prompt do not seed the request-local trie twice (string
+prompts, chat messages, token ids, and LangChain's RAG chain end to end)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from langchain_core.documents import Document
+from langchain_core.embeddings import DeterministicFakeEmbedding
+from langchain_lookahead import ChatLookahead, FAISSVectorStore
+from langchain_lookahead.rag import format_documents, rag_chain
+from transformers import PreTrainedTokenizerFast
+
+from lookahead.config import LookaheadConfig
+from lookahead.engine import LookaheadGenerator
+from lookahead.inputs import InputEncoder, in_prompt, prompt_texts
+from lookahead.prompts import rag_messages
+
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant> {% endif %}")
+QUOKKA = "the quokka smiles at the zebra"
+NARWHAL = "the narwhal sings to the walrus"
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    tokenizer = copy.deepcopy(tok)
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def encoder(chat_tok: PreTrainedTokenizerFast) -> InputEncoder:
+    return InputEncoder(chat_tok, vocab_size=len(chat_tok))
+
+
+def ids(encoder: InputEncoder, text: str) -> tuple[int, ...]:
+    return tuple(encoder.encode_document(text))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def test_prompt_texts_by_prompt_kind():
+    assert prompt_texts("a prompt") == ["a prompt"]
+    assert prompt_texts([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == ["s", "u"]
+    assert prompt_texts([1, 2, 3]) == [] and prompt_texts(torch.tensor([1, 2])) == []
+
+
+@pytest.mark.parametrize(
+    ("document", "texts", "expected"),
+    [
+        (QUOKKA, [f"notes: {QUOKKA}. question?"], True),
+        (f"\n  {QUOKKA} \n", [f"notes: {QUOKKA}. question?"], True),  # surrounding whitespace does not count
+        (QUOKKA, ["system", f"[1] {QUOKKA}"], True),  # in any one of the texts
+        (QUOKKA, ["the quokka smiles", "at the zebra"], False),  # split over two texts: not verbatim
+        (QUOKKA, ["the quokka  smiles at the zebra"], False),  # inner whitespace differs
+        (QUOKKA, [], False),
+        ("   ", ["anything"], False),  # nothing to find: the document is kept as before
+    ],
+)
+def test_in_prompt(document: str, texts: list[str], expected: bool):
+    assert in_prompt(document, texts) is expected
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+
+
+def test_string_prompt_quoting_a_document_drops_its_ids_only(encoder: InputEncoder):
+    prompt = f"Documents:\n\n[1] {QUOKKA}\n\nQuestion: who smiles?"
+    request = encoder.prepare(prompt, documents=[QUOKKA + "\n", NARWHAL])
+    assert request.documents == (QUOKKA + "\n", NARWHAL)  # callers still see every document
+    assert request.document_ids == (ids(encoder, NARWHAL),)
+
+
+def test_chat_prompt_quoting_documents_drops_their_ids(encoder: InputEncoder):
+    messages = rag_messages("who smiles?", [QUOKKA, NARWHAL])
+    assert QUOKKA in messages[-1]["content"]
+    request = encoder.prepare(messages, documents=[NARWHAL, QUOKKA, "a document nobody quoted"])
+    assert request.documents == (NARWHAL, QUOKKA, "a document nobody quoted")
+    assert request.document_ids == (ids(encoder, "a document nobody quoted"),)
+
+
+def test_token_id_prompt_is_matched_through_its_decoded_text(encoder: InputEncoder):
+    prompt_ids = encoder.encode(f"notes: {QUOKKA}\nquestion: ")
+    for prompt in (prompt_ids, torch.tensor(prompt_ids)):
+        request = encoder.prepare(prompt, documents=[QUOKKA, NARWHAL])
+        assert request.prompt_ids == prompt_ids
+        assert request.document_ids == (ids(encoder, NARWHAL),)
+
+
+def test_documents_not_in_the_prompt_are_all_kept_in_order(encoder: InputEncoder):
+    docs = [NARWHAL, QUOKKA, NARWHAL]  # a repeat is not this rule's business: kept
+    request = encoder.prepare("what sings?", documents=docs)
+    assert request.document_ids == tuple(ids(encoder, d) for d in docs)
+    assert encoder.prepare("what sings?").document_ids == ()
+
+
+# ---------------------------------------------------------------------------------------------------- the RAG chain
+
+
+@pytest.fixture(scope="module")
+def chat_gen(tiny_model, chat_tok, single_thread) -> LookaheadGenerator:
+    return LookaheadGenerator(tiny_model("llama"), chat_tok, LookaheadConfig())
+
+
+def test_rag_chain_inserts_each_retrieved_document_once(chat_gen: LookaheadGenerator,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    """rag_chain quotes each retrieved chunk in the prompt and routes it as documents= too: it seeds the trie once,
+    through the prompt."""
+    texts = [QUOKKA, NARWHAL, "the wombat digs under the fence"]
+    store = FAISSVectorStore.from_texts(texts, DeterministicFakeEmbedding(size=16))
+    chain = rag_chain(store, ChatLookahead(generator=chat_gen, max_tokens=8), k=2)
+    requests: list[Any] = []
+    real_prepare = chat_gen.inputs.prepare
+    monkeypatch.setattr(chat_gen.inputs, "prepare", lambda *a, **kw: requests.append(real_prepare(*a, **kw))
+                        or requests[-1])
+    counts: dict[str, float] = {}
+    trie = chat_gen.trie
+    real_release = trie.release
+
+    def release(request_id: str) -> None:  # what the request's local trie held, just before it goes
+        for doc in retrieved:
+            middle = ids_of(doc)[2:8]  # inside the document: the prompt's windows cover it as the document's do
+            counts[doc] = trie.count(middle, request_id)
+        real_release(request_id)
+
+    ids_of = chat_gen.inputs.encode_document
+    monkeypatch.setattr(trie, "release", release)
+    question = "who smiles at the zebra?"
+    retrieved = [d.page_content for d in store.similarity_search(question, k=2)]
+    out = chain.invoke(question)
+    assert [d.page_content for d in out["docs"]] == retrieved
+    (request,) = requests
+    assert list(request.documents) == retrieved  # routed to the call as documents=
+    assert request.document_ids == ()  # ... and left out of the trie's seeds: the prompt quotes them
+    assert chat_gen.tokenizer.decode(request.prompt_ids).count(format_documents(
+        [Document(page_content=t) for t in retrieved])) == 1
+    # each document's n-grams counted once (by the prompt's windows), not twice
+    assert counts == {doc: occurrences(request.prompt_ids, ids_of(doc)[2:8]) for doc in retrieved}
+    assert set(counts.values()) == {1}
+
+
+def occurrences(seq: list[int], sub: list[int]) -> int:
+    return sum(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
