@@ -130,7 +130,7 @@ class _Sweep:
     def __init__(self) -> None:
         self.epoch = 0  # decay rounds so far
         self.frames: list[list[Any]] = []  # the walk: [node, key, its child tokens, next position], root first
-        self.active = False  # over budget: prune until the trie is at its target
+        self.active = False  # went over budget: sweep until a pass ends with the trie at its target
         self.stalled = False  # the last pass found nothing it could ever prune: wait for a release or global insert
         self.removed = False  # this pass removed a subtree
         self.global_seen = False  # this pass saw a node holding global counts only, or a global insert came
@@ -174,8 +174,9 @@ class TokenTrie:
         global_weight: weight of global counts in a node's score.
 
     Pruning. Once the trie has more than ``node_budget`` nodes, a sweep walks it in rounds: each round multiplies
-    every global count by ``decay`` (O(1): see :class:`_Node`) and then visits the nodes, removing every subtree whose
-    root holds global counts only and fell below 1, until the trie is at or below 80% of its budget. The sweep is
+    every global count by ``decay`` (O(1): see :class:`_Node`) and then visits every node, removing each subtree whose
+    root holds global counts only and fell below 1; rounds follow each other until one ends with the trie at or below
+    80% of its budget (the counts are those of the old one-call pruning, rounds run at other moments). The sweep is
     resumable and runs in slices: an ``insert`` / ``extend`` call made while the trie is over budget visits at most
     ``64 + 4 x (nodes it created) x max(1, num_nodes // node_budget)`` nodes (paid between windows), plus the nodes
     of the subtrees it removes, so its pruning work is a constant factor of its own insert work and a short call (a
@@ -318,9 +319,9 @@ class TokenTrie:
         """Do up to about ``max_nodes_visited`` node visits of pruning now; return how many were done.
 
         Meant for a caller with idle time (between decoding steps, say): it sweeps whenever the trie holds more than
-        80% of its budget, so inserts rarely find pruning to do. Returns 0 when there is nothing to do (the trie is
-        small enough, or only nodes of live requests are left); the visits may be exceeded by the nodes of the
-        last subtree removed.
+        80% of its budget or a round is under way, so inserts rarely find pruning to do. Returns 0 when there is
+        nothing to do (the trie is small enough, or only nodes of live requests are left); the visits may be
+        exceeded by the nodes of the last subtree removed.
         """
         limit = operator.index(max_nodes_visited)
         if limit < 0:
@@ -339,14 +340,13 @@ class TokenTrie:
         index_depth = self._index_depth
         index = self._index
         sweep = self._sweep_state
-        epoch = sweep.epoch
         decay = self.decay
-        budget = self.node_budget
         starts = None if request_id is None else self._requests.setdefault(request_id, set())
-        if starts is None:
-            sweep.note_prunable()  # new global-only nodes: prunable after some decay rounds
         owed = _SWEEP_BASE
         for i in range(first, last):
+            if starts is None:
+                sweep.note_prunable()  # new global-only nodes: prunable after some decay rounds
+            epoch = sweep.epoch
             node = self._root
             made = self._size
             if starts is not None and i >= counted:
@@ -376,23 +376,26 @@ class TokenTrie:
                         else:
                             loc[request_id] = loc.get(request_id, 0) + 1
                 node = child
-            if self._size > budget:
-                sweep.active = True
-            if sweep.active:  # a pass visits every node: pay more per new node when the trie is far over budget
-                owed += _SWEEP_PER_NODE * (self._size - made) * max(1, self._size // budget)
-                if owed >= _SWEEP_CHUNK + _SWEEP_BASE:
-                    self._sweep(owed - _SWEEP_BASE)
-                    owed = _SWEEP_BASE
-                    epoch = sweep.epoch
-                    if starts is None:
-                        sweep.note_prunable()  # the windows still to come
-            if self._size > self._hard_cap:
-                self._prune_fully()
-                epoch = sweep.epoch
-                if starts is None:
-                    sweep.note_prunable()
+            owed = self._pay_sweep(owed, self._size - made)
         if sweep.active:
             self._sweep(owed)
+
+    def _pay_sweep(self, owed: int, created: int) -> int:
+        """After a window that created ``created`` nodes: add its share to the visits ``owed`` to the sweep, pay
+        them once they make a slice (keeping the call's base share for its end), prune fully past the hard cap;
+        return what is still owed."""
+        budget = self.node_budget
+        sweep = self._sweep_state
+        if self._size > budget:
+            sweep.active = True
+        if sweep.active:  # a pass visits every node: pay more per new node when the trie is far over budget
+            owed += _SWEEP_PER_NODE * created * max(1, self._size // budget)
+            if owed >= _SWEEP_CHUNK + _SWEEP_BASE:
+                self._sweep(owed - _SWEEP_BASE)
+                owed = _SWEEP_BASE
+        if self._size > self._hard_cap:
+            self._prune_fully()
+        return owed
 
     # ------------------------------------------------------------------ draft
 
@@ -522,32 +525,32 @@ class TokenTrie:
         return int(self.node_budget * _PRUNE_TARGET)
 
     def _sweep(self, max_visits: int) -> int:
-        """Run the pruning sweep for about ``max_visits`` node visits (fewer once the trie is at or below its
-        target, or only nodes of live requests are left); return the visits made. Each pass over the trie starts
-        with one decay round."""
+        """Run the pruning sweep for about ``max_visits`` node visits; return the visits made. A pass over the trie
+        starts with one decay round and, once started, runs to its end (removing all it can); a new one starts only
+        while the trie is above its target and something may still be pruned."""
         state = self._sweep_state
         target = self._prune_target()
         visited = 0
-        while visited < max_visits and self._size > target and not state.stalled:
+        while visited < max_visits and not state.stalled and (state.frames or self._size > target):
             if not state.frames:
                 state.start_pass(self._root)
-            visited += self._sweep_slice(max_visits - visited, target)
+            visited += self._sweep_slice(max_visits - visited)
             if not state.frames:
                 state.end_pass()
-        if self._size <= target:
+        if not state.frames and self._size <= target:
             state.active = False
         return visited
 
-    def _sweep_slice(self, max_visits: int, target: int) -> int:
-        """Continue the current pass for up to ``max_visits`` node visits (plus the nodes of removed subtrees), or
-        until the trie is at ``target``; return the visits made."""
+    def _sweep_slice(self, max_visits: int) -> int:
+        """Continue the current pass for up to ``max_visits`` node visits (plus the nodes of removed subtrees);
+        return the visits made."""
         state = self._sweep_state
         frames = state.frames
         state.revalidate()
         epoch = state.epoch
         decay = self.decay
         visited = 0
-        while frames and visited < max_visits and self._size > target:
+        while frames and visited < max_visits:
             frame = frames[-1]
             node, key, tokens, pos = frame
             end = len(tokens)
@@ -566,7 +569,7 @@ class TokenTrie:
                     if child.count < _PRUNE_THRESHOLD:
                         visited += self._remove(node, t, key + (t,))
                         state.removed = True
-                        if visited >= max_visits or self._size <= target:
+                        if visited >= max_visits:
                             break
                         continue
                     state.global_seen = True

@@ -574,22 +574,30 @@ def test_no_call_walks_the_whole_trie():
     """Over budget, an insert's pruning work is bounded by the nodes it creates (plus the subtrees it removes)."""
     t = TokenTrie(branch_length=6, max_query_length=3, node_budget=3000)
     visits, removed = [0], [0]
-    real_slice, real_remove = t._sweep_slice, t._remove
-    t._sweep_slice = lambda *a: visits.__setitem__(0, visits[0] + real_slice(*a)) or 0  # type: ignore[method-assign]
-    t._remove = lambda *a: removed.__setitem__(0, removed[0] + real_remove(*a)) or 0  # type: ignore[method-assign]
+
+    def counting(method, total: list[int]):
+        def wrapped(*args):
+            n = method(*args)
+            total[0] += n
+            return n
+        return wrapped
+
+    t._sweep_slice = counting(t._sweep_slice, visits)  # type: ignore[method-assign]
+    t._remove = counting(t._remove, removed)  # type: ignore[method-assign]
     t._prune_fully = None  # type: ignore[assignment]  # the last resort must not be needed here
     rng = random.Random(11)
-    swept = 0
+    swept = unfinished = 0
     for _ in range(400):
         seq = [rng.randrange(300) for _ in range(rng.randrange(1, 40))]
         before, visits[0], removed[0] = t.num_nodes(), 0, 0
         t.insert(seq)
         created = t.num_nodes() - before + removed[0]
-        assert visits[0] <= 64 + 4 * created * max(1, t.num_nodes() // t.node_budget) + removed[0]
+        assert visits[0] - removed[0] <= 64 + 4 * created  # within its share (the trie stays under 2x its budget)
         assert visits[0] < before or before < 100
         swept += visits[0] > 0
+        unfinished += bool(t._sweep_state.frames)  # a pass left for later calls
         assert t.num_nodes() <= 1.25 * t.node_budget
-    assert swept > 50  # the sweep ran, in slices, in many calls
+    assert swept >= 10 and unfinished >= 10  # the sweep ran, and its passes were spread over several calls
     check_invariants(t)
 
 
