@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from .drafter import Drafter, Proposal
 from .emitter import Emitter
-from .kvcache import append_rows, cache_length, select_rows
+from .kvcache import append_rows, cache_length, crop, select_rows
 from .outputs import GenerationStats, Request, StreamChunk
 from .runner import ModelRunner, RowLayout
 from .sampling import TokenChooser
@@ -51,6 +51,9 @@ class Row:
         self.pending = -1  # last emitted token, not in the cache yet (the root of the next tree)
         self.last_accepted = 0
         self.start = time.perf_counter()
+        self.cache: DynamicCache | None = None  # the row's own cache while it is prefilled, before it joins
+        self.prefilled = 0  # prompt tokens in ``cache``
+        self.ready = False  # prefilled, first token chosen: joins the batch at the end of this step
 
     def history(self) -> list[int]:
         """Prompt + output so far: what the sampler's repetition penalty looks at."""
@@ -66,14 +69,18 @@ class Batch:
     """Rows decoded together on one model runner; each row drafts through its own :class:`Drafter`."""
 
     def __init__(self, runner: ModelRunner, tokenizer: PreTrainedTokenizerBase, new_drafter: DrafterFactory,
-                 max_nodes: int) -> None:
+                 max_nodes: int, prefill_chunk: int = 512, prefill_share: float = 0.15) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.new_drafter = new_drafter
-        self.max_nodes = max_nodes  # the draft size limit of one pass, shared by the rows
+        self.max_nodes = max_nodes  # the draft size limit of one row in a pass
+        self.prefill_chunk = prefill_chunk
+        self.prefill_share = prefill_share
         self.rows: list[Row] = []  # rows in the batch cache, in cache row order
-        self.new: list[Row] = []  # added, not prefilled yet
-        self.cache = None
+        self.new: list[Row] = []  # added, not joined yet (being prefilled)
+        self.cache: DynamicCache | None = None
+        self.step_seconds = 0.0  # recent wall time of one decoding step (moving average)
+        self.prefill_credit = 0.0  # seconds of long-prompt prefill the decoding rows can give up now
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.new)
@@ -124,34 +131,89 @@ class Batch:
         """Prefill queued rows, then propose, verify (one pass), accept, compact, learn and emit for every row.
 
         Returns one ``(key, chunk)`` per row that produced tokens; a chunk with a ``finish_reason`` ends its row,
-        which has already left the batch.
+        which has already left the batch. Queued rows join at the end of the step whose prefill completed them.
+
+        A step that raises (an out-of-memory error, say) leaves every row as it was before the step, so the
+        caller can drop a row (:meth:`remove`) and step again.
         """
+        self._prefill_queued()
         events = self._decode() if self.rows else []
-        for row in self.new:
-            self._prefill(row)
+        for row in [row for row in self.new if row.ready]:
+            self._join(row)
             events.append((row.key, self._emit(row, [row.pending], 0)))
-        self.new = []
         finished = [i for i, row in enumerate(self.rows) if row.emitter.finish is not None]
         if finished:
             self._drop_rows(finished)
         return events
 
-    def _prefill(self, row: Row) -> None:
+    # ------------------------------------------------------------------ joining
+
+    def _prefill_queued(self) -> None:
+        """Advance the prefill of queued rows.
+
+        With no row decoding, every queued row is prefilled whole. Otherwise a prompt of at most
+        ``prefill_chunk`` tokens is too (as one decoding step costs), while longer prompts are prefilled (and
+        their windows counted in the trie) in slices of ``prefill_chunk`` tokens, one row at a time in arrival
+        order, and only as far as a time credit allows: each decoding step adds ``prefill_share`` of its own
+        duration. The decoding rows then slow down by about ``prefill_share`` while a long prompt joins, instead
+        of stalling for its whole prefill."""
+        if not self.new:
+            return
+        if not self.rows:
+            for row in self.new:
+                self._prefill(row, len(row.request.prompt_ids))
+            return
+        long_rows = []
+        for row in self.new:
+            if row.prefilled == 0 and len(row.request.prompt_ids) <= self.prefill_chunk:
+                self._prefill(row, len(row.request.prompt_ids))
+            elif not row.ready:
+                long_rows.append(row)
+        if not long_rows:
+            self.prefill_credit = 0.0
+            return
+        self.prefill_credit = min(self.prefill_credit + self.prefill_share * self.step_seconds, self.step_seconds)
+        row = long_rows[0]
+        while not row.ready and self.prefill_credit > 0.0:
+            t0 = time.perf_counter()
+            self._prefill(row, row.prefilled + self.prefill_chunk)
+            self.prefill_credit -= time.perf_counter() - t0
+
+    def _prefill(self, row: Row, upto: int) -> None:
+        """Prefill the row's prompt up to position ``upto`` into its own cache (counting those windows in the
+        trie first); the whole prompt done, its first token is chosen and the row is ready to join."""
         request = row.request
-        row.drafter.start(request.prompt_ids, request.document_ids, request.max_new_tokens)
+        prompt = request.prompt_ids
+        if row.cache is None:
+            row.drafter.begin(prompt, request.document_ids, request.max_new_tokens)
+            row.cache = self.runner.new_cache()
+        start, end = row.prefilled, min(upto, len(prompt))
+        row.drafter.seed(end)
         t0 = time.perf_counter()
-        cache = self.runner.new_cache()
-        with torch.inference_mode():
-            hidden = self.runner.prefill(cache, request.prompt_ids)  # [1, d]: the last prompt position
-            row.pending = self._choose_first(row, hidden)
-        row.length = len(request.prompt_ids)
-        if self.cache is None:
-            self.cache = cache
-        else:
-            append_rows(self.cache, cache)
-        self.rows.append(row)
-        row.stats.time_prefill = row.stats.time_forward = time.perf_counter() - t0
+        try:
+            with torch.inference_mode():
+                hidden = self.runner.prefill(row.cache, prompt[start:end], start)  # [1, d]: the slice's last position
+                if end == len(prompt):
+                    row.pending = self._choose_first(row, hidden)
+        except BaseException:
+            crop(row.cache, start)  # as before the slice: it can be tried again
+            raise
+        row.prefilled = end
+        row.ready = end == len(prompt)
+        row.stats.time_prefill += time.perf_counter() - t0
+        row.stats.time_forward = row.stats.time_prefill
         row.stats.time_trie = row.drafter.trie_seconds
+
+    def _join(self, row: Row) -> None:
+        """Move a prefilled row's cache into the batch cache; it decodes from the next step on."""
+        if self.cache is None:
+            self.cache = row.cache
+        else:
+            append_rows(self.cache, row.cache)
+        row.cache = None
+        row.length = len(row.request.prompt_ids)
+        self.new.remove(row)
+        self.rows.append(row)
         row.stats.steps = 1
 
     def _choose_first(self, row: Row, hidden: torch.Tensor) -> int:
@@ -166,13 +228,17 @@ class Batch:
         t0 = time.perf_counter()
         proposals = self._propose()
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            layout = RowLayout(tuple(row.length for row in rows), cache_length(self.cache))
-            trees = [build_tree(p.tokens, p.parents, device=runner.device) for p in proposals]
-            with runner.kernels():
-                hidden = runner.tree_pass(self.cache, trees, layout)  # [B, N, d]
-            acceptances = self._accept(proposals, hidden)
-            lengths = runner.compact(self.cache, layout, [[0] + a.path for a in acceptances])
+        layout = RowLayout(tuple(row.length for row in rows), cache_length(self.cache))
+        try:
+            with torch.inference_mode():
+                trees = [build_tree(p.tokens, p.parents, device=runner.device) for p in proposals]
+                with runner.kernels():
+                    hidden = runner.tree_pass(self.cache, trees, layout)  # [B, N, d]
+                acceptances = self._accept(proposals, hidden)
+                lengths = runner.compact(self.cache, layout, [[0] + a.path for a in acceptances])
+        except BaseException:
+            crop(self.cache, layout.tree_start)  # every layer as before the pass (stale tails are masked anyway)
+            raise
         t2 = time.perf_counter()
         for row, proposal, acceptance, length in zip(rows, proposals, acceptances, lengths):
             row.drafter.observe(proposal, acceptance.path)
@@ -188,6 +254,7 @@ class Batch:
             stats.time_trie = row.drafter.trie_seconds
             stats.time_forward += t2 - t1
             stats.time_other += (t1 - t0) + (t3 - t2) - trie_step
+        self.step_seconds = t3 - t0 if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * (t3 - t0)
         return events
 
     def _propose(self) -> list[Proposal]:

@@ -23,6 +23,9 @@ class LookaheadConfig:
         learn_outputs: insert generated outputs into the global trie when a request ends.
         cost_cache: where measured cost curves are cached (None: the default cache directory).
         skinny_matmul: on CPU, compute the linear layers of small passes as ``W @ x.T`` (lookahead.kernels).
+        prefill_chunk: a prompt longer than this joins a running batch in slices of this many tokens.
+        prefill_share: while such a prompt joins, the share of each decoding step's time its slices may take (the
+            other rows slow down by about this much instead of stalling for the whole prefill).
     """
 
     branch_length: int = 24
@@ -36,9 +39,11 @@ class LookaheadConfig:
     learn_outputs: bool = True
     cost_cache: str | None = None
     skinny_matmul: bool = True
+    prefill_chunk: int = 512
+    prefill_share: float = 0.15
 
     def __post_init__(self) -> None:
-        positive = ("branch_length", "max_query_length", "node_budget")
+        positive = ("branch_length", "max_query_length", "node_budget", "prefill_chunk")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -47,6 +52,9 @@ class LookaheadConfig:
             raise ValueError(f"LookaheadConfig.decoding_length must be an integer, got {self.decoding_length!r}")
         if not 0 <= self.decoding_length <= 512:
             raise ValueError(f"LookaheadConfig.decoding_length must be in 0..512, got {self.decoding_length}")
+        if isinstance(self.prefill_share, bool) or not isinstance(self.prefill_share, (int, float)) \
+                or not 0.0 < self.prefill_share <= 1.0:
+            raise ValueError(f"LookaheadConfig.prefill_share must be in (0, 1], got {self.prefill_share!r}")
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"LookaheadConfig.decay must be in (0, 1), got {self.decay!r}")
         for name in ("local_weight", "global_weight"):

@@ -79,6 +79,8 @@ class Drafter:
         self.config = config
         self.request_id = request_id or uuid.uuid4().hex
         self.prompt_ids: list[int] = []
+        self.documents: list[list[int]] = []  # not counted yet
+        self.seeded = 0  # prompt positions whose windows are counted
         self.max_new_tokens = 0
         self.learned = 0  # output tokens already counted in the request-local trie
         self.trie_seconds = 0.0
@@ -89,12 +91,33 @@ class Drafter:
     def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
               max_new_tokens: int = 1 << 30) -> None:
         """Count the prompt's and the documents' windows as this request's local trie."""
-        t0 = time.perf_counter()
+        self.begin(prompt_ids, documents, max_new_tokens)
+        self.seed()
+
+    def begin(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
+              max_new_tokens: int = 1 << 30) -> None:
+        """Take the request's prompt and documents without counting anything yet (see :meth:`seed`)."""
         self.prompt_ids = list(prompt_ids)
+        self.documents = [list(doc) for doc in documents]
         self.max_new_tokens = max_new_tokens
-        self.trie.insert(self.prompt_ids, request_id=self.request_id)
-        for doc in documents:
-            self.trie.insert(list(doc), request_id=self.request_id)
+        self.seeded = 0
+
+    def seed(self, upto: int | None = None) -> None:
+        """Count the prompt's windows that start before position ``upto`` (None: all of them), and the documents
+        once the whole prompt is counted. Seeding a long prompt slice by slice leaves the same counts as at once."""
+        t0 = time.perf_counter()
+        prompt = self.prompt_ids
+        end = len(prompt) if upto is None else min(upto, len(prompt))
+        if end > self.seeded:
+            if self.seeded == 0:
+                self.trie.insert(prompt[:end], request_id=self.request_id)
+            else:
+                self.trie.extend(prompt[:self.seeded], prompt[self.seeded:end], request_id=self.request_id)
+            self.seeded = end
+        if end == len(prompt) and self.documents:
+            for doc in self.documents:
+                self.trie.insert(doc, request_id=self.request_id)
+            self.documents = []
         self.trie_seconds += time.perf_counter() - t0
 
     def extend(self, generated: Sequence[int]) -> None:

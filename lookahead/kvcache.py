@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 
 import torch
 from transformers import DynamicCache
@@ -52,6 +53,22 @@ def compact_cache(cache: DynamicCache, prefix_length: int, keep: Sequence[int]) 
 def cache_length(cache: DynamicCache) -> int:
     """Positions held by every layer of ``cache`` (valid or stale)."""
     return int(cache.layers[0].keys.shape[-2])
+
+
+def crop(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions of every layer (in place); a no-op where a layer holds no more."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def replicated(cache: DynamicCache, rows: int) -> DynamicCache:
+    """A new cache holding ``rows`` copies of the single row of ``cache`` (which is left as it is)."""
+    copy = deepcopy(cache)
+    for _ in range(rows - 1):
+        append_rows(copy, cache)
+    return copy
 
 
 def append_rows(cache: DynamicCache, rows: DynamicCache) -> None:

@@ -10,6 +10,7 @@ pass computes logits only for the rows that need them.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -21,7 +22,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .budget import DEFAULT_SIZES, CostCurve, CostModel, measure_cost_curve
 from .kernels import install_skinny_linear, skinny_linear, skinny_matmul
-from .kvcache import check_compactable, compact_cache, compact_rows, select_rows
+from .kvcache import check_compactable, compact_cache, compact_rows, replicated
 from .models import check_single_device
 from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
 
@@ -240,9 +241,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ passes
 
-    def prefill(self, cache: DynamicCache, token_ids: Sequence[int]) -> torch.Tensor:
-        """Run a whole prompt (causal) into an empty cache; returns the last row of the hidden state, [1, d]."""
-        hidden = self._decode(cache, input_ids=torch.tensor([list(token_ids)], device=self.device))  # [1, P, d]
+    def prefill(self, cache: DynamicCache, token_ids: Sequence[int], start: int = 0) -> torch.Tensor:
+        """Run prompt tokens (causal) into a cache that holds the ``start`` tokens before them (a whole prompt: an
+        empty cache); returns the last row of the hidden state, [1, d]."""
+        inputs: dict[str, torch.Tensor] = {"input_ids": torch.tensor([list(token_ids)], device=self.device)}
+        if start:
+            inputs["position_ids"] = torch.arange(start, start + len(token_ids), device=self.device)[None]  # [1, P]
+        hidden = self._decode(cache, **inputs)  # [1, P, d]
         return hidden[0, -1:]  # [1, d]
 
     def run_tree(self, cache: DynamicCache, prefix_length: int, tree: TreeBuffers | None, start: int = 0,
@@ -370,7 +375,7 @@ def cost_grid(decoding_length: int, prefix_length: int, max_context: int | None)
 
 
 #: contexts and batch sizes the cost model is measured at (contexts past the model's own are dropped)
-COST_CONTEXTS = (384, 2048, 6144)
+COST_CONTEXTS = (384, 1536, 4096)
 COST_BATCHES = (1, 4, 8)
 
 
@@ -391,23 +396,36 @@ def cost_model_grid(decoding_length: int, max_context: int | None, contexts: Seq
     return points
 
 
-def time_tree_passes(runners: Sequence[ModelRunner], sizes: Sequence[int], prefix_length: int, repeats: int,
-                     with_logits: bool = False, batch: int = 1) -> CostCurve:
-    """Seconds of one chain-shaped tree pass of every runner (then its greedy tokens, or full logits), per size,
-    after a random ``prefix_length``-token prefix, for ``batch`` rows of the same tree (one row is the dense
-    single-row pass, several the batched one); see :func:`lookahead.budget.measure_cost_curve`. Device work is
-    synchronised before each timer reads."""
+def prefilled_caches(runners: Sequence[ModelRunner], prefix_length: int) -> list[DynamicCache]:
+    """One cache per runner holding the same random ``prefix_length``-token prefix (what passes are timed after)."""
     vocab = int(runners[0].model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (prefix_length,), generator=generator).tolist()
     caches = [runner.new_cache() for runner in runners]
-    layout = RowLayout((prefix_length,) * batch, prefix_length)
     with torch.inference_mode():
         for runner, cache in zip(runners, caches):
             with runner.kernels():
                 runner.prefill(cache, prefix)
-            if batch > 1:
-                select_rows(cache, [0] * batch, prefix_length)  # the same row ``batch`` times
+    return caches
+
+
+def time_tree_passes(runners: Sequence[ModelRunner], sizes: Sequence[int], prefix_length: int, repeats: int,
+                     with_logits: bool = False, batch: int = 1, caches: Sequence[DynamicCache] | None = None
+                     ) -> CostCurve:
+    """Seconds of one chain-shaped tree pass of every runner (then its greedy tokens, or full logits), per size,
+    after a random ``prefix_length``-token prefix (or the prefilled single-row ``caches``, left as they were), for
+    ``batch`` rows of the same tree (one row is the dense single-row pass, several the batched one); see
+    :func:`lookahead.budget.measure_cost_curve`. Device work is synchronised before each timer reads."""
+    vocab = int(runners[0].model.config.vocab_size)
+    generator = torch.Generator().manual_seed(1)
+    if caches is None:
+        caches = prefilled_caches(runners, prefix_length)
+    elif batch == 1:
+        caches = [copy.deepcopy(cache) for cache in caches]
+    if batch > 1:
+        caches = [replicated(cache, batch) for cache in caches]
+    layout = RowLayout((prefix_length,) * batch, prefix_length)
+    with torch.inference_mode():
 
         def run_pass(n: int) -> None:
             tokens = torch.randint(0, vocab, (n,), generator=generator).tolist()
@@ -432,10 +450,14 @@ def time_tree_passes(runners: Sequence[ModelRunner], sizes: Sequence[int], prefi
 def measure_cost_model(runners: Sequence[ModelRunner], decoding_length: int, max_context: int | None,
                        repeats: int = 3, with_logits: bool = False, contexts: Sequence[int] = COST_CONTEXTS,
                        batches: Sequence[int] = COST_BATCHES) -> CostModel:
-    """Time tree passes at every point of :func:`cost_model_grid`."""
-    return CostModel(tuple(
-        (batch, context, time_tree_passes(runners, sizes, context, repeats, with_logits, batch))
-        for batch, context, sizes in cost_model_grid(decoding_length, max_context, contexts, batches)))
+    """Time tree passes at every point of :func:`cost_model_grid` (one prefill per context)."""
+    points = []
+    grid = cost_model_grid(decoding_length, max_context, contexts, batches)
+    for context in sorted({c for _, c, _ in grid}):
+        caches = prefilled_caches(runners, context)
+        points += [(batch, context, time_tree_passes(runners, sizes, context, repeats, with_logits, batch, caches))
+                   for batch, c, sizes in grid if c == context]
+    return CostModel(tuple(sorted(points, key=lambda p: (p[0], p[1]))))
 
 
 def synchronize(device: torch.device) -> None:

@@ -205,3 +205,77 @@ def test_eos_only_prompt_row():
     gen = make_generator()
     results = gen.generate([[EOS_ID, 5, 6], [7, 8, 9, 10]], max_new_tokens=6, batch_size=2)
     assert [r.token_ids for r in results] == [hf_greedy(gen.model, p, 6) for p in ([EOS_ID, 5, 6], [7, 8, 9, 10])]
+
+
+# ---------------------------------------------------------------------------------------------------- joining
+
+
+def test_a_long_prompt_joins_a_running_batch_in_slices_and_stays_exact():
+    gen = make_generator("llama", prefill_chunk=8, prefill_share=0.5)
+    short, long = random_prompt(1, 6), random_prompt(2, 61)
+    refs = {0: hf_greedy(gen.model, short, 40), 1: hf_greedy(gen.model, long, 12)}
+    batch = gen.new_batch()
+    batch.add(gen.prepare(short, max_new_tokens=40), 0)
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    steps_of_row0, slices = 0, []
+    for step in range(200):
+        if step == 2:
+            batch.add(gen.prepare(long, max_new_tokens=12), 1)
+        joining = [row for row in batch.new if row.key == 1]
+        before = joining[0].prefilled if joining else None
+        events = batch.step()
+        if joining and joining[0].prefilled != before:
+            slices.append(joining[0].prefilled - before)
+        for key, chunk in events:
+            tokens[key].extend(chunk.token_ids)
+            steps_of_row0 += key == 0
+        if not len(batch):
+            break
+    assert tokens == refs  # float32: slices of the prefill change nothing
+    assert len(slices) >= 2 and max(slices) <= 8  # joined in slices of prefill_chunk tokens
+    assert gen.trie._requests == {}
+
+
+def test_a_step_that_fails_leaves_the_batch_as_it_was(monkeypatch):
+    gen = make_generator("llama", prefill_chunk=8)
+    prompts = [random_prompt(seed, 7 + seed) for seed in range(3)]
+    refs = [hf_greedy(gen.model, p, 20) for p in prompts]
+    batch = gen.new_batch()
+    for key, prompt in enumerate(prompts[:2]):
+        batch.add(gen.prepare(prompt, max_new_tokens=20), key)
+    original_pass, original_prefill = gen.runner.tree_pass, gen.runner.prefill
+    failures = {"pass": 2, "prefill": 1}
+
+    def failing_pass(cache, trees, layout):
+        hidden = original_pass(cache, trees, layout)  # the cache has grown by the trees: then it fails
+        if failures["pass"]:
+            failures["pass"] -= 1
+            raise torch.OutOfMemoryError("injected")
+        return hidden
+
+    def failing_prefill(cache, token_ids, start=0):
+        hidden = original_prefill(cache, token_ids, start)
+        if start > 0 and failures["prefill"]:
+            failures["prefill"] -= 1
+            raise torch.OutOfMemoryError("injected")
+        return hidden
+
+    monkeypatch.setattr(gen.runner, "tree_pass", failing_pass)
+    monkeypatch.setattr(gen.runner, "prefill", failing_prefill)
+    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    raised = 0
+    for step in range(300):
+        if step == 3:
+            batch.add(gen.prepare(prompts[2] * 3, max_new_tokens=20), 2)  # longer than prefill_chunk: sliced
+        try:
+            events = batch.step()
+        except torch.OutOfMemoryError:
+            raised += 1
+            continue
+        for key, chunk in events:
+            tokens[key].extend(chunk.token_ids)
+        if not len(batch):
+            break
+    assert raised == 3
+    assert tokens[0] == refs[0] and tokens[1] == refs[1]
+    assert tokens[2] == hf_greedy(gen.model, prompts[2] * 3, 20)

@@ -25,6 +25,7 @@ from lookahead.budget import CostCurve
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.models import ModelLoadError
+from lookahead.outputs import Request
 
 FLAT = CostCurve((1, 64), (1.0, 1.0))  # drafting always pays: the tiny model drafts whatever the trie offers
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
@@ -68,12 +69,25 @@ def spy_inserts(monkeypatch: pytest.MonkeyPatch, generator: LookaheadGenerator) 
     calls: list[tuple[list[int], Any]] = []
     original = generator.trie.insert
 
-    def insert(tokens, request_id=None):
+    def insert(tokens, request_id=None, start=0, stop=None):
         calls.append((list(tokens), request_id))
-        return original(tokens, request_id=request_id)
+        return original(tokens, request_id=request_id, start=start, stop=stop)
 
     monkeypatch.setattr(generator.trie, "insert", insert)
     return calls
+
+
+def spy_requests(monkeypatch: pytest.MonkeyPatch, generator: LookaheadGenerator) -> list[Request]:
+    """Every request the generator prepares."""
+    requests: list[Request] = []
+    original = generator.prepare
+
+    def prepare(*args, **kwargs):
+        requests.append(original(*args, **kwargs))
+        return requests[-1]
+
+    monkeypatch.setattr(generator, "prepare", prepare)
+    return requests
 
 
 def doc_ids(generator: LookaheadGenerator, text: str) -> list[int]:
@@ -273,11 +287,15 @@ def test_retriever_feeds_llm_in_a_plain_chain(llm, gen, monkeypatch):
     prompt = PromptTemplate.from_template("notes: {docs}\nthe cat sat on the mat and")
     chain = retriever | prompt | llm
     calls = spy_inserts(monkeypatch, gen)
+    requests = spy_requests(monkeypatch, gen)
     text = chain.invoke("quokka")
     assert isinstance(text, str)
     local = {tuple(tokens) for tokens, rid in calls if rid is not None}
+    (request,) = requests
     for t in texts:
-        assert tuple(doc_ids(gen, t)) in local
+        assert t in request.documents  # routed to the request
+        assert tuple(doc_ids(gen, t)) not in local  # but counted once: as part of the prompt that quotes it
+    assert tuple(request.prompt_ids) in local
 
 
 def test_retriever_feeds_llm_through_a_parallel_branch(llm, gen, monkeypatch):
@@ -289,11 +307,11 @@ def test_retriever_feeds_llm_through_a_parallel_branch(llm, gen, monkeypatch):
         return "\n".join(d.page_content for d in docs)
 
     chain = {"context": retriever | RunnableLambda(join), "question": RunnablePassthrough()} | prompt | llm
-    calls = spy_inserts(monkeypatch, gen)
+    requests = spy_requests(monkeypatch, gen)
     chain.invoke("narwhal")
     retrieved = retriever.invoke("narwhal")[0].page_content
-    local = {tuple(tokens) for tokens, rid in calls if rid is not None}
-    assert tuple(doc_ids(gen, retrieved)) in local
+    (request,) = requests
+    assert retrieved in request.documents and request.document_ids == ()  # quoted by the prompt: counted there
 
 
 def test_retriever_without_llm_and_wrapping(llm):
