@@ -1,6 +1,6 @@
 """One Markdown report of how lookahead does on a device: exactness, tree-pass cost, speedups at batch 1 and batched.
 
-Sections, for every case file (default: rag_qa and long_rag):
+Sections, for every case file (default: rag_qa and long_rag; --quick: rag_qa):
 
 1. Exactness: lookahead greedy against HF greedy ``generate`` (identical / near-tie / hard, lookahead.agreement;
    in float32 every difference is hard).
@@ -49,6 +49,8 @@ from lookahead.runner import cost_grid, time_tree_passes
 
 BENCH_METHODS = ("vanilla", "pld", "lookahead")
 BATCH_METHODS = ("lookahead-alone", "lookahead-batch", "hf-batch")  # lookahead-alone: the exactness reference
+CASES = ("rag_qa", "long_rag")
+QUICK_CASES = ("rag_qa",)
 CONTEXTS = (256, 1024, 4096, 8192)
 QUICK_CONTEXTS = (128, 1024)
 QUICK_MAX_NEW_TOKENS = 32
@@ -76,8 +78,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:1, cpu ...")
     parser.add_argument("--dtype", default=AUTO_DTYPE, choices=DTYPE_CHOICES,
                         help="auto (default): bfloat16 on CUDA where supported, else float16 on CUDA, float32 on CPU")
-    parser.add_argument("--cases", default="rag_qa,long_rag",
-                        help="comma-separated case files or shipped names (default: %(default)s)")
+    parser.add_argument("--cases", default=None,
+                        help=f"comma-separated case files or shipped names (default: {','.join(CASES)}; --quick: "
+                             f"{','.join(QUICK_CASES)})")
     parser.add_argument("--limit", type=positive_int, default=16, help="first N cases of each file (default: 16)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="batched section (default: 8)")
     parser.add_argument("--contexts", default=None,
@@ -88,7 +91,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"cap every case's max_new_tokens (default: the case's own; --quick: "
                              f"{QUICK_MAX_NEW_TOKENS})")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: fewer contexts, one timing repeat, short answers")
+                        help="a smoke run: rag_qa only, fewer contexts, one timing repeat, short answers")
     parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
     parser.add_argument("--json", type=Path, help="also write the numbers behind the report to this JSON file")
     args = parser.parse_args(argv)
@@ -99,7 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--contexts: {exc}")
     if args.max_new_tokens is None and args.quick:
         args.max_new_tokens = QUICK_MAX_NEW_TOKENS
-    args.cases = [name.strip() for name in args.cases.split(",") if name.strip()]
+    args.cases = ([name.strip() for name in args.cases.split(",") if name.strip()] if args.cases is not None else
+                  list(QUICK_CASES if args.quick else CASES))
     if not args.cases:
         parser.error("--cases names no case file")
     return args

@@ -90,7 +90,10 @@ def test_report_has_every_section(tiny_dir, case_file, tmp_path, capsys, monkeyp
 def test_quick_caps_answers_and_contexts():
     args = gpu_check().parse_args(["--quick"])
     assert args.contexts == gpu_check().QUICK_CONTEXTS and args.max_new_tokens == gpu_check().QUICK_MAX_NEW_TOKENS
-    assert args.cases == ["rag_qa", "long_rag"] and args.device == "cuda" and args.dtype == "auto"
+    assert args.cases == ["rag_qa"] and args.device == "cuda" and args.dtype == "auto"
+    full = gpu_check().parse_args([])
+    assert full.cases == ["rag_qa", "long_rag"] and full.max_new_tokens is None
+    assert full.contexts == (256, 1024, 4096, 8192)
     capped = gpu_check().capped([{"id": "a", "max_new_tokens": 128}, {"id": "b", "max_new_tokens": 8}], 32)
     assert [c["max_new_tokens"] for c in capped] == [32, 8]
 
