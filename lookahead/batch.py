@@ -54,6 +54,7 @@ class Row:
         self.cache: DynamicCache | None = None  # the row's own cache while it is prefilled, before it joins
         self.prefilled = 0  # prompt tokens in ``cache``
         self.ready = False  # prefilled, first token chosen: joins the batch at the end of this step
+        self.slice_seconds = 0.0  # how long its last prefill slice took
 
     def history(self) -> list[int]:
         """Prompt + output so far: what the sampler's repetition penalty looks at."""
@@ -155,7 +156,8 @@ class Batch:
         ``prefill_chunk`` tokens is too (as one decoding step costs), while longer prompts are prefilled (and
         their windows counted in the trie) in slices of ``prefill_chunk`` tokens, one row at a time in arrival
         order, and only as far as a time credit allows: each decoding step adds ``prefill_share`` of its own
-        duration. The decoding rows then slow down by about ``prefill_share`` while a long prompt joins, instead
+        duration, and a slice runs once the credit covers it (its cost from the cost model, then as last timed).
+        The decoding rows then slow down by about ``prefill_share`` while a long prompt joins, instead
         of stalling for its whole prefill."""
         if not self.new:
             return
@@ -172,12 +174,25 @@ class Batch:
         if not long_rows:
             self.prefill_credit = 0.0
             return
-        self.prefill_credit = min(self.prefill_credit + self.prefill_share * self.step_seconds, self.step_seconds)
         row = long_rows[0]
-        while not row.ready and self.prefill_credit > 0.0:
+        estimate = row.slice_seconds or self._slice_estimate(row)
+        self.prefill_credit = min(self.prefill_credit + self.prefill_share * self.step_seconds,
+                                  max(estimate, self.step_seconds))
+        while not row.ready and self.prefill_credit >= estimate:
             t0 = time.perf_counter()
             self._prefill(row, row.prefilled + self.prefill_chunk)
-            self.prefill_credit -= time.perf_counter() - t0
+            row.slice_seconds = estimate = time.perf_counter() - t0
+            self.prefill_credit -= estimate
+
+    def _slice_estimate(self, row: Row) -> float:
+        """Seconds of the row's next prefill slice before one was timed: the recent step time, scaled by what the
+        draft budget's cost model says a slice costs against a plain step of the batch."""
+        budget = self.rows[0].drafter.budget if self.rows else None
+        if budget is None or self.cache is None:
+            return self.step_seconds
+        cost = budget.cost_model.cost
+        tokens = min(self.prefill_chunk, len(row.request.prompt_ids) - row.prefilled)
+        return self.step_seconds * cost(tokens, row.prefilled) / cost(1, cache_length(self.cache), len(self.rows))
 
     def _prefill(self, row: Row, upto: int) -> None:
         """Prefill the row's prompt up to position ``upto`` into its own cache (counting those windows in the

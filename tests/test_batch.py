@@ -232,7 +232,7 @@ def test_a_long_prompt_joins_a_running_batch_in_slices_and_stays_exact():
         if not len(batch):
             break
     assert tokens == refs  # float32: slices of the prefill change nothing
-    assert len(slices) >= 2 and max(slices) <= 8  # joined in slices of prefill_chunk tokens
+    assert len(slices) >= 2 and sum(slices) == len(long)  # joined over several steps, in slices
     assert gen.trie._requests == {}
 
 

@@ -1,0 +1,94 @@
+"""How much a long prompt joining a running batch slows the rows already decoding.
+
+Three short RAG questions decode together; at step ``--join-at`` a request of about ``--join-tokens`` prompt tokens
+(long_rag documents, repeated to length) joins. The script reports the mean wall time of one batch step of the
+short rows while the long request was joining, against the same steps of a run where nothing joins, for the
+engine's sliced joining and for a one-shot prefill (``prefill_chunk`` larger than the prompt). Greedy outputs of
+the short rows are checked to be identical in all runs.
+
+    python scripts/join_check.py [--join-tokens 6000] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from lookahead.bench.cases import case_messages, load_cases
+from lookahead.engine import LookaheadGenerator
+from lookahead.models import load_model
+
+
+def long_prompt(generator: LookaheadGenerator, tokens: int) -> list[int]:
+    """A chat prompt of about ``tokens`` tokens: a long_rag case whose documents are repeated to length."""
+    case = dict(load_cases("long_rag", limit=1)[0])
+    ids = generator.encode(case_messages(case))
+    while len(ids) < tokens:
+        case["documents"] = list(case["documents"]) * 2
+        ids = generator.encode(case_messages(case))
+    case["documents"] = list(case["documents"])
+    while len(ids) > tokens and len(case["documents"]) > 1:
+        case["documents"] = case["documents"][:-1]
+        ids = generator.encode(case_messages(case))
+    return ids
+
+
+def run(generator: LookaheadGenerator, shorts: list[list[int]], joiner: list[int] | None, join_at: int,
+        steps: int) -> tuple[list[float], dict[int, list[int]], int | None]:
+    """Step times of a batch of ``shorts`` (joined by ``joiner`` at step ``join_at``), their tokens, and the step
+    at which the joiner emitted its first token."""
+    batch = generator.new_batch()
+    for key, ids in enumerate(shorts):
+        batch.add(generator.prepare(ids, max_new_tokens=steps * 4), key)
+    batch.step()  # prefill the short rows
+    times: list[float] = []
+    tokens: dict[int, list[int]] = {key: [] for key in range(len(shorts))}
+    joined = None
+    for step in range(steps):
+        if joiner is not None and step == join_at:
+            batch.add(generator.prepare(joiner, max_new_tokens=8), "long")
+        t0 = time.perf_counter()
+        events = batch.step()
+        times.append(time.perf_counter() - t0)
+        for key, chunk in events:
+            if key == "long":
+                joined = step if joined is None else joined
+            else:
+                tokens[key].extend(chunk.token_ids)
+    batch.close()
+    return times, tokens, joined
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--join-tokens", type=int, default=6000)
+    parser.add_argument("--join-at", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    model, tokenizer = load_model()
+    generator = LookaheadGenerator(model, tokenizer)
+    shorts = [generator.encode(case_messages(c)) for c in load_cases("rag_qa", limit=3)]
+    joiner = long_prompt(generator, args.join_tokens)
+    generator.budget  # noqa: B018 - the cost model, before any clock
+    window = slice(args.join_at, args.steps)
+    base_times, base_tokens, _ = run(generator, shorts, None, args.join_at, args.steps)
+    rows = []
+    for label, chunk in (("sliced (default)", generator.config.prefill_chunk), ("one-shot prefill", 1 << 20)):
+        generator.config = generator.config.with_updates(prefill_chunk=chunk)
+        times, tokens, joined = run(generator, shorts, joiner, args.join_at, args.steps)
+        assert tokens == base_tokens, "the short rows' outputs changed"
+        base = statistics.mean(base_times[window])
+        mean = statistics.mean(times[window])
+        rows.append((label, base * 1000, mean * 1000, 100 * (mean / base - 1), max(times[window]) * 1000,
+                     "yes" if joined is not None else "not yet"))
+    print(f"join of a {len(joiner)}-token prompt at step {args.join_at}, 3 short rows decoding, steps "
+          f"{args.join_at}..{args.steps - 1}")
+    print("| joining | mean step ms, alone | mean step ms, while joining | rise | longest step ms | joined |")
+    print("|---|---|---|---|---|---|")
+    for label, base, mean, rise, longest, joined in rows:
+        print(f"| {label} | {base:.1f} | {mean:.1f} | {rise:+.0f}% | {longest:.0f} | {joined} |")
+
+
+if __name__ == "__main__":
+    main()
