@@ -246,7 +246,7 @@ class Batch:
         layout = RowLayout(tuple(row.length for row in rows), cache_length(self.cache))
         try:
             with torch.inference_mode():
-                trees = [build_tree(p.tokens, p.parents, device=runner.device) for p in proposals]
+                trees = [build_tree(p.tokens, p.parents) for p in proposals]  # on the host: one upload
                 with runner.kernels():
                     hidden = runner.tree_pass(self.cache, trees, layout)  # [B, N, d]
                 acceptances = self._accept(proposals, hidden)

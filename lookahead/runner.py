@@ -289,12 +289,13 @@ class ModelRunner:
 
     def tree_pass(self, cache: DynamicCache, trees: Sequence[TreeBuffers], layout: RowLayout) -> torch.Tensor:
         """One tree-masked pass over a batch: row b's tree follows its ``layout.lengths[b]`` valid positions.
+        The trees may be on the host: they reach the device in one upload.
 
         Returns hidden states [B, N, d] with N the largest tree; rows of smaller trees are padded.
         """
         if layout.dense:
-            return self.run_tree(cache, layout.tree_start, trees[0])[None]  # [1, n, d]
-        inputs = batch_inputs(trees, layout.lengths, layout.tree_start, self.dtype)
+            return self.run_tree(cache, layout.tree_start, trees[0].to(self.device))[None]  # [1, n, d]
+        inputs = batch_inputs(trees, layout.lengths, layout.tree_start, self.dtype, self.device)
         return self._decode(cache, input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                             attention_mask=self._masks(inputs.attention_mask, inputs.position_ids, inputs.position_ids)
                             )  # [B, N, d]

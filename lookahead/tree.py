@@ -25,6 +25,16 @@ class TreeBuffers:
     def size(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def to(self, device: torch.device | str) -> TreeBuffers:
+        """The same tree on ``device``, moved in one upload (a no-op where it already is)."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        n = self.size
+        packed = torch.cat([self.input_ids, self.parents, self.depths, self.ancestor_mask.long().flatten()])
+        ids, parents, depths, mask = packed.to(device).split([n, n, n, n * n])  # [n], [n], [n], [n * n]
+        return TreeBuffers(ids, parents, depths, mask.view(n, n).bool())
+
 
 def validate_tree(tokens: Sequence[int], parents: Sequence[int]) -> None:
     """Raise ValueError unless ``parents`` describes a tree rooted at 0 with parents before children."""
@@ -100,28 +110,37 @@ class BatchInputs:
 
 
 def batch_inputs(trees: Sequence[TreeBuffers], prefix_lengths: Sequence[int], cache_length: int,
-                 dtype: torch.dtype = torch.float32) -> BatchInputs:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> BatchInputs:
     """Stack per-row trees for one pass after a batch cache of ``cache_length`` positions.
 
     Row b's nodes see the row's valid prefix ``[0, prefix_lengths[b])`` and their ancestors in the tree block that
     starts at ``cache_length``; stale cache positions of shorter rows are hidden. Padding nodes see only themselves.
+    The small per-row tensors are stacked where the trees are and go to ``device`` (default: the trees' device) in
+    one upload; the mask, which grows with the context, is expanded there.
     """
-    device = trees[0].input_ids.device
+    host = trees[0].input_ids.device
+    device = torch.device(device) if device is not None else host
     width = max(t.size for t in trees)
     rows = len(trees)
-    input_ids = torch.zeros(rows, width, dtype=torch.long, device=device)
-    positions = torch.zeros(rows, width, dtype=torch.long, device=device)
-    visible = torch.zeros(rows, width, cache_length + width, dtype=torch.bool, device=device)  # [B, N, C + N]
-    diagonal = torch.arange(width, device=device)
-    visible[:, diagonal, cache_length + diagonal] = True
+    input_ids = torch.zeros(rows, width, dtype=torch.long, device=host)  # [B, N]
+    positions = torch.zeros(rows, width, dtype=torch.long, device=host)  # [B, N]
+    ancestors = torch.zeros(rows, width, width, dtype=torch.long, device=host)  # [B, N, N]
+    diagonal = torch.arange(width, device=host)
+    ancestors[:, diagonal, diagonal] = 1  # padding nodes see themselves
     for b, (tree, prefix) in enumerate(zip(trees, prefix_lengths)):
         n = tree.size
         input_ids[b, :n] = tree.input_ids
         input_ids[b, n:] = tree.input_ids[0]
         positions[b, :n] = tree.depths + prefix
         positions[b, n:] = prefix
-        visible[b, :, :prefix] = True
-        visible[b, :n, cache_length:cache_length + n] = tree.ancestor_mask
+        ancestors[b, :n, :n] = tree.ancestor_mask
+    prefixes = torch.tensor(list(prefix_lengths), dtype=torch.long, device=host)  # [B]
+    packed = torch.cat([input_ids.flatten(), positions.flatten(), prefixes, ancestors.flatten()]).to(device)
+    input_ids, positions, prefixes, ancestors = packed.split([rows * width, rows * width, rows, rows * width * width])
+    input_ids, positions = input_ids.view(rows, width), positions.view(rows, width)
+    keys = torch.arange(cache_length, device=device)  # [C]
+    cached = (keys[None, None, :] < prefixes[:, None, None]).expand(rows, width, cache_length)  # [B, N, C]
+    visible = torch.cat([cached, ancestors.view(rows, width, width).bool()], dim=-1)  # [B, N, C + N]
     additive = torch.zeros(rows, width, cache_length + width, dtype=dtype, device=device)
     additive.masked_fill_(~visible, torch.finfo(dtype).min)
     return BatchInputs(input_ids, positions, additive[:, None])

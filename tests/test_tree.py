@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from lookahead.tree import (
     attention_mask,
+    batch_inputs,
     build_tree,
     node_depths,
     position_ids,
@@ -149,3 +150,17 @@ def test_mask_matches_naive_ancestry(tree_spec, prefix):
     mask = attention_mask(tree, prefix)[0, 0]
     assert (mask[:, :prefix] == 0).all()
     assert torch.equal(mask[:, prefix:] == 0, torch.tensor(expected, dtype=torch.bool).reshape(n, n))
+
+
+def test_trees_reach_another_device_in_one_upload():
+    """Host-built trees go to the model's device (here the shape-only meta device) as one packed tensor."""
+    trees = [build_tree([5, 6, 7], [-1, 0, 0]), build_tree([8], [-1])]
+    moved = trees[0].to("meta")
+    assert moved.input_ids.device.type == "meta" and moved.ancestor_mask.shape == (3, 3)
+    assert moved.ancestor_mask.dtype == torch.bool and trees[0].to("cpu") is trees[0]
+    host = batch_inputs(trees, [4, 2], 6)
+    remote = batch_inputs(trees, [4, 2], 6, device="meta")
+    for name in ("input_ids", "position_ids", "attention_mask"):
+        assert getattr(remote, name).device.type == "meta"
+        assert getattr(remote, name).shape == getattr(host, name).shape
+    assert host.attention_mask.shape == (2, 1, 3, 9)
