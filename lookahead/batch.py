@@ -155,10 +155,10 @@ class Batch:
         With no row decoding, every queued row is prefilled whole. Otherwise a prompt of at most
         ``prefill_chunk`` tokens is too (as one decoding step costs), while longer prompts are prefilled (and
         their windows counted in the trie) in slices of ``prefill_chunk`` tokens, one row at a time in arrival
-        order, and only as far as a time credit allows: each decoding step adds ``prefill_share`` of its own
-        duration, and a slice runs once the credit covers it (its cost from the cost model, then as last timed).
-        The decoding rows then slow down by about ``prefill_share`` while a long prompt joins, instead
-        of stalling for its whole prefill."""
+        order, one slice per step at most, and only as far as a time credit allows: each decoding step adds
+        ``prefill_share`` of its own duration, and a slice runs once the credit covers it (its cost from the
+        cost model, then as last timed). The decoding rows then slow down by about ``prefill_share`` while a
+        long prompt joins, instead of stalling for its whole prefill."""
         if not self.new:
             return
         if not self.rows:
@@ -178,11 +178,11 @@ class Batch:
         estimate = row.slice_seconds or self._slice_estimate(row)
         self.prefill_credit = min(self.prefill_credit + self.prefill_share * self.step_seconds,
                                   max(estimate, self.step_seconds))
-        while not row.ready and self.prefill_credit >= estimate:
+        if self.prefill_credit >= estimate:  # at most one slice per step: no step stalls for several
             t0 = time.perf_counter()
             self._prefill(row, row.prefilled + self.prefill_chunk)
-            row.slice_seconds = estimate = time.perf_counter() - t0
-            self.prefill_credit -= estimate
+            row.slice_seconds = time.perf_counter() - t0
+            self.prefill_credit -= row.slice_seconds
 
     def _slice_estimate(self, row: Row) -> float:
         """Seconds of the row's next prefill slice before one was timed: the recent step time, scaled by what the
