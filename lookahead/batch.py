@@ -139,9 +139,10 @@ class Batch:
         """
         self._prefill_queued()
         events = self._decode() if self.rows else []
-        for row in [row for row in self.new if row.ready]:
-            self._join(row)
-            events.append((row.key, self._emit(row, [row.pending], 0)))
+        ready = [row for row in self.new if row.ready]
+        if ready:
+            self._join(ready)
+            events += [(row.key, self._emit(row, [row.pending], 0)) for row in ready]
         finished = [i for i, row in enumerate(self.rows) if row.emitter.finish is not None]
         if finished:
             self._drop_rows(finished)
@@ -219,17 +220,19 @@ class Batch:
         row.stats.time_forward = row.stats.time_prefill
         row.stats.time_trie = row.drafter.trie_seconds
 
-    def _join(self, row: Row) -> None:
-        """Move a prefilled row's cache into the batch cache; it decodes from the next step on."""
+    def _join(self, rows: Sequence[Row]) -> None:
+        """Move prefilled rows' caches into the batch cache (one concatenation); they decode from the next step."""
+        caches = [row.cache for row in rows]
         if self.cache is None:
-            self.cache = row.cache
-        else:
-            append_rows(self.cache, row.cache)
-        row.cache = None
-        row.length = len(row.request.prompt_ids)
-        self.new.remove(row)
-        self.rows.append(row)
-        row.stats.steps = 1
+            self.cache, caches = caches[0], caches[1:]
+        if caches:
+            append_rows(self.cache, *caches)
+        for row in rows:
+            row.cache = None
+            row.length = len(row.request.prompt_ids)
+            self.new.remove(row)
+            self.rows.append(row)
+            row.stats.steps = 1
 
     def _choose_first(self, row: Row, hidden: torch.Tensor) -> int:
         """The token chosen after the prompt, from the last prompt position's hidden state [1, d]."""

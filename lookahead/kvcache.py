@@ -66,20 +66,20 @@ def crop(cache: DynamicCache, length: int) -> None:
 def replicated(cache: DynamicCache, rows: int) -> DynamicCache:
     """A new cache holding ``rows`` copies of the single row of ``cache`` (which is left as it is)."""
     copy = deepcopy(cache)
-    for _ in range(rows - 1):
-        append_rows(copy, cache)
+    if rows > 1:
+        append_rows(copy, *[cache] * (rows - 1))
     return copy
 
 
-def append_rows(cache: DynamicCache, rows: DynamicCache) -> None:
-    """Append the batch rows of ``rows`` to ``cache`` (in place), padding the shorter one with zeros at the end."""
-    length = max(cache_length(cache), cache_length(rows))
-    for layer, extra in zip(cache.layers, rows.layers):
+def append_rows(cache: DynamicCache, *others: DynamicCache) -> None:
+    """Append the batch rows of every cache in ``others`` to ``cache`` (in place, one concatenation per layer and
+    K/V), padding the shorter ones with zeros at the end."""
+    length = max(cache_length(c) for c in (cache, *others))
+    for layer, *extras in zip(cache.layers, *(other.layers for other in others)):
         for name in ("keys", "values"):
-            a, b = getattr(layer, name), getattr(extra, name)  # [batch, heads, seq, head_dim]
-            a = torch.nn.functional.pad(a, (0, 0, 0, length - a.shape[-2]))
-            b = torch.nn.functional.pad(b, (0, 0, 0, length - b.shape[-2]))
-            setattr(layer, name, torch.cat([a, b], dim=0))
+            parts = [getattr(part, name) for part in (layer, *extras)]  # each [batch, heads, seq, head_dim]
+            padded = [torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[-2])) for p in parts]
+            setattr(layer, name, torch.cat(padded, dim=0))
 
 
 def select_rows(cache: DynamicCache, rows: Sequence[int], length: int) -> None:

@@ -184,6 +184,13 @@ def _cache(rows: int, length: int, offset: float = 0.0):
     return cache
 
 
+def test_append_rows_of_several_caches_at_once():
+    cache = _cache(1, 2)
+    append_rows(cache, _cache(1, 3, offset=100), _cache(2, 1, offset=200))
+    assert cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1, 0], [100, 101, 102], [200, 0, 0], [201, 0, 0]]
+    assert cache.layers[0].values[1, 0, 2, 0].item() == 1102
+
+
 def test_append_select_and_compact_rows():
     cache = _cache(1, 3)
     append_rows(cache, _cache(1, 5, offset=100))
