@@ -39,9 +39,10 @@ NEVER = 0  # the default model's <|endoftext|>, which its chat answers end with 
 
 
 def run(generator: LookaheadGenerator, shorts: list[list[int]], joiner: list[int] | None, join_at: int,
-        steps: int) -> tuple[list[float], dict[int, list[int]], int | None]:
-    """Step times of a batch of ``shorts`` (joined by ``joiner`` at step ``join_at``), their tokens, and the step
-    at which the joiner emitted its first token."""
+        steps: int) -> tuple[list[float], dict[int, list[int]], list[int]]:
+    """Step times of a batch of ``shorts`` (joined by ``joiner`` at step ``join_at``), their tokens, and per step
+    how many prompt tokens of the joiner were prefilled (-1: not added yet or joined). Stops early once a short
+    row ends (its degenerate output reached ``max_new_tokens``)."""
     batch = generator.new_batch()
     for key, ids in enumerate(shorts):
         # an EOS id the model never emits: the short rows decode for the whole window
@@ -49,20 +50,24 @@ def run(generator: LookaheadGenerator, shorts: list[list[int]], joiner: list[int
     batch.step()  # prefill the short rows
     times: list[float] = []
     tokens: dict[int, list[int]] = {key: [] for key in range(len(shorts))}
-    joined = None
+    progress: list[int] = []
     for step in range(steps):
         if joiner is not None and step == join_at:
             batch.add(generator.prepare(joiner, max_new_tokens=8), "long")
         t0 = time.perf_counter()
         events = batch.step()
         times.append(time.perf_counter() - t0)
+        joining = [row for row in batch.new if row.key == "long"]
+        progress.append(joining[0].prefilled if joining else -1)
+        ended = False
         for key, chunk in events:
-            if key == "long":
-                joined = step if joined is None else joined
-            else:
+            if key != "long":
                 tokens[key].extend(chunk.token_ids)
+                ended |= chunk.finish_reason is not None
+        if ended:
+            break
     batch.close()
-    return times, tokens, joined
+    return times, tokens, progress
 
 
 def main() -> None:
@@ -84,17 +89,20 @@ def main() -> None:
         for key, ids in runs[label][1].items():  # the same greedy tokens (as many as each run reached)
             common = min(len(ids), len(base_tokens[key]))
             assert ids[:common] == base_tokens[key][:common], "the short rows' outputs changed"
-    joined = runs["sliced (default)"][2]
-    window = slice(args.join_at, (joined if joined is not None else args.steps - 1) + 1)  # while it joined
+    # the window: from the join until the sliced join completed, every run still had all its short rows
+    times, _, progress = runs["sliced (default)"]
+    end = min(len(base_times), *(len(r[0]) for r in runs.values()))
+    done = next((i for i in range(args.join_at, end) if progress[i] == -1), end)
+    window = slice(args.join_at, done + 1 if done < end else end)
     base = statistics.mean(base_times[window])
     rows = []
-    for label, (times, _, at) in runs.items():
+    for label, (times, _, prog) in runs.items():
         mean = statistics.mean(times[window])
-        rows.append((label, base * 1000, mean * 1000, 100 * (mean / base - 1), max(times[window]) * 1000,
-                     f"step {at}" if at is not None else "not yet"))
+        state = "joined" if -1 in prog[window] else f"{max(prog[window])} of {len(joiner)} tokens prefilled"
+        rows.append((label, base * 1000, mean * 1000, 100 * (mean / base - 1), max(times[window]) * 1000, state))
     print(f"join of a {len(joiner)}-token prompt at step {args.join_at}, 3 short rows decoding; steps "
-          f"{window.start}..{window.stop - 1} (until the sliced join emitted its first token)")
-    print("| joining | mean step ms, alone | mean step ms, while joining | rise | longest step ms | joined |")
+          f"{window.start}..{window.stop - 1} (until the sliced join completed, or a short row ended)")
+    print("| joining | mean step ms, alone | mean step ms, while joining | rise | longest step ms | by the end |")
     print("|---|---|---|---|---|---|")
     for label, base, mean, rise, longest, joined in rows:
         print(f"| {label} | {base:.1f} | {mean:.1f} | {rise:+.0f}% | {longest:.0f} | {joined} |")
