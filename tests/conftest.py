@@ -8,8 +8,10 @@ decodes to plain ASCII text.
 from __future__ import annotations
 
 import functools
+import json
 import string
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +137,21 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+#: a plain chat template ("role: content" lines, then "assistant: ") for tiny models saved to disk
+PLAIN_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+
+
+def save_chat_model(path: Path, arch: str, seed: int) -> Path:
+    """Save a tiny ``arch`` model (EOS and padding = ``EOS_ID``) and the test tokenizer with
+    :data:`PLAIN_CHAT_TEMPLATE` to ``path``, like any local HF model; returns ``path``."""
+    model = make_model(arch, seed=seed)
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = EOS_ID
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = PLAIN_CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path

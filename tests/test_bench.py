@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FLAT_CURVE, make_model, make_tokenizer
+from conftest import FLAT_CURVE, save_chat_model
 
 from lookahead.bench.cases import load_cases
 from lookahead.bench.report import format_table, plot, summarize, write_json
@@ -17,7 +17,6 @@ from lookahead.engine import LookaheadGenerator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
 
 CASES = [
     {"id": "q1", "task": "rag_qa", "question": "what is it", "documents": ["the cat sat on the mat", "a dog"],
@@ -31,17 +30,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny llama + tokenizer with a chat template, saved like any local HF model."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = make_model("llama", seed=3)
-    model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 0
-    tokenizer = make_tokenizer()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
+    return save_chat_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=3)
 
 
 @pytest.fixture()

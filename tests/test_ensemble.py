@@ -6,7 +6,16 @@ import random
 
 import pytest
 import torch
-from conftest import EOS_ID, FLAT_CURVE, VOCAB_SIZE, make_model, make_tokenizer, random_prompt, tiny_config
+from conftest import (
+    EOS_ID,
+    FLAT_CURVE,
+    VOCAB_SIZE,
+    make_model,
+    make_tokenizer,
+    random_prompt,
+    save_chat_model,
+    tiny_config,
+)
 from transformers import AutoModelForCausalLM
 
 from lookahead.config import LookaheadConfig
@@ -243,7 +252,6 @@ def test_measured_cost_curve_is_cached(tmp_path):
 # ---------------------------------------------------------------------------------------------------- bench
 
 
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
 CASES = [
     {"id": "q1", "task": "rag_qa", "question": "what is it", "documents": ["the cat sat on the mat", "a dog"],
      "max_new_tokens": 12},
@@ -254,18 +262,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import json
-
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    model = make_model("qwen2", seed=4)
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = EOS_ID
-    model.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
+    """A tiny qwen2 + tokenizer with a chat template, saved like any local HF model."""
+    return save_chat_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=4)
 
 
 def test_bench_runs_the_ensemble_and_multidraft_methods(tiny_dir):

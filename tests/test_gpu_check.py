@@ -10,12 +10,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import make_model, make_tokenizer
+from conftest import save_chat_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
 CASES = [
     {"id": "q1", "task": "rag_qa", "question": "what is it", "documents": ["the cat sat on the mat", "a dog"],
      "max_new_tokens": 12},
@@ -38,17 +37,7 @@ def gpu_check() -> ModuleType:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny llama + tokenizer with a chat template, saved like any local HF model."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = make_model("llama", seed=3)
-    model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 0
-    tokenizer = make_tokenizer()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = CHAT_TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    return path
+    return save_chat_model(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=3)
 
 
 @pytest.fixture()
