@@ -264,6 +264,13 @@ def mentions(text: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
 
 
+def distractors(pool: list[Doc], answer: Doc) -> list[Doc]:
+    """The documents of ``pool`` that may stand beside ``answer``: neither names the other's function, so exactly one
+    document of a case is about the answer."""
+    return [doc for doc in pool if doc.name != answer.name and not mentions(doc.document(), answer.short_name)
+            and not mentions(answer.document(), doc.short_name)]
+
+
 def rag_cases(rng: random.Random) -> list[dict[str, Any]]:
     pool = function_docs(RAG_MODULES, RAG_DOC_CHARS)
     if len(pool) < RAG_COUNT + 2:
@@ -272,14 +279,7 @@ def rag_cases(rng: random.Random) -> list[dict[str, Any]]:
     rng.shuffle(answers)
     cases = []
     for index, answer in enumerate(answers):
-        # Distractors must not name the answer's function, so exactly one document is about it.
-        others = [
-            doc
-            for doc in pool
-            if doc.name != answer.name
-            and not mentions(doc.document(), answer.short_name)
-            and not mentions(answer.document(), doc.short_name)
-        ]
+        others = distractors(pool, answer)
         documents = [answer.document()] + [doc.document() for doc in rng.sample(others, 2)]
         rng.shuffle(documents)
         question = RAG_QUESTIONS[index % len(RAG_QUESTIONS)].format(name=answer.name)
@@ -371,13 +371,7 @@ def long_rag_cases(rng: random.Random, count_tokens: TokenCounter, answers: list
     cases = []
     for index, answer in enumerate(picked):
         module = answer.name.rsplit(".", 1)[0]
-        others = [
-            doc
-            for doc in pool
-            if doc.name != answer.name
-            and not mentions(doc.document(), answer.short_name)
-            and not mentions(answer.document(), doc.short_name)
-        ]
+        others = distractors(pool, answer)
         same = [doc for doc in others if doc.name.rsplit(".", 1)[0] == module]
         rest = [doc for doc in others if doc.name.rsplit(".", 1)[0] != module]
         rng.shuffle(same)
