@@ -8,10 +8,13 @@ decodes to plain ASCII text.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import string
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -155,3 +158,15 @@ def save_chat_model(path: Path, arch: str, seed: int) -> Path:
     config["chat_template"] = PLAIN_CHAT_TEMPLATE
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+@functools.cache
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` (not a package) as a module, once."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module

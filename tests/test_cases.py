@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import re
-import sys
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_script
 
 from lookahead.bench.cases import load_cases
 
 CASES = resources.files("lookahead.bench") / "cases"
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_cases.py"
 EXPECTED = {
     "rag_qa.jsonl": ("rag_qa", 30, "rag-", 96),
     "summarize.jsonl": ("summarize", 15, "sum-", 128),
@@ -35,15 +32,9 @@ def load(file_name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-@functools.cache
 def make_cases() -> ModuleType:
-    """Import scripts/make_cases.py (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location("make_cases", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    """scripts/make_cases.py as a module."""
+    return load_script("make_cases")
 
 
 def answer_name(question: str) -> str:

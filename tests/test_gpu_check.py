@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import save_chat_model
+from conftest import load_script, save_chat_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
 CASES = [
     {"id": "q1", "task": "rag_qa", "question": "what is it", "documents": ["the cat sat on the mat", "a dog"],
      "max_new_tokens": 12},
@@ -23,15 +18,9 @@ CASES = [
 ]
 
 
-@functools.cache
 def gpu_check() -> ModuleType:
-    """Import scripts/gpu_check.py (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    """scripts/gpu_check.py as a module."""
+    return load_script("gpu_check")
 
 
 @pytest.fixture(scope="module")
