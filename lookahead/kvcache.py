@@ -30,10 +30,7 @@ def compact_cache(cache: DynamicCache, prefix_length: int, keep: Sequence[int]) 
     """
     keep = list(keep)
     if keep == list(range(len(keep))):  # accepted nodes already sit right after the prefix: just crop
-        end = prefix_length + len(keep)
-        for layer in cache.layers:
-            layer.keys = layer.keys[..., :end, :]
-            layer.values = layer.values[..., :end, :]
+        crop(cache, prefix_length + len(keep))
         return
     index = torch.tensor(keep, dtype=torch.long, device=cache.layers[0].keys.device) + prefix_length  # [k]
     end = prefix_length + len(keep)

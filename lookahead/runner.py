@@ -22,7 +22,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .budget import DEFAULT_SIZES, CostCurve, CostModel, measure_cost_curve
 from .kernels import install_skinny_linear, skinny_linear, skinny_matmul
-from .kvcache import check_compactable, compact_cache, compact_rows, replicated
+from .kvcache import check_compactable, compact_cache, compact_rows, crop, replicated
 from .models import check_single_device
 from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
 
@@ -390,7 +390,7 @@ def cost_model_grid(decoding_length: int, max_context: int | None, contexts: Seq
     fitting = sorted({cost_grid(decoding_length, c, max_context)[1] for c in contexts})
     points = []
     for batch in sorted(set(batches)):
-        batch_sizes = tuple(n for n in sizes if batch == 1 or batch * n <= 4 * limit) or sizes[:2]
+        batch_sizes = tuple(n for n in sizes if batch == 1 or batch * n <= 4 * limit)
         if len(batch_sizes) < 2:
             batch_sizes = sizes[:2]
         points += [(batch, context, batch_sizes) for context in fitting]
@@ -442,7 +442,7 @@ def time_tree_passes(runners: Sequence[ModelRunner], sizes: Sequence[int], prefi
                     runner.logits(hidden)
                 else:
                     runner.greedy_tokens(hidden).tolist()
-                compact_cache(cache, prefix_length, [])  # drop the whole tree again
+                crop(cache, prefix_length)  # drop the whole tree again
             synchronize(runners[0].device)
 
         return measure_cost_curve(run_pass, sizes, repeats=repeats)
