@@ -53,8 +53,12 @@ class Row:
         self.start = time.perf_counter()
         self.cache: DynamicCache | None = None  # the row's own cache while it is prefilled, before it joins
         self.prefilled = 0  # prompt tokens in ``cache``
-        self.ready = False  # prefilled, first token chosen: joins the batch at the end of this step
         self.slice_seconds = 0.0  # how long its last prefill slice took
+
+    @property
+    def ready(self) -> bool:
+        """Prefilled whole, first token chosen: it joins the batch at the end of this step."""
+        return self.prefilled == len(self.request.prompt_ids)
 
     def history(self) -> list[int]:
         """Prompt + output so far: what the sampler's repetition penalty looks at."""
@@ -215,7 +219,6 @@ class Batch:
             crop(row.cache, start)  # as before the slice: it can be tried again
             raise
         row.prefilled = end
-        row.ready = end == len(prompt)
         row.stats.time_prefill += time.perf_counter() - t0
         row.stats.time_forward = row.stats.time_prefill
         row.stats.time_trie = row.drafter.trie_seconds
