@@ -1,0 +1,201 @@
+"""The trie hub: one Ray actor holding the trie of past answers that every worker shares.
+
+Workers (:class:`~lookahead_ray.sync.TrieSync`) call :meth:`TrieHubState.sync` on a short interval: it merges the
+windows the worker learned since its last push (a :class:`~lookahead.trie.TrieDelta`) and returns what the hub
+learned since the version the worker last saw. Merging is idempotent, and a trie ignores echoes of its own entries,
+so a retried push or a delta that comes back to its author changes nothing. With ``path`` the hub loads its trie
+from that file at start (a warm start across restarts; a corrupt file is moved aside, as ``lookahead serve --trie``
+does) and saves it atomically every ``save_interval`` seconds when it changed, and at :meth:`TrieHubState.close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from lookahead_server.persistence import TrieStore
+
+from lookahead.config import LookaheadConfig
+from lookahead.drafter import new_trie
+from lookahead.trie import TokenTrie, TrieDelta
+
+log = logging.getLogger("lookahead_ray")
+
+HUB_NAME = "lookahead-trie-hub"
+NAMESPACE = "lookahead"
+HUB_ORIGIN = "hub"
+
+
+@dataclass
+class WorkerRecord:
+    """What the hub knows of one worker (keyed by its trie's origin)."""
+
+    origin: str
+    pid: int = 0
+    host: str = ""
+    syncs: int = 0
+    merged: int = 0  # entries of its pushes the hub took in
+    last_seen: float = 0.0
+
+
+def trie_config(config: LookaheadConfig) -> dict[str, Any]:
+    """The constructor arguments of the engine's trie for ``config`` (the hub's trie must have the same)."""
+    return new_trie(config).config()
+
+
+class TrieHubState:
+    """The body of the hub actor (a plain class: usable, and testable, without Ray).
+
+    Args:
+        config: constructor arguments of the shared trie (:func:`trie_config`); ignored when ``path`` holds a trie.
+        path: load the trie from this file at start and save it there (None: in memory only).
+        save_interval: seconds between saves when the trie changed (0: only at :meth:`close`).
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None, path: str | os.PathLike[str] | None = None,
+                 save_interval: float = 60.0) -> None:
+        if save_interval < 0:
+            raise ValueError(f"save_interval must be >= 0 seconds, got {save_interval!r}")
+        self.instance = uuid.uuid4().hex  # a restarted hub has another: workers then pull from version 0
+        self.store = TrieStore(path) if path is not None else None
+        loaded = self.store.load() if self.store is not None else None
+        self.trie = loaded if loaded is not None else TokenTrie(**{**(config or {}), "origin": HUB_ORIGIN})
+        self.loaded_nodes = len(loaded) if loaded is not None else 0
+        self.workers: dict[str, WorkerRecord] = {}
+        self.saves = 0
+        self._saved_version = self.trie.version
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._saver: threading.Thread | None = None
+        if self.store is not None and save_interval > 0:
+            self._saver = threading.Thread(target=self._autosave, args=(save_interval,), name="lookahead-hub-save",
+                                           daemon=True)
+            self._saver.start()
+
+    def sync(self, delta: dict[str, Any] | None, since: int, worker: dict[str, Any]) -> dict[str, Any]:
+        """Merge the worker's ``delta`` (None: nothing new), return what the hub has past version ``since``.
+
+        The reply holds ``hub`` (this hub's instance id), ``merged`` (entries of ``delta`` taken in), ``version``
+        and ``delta`` (a :class:`~lookahead.trie.TrieDelta` as a dict, without the worker's own entries), or
+        ``delta`` None and ``behind`` True when the entries past ``since`` are no longer kept (the worker then goes
+        on from ``version``).
+        """
+        merged = self.trie.merge(TrieDelta.from_dict(delta)) if delta else 0
+        origin = self._record(worker, merged)
+        reply: dict[str, Any] = {"hub": self.instance, "merged": merged, "behind": False}
+        try:
+            out = self.trie.export_delta(since=since)
+        except ValueError:  # past the journal's end, or before what it still keeps
+            reply.update(version=self.trie.version, delta=None, behind=True)
+            return reply
+        others = tuple(e for e in out.entries if e.origin != origin)  # its own entries are no news to it
+        reply.update(version=out.version, delta=TrieDelta(out.origin, out.branch_length, out.since, out.version,
+                                                          others).to_dict())
+        return reply
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole trie as :meth:`TokenTrie.save` writes it (JSON bytes), for a worker's warm start: ``hub``
+        (instance id) and ``data``."""
+        with tempfile.TemporaryDirectory(prefix="lookahead-hub-") as folder:
+            path = Path(folder) / "snapshot.json"
+            self.trie.save(path)
+            return {"hub": self.instance, "data": path.read_bytes()}
+
+    def _record(self, worker: dict[str, Any], merged: int) -> str:
+        """Note a worker's sync; returns its origin."""
+        origin = str(worker.get("origin", "?"))
+        with self._lock:
+            record = self.workers.setdefault(origin, WorkerRecord(origin))
+            record.pid = int(worker.get("pid", 0))
+            record.host = str(worker.get("host", ""))
+            record.syncs += 1
+            record.merged += merged
+            record.last_seen = time.time()
+        return origin
+
+    def stats(self) -> dict[str, Any]:
+        """Size and version of the shared trie, saves, and every worker that synced."""
+        with self._lock:
+            workers = [asdict(w) for w in self.workers.values()]
+        return {"instance": self.instance, "nodes": len(self.trie), "version": self.trie.version,
+                "loaded_nodes": self.loaded_nodes, "saves": self.saves, "workers": workers,
+                "path": str(self.store.path) if self.store is not None else None}
+
+    def save(self, force: bool = False) -> bool:
+        """Save the trie atomically if it changed since the last save (or ``force``); False when nothing was
+        written (no path, nothing new, or the write failed: logged)."""
+        if self.store is None:
+            return False
+        with self._lock:
+            version = self.trie.version
+            if not force and version == self._saved_version:
+                return False
+            try:
+                self.store.save(self.trie)
+            except OSError as error:
+                log.error("trie hub: could not save the trie to %s: %s", self.store.path, error)
+                return False
+            self._saved_version = version
+            self.saves += 1
+            return True
+
+    def _autosave(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            self.save()
+
+    def close(self) -> bool:
+        """Stop the periodic saves and save one last time (when changed); True when that save wrote the file."""
+        self._closed.set()
+        return self.save()
+
+
+def _hub_actor_class() -> Any:
+    """The Ray actor class of the hub: no CPU reserved (it only merges and copies counts), restarted if it dies (it
+    then reloads its file)."""
+    return ray.remote(num_cpus=0, max_restarts=-1)(TrieHubState)
+
+
+def start_hub(config: dict[str, Any] | None = None, path: str | os.PathLike[str] | None = None,
+              save_interval: float = 60.0, name: str = HUB_NAME, namespace: str = NAMESPACE,
+              detached: bool = False) -> Any:
+    """The named hub actor: the running one of that name, else a new one (Ray must be initialised).
+
+    ``detached`` keeps it alive after this driver exits (``ray.kill`` it, or call ``close`` first to save)."""
+    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
+    if detached:
+        options["lifetime"] = "detached"
+    path = None if path is None else os.fspath(path)
+    handle = _hub_actor_class().options(**options).remote(config, path, save_interval)
+    ray.get(handle.stats.remote())  # wait until it is up (and has loaded its file): errors surface here
+    return handle
+
+
+def find_hub(name: str = HUB_NAME, namespace: str = NAMESPACE) -> Any | None:
+    """The running hub actor of that name, or None."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def stop_hub(handle: Any, timeout: float = 120.0) -> bool:
+    """Save the hub's trie one last time and end the actor; True when that save wrote the file."""
+    try:
+        saved = bool(ray.get(handle.close.remote(), timeout=timeout))
+    finally:
+        ray.kill(handle, no_restart=True)
+    return saved
+
+
+def worker_identity(origin: str) -> dict[str, Any]:
+    """How a worker introduces itself to the hub."""
+    return {"origin": origin, "pid": os.getpid(), "host": socket.gethostname()}
