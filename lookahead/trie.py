@@ -15,6 +15,15 @@ touched at, see :class:`_Node`) and rare subtrees are removed by a resumable swe
 ``insert`` / ``extend`` (and from :meth:`TokenTrie.maintain`, which a caller may run between decoding steps), never as
 a whole-trie walk inside one call except as a last resort (the hard cap). Nodes holding local counts of a live
 request are never pruned.
+
+Sharing (see :class:`TrieDelta`): every global insert (past outputs, documents) is appended to a journal, one entry
+per call holding the call's tokens, so :meth:`TokenTrie.export_delta` can hand the entries to another trie and
+:meth:`TokenTrie.merge` can replay them there; entries carry their origin (the trie they were first made in) and a
+per-origin sequence number, so replaying is idempotent and an echo of a trie's own entries is ignored.
+
+Documents (see :meth:`TokenTrie.insert_source`): windows inserted under a source id count as global ones, and each
+node also remembers how much of its count each source gave, so :meth:`TokenTrie.remove_source` takes exactly that
+back (a document deleted from a vector store).
 """
 
 from __future__ import annotations
@@ -27,15 +36,19 @@ import operator
 import os
 import sys
 import threading
+import uuid
+from array import array
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import pygtrie
 
 from .files import atomic_write_bytes
 
-__all__ = ["Draft", "TokenTrie"]
+__all__ = ["Draft", "JournalEntry", "TokenTrie", "TrieDelta"]
 
 FORMAT_NAME = "lookahead-trie"
 FORMAT_VERSION = 1
@@ -47,6 +60,11 @@ _SWEEP_BASE = 64  # node visits an insert / extend call owes the sweep while the
 _SWEEP_PER_NODE = 4  # ... plus this many per node the call created
 _SWEEP_CHUNK = 1024  # owed visits are paid in slices of at least this many, between windows
 _GZIP_MAGIC = b"\x1f\x8b"
+DELTA_FORMAT = "lookahead-trie-delta"
+JOURNAL_LIMIT = 1 << 20  # default journal_limit: tokens (plus _ENTRY_COST per entry) the journal keeps
+_ENTRY_COST = 16  # what one journal entry costs against journal_limit besides its tokens
+_RESIDUE = 1e-9  # a count left by remove_source below this fraction of what was taken is rounding: it becomes 0
+OPS = ("insert", "source", "append", "remove")  # journal entry kinds, see JournalEntry
 
 
 @dataclass(frozen=True)
@@ -101,25 +119,183 @@ def _window_range(start: int, stop: int | None, n: int) -> tuple[int, int]:
     return min(start, stop), stop
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(where: str, name: str, value: object, low: int) -> int:
+    """``value`` as an int >= ``low``, else a ValueError naming ``where`` and ``name``."""
+    if not _is_int(value) or value < low:  # type: ignore[operator]
+        raise ValueError(f"{where}: {name} must be an int >= {low}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_id(where: str, name: str, value: object) -> str:
+    """``value`` as a non-empty str, else a ValueError naming ``where`` and ``name``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {name} must be a non-empty str, got {value!r}")
+    return value
+
+
+def _pack(tokens: Sequence[int]) -> Sequence[int]:
+    """Token ids in a compact array for the journal (8 bytes each); a tuple for ids beyond 64 bits."""
+    try:
+        return array("q", tokens)
+    except OverflowError:
+        return tuple(tokens)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One global insert of a trie's journal: enough to replay it in another trie of the same ``branch_length``.
+
+    ``op`` is ``"insert"`` (past outputs), ``"source"`` (the windows of document ``source``, replacing what that
+    source had), ``"append"`` (more windows of ``source``) or ``"remove"`` (drop ``source``; no tokens). The windows
+    are ``tokens[i : i + branch_length + 1]`` for ``start <= i < stop``, the positions before ``skip`` not counted
+    (an ``extend``: an earlier entry counted them). ``seq`` numbers the entries of ``origin`` (the trie the entry was
+    first made in) from 1.
+    """
+
+    origin: str
+    seq: int
+    op: str
+    tokens: tuple[int, ...] = ()
+    start: int = 0
+    stop: int = 0
+    skip: int = 0
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        where = "journal entry"
+        _check_id(where, "origin", self.origin)
+        _check_int(where, "seq", self.seq, 1)
+        if self.op not in OPS:
+            raise ValueError(f"{where}: op must be one of {', '.join(OPS)}, got {self.op!r}")
+        if self.op == "insert":
+            if self.source is not None:
+                raise ValueError(f"{where}: an 'insert' has no source, got {self.source!r}")
+        else:
+            _check_id(where, "source", self.source)
+            if self.skip:
+                raise ValueError(f"{where}: a {self.op!r} counts all its windows: skip must be 0, got {self.skip!r}")
+        n = len(self.tokens)
+        if self.op == "remove" and (n or self.start or self.stop or self.skip):
+            raise ValueError(f"{where}: a 'remove' has no tokens and no window range")
+        start = _check_int(where, "start", self.start, 0)
+        _check_int(where, f"stop (>= start {start})", self.stop, start)
+        if self.stop > n or _check_int(where, "skip", self.skip, 0) > n:
+            raise ValueError(f"{where}: stop ({self.stop}) and skip ({self.skip}) must be <= len(tokens) ({n})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (lists, ints and strings)."""
+        return {"origin": self.origin, "seq": self.seq, "op": self.op, "tokens": list(self.tokens),
+                "start": self.start, "stop": self.stop, "skip": self.skip, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: object) -> JournalEntry:
+        """Inverse of :meth:`to_dict`; raises ValueError for anything else."""
+        if not isinstance(data, dict):
+            raise ValueError(f"journal entry: expected a dict, got {type(data).__name__}")
+        fields = {"origin", "seq", "op", "tokens", "start", "stop", "skip", "source"}
+        if set(data) != fields:
+            raise ValueError(f"journal entry: keys must be {sorted(fields)}, got {sorted(map(str, data))}")
+        tokens = data["tokens"]
+        if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+            raise ValueError("journal entry: tokens must be a list of ints")
+        return cls(data["origin"], data["seq"], data["op"], tuple(tokens), data["start"], data["stop"],
+                   data["skip"], data["source"])
+
+
+@dataclass(frozen=True)
+class TrieDelta:
+    """Journal entries a trie exported (:meth:`TokenTrie.export_delta`), to :meth:`TokenTrie.merge` elsewhere.
+
+    ``origin`` and ``branch_length`` are the exporting trie's, ``entries`` its journal from position ``since`` on,
+    ``version`` its journal position at export: the ``since`` of the next export.
+    """
+
+    origin: str
+    branch_length: int
+    since: int
+    version: int
+    entries: tuple[JournalEntry, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_id("trie delta", "origin", self.origin)
+        _check_int("trie delta", "branch_length", self.branch_length, 1)
+        since = _check_int("trie delta", "since", self.since, 0)
+        _check_int("trie delta", f"version (>= since {since})", self.version, since)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (lists, ints and strings), e.g. to send through Ray or HTTP."""
+        return {"format": DELTA_FORMAT, "origin": self.origin, "branch_length": self.branch_length,
+                "since": self.since, "version": self.version, "entries": [e.to_dict() for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, data: object) -> TrieDelta:
+        """Inverse of :meth:`to_dict`; raises ValueError (naming the bad part) for anything else."""
+        if not isinstance(data, dict) or data.get("format") != DELTA_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"trie delta: format is {found!r}, expected {DELTA_FORMAT!r}")
+        entries = data.get("entries")
+        if not isinstance(entries, list):
+            raise ValueError("trie delta: 'entries' must be a list")
+        parsed = []
+        for i, entry in enumerate(entries):
+            try:
+                parsed.append(JournalEntry.from_dict(entry))
+            except ValueError as e:
+                raise ValueError(f"trie delta: entry {i}: {e}") from e
+        return cls(data.get("origin"), data.get("branch_length"),  # type: ignore[arg-type]
+                   data.get("since"), data.get("version"), tuple(parsed))  # type: ignore[arg-type]
+
+
 class _Node:
     """One trie node: global count, per-request local counts and the child map (token -> node).
 
     ``count`` is the global count as of decay round ``epoch``: the effective count is
     ``count * decay ** (trie epoch - epoch)``, so decaying every count is one increment of the trie's epoch. A node is
     brought up to date (``count`` rescaled, ``epoch`` set) whenever its global count changes or the sweep visits it.
+    ``sources`` (only on nodes documents counted) holds the part of ``count`` each source id gave, as of ``epoch``
+    too.
     """
 
-    __slots__ = ("count", "epoch", "local", "children")
+    __slots__ = ("count", "epoch", "local", "children", "sources")
 
     def __init__(self, epoch: int = 0) -> None:
         self.count = 0.0  # global count as of decay round `epoch`
         self.epoch = epoch
         self.local: dict[str, int] | None = None  # request_id -> count of that request's local inserts
         self.children: dict[int, _Node] | None = None
+        self.sources: dict[str, float] | None = None  # source_id -> its part of `count`, as of `epoch`
 
     def total(self) -> float:
         """Stored global plus local counts: positive exactly when the node holds any count."""
         return self.count + (sum(self.local.values()) if self.local else 0)
+
+    def catch_up(self, epoch: int, decay: float) -> None:
+        """Apply the decay rounds since ``self.epoch`` to the stored global count and its per-source parts."""
+        factor = decay ** (epoch - self.epoch)
+        self.count *= factor
+        if self.sources:
+            sources = self.sources
+            for sid in sources:
+                sources[sid] *= factor
+        self.epoch = epoch
+
+
+class _SourceInfo:
+    """Where a source's counts are: the first tokens of its windows (where removal starts looking) and how many
+    nodes hold a part of its counts."""
+
+    __slots__ = ("starts", "nodes")
+
+    def __init__(self) -> None:
+        self.starts: set[int] = set()
+        self.nodes = 0
 
 
 class _Sweep:
@@ -172,6 +348,9 @@ class TokenTrie:
         decay: factor applied to all global counts at each pruning round, in (0, 1).
         local_weight: weight of this request's local counts in a node's score.
         global_weight: weight of global counts in a node's score.
+        origin: this trie's id in the journal entries it makes (default: a random uuid4 hex); kept by save / load.
+        journal_limit: the journal keeps at most this many tokens (each entry also costs 16), dropping the oldest
+            entries first; 0 keeps none. ``origin`` and ``journal_limit`` are not part of :meth:`config`.
 
     Pruning. Once the trie has more than ``node_budget`` nodes, a sweep walks it in rounds: each round multiplies
     every global count by ``decay`` (O(1): see :class:`_Node`) and then visits every node, removing each subtree whose
@@ -193,6 +372,22 @@ class TokenTrie:
     the trie stays over its budget until their requests are released. The hard cap then rises to what is left plus
     the larger of ``node_budget`` and half of it, so a full prune is not retried after every window; ``release``
     lowers it again.
+
+    Journal and merge. Every global insert call (``insert`` / ``extend`` without a request id, ``insert_source``,
+    ``remove_source``) appends one :class:`JournalEntry` holding the call's tokens (never one per window), numbered
+    per origin from 1. ``version`` is the number of entries appended so far (the next entry's position);
+    :meth:`export_delta` returns the entries from a position on, :meth:`merge` replays the entries of a delta this trie
+    has not applied yet (per origin, those with a higher ``seq`` than any applied: its own entries count as applied),
+    appending them to its own journal, so a hub can pass them on. Replayed windows are counted exactly like inserted
+    ones, budget, decay and pruning included: without decay, merging commutes and is idempotent. Entries before
+    :meth:`trim_journal`'s position, or dropped for ``journal_limit``, are gone: exporting from before them raises.
+    An origin's entries must be merged in ``seq`` order (as exported); after a gap (entries lost to trimming) the
+    later ones are applied and the missing ones never will be.
+
+    Sources. :meth:`insert_source` counts a document's windows as global ones and keeps, on each node, the part of
+    its count that source gave (decayed with it); :meth:`remove_source` takes that part back and removes the nodes
+    left with no count. Inserts and removals of one source id made in different tries replay in the order each trie
+    receives them: give each document one owner.
     """
 
     def __init__(
@@ -203,6 +398,8 @@ class TokenTrie:
         decay: float = 0.5,
         local_weight: float = 1.0,
         global_weight: float = 1.0,
+        origin: str | None = None,
+        journal_limit: int = JOURNAL_LIMIT,
     ) -> None:
         for name, val in (
             ("branch_length", branch_length),
@@ -232,6 +429,15 @@ class TokenTrie:
         self._requests: dict[str, set[int]] = {}
         self._sweep_state = _Sweep()
         self._hard_cap = _HARD_CAP * node_budget  # past it, a call prunes fully
+        self._origin = uuid.uuid4().hex if origin is None else _check_id("TokenTrie", "origin", origin)
+        self.journal_limit = _check_int("TokenTrie", "journal_limit", journal_limit, 0)
+        # the journal: (origin, seq, op, source, tokens, start, stop, skip) from position _journal_base on
+        self._journal: deque[tuple[Any, ...]] = deque()
+        self._journal_base = 0
+        self._journal_cost = 0  # tokens in the journal plus _ENTRY_COST per entry
+        self._applied: dict[str, int] = {self._origin: 0}  # origin -> highest seq applied (own: entries made)
+        self._sources: dict[str, _SourceInfo] = {}
+        self._filling: _SourceInfo | None = None  # the source being inserted: kept even if pruning empties it
 
     # ------------------------------------------------------------------ config and size
 
@@ -284,6 +490,16 @@ class TokenTrie:
                 return self._effective(node)
             return float(node.local.get(request_id, 0)) if node.local else 0.0
 
+    def source_count(self, tokens: Sequence[int], source_id: str) -> float:
+        """The part of the global count of the n-gram ``tokens`` that source ``source_id`` gave (decayed)."""
+        key = tuple(int(t) for t in tokens)
+        with self._lock:
+            node = self._find(key) if key else None
+            if node is None or not node.sources or source_id not in node.sources:
+                return 0.0
+            epoch = self._sweep_state.epoch
+            return node.sources[source_id] * self.decay ** (epoch - node.epoch)
+
     # ------------------------------------------------------------------ insert
 
     def insert(self, tokens: Sequence[int], request_id: str | None = None, start: int = 0,
@@ -300,6 +516,8 @@ class TokenTrie:
         toks = [int(t) for t in tokens[start:end]]
         with self._lock:
             self._count_windows(toks, 0, stop - start, 0, request_id)
+            if request_id is None and stop > start:
+                self._journal_own("insert", toks, 0, stop - start, 0, None)
 
     def extend(self, before: Sequence[int], new: Sequence[int], request_id: str | None = None) -> None:
         """Count the tokens ``new`` of a stream whose earlier tokens ``before`` were counted already.
@@ -312,8 +530,11 @@ class TokenTrie:
         tail = [int(t) for t in before[-self.branch_length:]]
         toks = tail + [int(t) for t in new]
         counted = len(tail)
+        first = max(0, counted - self.branch_length)
         with self._lock:
-            self._count_windows(toks, max(0, counted - self.branch_length), len(toks), counted, request_id)
+            self._count_windows(toks, first, len(toks), counted, request_id)
+            if request_id is None and len(toks) > counted:
+                self._journal_own("insert", toks, first, len(toks), counted, None)
 
     def maintain(self, max_nodes_visited: int = 4096) -> int:
         """Do up to about ``max_nodes_visited`` node visits of pruning now; return how many were done.
@@ -331,10 +552,12 @@ class TokenTrie:
                 self._sweep_state.active = True
             return self._sweep(limit)
 
-    def _count_windows(self, toks: list[int], first: int, last: int, counted: int, request_id: str | None) -> None:
+    def _count_windows(self, toks: list[int], first: int, last: int, counted: int, request_id: str | None,
+                       source: str | None = None) -> None:
         """Count the windows of ``toks`` starting at ``first..last-1``, their positions ``counted..`` only; the
-        positions before ``counted`` were counted by an earlier call and are only walked (or re-created). Pays the
-        pruning sweep its share between windows."""
+        positions before ``counted`` were counted by an earlier call and are only walked (or re-created). Global
+        counts (``request_id`` None) may come from ``source`` (registered in ``_sources``). Pays the pruning sweep
+        its share between windows."""
         n = len(toks)
         width = self.branch_length + 1
         index_depth = self._index_depth
@@ -342,6 +565,7 @@ class TokenTrie:
         sweep = self._sweep_state
         decay = self.decay
         starts = None if request_id is None else self._requests.setdefault(request_id, set())
+        src = None if source is None else self._sources[source]
         owed = _SWEEP_BASE
         for i in range(first, last):
             if starts is None:
@@ -351,6 +575,8 @@ class TokenTrie:
             made = self._size
             if starts is not None and i >= counted:
                 starts.add(toks[i])
+            elif src is not None and i >= counted:
+                src.starts.add(toks[i])
             for j in range(i, min(i + width, n)):
                 t = toks[j]
                 children = node.children
@@ -366,9 +592,18 @@ class TokenTrie:
                 if j >= counted:
                     if starts is None:
                         if child.epoch != epoch:
-                            child.count *= decay ** (epoch - child.epoch)
-                            child.epoch = epoch
+                            child.catch_up(epoch, decay)
                         child.count += 1.0
+                        if src is not None:
+                            parts = child.sources
+                            if parts is None:
+                                child.sources = {source: 1.0}  # type: ignore[dict-item]
+                                src.nodes += 1
+                            elif source in parts:
+                                parts[source] += 1.0  # type: ignore[index]
+                            else:
+                                parts[source] = 1.0  # type: ignore[index]
+                                src.nodes += 1
                     else:
                         loc = child.local
                         if loc is None:
@@ -516,10 +751,22 @@ class TokenTrie:
         while stack:
             cur = stack.pop()
             removed += 1
+            if cur.sources:
+                for sid in cur.sources:
+                    self._source_lost(sid)
             if cur.children:
                 stack.extend(cur.children.values())
         self._size -= removed
         return removed
+
+    def _source_lost(self, source_id: str) -> None:
+        """A node holding part of ``source_id``'s counts was removed: forget the source once none is left."""
+        info = self._sources.get(source_id)
+        if info is None:
+            return
+        info.nodes -= 1
+        if info.nodes <= 0 and info is not self._filling:
+            del self._sources[source_id]
 
     def _prune_target(self) -> int:
         return int(self.node_budget * _PRUNE_TARGET)
@@ -563,8 +810,7 @@ class TokenTrie:
                     continue  # removed since the frame was listed
                 visited += 1
                 if child.epoch != epoch:
-                    child.count *= decay ** (epoch - child.epoch)
-                    child.epoch = epoch
+                    child.catch_up(epoch, decay)
                 if child.local is None:
                     if child.count < _PRUNE_THRESHOLD:
                         visited += self._remove(node, t, key + (t,))
@@ -596,16 +842,199 @@ class TokenTrie:
         or ``left`` plus the larger of ``node_budget`` and ``left / 2`` (room for the sweep to keep pace)."""
         return max(_HARD_CAP * self.node_budget, left + max(self.node_budget, left // 2))
 
+    # ------------------------------------------------------------------ sources (documents with ids)
+
+    def insert_source(self, source_id: str, tokens: Sequence[int], start: int = 0, stop: int | None = None,
+                      append: bool = False) -> None:
+        """Insert the windows of document ``source_id`` like ``insert(tokens, None, start, stop)`` (global counts:
+        they draft for every request), remembering which counts it gave so :meth:`remove_source` can take them back.
+
+        A source id inserted again is replaced (what it had is removed first), unless ``append`` is true: then the
+        windows add to what it has (a long document inserted in slices, ``append=True`` from the second slice on).
+        """
+        _check_id("insert_source", "source_id", source_id)
+        start, stop = _window_range(start, stop, len(tokens))
+        end = min(len(tokens), stop + self.branch_length)
+        toks = [int(t) for t in tokens[start:end]]
+        with self._lock:
+            self._add_source(source_id, toks, 0, stop - start, replace=not append)
+            self._journal_own("append" if append else "source", toks, 0, stop - start, 0, source_id)
+
+    def remove_source(self, source_id: str) -> int:
+        """Take back every count source ``source_id`` gave and remove the nodes left with no count (global, other
+        sources' or live requests'); return how many nodes were removed. An unknown id removes nothing (0), but the
+        removal is journaled all the same, so it reaches the tries a delta carries it to."""
+        _check_id("remove_source", "source_id", source_id)
+        with self._lock:
+            removed = self._drop_source(source_id)
+            self._journal_own("remove", [], 0, 0, 0, source_id)
+            return removed
+
+    def sources(self) -> list[str]:
+        """The ids of the sources that still hold counts in some node (pruning may have removed all of a source's)."""
+        with self._lock:
+            return sorted(self._sources)
+
+    def _add_source(self, source_id: str, toks: list[int], first: int, last: int, replace: bool) -> None:
+        """Count the windows ``first..last-1`` of ``toks`` as global counts of ``source_id`` (after removing what
+        it had, if ``replace``)."""
+        if replace:
+            self._drop_source(source_id)
+        info = self._sources.setdefault(source_id, _SourceInfo())
+        self._filling = info
+        try:
+            self._count_windows(toks, first, last, 0, None, source_id)
+        finally:
+            self._filling = None
+            if info.nodes <= 0:
+                self._sources.pop(source_id, None)
+
+    def _drop_source(self, source_id: str) -> int:
+        """Subtract ``source_id``'s parts from the counts of its nodes (clamped at 0), removing the nodes left with
+        no count; return how many nodes were removed."""
+        info = self._sources.pop(source_id, None)
+        if info is None or not self._root.children:
+            return 0
+        self._sweep_state.note_prunable()  # lowered counts may be prunable now
+        epoch, decay = self._sweep_state.epoch, self.decay
+        removed = 0
+        # The nodes holding this source's counts form a subtree under the root (every window counts its prefixes).
+        stack: list[tuple[_Node, tuple[int, ...], list[int]]] = [(self._root, (), sorted(info.starts))]
+        while stack:
+            node, key, tokens = stack.pop()
+            for t in tokens:
+                child = node.children.get(t) if node.children else None
+                parts = child.sources if child is not None else None
+                if not parts or source_id not in parts:
+                    continue
+                if child.epoch != epoch:  # type: ignore[union-attr]
+                    child.catch_up(epoch, decay)  # type: ignore[union-attr]
+                taken = parts.pop(source_id)
+                if not parts:
+                    child.sources = None  # type: ignore[union-attr]
+                left = child.count - taken  # type: ignore[union-attr]
+                child.count = left if left > taken * _RESIDUE else 0.0  # type: ignore[union-attr]
+                ckey = key + (t,)
+                if child.count <= 0.0 and child.local is None:  # type: ignore[union-attr]
+                    removed += self._remove(node, t, ckey)  # its subtree held nothing else either
+                elif child.children:  # type: ignore[union-attr]
+                    stack.append((child, ckey, list(child.children)))  # type: ignore[union-attr,arg-type]
+        return removed
+
+    # ------------------------------------------------------------------ journal, deltas and merge
+
+    @property
+    def origin(self) -> str:
+        """This trie's id in the journal entries it makes."""
+        return self._origin
+
+    @property
+    def version(self) -> int:
+        """Journal entries appended so far (made here or merged): the position the next one gets."""
+        with self._lock:
+            return self._journal_base + len(self._journal)
+
+    def applied(self) -> dict[str, int]:
+        """Per origin, the highest entry ``seq`` this trie holds (its own origin: the entries it made)."""
+        with self._lock:
+            return dict(self._applied)
+
+    def export_delta(self, since: int = 0) -> TrieDelta:
+        """The journal entries at positions ``>= since`` (made here or merged), as a :class:`TrieDelta` whose
+        ``version`` is the ``since`` of the next export. Raises ValueError if ``since`` is past :attr:`version` or
+        before the entries still kept (trimmed by :meth:`trim_journal` or dropped for ``journal_limit``)."""
+        since = _check_int("export_delta", "since", since, 0)
+        with self._lock:
+            base, version = self._journal_base, self._journal_base + len(self._journal)
+            if since < base:
+                raise ValueError(f"export_delta: the entries before position {base} are gone (trim_journal or "
+                                 f"journal_limit={self.journal_limit}); since must be >= {base}, got {since}")
+            if since > version:
+                raise ValueError(f"export_delta: since ({since}) is past this trie's version ({version})")
+            raw = list(islice(self._journal, since - base, None))
+        entries = tuple(JournalEntry(o, seq, op, tuple(toks), a, b, k, src) for o, seq, op, src, toks, a, b, k in raw)
+        return TrieDelta(self._origin, self.branch_length, since, version, entries)
+
+    def merge(self, delta: TrieDelta) -> int:
+        """Replay the entries of ``delta`` this trie has not applied yet; return how many were applied.
+
+        Per origin, an entry is applied when its ``seq`` is above the highest applied so far (this trie's own
+        entries count as applied), so merging a delta twice, overlapping deltas or an echo of this trie's own
+        entries is harmless. Applied entries join this trie's journal (with their origin and seq). Budget, decay and
+        pruning work as after inserts. Raises ValueError if ``delta`` comes from a trie of another branch_length.
+        """
+        if not isinstance(delta, TrieDelta):
+            raise TypeError(f"merge takes a TrieDelta (TrieDelta.from_dict for a dict), got {type(delta).__name__}")
+        if delta.branch_length != self.branch_length:
+            raise ValueError(f"merge: the delta's windows are {delta.branch_length + 1} tokens (branch_length "
+                             f"{delta.branch_length}), this trie's {self.branch_length + 1}: they cannot be replayed")
+        applied = 0
+        with self._lock:
+            for entry in delta.entries:
+                if entry.seq <= self._applied.get(entry.origin, 0):
+                    continue
+                self._replay(entry)
+                self._applied[entry.origin] = entry.seq
+                self._journal_push((entry.origin, entry.seq, entry.op, entry.source, _pack(entry.tokens),
+                                    entry.start, entry.stop, entry.skip))
+                applied += 1
+        return applied
+
+    def trim_journal(self, upto: int) -> None:
+        """Forget the journal entries before position ``upto`` (e.g. those every reader has exported); raises
+        ValueError if ``upto`` is past :attr:`version`."""
+        upto = _check_int("trim_journal", "upto", upto, 0)
+        with self._lock:
+            version = self._journal_base + len(self._journal)
+            if upto > version:
+                raise ValueError(f"trim_journal: upto ({upto}) is past this trie's version ({version})")
+            while self._journal_base < upto:
+                self._journal_pop()
+
+    def _replay(self, entry: JournalEntry) -> None:
+        """Apply one journal entry to the counts."""
+        if entry.op == "remove":
+            self._drop_source(entry.source)  # type: ignore[arg-type]
+            return
+        toks = list(entry.tokens)
+        if entry.op == "insert":
+            self._count_windows(toks, entry.start, entry.stop, entry.skip, None)
+        else:
+            source: str = entry.source  # type: ignore[assignment]
+            self._add_source(source, toks, entry.start, entry.stop, replace=entry.op == "source")
+
+    def _journal_own(self, op: str, toks: list[int], start: int, stop: int, skip: int, source: str | None) -> None:
+        """Append an entry made by this trie (the next seq of its origin)."""
+        seq = self._applied[self._origin] + 1
+        self._applied[self._origin] = seq
+        self._journal_push((self._origin, seq, op, source, _pack(toks), start, stop, skip))
+
+    def _journal_push(self, entry: tuple[Any, ...]) -> None:
+        """Append ``entry``; drop the oldest entries while the journal is over ``journal_limit``."""
+        self._journal.append(entry)
+        self._journal_cost += len(entry[4]) + _ENTRY_COST
+        while self._journal_cost > self.journal_limit:
+            self._journal_pop()
+
+    def _journal_pop(self) -> None:
+        entry = self._journal.popleft()
+        self._journal_base += 1
+        self._journal_cost -= len(entry[4]) + _ENTRY_COST
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the config and global counts to ``path`` atomically (JSON; gzip-compressed if it ends in .gz).
 
         Nodes are stored in preorder as ``[parent_index, token, count]`` (``-1``: child of the root) with their
-        effective (decayed) global counts; request-local counts are not saved.
+        effective (decayed) global counts; request-local counts are not saved. ``sources`` maps each source id to
+        ``[node_index, part]`` pairs. The journal is not saved, but ``origin``, the per-origin applied ``seq``
+        (``applied``) and the journal position (``journal_version``) are, so a loaded trie neither re-applies the
+        entries it holds nor reuses its own seq numbers or positions.
         """
         with self._lock:
             nodes: list[list[float | int]] = []
+            parts: dict[str, list[list[float | int]]] = {}
             stack: list[tuple[int, int, _Node]] = [(-1, t, c) for t, c in _sorted_children(self._root, reverse=True)]
             while stack:
                 parent_idx, t, node = stack.pop()
@@ -616,56 +1045,63 @@ class TokenTrie:
                     count = min(count, nodes[parent_idx][2])  # never above the parent's, whatever the rounding
                 idx = len(nodes)
                 nodes.append([parent_idx, t, count])
+                if node.sources:
+                    factor = count / node.count if node.count > 0 else 0.0  # the node's decay (and clamp)
+                    for sid, part in node.sources.items():
+                        parts.setdefault(sid, []).append([idx, min(part * factor, count)])
                 stack.extend((idx, t2, c2) for t2, c2 in _sorted_children(node, reverse=True))
-            doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config(), "nodes": nodes}
+            doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config(), "nodes": nodes,
+                   "origin": self._origin, "applied": dict(sorted(self._applied.items())),
+                   "journal_version": self._journal_base + len(self._journal),
+                   "sources": {sid: parts[sid] for sid in sorted(parts)}}
         data = json.dumps(doc, separators=(",", ":")).encode("utf-8")
         path = os.fspath(path)
         if path.endswith(".gz"):
             data = gzip.compress(data, mtime=0)
         atomic_write_bytes(path, data, mode=0o600)  # owner-only: the learned outputs may be private
 
-
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> TokenTrie:
-        """Read a trie written by :meth:`save`. Raises ValueError for a corrupt, foreign or wrong-version file."""
+    def load(cls, path: str | os.PathLike[str], journal_limit: int = JOURNAL_LIMIT) -> TokenTrie:
+        """Read a trie written by :meth:`save` (its journal starts empty, at the saved position). Raises ValueError
+        for a corrupt, foreign or wrong-version file."""
         path = os.fspath(path)
-        with open(path, "rb") as f:
-            raw = f.read()
         where = f"{path!r} is not a valid {FORMAT_NAME} file"
-        try:
-            if raw[:2] == _GZIP_MAGIC:
-                raw = gzip.decompress(raw)
-            doc = json.loads(raw.decode("utf-8"))
-        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}: cannot decode JSON ({e})") from e
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-            raise ValueError(f"{where}: format is {found!r}, expected {FORMAT_NAME!r}")
-        if doc.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{where}: unsupported version {doc.get('version')!r} (this code reads {FORMAT_VERSION})")
+        doc = _read_doc(path, where)
         config = doc.get("config")
         if not isinstance(config, dict):
             raise ValueError(f"{where}: missing 'config' object")
+        origin, applied, position = _journal_state(doc, where)
         try:
-            trie = cls(**config)
+            trie = cls(**config, origin=origin, journal_limit=journal_limit)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: bad config ({e})") from e
-        nodes = doc.get("nodes")
+        trie._applied.update(applied)
+        trie._journal_base = position
+        built, parents = trie._build_nodes(doc.get("nodes"), where)
+        trie._load_sources(doc.get("sources", {}), built, parents, doc["nodes"], where)
+        if trie._size > trie.node_budget:
+            trie._prune_fully()  # loading is not a hot path: get within the budget at once
+        return trie
+
+    def _build_nodes(self, nodes: object, where: str) -> tuple[list[_Node], list[int]]:
+        """Build the saved ``[parent, token, count]`` nodes into this (empty) trie; return them and their parents'
+        indices."""
         if not isinstance(nodes, list):
             raise ValueError(f"{where}: missing 'nodes' list")
         built: list[_Node] = []
+        parents: list[int] = []
         keys: list[tuple[int, ...]] = []
         for i, entry in enumerate(nodes):
             if not (isinstance(entry, list) and len(entry) == 3):
                 raise ValueError(f"{where}: node {i} is not a [parent, token, count] triple")
             p, t, c = entry
-            if isinstance(p, bool) or not isinstance(p, int) or not -1 <= p < i:
+            if not _is_int(p) or not -1 <= p < i:
                 raise ValueError(f"{where}: node {i} has a bad parent index {p!r}")
-            if isinstance(t, bool) or not isinstance(t, int):
+            if not _is_int(t):
                 raise ValueError(f"{where}: node {i} has a bad token {t!r}")
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
                 raise ValueError(f"{where}: node {i} has a bad count {c!r}")
-            parent = trie._root if p < 0 else built[p]
+            parent = self._root if p < 0 else built[p]
             if p >= 0 and c > parent.count:
                 raise ValueError(f"{where}: node {i} has a larger count than its parent")
             if parent.children is None:
@@ -676,16 +1112,77 @@ class TokenTrie:
             node.count = float(c)
             parent.children[t] = node
             key = (keys[p] if p >= 0 else ()) + (t,)
-            if len(key) > trie.branch_length + 1:
+            if len(key) > self.branch_length + 1:
                 raise ValueError(f"{where}: node {i} is deeper than branch_length + 1")
-            if len(key) <= trie._index_depth:
-                trie._index[key] = node
+            if len(key) <= self._index_depth:
+                self._index[key] = node
             built.append(node)
+            parents.append(p)
             keys.append(key)
-        trie._size = len(built)
-        if trie._size > trie.node_budget:
-            trie._prune_fully()  # loading is not a hot path: get within the budget at once
-        return trie
+        self._size = len(built)
+        return built, parents
+
+    def _load_sources(self, saved: object, built: list[_Node], parents: list[int], nodes: list[list[Any]],
+                      where: str) -> None:
+        """Attach the saved per-source parts (``{source_id: [[node_index, part], ...]}``) to the ``built`` nodes
+        (built from the saved ``nodes``)."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: 'sources' must be an object")
+        for sid, pairs in saved.items():
+            if not sid or not isinstance(pairs, list) or not pairs:
+                raise ValueError(f"{where}: source {sid!r} must have a non-empty list of [node, part] pairs")
+            info = self._sources[sid] = _SourceInfo()
+            for pair in pairs:
+                if not (isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0]) and 0 <= pair[0] < len(built)):
+                    raise ValueError(f"{where}: source {sid!r} has a bad [node, part] pair {pair!r}")
+                i, part = pair
+                node, p = built[i], parents[i]
+                if isinstance(part, bool) or not isinstance(part, (int, float)) or not 0 < part <= node.count:
+                    raise ValueError(f"{where}: source {sid!r} has a bad part {part!r} at node {i}")
+                if node.sources and sid in node.sources:
+                    raise ValueError(f"{where}: source {sid!r} names node {i} twice")
+                if p >= 0 and not (built[p].sources and sid in built[p].sources):
+                    raise ValueError(f"{where}: source {sid!r} has node {i} but not its parent (node {p})")
+                if node.sources is None:
+                    node.sources = {}
+                node.sources[sid] = float(part)
+                info.nodes += 1
+                if p < 0:
+                    info.starts.add(nodes[i][1])
+
+
+def _read_doc(path: str, where: str) -> dict[str, Any]:
+    """The JSON object of a saved trie file (gzip or not), its format and version checked."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if raw[:2] == _GZIP_MAGIC:
+            raw = gzip.decompress(raw)
+        doc = json.loads(raw.decode("utf-8"))
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: cannot decode JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{where}: format is {found!r}, expected {FORMAT_NAME!r}")
+    if doc.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{where}: unsupported version {doc.get('version')!r} (this code reads {FORMAT_VERSION})")
+    return doc
+
+
+def _journal_state(doc: dict[str, Any], where: str) -> tuple[str | None, dict[str, int], int]:
+    """``origin`` (None: not saved, a new one), ``applied`` and ``journal_version`` of a saved trie (files of older
+    code have none of them)."""
+    origin = doc.get("origin")
+    if origin is not None and (not isinstance(origin, str) or not origin):
+        raise ValueError(f"{where}: 'origin' must be a non-empty string, got {origin!r}")
+    applied = doc.get("applied", {})
+    if not isinstance(applied, dict) or not all(isinstance(k, str) and k and _is_int(v) and v >= 0
+                                                for k, v in applied.items()):
+        raise ValueError(f"{where}: 'applied' must map origins to ints >= 0")
+    position = doc.get("journal_version", 0)
+    if not _is_int(position) or position < 0:
+        raise ValueError(f"{where}: 'journal_version' must be an int >= 0, got {position!r}")
+    return origin, applied, position
 
 
 def _sorted_children(node: _Node, reverse: bool = False) -> list[tuple[int, _Node]]:
