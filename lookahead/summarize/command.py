@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..argtypes import positive_int
-from .discovery import SummarizeError, collect_documents
+from .discovery import SourceDocument, SummarizeError, collect_documents
 from .names import REPORT_NAME
 from .records import finished_names
+from .report import SummaryRun
 from .run import summarize_documents
 from .summarizer import Summarizer
+
+RAY_MODULE = "lookahead_ray.commands"  # the integration that runs --ray (pip install 'lookahead-rag[ray]')
+RAY_INSTALL_HINT = "pip install 'lookahead-rag[ray]'"
 
 
 def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],
@@ -32,9 +37,51 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip unreadable or binary files with a warning instead of stopping")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_ray_args(parser)
     add_model_args(parser)
     parser.set_defaults(func=lambda args: cmd_summarize(args, build))
     return parser
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """``--ray`` and its options (the work runs in :mod:`lookahead_ray`, imported only when ``--ray`` is given)."""
+    ray = parser.add_argument_group(f"on Ray ({RAY_INSTALL_HINT})")
+    ray.add_argument("--ray", action="store_true",
+                     help="summarize on a Ray actor pool: a model per worker, one shared trie, same output files")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default: start a local one)")
+    ray.add_argument("--workers", type=positive_int, default=2, help="workers, each with its own model (default 2)")
+    ray.add_argument("--cpus-per-worker", type=positive_int, default=1,
+                     help="CPUs (and torch threads) per worker (default 1)")
+    ray.add_argument("--gpus-per-worker", type=_non_negative, default=0.0,
+                     help="GPUs per worker (default 0; a fraction shares a GPU)")
+    ray.add_argument("--worker-batch-size", type=positive_int, default=1,
+                     help="documents each worker decodes together (default 1)")
+    ray.add_argument("--no-trie-sharing", action="store_true",
+                     help="no trie hub: each worker learns from its own summaries only")
+    ray.add_argument("--trie", default=None, metavar="PATH",
+                     help="the hub loads its trie from PATH at start and saves it there (atomically)")
+    ray.add_argument("--trie-save-interval", type=_non_negative, default=60.0, metavar="SECONDS",
+                     help="seconds between hub saves when the trie changed (0: only at the end; default 60)")
+
+
+def _run_on_ray(args: argparse.Namespace, documents: list[SourceDocument]) -> SummaryRun:
+    """The run on Ray, or a clear error when the ray extra is missing."""
+    try:
+        commands = importlib.import_module(RAY_MODULE)
+    except ImportError as exc:
+        raise SummarizeError(f"--ray needs Ray ({exc}): {RAY_INSTALL_HINT}") from None
+    return commands.summarize_on_ray(args, documents)
 
 
 def cmd_summarize(args: argparse.Namespace, build: Callable[[argparse.Namespace], tuple]) -> int:
@@ -42,6 +89,14 @@ def cmd_summarize(args: argparse.Namespace, build: Callable[[argparse.Namespace]
     if args.chunk_tokens < 16:
         raise SummarizeError(f"--chunk-tokens must be at least 16, got {args.chunk_tokens}")
     documents = collect_documents(args.paths, args.out, skip_invalid=args.skip_invalid)
+    if getattr(args, "ray", False):
+        try:
+            run = _run_on_ray(args, documents)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: the finished documents are in {args.out}; run the same command again to resume",
+                  file=sys.stderr)
+            return 130
+        return _report(run, args.out)
     _, _, generator = build(args)
     summarizer = Summarizer(generator, max_new_tokens=args.max_new_tokens, chunk_tokens=args.chunk_tokens,
                             baseline=args.baseline)
@@ -52,8 +107,13 @@ def cmd_summarize(args: argparse.Namespace, build: Callable[[argparse.Namespace]
         print(f"\ninterrupted: {done} of {len(documents)} documents are summarized in {args.out}; run the same "
               "command again to resume", file=sys.stderr)
         return 130
+    return _report(run, args.out)
+
+
+def _report(run: SummaryRun, out: str) -> int:
+    """Print the run's table; 1 when an output differs from its ``--baseline`` beyond the dtype's rounding."""
     print(run.format())
-    print(f"summaries and {REPORT_NAME} written to {args.out}")
+    print(f"summaries and {REPORT_NAME} written to {out}")
     if run.failed:  # only hard mismatches fail: a near-tie is what half precision allows
         print("FAILED: an output differs from plain HF greedy decoding beyond the dtype's rounding", file=sys.stderr)
         return 1

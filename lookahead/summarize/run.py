@@ -31,15 +31,8 @@ def summarize_documents(documents: Sequence[SourceDocument], out_dir: str | os.P
     bar = _progress(len(documents), progress)
     try:
         for doc in documents:
-            done = finished(doc, out, settings)
-            if done is None:
-                bar.set_postfix_str(doc.name[:30])
-                summary, chunks, requests = summarizer.summarize(doc.text)
-                path = summary_path(out, doc.name)
-                atomic_write_text(path, summary + "\n")
-                write_record(out, doc, settings, chunks, requests)  # last: the record marks the summary finished
-                done = DocumentReport(doc.name, str(doc.path), str(path), chunks, requests)
-            reports.append(done)
+            bar.set_postfix_str(doc.name[:30])
+            reports.append(summarize_document(doc, out, summarizer, settings))
             bar.update(1)
             steps = sum(r.steps for r in reports)
             if steps:
@@ -47,8 +40,27 @@ def summarize_documents(documents: Sequence[SourceDocument], out_dir: str | os.P
     finally:
         bar.close()
     run = SummaryRun(reports, out, summarizer._pass_seconds)
-    atomic_write_text(out / REPORT_NAME, json.dumps(run.to_dict(), indent=1) + "\n")
+    write_report(run)
     return run
+
+
+def summarize_document(doc: SourceDocument, out: Path, summarizer: Summarizer, settings: dict[str, Any]
+                       ) -> DocumentReport:
+    """Summarize one document into ``out`` (summary, then its record, each written atomically), or return the report
+    of an earlier run when it is finished with these ``settings``. Also the unit of work of ``summarize --ray``."""
+    done = finished(doc, out, settings)
+    if done is not None:
+        return done
+    summary, chunks, requests = summarizer.summarize(doc.text)
+    path = summary_path(out, doc.name)
+    atomic_write_text(path, summary + "\n")
+    write_record(out, doc, settings, chunks, requests)  # last: the record marks the summary finished
+    return DocumentReport(doc.name, str(doc.path), str(path), chunks, requests)
+
+
+def write_report(run: SummaryRun) -> None:
+    """Write ``report.json`` of a run into its output folder (atomically)."""
+    atomic_write_text(run.out_dir / REPORT_NAME, json.dumps(run.to_dict(), indent=1) + "\n")
 
 
 class _NoBar:
