@@ -9,13 +9,17 @@ Decisions that differ from OpenAI's API (also in the README):
   prompt plus ``max_tokens`` exceeds the context is refused (400) before it costs any compute.
 - Fields this server cannot honour (``n``, ``logprobs``, penalties ...) are accepted only with their neutral value.
 - ``documents: [str, ...]`` is an extra body field: texts that seed this request's local trie.
+- Tenants (``tenant_header`` or ``tenant_keys``): each tenant drafts from a trie of its own (``tenants.py``).
+- Each streamed chunk carries a ``lookahead`` object: ``tokens`` (new tokens), ``accepted`` (draft tokens accepted
+  in the step that made it) and ``accepted_runs`` (``[{"start", "end", "source"}]``, character offsets into the
+  chunk's text of the drafted part, ``source`` null until the engine reports where drafts came from).
+- ``GET /`` serves a small page (``static/index.html``): paste documents, ask, watch the answer stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import threading
@@ -24,22 +28,26 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
 from lookahead.sampling import SamplingParams
 from lookahead.scheduler import OutOfMemoryRequestError, QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
+from lookahead.trie import TokenTrie
 
+from .documents import check_document_id, delete_document, document_ids, insert_documents
 from .errors import ApiError, describe_validation_error, parse_json, validate_body
 from .metrics import ServerMetrics
 from .persistence import TrieStore
 from .schemas import ChatCompletionRequest, CompletionRequest, DocumentsRequest, as_documents_body
+from .tenants import Access, TenantGenerator, TenantTries
 
 log = logging.getLogger("lookahead_server")
 
@@ -69,6 +77,11 @@ class ServeSettings:
         trie_save_interval: seconds between saves (only when something changed); 0 saves at shutdown only.
         disconnect_poll: seconds between checks that a waiting client is still connected (a client that goes
             away is cancelled, streamed or not).
+        tenant_header: a header naming the request's tenant (``lookahead serve --tenant-header NAME``); trust it
+            only behind a gateway that sets it.
+        tenant_keys: API key -> tenant (``--tenant-keys FILE``, read with :func:`tenants.read_tenant_keys`); each
+            listed key is accepted and decides the tenant. Not together with ``tenant_header``.
+        max_tenants: most tenants whose tries are held; requests of a new tenant past it get 403.
     """
 
     model_name: str = "default"
@@ -83,9 +96,12 @@ class ServeSettings:
     trie_path: str | None = None
     trie_save_interval: float = 300.0
     disconnect_poll: float = 0.1
+    tenant_header: str | None = None
+    tenant_keys: dict[str, str] | None = None
+    max_tenants: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes"):
+        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "max_tenants"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -98,6 +114,11 @@ class ServeSettings:
             raise ValueError("trie_save_interval must be >= 0 and disconnect_poll > 0")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty")
+        self.access()  # checks the tenant options
+
+    def access(self) -> Access:
+        """Who may call, and the tenant of each request."""
+        return Access(self.api_key, self.tenant_header, self.tenant_keys)
 
 
 def default_scheduler(generator: LookaheadGenerator, settings: ServeSettings) -> Scheduler:
@@ -110,7 +131,8 @@ class _ClientGone(Exception):
 
 
 class _Service:
-    """Everything one app holds: the generator, the scheduler (from start-up on), metrics and trie persistence."""
+    """Everything one app holds: the generator, the scheduler (from start-up on), metrics, the tenants' tries and
+    their persistence."""
 
     def __init__(self, generator: LookaheadGenerator, settings: ServeSettings, factory: SchedulerFactory) -> None:
         self.generator = generator
@@ -119,12 +141,16 @@ class _Service:
         self.scheduler: Scheduler | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.store = TrieStore(settings.trie_path) if settings.trie_path else None
+        self.access = settings.access()
+        self.tenants = TenantTries(generator, settings.trie_path, settings.max_tenants, on_load=self._warn_config)
+        self.view = TenantGenerator(generator)  # what the scheduler decodes with: per-request tries
         self.metrics = ServerMetrics(lambda: (self.generator, self.scheduler))
         self.handles: set[RequestHandle] = set()
         self.created = int(time.time())
         self.documents_inserted = 0
         self._save_lock = threading.Lock()
-        self._saved_state: tuple[int, int, int] | None = None
+        self._changes: dict[str | None, int] = {}  # tenant (None: default) -> changes to its trie so far
+        self._saved: dict[str | None, int] = {}  # tenant -> changes saved
 
     # ------------------------------------------------------------------ life cycle
 
@@ -134,14 +160,13 @@ class _Service:
             if trie is not None:
                 self._warn_config(trie)
                 self.generator.trie = trie  # before the scheduler exists: no batch holds the old trie
-        self.scheduler = self.factory(self.generator, self.settings)
+        self.scheduler = self.factory(self.view, self.settings)  # type: ignore[arg-type] - a generator view
         waiting = self.scheduler.max_queue + self.scheduler.max_batch_size + 8
         # One thread per request waiting for its next chunk: the default executor (cores + 4) would let waits on
         # queued requests delay the chunks of running ones.
         self.pool = ThreadPoolExecutor(max_workers=waiting, thread_name_prefix="lookahead-wait")
-        self._saved_state = self._state()
 
-    def _warn_config(self, trie: Any) -> None:
+    def _warn_config(self, trie: TokenTrie) -> None:
         config = self.generator.config
         for name in ("branch_length", "max_query_length", "node_budget"):
             if getattr(trie, name) != getattr(config, name):
@@ -158,26 +183,37 @@ class _Service:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _state(self) -> tuple[int, int, int]:
-        tokens = self.scheduler.stats.tokens_generated if self.scheduler is not None else 0
-        return tokens, self.documents_inserted, len(self.generator.trie)
+    def touch(self, tenant: str | None) -> None:
+        """Note a change to ``tenant``'s trie (a learned answer, documents added or deleted): the next save writes
+        it."""
+        with self._save_lock:
+            self._changes[tenant] = self._changes.get(tenant, 0) + 1
 
     def save(self, force: bool = False) -> bool:
-        """Save the trie if anything changed since the last save (or ``force``); False when nothing was written."""
+        """Save every trie that changed since its last save (all of them with ``force``): the default one and each
+        tenant's, each to its own file. False when nothing was written."""
         assert self.store is not None
+        wrote = False
         with self._save_lock:
-            state = self._state()
-            if not force and state == self._saved_state:
-                return False
-            try:
-                self.store.save(self.generator.trie)
-            except OSError as error:
-                self.metrics.trie_saves.labels("error").inc()
-                log.error("could not save the trie to %s: %s", self.store.path, error)
-                return False
-            self._saved_state = state
-            self.metrics.trie_saves.labels("ok").inc()
-            return True
+            for tenant in [None, *self.tenants.tenants()]:
+                changes = self._changes.get(tenant, 0)
+                if not force and changes == self._saved.get(tenant, 0):
+                    continue
+                store = self.store if tenant is None else self.tenants.store(tenant)
+                if store is not None and self._save_one(store, self.tenants.get(tenant)):
+                    self._saved[tenant] = changes
+                    wrote = True
+        return wrote
+
+    def _save_one(self, store: TrieStore, trie: TokenTrie) -> bool:
+        try:
+            store.save(trie)
+        except OSError as error:
+            self.metrics.trie_saves.labels("error").inc()
+            log.error("could not save the trie to %s: %s", store.path, error)
+            return False
+        self.metrics.trie_saves.labels("ok").inc()
+        return True
 
     async def autosave(self) -> None:
         interval = self.settings.trie_save_interval
@@ -236,18 +272,20 @@ class _Service:
         top_p = 1.0 if body.top_p is None else body.top_p
         return SamplingParams(do_sample=True, temperature=body.temperature, top_p=top_p, top_k=0, seed=body.seed)
 
-    def _submit_sync(self, prompt: Any, body: GenerationBody, requested: int | None, param: str
-                     ) -> tuple[RequestHandle, int]:
+    def _submit_sync(self, prompt: Any, body: GenerationBody, requested: int | None, param: str,
+                     tenant: str | None) -> tuple[RequestHandle, int]:
         if self.scheduler is None:
             raise ApiError(503, "the server is starting or shutting down; retry shortly")
+        trie = self.tenants.get(tenant)  # before any work: a tenant past max_tenants is refused
         try:
             prompt_ids = self.generator.encode(prompt)
         except (ValueError, TypeError) as error:
             raise ApiError(400, str(error), param="messages" if isinstance(prompt, list) else "prompt") from None
         max_tokens = self._max_tokens(requested, len(prompt_ids), param)
         try:
-            handle = self.scheduler.submit(prompt_ids, max_new_tokens=max_tokens, stop=body.stop_list() or None,
-                                           documents=body.documents, sampling=self.sampling(body))
+            with self.view.submitting(trie):
+                handle = self.scheduler.submit(prompt_ids, max_new_tokens=max_tokens, stop=body.stop_list() or None,
+                                               documents=body.documents, sampling=self.sampling(body))
         except QueueFullError as error:
             raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"}) from None
         except SchedulerClosedError as error:
@@ -257,10 +295,10 @@ class _Service:
         self.handles.add(handle)
         return handle, len(prompt_ids)
 
-    async def submit(self, prompt: Any, body: GenerationBody, requested: int | None, param: str
-                     ) -> tuple[RequestHandle, int]:
+    async def submit(self, prompt: Any, body: GenerationBody, requested: int | None, param: str,
+                     tenant: str | None) -> tuple[RequestHandle, int]:
         # in a thread: tokenizing the prompt and the documents can take a while; the event loop keeps serving
-        return await asyncio.to_thread(self._submit_sync, prompt, body, requested, param)
+        return await asyncio.to_thread(self._submit_sync, prompt, body, requested, param, tenant)
 
     async def chunks(self, handle: RequestHandle, request: Request) -> AsyncIterator[StreamChunk]:
         """The handle's chunks; cancels it and raises _ClientGone when the client disconnects.
@@ -291,14 +329,16 @@ class _Service:
     def release(self, handle: RequestHandle) -> None:
         handle.cancel()  # a no-op for a finished request; frees the slot of an abandoned one
         self.handles.discard(handle)
+        self.view.forget(handle.id)  # a request cancelled while it waited never took its trie
 
-    def finished(self, endpoint: str, handle: RequestHandle, chunks: list[StreamChunk], started: float
-                 ) -> tuple[str, GenerationStats]:
+    def finished(self, endpoint: str, handle: RequestHandle, chunks: list[StreamChunk], started: float,
+                 tenant: str | None) -> tuple[str, GenerationStats]:
         last = chunks[-1] if chunks else None
         if last is None or last.finish_reason is None or last.stats is None:
             raise RuntimeError("the generation ended without a finish reason")
         self.metrics.observe_finished(endpoint, handle.prompt_tokens, last.stats, last.finish_reason,
                                       time.perf_counter() - started)
+        self.touch(tenant)  # its answer was learned
         return last.finish_reason, last.stats
 
 
@@ -312,6 +352,14 @@ def _lookahead_info(stats: GenerationStats, reason: str) -> dict[str, Any]:
     return {"finish_reason": reason, "steps": stats.steps, "tokens_per_step": round(stats.tokens_per_step, 4),
             "draft_tokens": sum(stats.draft_sizes), "accepted_draft_tokens": sum(stats.accepted_lengths),
             "seconds": round(stats.time_total, 6)}
+
+
+def _chunk_info(chunk: StreamChunk) -> dict[str, Any]:
+    """What one streamed chunk says about drafting: its new tokens, the draft tokens accepted in the step that made
+    it, and the accepted runs as character offsets into its text (the whole chunk: the engine does not yet say
+    which characters were drafted, nor from which source)."""
+    runs = [{"start": 0, "end": len(chunk.text), "source": None}] if chunk.accepted > 0 and chunk.text else []
+    return {"tokens": len(chunk.token_ids), "accepted": chunk.accepted, "accepted_runs": runs}
 
 
 def _sse(obj: Any) -> str:
@@ -368,7 +416,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
         assert isinstance(error, StarletteHTTPException)
         if error.status_code == 404:
             message = (f"no endpoint {request.url.path}; endpoints: /v1/completions, /v1/chat/completions, "
-                       f"/v1/models, /v1/documents, /health, /metrics")
+                       f"/v1/models, /v1/documents, /v1/documents/{{id}}, /health, /metrics, / (the page)")
         elif error.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:
@@ -390,15 +438,17 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
     app.add_middleware(_CountRequests, metrics=service.metrics)
 
     async def authorize(request: Request) -> None:
-        key = settings.api_key
-        if key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        request.state.tenant = service.access.tenant(request.headers)
+
+    def tenant(request: Request) -> str | None:
+        return request.state.tenant  # type: ignore[no-any-return]
 
     api = APIRouter(dependencies=[Depends(authorize)])
+    page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/")
+    async def index() -> Response:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> Response:
@@ -422,28 +472,49 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
     @api.post("/v1/documents")
     async def documents(request: Request) -> Response:
         body = validate_body(DocumentsRequest, as_documents_body(await service.read_body(request)))
-
-        def insert() -> int:
-            tokens = 0
-            for text in body.documents:
-                ids = service.generator.tokenizer(text, add_special_tokens=False)["input_ids"]
-                service.generator.trie.insert(ids)
-                tokens += len(ids)
-            return tokens
-
-        tokens = await asyncio.to_thread(insert)
+        who = tenant(request)
+        trie = service.tenants.get(who)
+        tokens = await asyncio.to_thread(insert_documents, trie, service.generator.tokenizer, body.documents,
+                                         body.ids)
+        service.touch(who)
         service.documents_inserted += len(body.documents)
         service.metrics.documents.inc(len(body.documents))
         service.metrics.document_tokens.inc(tokens)
-        return JSONResponse({"object": "documents.insert", "documents": len(body.documents), "tokens": tokens,
-                             "trie_nodes": len(service.generator.trie)})
+        answer: dict[str, Any] = {"object": "documents.insert", "documents": len(body.documents), "tokens": tokens,
+                                  "trie_nodes": len(trie)}
+        if body.ids is not None:
+            answer["ids"] = body.ids
+        return JSONResponse(answer)
+
+    @api.get("/v1/documents")
+    async def list_documents(request: Request) -> Response:
+        ids = document_ids(service.tenants.get(tenant(request)))
+        return JSONResponse({"object": "list", "data": [{"id": i, "object": "document"} for i in ids]})
+
+    @api.delete("/v1/documents/{doc_id}")
+    async def delete(doc_id: str, request: Request) -> Response:
+        try:
+            check_document_id(doc_id)
+        except ValueError as error:
+            raise ApiError(400, str(error), param="id") from None
+        who = tenant(request)
+        trie = service.tenants.get(who)
+        removed = await asyncio.to_thread(delete_document, trie, doc_id)
+        if removed is None:
+            raise ApiError(404, f"no document with id {doc_id!r}: never sent to /v1/documents with that id, already "
+                                f"deleted, or pruned from the trie (GET /v1/documents lists the ids held)",
+                           param="id", code="document_not_found")
+        service.touch(who)
+        return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True, "removed": removed,
+                             "trie_nodes": len(trie)})
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:
         started = time.perf_counter()
         body = validate_body(CompletionRequest, await service.read_body(request))
         service.check_model(body.model)
-        handle, prompt_tokens = await service.submit(body.prompt_text(), body, body.max_tokens, "max_tokens")
+        handle, prompt_tokens = await service.submit(body.prompt_text(), body, body.max_tokens, "max_tokens",
+                                                     tenant(request))
         return await _respond(request, handle, body, prompt_tokens, started, chat=False)
 
     @api.post("/v1/chat/completions")
@@ -453,7 +524,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
         service.check_model(body.model)
         param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
         handle, prompt_tokens = await service.submit(body.template_messages(), body, body.requested_max_tokens,
-                                                     param)
+                                                     param, tenant(request))
         return await _respond(request, handle, body, prompt_tokens, started, chat=True)
 
     async def _respond(request: Request, handle: RequestHandle, body: GenerationBody, prompt_tokens: int,
@@ -479,7 +550,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
             raise ApiError(500, f"generation failed: {type(error).__name__}: {error}") from error
         finally:
             service.release(handle)
-        reason, stats = service.finished(endpoint, handle, chunks, started)
+        reason, stats = service.finished(endpoint, handle, chunks, started, tenant(request))
         text = "".join(c.text for c in chunks)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _FINISH[reason]}
         if chat:
@@ -497,13 +568,15 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
                 "model": settings.model_name}
 
-        def piece(text: str | None, finish: str | None = None) -> dict[str, Any]:
+        def piece(text: str | None, finish: str | None = None, chunk: StreamChunk | None = None) -> dict[str, Any]:
             if chat:
                 delta = {} if text is None else {"content": text}
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {**head, "choices": [choice]}
+            if chunk is None:
+                return {**head, "choices": [choice]}
+            return {**head, "choices": [choice], "lookahead": _chunk_info(chunk)}
 
         chunks: list[StreamChunk] = []
         try:
@@ -514,8 +587,8 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
             async for chunk in service.chunks(handle, request):
                 chunks.append(chunk)
                 if chunk.text:
-                    yield _sse(piece(chunk.text))
-            reason, stats = service.finished(endpoint, handle, chunks, started)
+                    yield _sse(piece(chunk.text, chunk=chunk))
+            reason, stats = service.finished(endpoint, handle, chunks, started, tenant(request))
             yield _sse({**piece(None, _FINISH[reason]), "lookahead": _lookahead_info(stats, reason)})
             if body.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, stats)})
@@ -539,7 +612,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
 class _CountRequests:
     """ASGI middleware counting HTTP requests by endpoint and status (unknown paths count as 'other')."""
 
-    _PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/documents", "/health", "/metrics")
+    _PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/documents", "/health", "/metrics", "/")
 
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:
         self.app = app
@@ -557,7 +630,9 @@ class _CountRequests:
                 status = message["status"]
             await send(message)
 
-        endpoint = scope.get("path", "") if scope.get("path") in self._PATHS else "other"
+        path = scope.get("path", "")
+        endpoint = path if path in self._PATHS else "/v1/documents/{id}" if path.startswith("/v1/documents/") \
+            else "other"
         try:
             await self.app(scope, receive, send_status)
         finally:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .documents import ID_RULE, check_document_id
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
@@ -246,9 +248,12 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class DocumentsRequest(_Strict):
-    """POST /v1/documents: texts inserted into the shared (global) trie. A bare JSON list of strings also works."""
+    """POST /v1/documents: texts inserted into the shared (global) trie of the request's tenant. A bare JSON list of
+    strings also works. With ``ids`` (one per document) each document can be deleted again
+    (``DELETE /v1/documents/{id}``); sending an id again replaces its document."""
 
     documents: list[str] = Field(min_length=1)
+    ids: list[str] | None = None
 
     @field_validator("documents")
     @classmethod
@@ -257,6 +262,24 @@ class DocumentsRequest(_Strict):
             if not doc.strip():
                 raise ValueError(f"documents[{i}] is empty")
         return value
+
+    @field_validator("ids")
+    @classmethod
+    def _check_ids(cls, value: list[str] | None) -> list[str] | None:
+        for i, doc_id in enumerate(value or []):
+            try:
+                check_document_id(doc_id)
+            except ValueError as error:
+                raise ValueError(f"ids[{i}]: {error}") from None
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("ids must be unique within one request")
+        return value
+
+    @model_validator(mode="after")
+    def _one_id_each(self) -> DocumentsRequest:
+        if self.ids is not None and len(self.ids) != len(self.documents):
+            raise ValueError(f"got {len(self.ids)} ids for {len(self.documents)} documents: give one id per document")
+        return self
 
 
 #: what each field accepts, for error messages
@@ -280,6 +303,7 @@ EXPECTED: dict[str, str] = {
     "include_usage": "true or false",
     "n": "1",
     "documents": "a list of strings",
+    "ids": f"a list of unique document ids, one per document ({ID_RULE})",
     "user": "a string",
     "presence_penalty": "0",
     "frequency_penalty": "0",
