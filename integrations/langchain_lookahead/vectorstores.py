@@ -4,6 +4,10 @@ Upsert by id, tolerant delete, ``get_by_ids``, similarity search with scores (op
 ``from_texts``, and ``save_local``/``load_local`` that store the index with FAISS's own format and the documents as
 JSON: loading never unpickles, so it cannot run code from the folder.
 
+With ``llm=`` (a :class:`LookaheadLLM` / :class:`ChatLookahead` or a ``LookaheadGenerator``) the store feeds that
+model's shared trie: every added document is inserted under the source ``doc:<id>`` (global counts, so it drafts for
+every request of that model), an upsert replaces it, and ``delete`` removes exactly what it contributed.
+
 On GPU (``use_gpu=True``, needs the CUDA build of FAISS and a visible GPU, checked when the store is built) the CPU
 index stays the source of truth and one GPU holds a replica: adds go to both, a delete drops the replica (rebuilt
 from the CPU index on the next search), and searches for more than :data:`GPU_MAX_K` neighbours (which FAISS's GPU
@@ -18,7 +22,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from langchain_core.documents import Document
@@ -27,6 +31,9 @@ from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
 from lookahead.files import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lookahead.engine import LookaheadGenerator
 
 FAISS_INSTALL = ("pip install faiss-cpu  (or the extra: pip install 'lookahead-rag[langchain]'; for CUDA instead: "
                  "pip install 'lookahead-rag[langchain-gpu]', never both faiss packages)")
@@ -38,6 +45,8 @@ METRICS = ("cosine", "ip", "l2")
 INDEX_FILE = "index.faiss"
 DOCSTORE_FILE = "docstore.json"
 STORE_FORMAT = 1
+#: the trie source of a document fed to a model's trie: ``doc:<id>``
+TRIE_SOURCE_PREFIX = "doc:"
 
 Filter = dict[str, Any] | Callable[[dict[str, Any]], bool]
 
@@ -85,10 +94,12 @@ class FAISSVectorStore(VectorStore):
         use_gpu: search on a GPU replica of the index (needs the CUDA build of FAISS, ``faiss-gpu``, and a visible
             GPU: otherwise a ``ValueError`` here); the CPU index stays the source of truth.
         gpu_device: the GPU that holds the replica (FAISS's device number).
+        llm: a lookahead model (``LookaheadLLM``, ``ChatLookahead``) or ``LookaheadGenerator`` whose shared trie
+            the documents feed under ``doc:<id>`` (removed again by ``delete``); None feeds no trie.
     """
 
     def __init__(self, embedding: Embeddings, *, metric: str = "cosine", use_gpu: bool = False,
-                 gpu_device: int = 0) -> None:
+                 gpu_device: int = 0, llm: Any = None) -> None:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         if not isinstance(embedding, Embeddings):
@@ -98,7 +109,12 @@ class FAISSVectorStore(VectorStore):
         self._faiss = import_faiss()
         if use_gpu:
             check_gpu(self._faiss, gpu_device)
+        if llm is not None and not (callable(getattr(llm, "engine", None))
+                                    or hasattr(llm, "trie") and hasattr(llm, "tokenizer")):
+            raise TypeError(f"llm must be a LookaheadLLM, ChatLookahead or LookaheadGenerator, got "
+                            f"{type(llm).__name__}")
         self._embedding = embedding
+        self.llm = llm
         self.metric = metric
         self.use_gpu = bool(use_gpu)
         self.gpu_device = gpu_device
@@ -135,6 +151,30 @@ class FAISSVectorStore(VectorStore):
         if self.metric == "cosine":
             self._faiss.normalize_L2(vectors)
         return vectors
+
+    def _generator(self) -> LookaheadGenerator | None:
+        """The generator whose trie the documents feed (loads the ``llm``'s model on first use)."""
+        if self.llm is None:
+            return None
+        engine = getattr(self.llm, "engine", None)
+        return engine().generator if callable(engine) else self.llm
+
+    def _feed(self, docs: Sequence[Document]) -> None:
+        """Insert documents into the fed trie, each under ``doc:<id>`` (replacing what that id had)."""
+        generator = self._generator()
+        if generator is None:
+            return
+        for doc in docs:
+            tokens = generator.tokenizer(doc.page_content, add_special_tokens=False)["input_ids"]
+            generator.trie.insert_source(TRIE_SOURCE_PREFIX + str(doc.id), tokens)
+
+    def _unfeed(self, ids: Iterable[str]) -> None:
+        """Remove what documents ``ids`` contributed to the fed trie."""
+        generator = self._generator()
+        if generator is None:
+            return
+        for doc_id in ids:
+            generator.trie.remove_source(TRIE_SOURCE_PREFIX + doc_id)
 
     def _remove(self, ids: Iterable[str]) -> None:
         ints = [self._int_ids.pop(i) for i in ids if i in self._int_ids]
@@ -195,12 +235,15 @@ class FAISSVectorStore(VectorStore):
                 except BaseException:
                     self._gpu_index = None  # possibly half-added: rebuilt from the CPU index by the next search
                     raise
+            self._feed([self._docs[out[n]] for n in keep])  # an upsert replaces the id's windows
         return out
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
-        """Delete by id (missing ids are ignored); ``ids=None`` deletes everything."""
+        """Delete by id (missing ids are ignored); ``ids=None`` deletes everything. What the deleted documents
+        contributed to the fed trie (``llm=``) is removed from it."""
         with self._lock:
             if ids is None:
+                self._unfeed(list(self._docs))
                 self._docs.clear()
                 self._int_ids.clear()
                 self._str_ids.clear()
@@ -210,7 +253,9 @@ class FAISSVectorStore(VectorStore):
                 return True
             if isinstance(ids, str):
                 raise TypeError("ids must be a list of strings")
-            self._remove([str(i) for i in ids])
+            present = [str(i) for i in ids if str(i) in self._docs]
+            self._remove(present)
+            self._unfeed(present)
         return True
 
     # ------------------------------------------------------------------ reads
@@ -338,8 +383,9 @@ class FAISSVectorStore(VectorStore):
 
     @classmethod
     def load_local(cls, folder: str | os.PathLike[str], embeddings: Embeddings, *, use_gpu: bool = False,
-                   gpu_device: int = 0, **kwargs: Any) -> FAISSVectorStore:
-        """Load a store written by :meth:`save_local` (JSON + FAISS index; nothing is unpickled)."""
+                   gpu_device: int = 0, llm: Any = None, **kwargs: Any) -> FAISSVectorStore:
+        """Load a store written by :meth:`save_local` (JSON + FAISS index; nothing is unpickled). With ``llm`` its
+        documents feed that model's trie (each replacing what its id held there, so loading twice counts once)."""
         path = Path(folder)
         try:
             data = json.loads((path / DOCSTORE_FILE).read_text(encoding="utf-8"))
@@ -351,7 +397,7 @@ class FAISSVectorStore(VectorStore):
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{path / DOCSTORE_FILE}: not a FAISSVectorStore docstore of format {STORE_FORMAT} "
                              f"(found {found!r})")
-        store = cls(embeddings, metric=data["metric"], use_gpu=use_gpu, gpu_device=gpu_device)
+        store = cls(embeddings, metric=data["metric"], use_gpu=use_gpu, gpu_device=gpu_device, llm=llm)
         entries = data["entries"]
         if entries:
             index = store._faiss.read_index(str(path / INDEX_FILE))
@@ -364,4 +410,5 @@ class FAISSVectorStore(VectorStore):
             store._int_ids[e["id"]] = int(e["int_id"])
             store._str_ids[int(e["int_id"])] = e["id"]
         store._next_id = int(data["next_id"])
+        store._feed(list(store._docs.values()))
         return store
