@@ -12,6 +12,7 @@ one every worker can write (a local run, or a shared file system on a cluster).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -129,7 +130,7 @@ def summarize_dataset(dataset: ray.data.Dataset, out: str | os.PathLike[str], sp
     return dataset.map_batches(
         SummarizeWorker, fn_constructor_kwargs={"spec": spec, "out": os.fspath(out), "options": options,
                                                 "pool": pool},
-        batch_size=pool.batch_size, concurrency=pool.workers, num_cpus=pool.cpus_per_worker,
+        batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.workers), num_cpus=pool.cpus_per_worker,
         num_gpus=pool.gpus_per_worker or None, batch_format="numpy")
 
 
@@ -145,7 +146,8 @@ def summarize_documents(documents: Sequence[SourceDocument], out: str | os.PathL
                         progress: bool = True) -> SummaryRun:
     """Summarize ``documents`` into ``out`` on Ray (Ray must be initialised, and the hub started when ``pool``
     names one); write ``report.json`` and return the run, documents in the given order."""
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts documents
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     results = summarize_dataset(documents_dataset(documents), out, spec, options, pool)
     reports: dict[str, DocumentReport] = {}
     pass_seconds = None
