@@ -130,8 +130,8 @@ def summarize_dataset(dataset: ray.data.Dataset, out: str | os.PathLike[str], sp
     return dataset.map_batches(
         SummarizeWorker, fn_constructor_kwargs={"spec": spec, "out": os.fspath(out), "options": options,
                                                 "pool": pool},
-        batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.workers), num_cpus=pool.cpus_per_worker,
-        num_gpus=pool.gpus_per_worker or None, batch_format="numpy")
+        batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.workers),
+        num_cpus=pool.cpus_per_worker, num_gpus=pool.gpus_per_worker or None, batch_format="numpy")
 
 
 def report_of(row: dict[str, Any]) -> DocumentReport:
