@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import ray
+from lookahead_server.app import ServeSettings
+from ray import serve
 
 from lookahead.summarize import SourceDocument, SummaryRun
 
 from .cluster import check_resources, connect
 from .hub import HUB_NAME, start_hub, stop_hub, trie_config
+from .serve import run_serve
 from .spec import GeneratorSpec
 from .summarize import PoolOptions, SummarizeOptions, summarize_documents
+
+log = logging.getLogger("lookahead_ray")
 
 
 @contextlib.contextmanager
@@ -54,3 +61,23 @@ def _threads(cpus: float) -> int:
     """torch threads of a worker with ``cpus`` CPUs (at least one)."""
     return max(1, int(cpus))
 
+
+
+def serve_on_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
+    """``lookahead serve ... --ray``: ``--replicas`` replicas behind Serve's HTTP proxy until interrupted; the hub
+    loads and saves ``--trie``."""
+    spec = GeneratorSpec.from_args(args, threads=_threads(args.cpus_per_replica))
+    with ray_session(args.address, args.replicas, args.cpus_per_replica, args.gpus_per_replica,
+                     not args.no_trie_sharing, spec, args.trie, args.trie_save_interval) as hub_name:
+        url = run_serve(spec, settings, args.host, args.port, args.replicas, hub_name,
+                        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
+        log.info("serving %d replicas on %s (trie sharing %s); Ctrl-C stops", args.replicas, url,
+                 "on" if hub_name else "off")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("stopping")
+        finally:
+            serve.shutdown()
+    return 0

@@ -7,6 +7,7 @@ finds it without importing this package by name.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import logging
 import os
@@ -17,6 +18,8 @@ from typing import Any
 from lookahead.argtypes import positive_int
 
 INSTALL_HINT = "pip install 'lookahead-rag[serve]'"
+RAY_INSTALL_HINT = "pip install 'lookahead-rag[ray]'"
+RAY_MODULE = "lookahead_ray.commands"  # runs --ray
 _NEEDED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
 
 
@@ -85,9 +88,46 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                         help="max_tokens of requests that give none (default 256, capped by the context left)")
     parser.add_argument("--max-body-mb", type=positive_int, default=16, help="largest request body in MiB")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_ray_args(parser)
     add_model_args(parser)
     parser.set_defaults(func=lambda args: cmd_serve(args, build))
     return parser
+
+
+def _gpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GPUs >= 0, got {text!r}")
+    return value
+
+
+def _add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """``--ray`` and its options (run by :mod:`lookahead_ray`, imported only when ``--ray`` is given)."""
+    ray = parser.add_argument_group(f"on Ray ({RAY_INSTALL_HINT})")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve deployment: --replicas replicas with a model and scheduler each, "
+                          "sharing one trie (--trie persists it)")
+    ray.add_argument("--replicas", type=positive_int, default=2, help="replicas (default 2)")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default: start a local one)")
+    ray.add_argument("--cpus-per-replica", type=positive_int, default=1,
+                     help="CPUs (and torch threads) per replica (default 1)")
+    ray.add_argument("--gpus-per-replica", type=_gpus, default=0.0, help="GPUs per replica (default 0)")
+    ray.add_argument("--no-trie-sharing", action="store_true",
+                     help="no trie hub: each replica learns from its own answers only")
+
+
+def _serve_on_ray(args: argparse.Namespace, settings: Any) -> int:
+    """Run the deployment, or say how to install Ray."""
+    try:
+        commands = importlib.import_module(RAY_MODULE)
+    except ImportError as exc:
+        print(f"error: lookahead serve --ray needs Ray ({exc}): {RAY_INSTALL_HINT}", file=sys.stderr)
+        return 2
+    return int(commands.serve_on_ray(args, settings))
 
 
 def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tuple]) -> int:
@@ -122,6 +162,8 @@ def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tu
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("lookahead_server").warning(
             "serving on %s without an API key: anyone who reaches this port can use it", args.host)
+    if getattr(args, "ray", False):
+        return _serve_on_ray(args, settings)
     _, _, generator = build(args)
     _ = generator.budget  # measure (or load) the cost curve now, not in the first request
     app = create_app(generator, settings)

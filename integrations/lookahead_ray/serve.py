@@ -1,0 +1,87 @@
+"""``lookahead serve --ray``: the OpenAI-compatible app (:func:`lookahead_server.app.create_app`) as a Ray Serve
+deployment of N replicas, each with its own model and scheduler, all sharing the trie hub.
+
+Each replica builds its engine, starts its :class:`~lookahead_ray.sync.TrieSync` (a warm start from the hub's trie,
+then background syncs) and then the app, so what one replica answered drafts the same question on every other one a
+sync interval later. Replicas do not persist the trie themselves: the hub does (``--trie PATH``). Every response
+carries the header ``x-lookahead-replica`` (the replica's process id), to see where requests went.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from lookahead_server.app import ServeSettings, create_app
+from ray import serve
+
+from .hub import HUB_NAME, NAMESPACE
+from .spec import GeneratorSpec
+from .worker import hub_sync
+
+APP_NAME = "lookahead"
+REPLICA_HEADER = b"x-lookahead-replica"
+
+
+class ReplicaHeader:
+    """ASGI middleware adding ``x-lookahead-replica: <pid>`` to every HTTP response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.value = str(os.getpid()).encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REPLICA_HEADER, self.value)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+@serve.ingress()
+class LookaheadReplica:
+    """One replica: its engine, its trie synced with the hub, and the app over them (built by Serve after
+    ``__init__``, its lifespan run by Serve: the scheduler starts with it)."""
+
+    def __init__(self, spec: GeneratorSpec, settings: ServeSettings, hub_name: str | None = HUB_NAME,
+                 sync_interval: float = 2.0, namespace: str = NAMESPACE) -> None:
+        self.generator = spec.build()
+        _ = self.generator.budget  # measure (or load) the cost model now, not in the first request
+        self.sync = hub_sync(self.generator, hub_name, sync_interval, namespace)
+        self.settings = dataclasses.replace(settings, trie_path=None)  # the hub persists the trie
+
+    def __serve_build_asgi_app__(self) -> Any:
+        app = create_app(self.generator, self.settings)
+        app.add_middleware(ReplicaHeader)
+        return app
+
+
+def deployment(spec: GeneratorSpec, settings: ServeSettings, replicas: int = 2, hub_name: str | None = HUB_NAME,
+               sync_interval: float = 2.0, cpus_per_replica: float = 1, gpus_per_replica: float = 0) -> Any:
+    """The bound Serve application: ``replicas`` replicas of :class:`LookaheadReplica`; each takes up to
+    ``max_batch_size + max_queue`` requests at a time (its own queue answers 429 past that)."""
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+    options = serve.deployment(
+        LookaheadReplica, name="LookaheadReplica", num_replicas=replicas,
+        max_ongoing_requests=settings.max_batch_size + settings.max_queue,
+        ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica})
+    return options.bind(spec, settings, hub_name, sync_interval)
+
+
+def run_serve(spec: GeneratorSpec, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
+              replicas: int = 2, hub_name: str | None = HUB_NAME, sync_interval: float = 2.0,
+              cpus_per_replica: float = 1, gpus_per_replica: float = 0) -> str:
+    """Start Serve's HTTP proxy on ``host:port`` and the deployment (Ray must be initialised, the hub started when
+    named); returns once every replica is up, with the base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    app = deployment(spec, settings, replicas, hub_name, sync_interval, cpus_per_replica, gpus_per_replica)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
