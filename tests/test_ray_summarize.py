@@ -18,6 +18,7 @@ from ray_utils import local_ray, save_tiny_model, tiny_spec
 
 from lookahead.cli import main
 from lookahead.summarize import Summarizer, collect_documents
+from lookahead.summarize import command as summarize_command
 from lookahead.summarize import summarize_documents as summarize_locally
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -98,3 +99,10 @@ def test_a_worker_killed_mid_run_loses_nothing_and_duplicates_nothing(model_dir,
         stop_hub(hub)
     assert [d.name for d in run.documents] == [d.name for d in docs]  # each once, in order
     assert summaries(out) == summaries(reference) and len(summaries(out)) == len(docs)
+
+
+def test_summarize_ray_without_ray_installed_says_how(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(summarize_command, "RAY_MODULE", "no_such_module_for_lookahead_ray")
+    docs = corpus(tmp_path / "docs", 1)
+    assert main(["summarize", str(docs), "--out", str(tmp_path / "out"), "--ray"]) == 2
+    assert "pip install 'lookahead-rag[ray]'" in capsys.readouterr().err
