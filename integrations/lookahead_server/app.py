@@ -354,12 +354,24 @@ def _lookahead_info(stats: GenerationStats, reason: str) -> dict[str, Any]:
             "seconds": round(stats.time_total, 6)}
 
 
-def _chunk_info(chunk: StreamChunk) -> dict[str, Any]:
+def _chunk_info(chunk: StreamChunk, tokenizer: Any) -> dict[str, Any]:
     """What one streamed chunk says about drafting: its new tokens, the draft tokens accepted in the step that made
-    it, and the accepted runs as character offsets into its text (the whole chunk: the engine does not yet say
-    which characters were drafted, nor from which source)."""
-    runs = [{"start": 0, "end": len(chunk.text), "source": None}] if chunk.accepted > 0 and chunk.text else []
-    return {"tokens": len(chunk.token_ids), "accepted": chunk.accepted, "accepted_runs": runs}
+    it, and the accepted run as character offsets into its text, ``source`` None (the engine does not say yet where
+    a draft came from)."""
+    info: dict[str, Any] = {"tokens": len(chunk.token_ids), "accepted": chunk.accepted, "accepted_runs": []}
+    end = _drafted_chars(chunk, tokenizer) if chunk.accepted > 0 else 0
+    if end > 0:
+        info["accepted_runs"] = [{"start": 0, "end": end, "source": None}]
+    return info
+
+
+def _drafted_chars(chunk: StreamChunk, tokenizer: Any) -> int:
+    """How many characters of the chunk's text its accepted draft tokens make: the step's run is the accepted draft
+    plus the model's own next token. The whole text when the two do not line up (text held back at a stop string)."""
+    drafted = tokenizer.decode(chunk.token_ids[:chunk.accepted], skip_special_tokens=True)
+    if len(chunk.token_ids) == chunk.accepted + 1 and chunk.text.startswith(drafted):
+        return len(drafted)
+    return len(chunk.text)
 
 
 def _sse(obj: Any) -> str:
@@ -576,7 +588,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             if chunk is None:
                 return {**head, "choices": [choice]}
-            return {**head, "choices": [choice], "lookahead": _chunk_info(chunk)}
+            return {**head, "choices": [choice], "lookahead": _chunk_info(chunk, service.generator.tokenizer)}
 
         chunks: list[StreamChunk] = []
         try:
