@@ -969,15 +969,15 @@ class TokenTrie:
             raise ValueError(f"merge: the delta's windows are {delta.branch_length + 1} tokens (branch_length "
                              f"{delta.branch_length}), this trie's {self.branch_length + 1}: they cannot be replayed")
         applied = 0
-        with self._lock:
-            for entry in delta.entries:
+        for entry in delta.entries:
+            with self._lock:  # one entry at a time: decoding threads get the trie between entries
                 if entry.seq <= self._applied.get(entry.origin, 0):
                     continue
                 self._replay(entry)
                 self._applied[entry.origin] = entry.seq
                 self._journal_push((entry.origin, entry.seq, entry.op, entry.source, _pack(entry.tokens),
                                     entry.start, entry.stop, entry.skip))
-                applied += 1
+            applied += 1
         return applied
 
     def trim_journal(self, upto: int) -> None:

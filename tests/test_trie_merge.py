@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,32 @@ def test_property_merging_commutes_and_associates(a_ops, b_ops, c_ops):
     for t in (x, y, z):
         assert dump(t) == dump(ref)
         assert t.sources() == ref.sources()
+
+
+def test_concurrent_merges_and_inserts_count_like_one_thread():
+    rng = random.Random(6)
+    sources = [new(f"s{k}") for k in range(3)]
+    for s in sources:
+        for _ in range(30):
+            s.insert([rng.randrange(20) for _ in range(12)])
+    deltas = [s.export_delta() for s in sources]
+    own = [[rng.randrange(20) for _ in range(12)] for _ in range(30)]
+    hub = new("hub")
+
+    def merge_all(order: list[int]) -> None:
+        for k in order:
+            hub.merge(deltas[k])
+
+    threads = [threading.Thread(target=merge_all, args=(order,)) for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2])]
+    threads.append(threading.Thread(target=lambda: [hub.insert(seq) for seq in own]))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    ref = new("ref")
+    for d in deltas:
+        ref.merge(d)
+    for seq in own:
+        ref.insert(seq)
+    assert dump(hub) == dump(ref)
+    assert hub.version == 90 + 30 and hub.applied() == {"hub": 30, "s0": 30, "s1": 30, "s2": 30}
