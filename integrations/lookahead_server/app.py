@@ -148,7 +148,8 @@ class _Service:
         self.handles: set[RequestHandle] = set()
         self.created = int(time.time())
         self.documents_inserted = 0
-        self._save_lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one save at a time
+        self._changes_lock = threading.Lock()  # never held during a save: touching never waits for the disk
         self._changes: dict[str | None, int] = {}  # tenant (None: default) -> changes to its trie so far
         self._saved: dict[str | None, int] = {}  # tenant -> changes saved
 
@@ -186,7 +187,7 @@ class _Service:
     def touch(self, tenant: str | None) -> None:
         """Note a change to ``tenant``'s trie (a learned answer, documents added or deleted): the next save writes
         it."""
-        with self._save_lock:
+        with self._changes_lock:
             self._changes[tenant] = self._changes.get(tenant, 0) + 1
 
     def save(self, force: bool = False) -> bool:
@@ -195,8 +196,10 @@ class _Service:
         assert self.store is not None
         wrote = False
         with self._save_lock:
+            with self._changes_lock:
+                counts = dict(self._changes)
             for tenant in [None, *self.tenants.tenants()]:
-                changes = self._changes.get(tenant, 0)
+                changes = counts.get(tenant, 0)
                 if not force and changes == self._saved.get(tenant, 0):
                     continue
                 store = self.store if tenant is None else self.tenants.store(tenant)
@@ -485,7 +488,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
     async def documents(request: Request) -> Response:
         body = validate_body(DocumentsRequest, as_documents_body(await service.read_body(request)))
         who = tenant(request)
-        trie = service.tenants.get(who)
+        trie = await asyncio.to_thread(service.tenants.get, who)  # a tenant's first use may read its file
         tokens = await asyncio.to_thread(insert_documents, trie, service.generator.tokenizer, body.documents,
                                          body.ids)
         service.touch(who)
@@ -500,7 +503,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
 
     @api.get("/v1/documents")
     async def list_documents(request: Request) -> Response:
-        ids = document_ids(service.tenants.get(tenant(request)))
+        ids = document_ids(await asyncio.to_thread(service.tenants.get, tenant(request)))
         return JSONResponse({"object": "list", "data": [{"id": i, "object": "document"} for i in ids]})
 
     @api.delete("/v1/documents/{doc_id}")
@@ -510,7 +513,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
         except ValueError as error:
             raise ApiError(400, str(error), param="id") from None
         who = tenant(request)
-        trie = service.tenants.get(who)
+        trie = await asyncio.to_thread(service.tenants.get, who)
         removed = await asyncio.to_thread(delete_document, trie, doc_id)
         if removed is None:
             raise ApiError(404, f"no document with id {doc_id!r}: never sent to /v1/documents with that id, already "
