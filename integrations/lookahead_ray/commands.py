@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Iterator, Sequence
 
@@ -73,11 +74,17 @@ def serve_on_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
                         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
         log.info("serving %d replicas on %s (trie sharing %s); Ctrl-C stops", args.replicas, url,
                  "on" if hub_name else "off")
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: the hub saves its trie
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             log.info("stopping")
         finally:
+            signal.signal(signal.SIGTERM, previous)
             serve.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
