@@ -32,6 +32,8 @@ def ray_session(address: str | None, workers: int, cpus_per_worker: float, gpus_
     """Ray connected (a local instance unless ``address``), the resources checked and, when ``share``, the trie
     hub started (loading ``trie_path``); yields the hub's name (None: no sharing). On exit the hub saves and stops,
     and a Ray instance this call started is shut down."""
+    if trie_path is not None and not share:
+        raise ValueError("--trie is the trie hub's file: it needs trie sharing (leave out --no-trie-sharing)")
     started = connect(address)
     hub = None
     try:
