@@ -58,6 +58,34 @@ class Proposal:
         return [root_at if p == 0 else first_at + p - 1 for p in self.parents[1:]]
 
 
+def top_path(draft: Draft) -> list[int]:
+    """Indices of the draft's best path: the best node after the context, then always its best child (a draft is
+    best-first, so the first child listed)."""
+    first_child: dict[int, int] = {}
+    for i, p in enumerate(draft.parents):
+        first_child.setdefault(p, i)
+    path: list[int] = []
+    node = first_child.get(-1)
+    while node is not None:
+        path.append(node)
+        node = first_child.get(node)
+    return path
+
+
+def graft(draft: Draft, at: int, more: Draft) -> Draft:
+    """``draft`` with the tree ``more`` hung below its node ``at`` (``more``'s nodes follow, their parents shifted).
+
+    Scores of the grafted nodes are capped at node ``at``'s, so they never rise along a path; the list as a whole is
+    no longer best-first (the budget ranks the nodes anyway)."""
+    offset = len(draft)
+    cap = draft.scores[at]
+    return Draft(draft.tokens + more.tokens,
+                 draft.parents + [at if p < 0 else p + offset for p in more.parents],
+                 draft.scores + [min(s, cap) for s in more.scores],
+                 draft.match_length,
+                 draft.global_counts + more.global_counts)
+
+
 def new_trie(config: LookaheadConfig) -> TokenTrie:
     """An empty trie with the knobs of ``config``."""
     return TokenTrie(branch_length=config.branch_length, max_query_length=config.max_query_length,
@@ -150,8 +178,10 @@ class Drafter:
         width = max(config.max_query_length, config.branch_length + 1)
         context = (self.prompt_ids[-width:] + list(generated[-width:]) + list(after))[-width:]  # tails only
         remaining = self.max_new_tokens - len(generated)
-        draft = self.trie.draft(context[-config.max_query_length:], config.decoding_length,
-                                request_id=self.request_id, branch_length=max(1, min(config.branch_length, remaining)))
+        draft = self.extended(self.trie.draft(context[-config.max_query_length:], config.decoding_length,
+                                              request_id=self.request_id,
+                                              branch_length=max(1, min(config.branch_length, remaining))),
+                              context, remaining)
         follow = 0
         if not after:  # the main line, followed step by step (other lines are drafted without the feature)
             end = len(generated)  # the context grew by ``end - self.follow_end`` tokens since the last call
@@ -165,6 +195,31 @@ class Drafter:
         ranking = self.budget.rank(draft.parents, draft.scores, draft.match_length, last_accepted,
                                    draft.global_counts, follow)
         return Candidates(context[-1], draft, ranking, last_accepted, follow)
+
+    def extended(self, draft: Draft, context: Sequence[int], remaining: int) -> Draft:
+        """``draft`` with its best path drafted on past the trie's window depth.
+
+        A trie window holds ``branch_length + 1`` tokens, so a draft after a match of ``q`` tokens is at most
+        ``branch_length + 1 - q`` deep, however long the text it repeats (a past answer asked again). When the best
+        path reaches that depth, the trie is asked again after the context plus that path and the answer is
+        grafted below its end, until the path is ``decoding_length`` deep (or ``remaining`` tokens long, or the
+        trie has nothing more); each call adds at most as many nodes as the path still lacks."""
+        config = self.config
+        limit = min(config.decoding_length, remaining)
+        path = top_path(draft)
+        piece_depth, piece_match = len(path), draft.match_length
+        while path and len(path) < limit and piece_depth >= config.branch_length + 1 - piece_match:
+            tail = (list(context) + [draft.tokens[i] for i in path])[-config.max_query_length:]
+            more = self.trie.draft(tail, limit - len(path), request_id=self.request_id,
+                                   branch_length=min(config.branch_length, limit - len(path)))
+            if more.match_length < len(tail):  # only a shorter suffix matched: not the same text going on
+                break
+            first = len(draft)
+            draft = graft(draft, path[-1], more)
+            piece = top_path(more)
+            path += [first + i for i in piece]
+            piece_depth, piece_match = len(piece), more.match_length
+        return draft
 
     @staticmethod
     def proposal(candidates: Candidates, count: int) -> Proposal:

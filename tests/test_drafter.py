@@ -6,7 +6,8 @@ import pytest
 
 from lookahead.budget import CostCurve, DraftBudget
 from lookahead.config import LookaheadConfig
-from lookahead.drafter import Drafter, Proposal, new_trie
+from lookahead.drafter import Drafter, Proposal, graft, new_trie, top_path
+from lookahead.trie import Draft
 
 CONFIG = LookaheadConfig(branch_length=4, max_query_length=2, decoding_length=8, adaptive=False)
 
@@ -30,15 +31,16 @@ def make_drafter(prompt: list[int], documents: tuple = (), max_new_tokens: int =
 
 
 def test_propose_returns_the_budgets_choice_in_tree_index_space():
-    # prompt windows under [1, 2]: 3 -> 6 -> 1 and 4 (one count each)
+    # prompt windows under [1, 2]: 3 -> 6 -> 1 and 4 (one count each); the best path 3 -> 6 -> 1 reaches the window
+    # depth (5 - 2 matched), so it is drafted on after [6, 1]: 2 -> 4, grafted below the 1
     drafter = make_drafter([5, 1, 2, 3, 6, 1, 2, 4])
     proposal = drafter.propose([1, 2])
-    assert proposal.tokens == [2, 3, 4, 6, 1]  # root: the last context token, then best-first draft nodes
-    assert proposal.parents == [-1, 0, 0, 1, 3]
-    assert proposal.scores == [1.0, 1.0, 1.0, 1.0]
-    assert proposal.global_counts == [0.0, 0.0, 0.0, 0.0]
+    assert proposal.tokens == [2, 3, 4, 6, 1, 2, 4]  # root: the last context token, then the draft nodes
+    assert proposal.parents == [-1, 0, 0, 1, 3, 4, 5]
+    assert proposal.scores == [1.0] * 6
+    assert proposal.global_counts == [0.0] * 6
     assert proposal.match_length == 2
-    assert proposal.size == 5
+    assert proposal.size == 7
 
 
 def test_propose_after_extra_tokens_and_truncated():
@@ -70,7 +72,7 @@ def test_observe_teaches_the_budget_in_draft_index_space():
     drafter = make_drafter([5, 1, 2, 3, 6, 1, 2, 4])
     proposal = drafter.propose([1, 2], last_accepted=2)
     drafter.observe(proposal, [1, 3])  # tree nodes 1 (token 3) and 3 (token 6) accepted
-    assert drafter.budget.observed == [([-1, -1, 0, 2], [1.0, 1.0, 1.0, 1.0], 2, 2, [0, 2], [0.0, 0.0, 0.0, 0.0])]
+    assert drafter.budget.observed == [([-1, -1, 0, 2, 3, 4], [1.0] * 6, 2, 2, [0, 2], [0.0] * 6)]
 
 
 def test_placed_maps_a_proposal_into_a_larger_tree():
@@ -116,3 +118,34 @@ def test_follow_length_counts_how_long_the_context_repeats_a_past_output():
     assert drafter.follow == 4
     drafter.candidates([7, 8, 9, 10, 5])
     assert drafter.follow == 0
+
+
+def test_top_path_and_graft():
+    draft = Draft([3, 4, 6, 7], [-1, -1, 0, 0], [3.0, 1.0, 2.0, 1.0], 2, [0.0, 0.0, 1.0, 0.0])
+    assert top_path(draft) == [0, 2]  # best first node, then its first (best) child
+    grafted = graft(draft, 2, Draft([8, 9, 5], [-1, 0, -1], [5.0, 1.0, 0.5], 2, [5.0, 1.0, 0.0]))
+    assert grafted.tokens == [3, 4, 6, 7, 8, 9, 5]
+    assert grafted.parents == [-1, -1, 0, 0, 2, 4, 2]
+    assert grafted.scores == [3.0, 1.0, 2.0, 1.0, 2.0, 1.0, 0.5]  # capped at the graft point's score
+    assert grafted.global_counts == [0.0, 0.0, 1.0, 0.0, 5.0, 1.0, 0.0]
+    assert grafted.match_length == 2
+    assert top_path(Draft([], [], [], 0)) == []
+
+
+def test_a_repeated_long_text_drafts_past_the_window_depth():
+    config = LookaheadConfig(branch_length=4, max_query_length=2, decoding_length=12, adaptive=False)
+    text = list(range(10, 30))  # 20 distinct tokens: every 2-token suffix has one continuation
+    drafter = Drafter(new_trie(config), RecordingBudget(), config, request_id="r1")
+    drafter.start([1] + text, (), 100)
+    draft = drafter.candidates([10, 11]).draft
+    assert draft.tokens == list(range(12, 24))  # 12 deep: the window depth is 3 (5 - 2 matched), the draft chains on
+    assert draft.parents == list(range(-1, 11))
+    assert drafter.propose([10, 11]).tokens == list(range(11, 20))  # the budget's limit: 8 nodes
+    assert drafter.candidates([10, 11] + list(range(12, 26))).draft.tokens == list(range(26, 30))  # the text ends
+
+
+def test_the_best_path_is_not_drafted_on_when_only_a_shorter_suffix_matches():
+    config = LookaheadConfig(branch_length=4, max_query_length=2, decoding_length=12, adaptive=False)
+    drafter = Drafter(new_trie(config), RecordingBudget(), config, request_id="r1")
+    drafter.start([5, 8, 1, 2, 3, 4, 5], (), 100)  # the text ends after [4, 5]; after [5] alone comes 8
+    assert drafter.propose([1, 2]).tokens == [2, 3, 4, 5]
