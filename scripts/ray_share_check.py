@@ -84,7 +84,7 @@ def run_setup(setup: str, spec: GeneratorSpec, cases: list[dict[str, Any]]) -> d
         if hub is not None:
             stop_hub(hub)
     out = {"setup": setup, "round1": totals(first), "round2": totals(second),
-           "round2_tokens": [r["token_ids"] for r in second]}
+           "round2_steps": [r["steps"] for r in second], "round2_tokens": [r["token_ids"] for r in second]}
     if plain is not None:
         out["vanilla_seconds"] = sum(r["seconds"] for r in plain)
         out["vanilla_tokens"] = [r["token_ids"] for r in plain]
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         exact = (f"{sum(a == b for a, b in zip(r['round2_tokens'], reference))}/{len(cases)}" if reference else "-")
         print(f"| {setup} | {r['round1']['tokens_per_step']:.2f} | {t2['tokens_per_step']:.2f} | "
               f"{t2['tokens_per_second']:.1f} | {speed} | {share} | {exact} |")
+    for setup, r in results.items():
+        print(f"{setup}: round 2 steps per case: {r['round2_steps']}")
     if vanilla:
         tokens = results["hub"]["round2"]["tokens"]
         print(f"vanilla (HF greedy, same workers): {tokens / vanilla:.1f} tok/s")
