@@ -19,7 +19,9 @@ request are never pruned.
 Sharing (see :class:`TrieDelta`): every global insert (past outputs, documents) is appended to a journal, one entry
 per call holding the call's tokens, so :meth:`TokenTrie.export_delta` can hand the entries to another trie and
 :meth:`TokenTrie.merge` can replay them there; entries carry their origin (the trie they were first made in) and a
-per-origin sequence number, so replaying is idempotent and an echo of a trie's own entries is ignored.
+per-origin sequence number, so replaying is idempotent and an echo of a trie's own entries is ignored. The journal
+is bounded (``journal_limit`` tokens, oldest entries dropped first) and :meth:`TokenTrie.trim_journal` forgets what
+every reader has pulled.
 
 Documents (see :meth:`TokenTrie.insert_source`): windows inserted under a source id count as global ones, and each
 node also remembers how much of its count each source gave, so :meth:`TokenTrie.remove_source` takes exactly that
