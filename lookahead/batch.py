@@ -27,13 +27,26 @@ from .drafter import Drafter, Proposal
 from .emitter import Emitter
 from .kvcache import append_rows, cache_length, crop, select_rows
 from .outputs import GenerationStats, Request, StreamChunk
+from .provenance import provenance
 from .runner import ModelRunner, RowLayout
 from .sampling import TokenChooser
 from .tree import build_tree
 from .verify import Acceptance, greedy_accept, walk_accept
 
-#: makes the drafter of a request from its request id (the engine binds its current trie, budget and config)
-DrafterFactory = Callable[[str], Drafter]
+#: makes the drafter of a request from its request id and its own trie (None: the engine's current trie; the engine
+#: binds its budget and config): ``new_drafter(request_id, trie=request.trie)``
+DrafterFactory = Callable[..., Drafter]
+
+
+def count_prediction(stats: GenerationStats, proposal: Proposal, path: Sequence[int]) -> None:
+    """Add one step's prediction nodes to ``stats``: those on the accepted ``path`` (tree indices) were accepted,
+    the other verified ones rejected."""
+    if not proposal.predicted:
+        return
+    drafted = sum(proposal.predicted)
+    taken = sum(1 for i in path if proposal.predicted[i - 1])
+    stats.accepted_prediction_tokens += taken
+    stats.rejected_prediction_tokens += drafted - taken
 
 
 class Row:
@@ -101,7 +114,8 @@ class Batch:
             raise ValueError(f"key {key!r} is already in this batch")
         emitter = Emitter(self.tokenizer, request.eos, request.stop, request.max_new_tokens)
         chooser = TokenChooser(request.sampling, device=self.runner.device)
-        self.new.append(Row(key, request, emitter, self.new_drafter(request.request_id), chooser))
+        drafter = self.new_drafter(request.request_id, trie=request.trie)
+        self.new.append(Row(key, request, emitter, drafter, chooser))
 
     def remove(self, key: Hashable) -> None:
         """Drop a row (a cancelled request, or one that already finished: then nothing happens)."""
@@ -205,7 +219,7 @@ class Batch:
         request = row.request
         prompt = request.prompt_ids
         if row.cache is None:
-            row.drafter.begin(prompt, request.document_ids, request.max_new_tokens)
+            row.drafter.begin(prompt, request.document_ids, request.max_new_tokens, request.prediction_ids)
             row.cache = self.runner.new_cache()
         start, end = row.prefilled, min(upto, len(prompt))
         row.drafter.seed(end)
@@ -272,6 +286,7 @@ class Batch:
             stats.steps += 1
             stats.draft_sizes.append(proposal.size - 1)
             stats.accepted_lengths.append(len(acceptance.path))
+            count_prediction(stats, proposal, acceptance.path)
             stats.time_trie = row.drafter.trie_seconds
             stats.time_forward += t2 - t1
             stats.time_other += (t1 - t0) + (t3 - t2) - trie_step
@@ -316,4 +331,7 @@ class Batch:
         if row.emitter.finish is None:
             return StreamChunk(run, delta, accepted)
         row.stats.time_total = time.perf_counter() - row.start
+        request = row.request
+        row.stats.provenance = provenance(request.source_ids, row.emitter.generated, row.stats.accepted_lengths,
+                                          request.source_names or None)
         return StreamChunk(run, delta, accepted, row.emitter.finish, row.stats)

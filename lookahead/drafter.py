@@ -5,6 +5,11 @@ tokens, so the output drafts at once; ``propose`` matches the context tail, draf
 budget's choice, as a :class:`Proposal` in tree index space (node 0 is the root); ``observe`` teaches the budget what
 was accepted; ``finish`` releases the request-local counts and learns the output into the global trie. The batch
 loop, the speculative ensemble and multidraft all draft through this class.
+
+A request with a predicted output (``prediction``: an edit's original text, say) drafts it first: the output so far
+is aligned with the prediction (:func:`align_prediction`) and the prediction's continuation is grafted into the
+trie's draft as a chain (:func:`with_chain`) whose nodes are priced by how often this request's prediction nodes
+were accepted (:class:`PredictionRate`), not by the budget's trie statistics.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Candidates:
     ranking: Ranking
     last_accepted: int
     follow: int
+    predicted: list[bool] | None = None  # per draft node: from the prediction (None: no prediction drafted)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class Proposal:
     match_length: int
     last_accepted: int
     follow: int = 0  # context tokens that had followed one past output (a budget feature)
+    predicted: list[bool] | None = None  # [n - 1]: draft node from the prediction (None: no prediction drafted)
 
     @property
     def size(self) -> int:
@@ -86,6 +93,149 @@ def graft(draft: Draft, at: int, more: Draft) -> Draft:
                  draft.global_counts + more.global_counts)
 
 
+def as_text(tokens: Sequence[int]) -> str:
+    """Token ids as one character each, so that ``str.find`` searches token sequences."""
+    return "".join(map(chr, tokens))
+
+
+def align_prediction(prediction: str, output: Sequence[int], expected: int, max_query: int = 8) -> int | None:
+    """Where the output so far stands in the prediction: the index of the next predicted token, or None.
+
+    ``prediction`` is the predicted token ids as :func:`as_text`. The ``expected`` position (where the last
+    alignment, moved on by the tokens emitted since, puts it) wins when the prediction's token before it is the
+    output's last token; otherwise the output's longest suffix (``max_query`` down to 2 tokens) found in the
+    prediction with a continuation decides, at the occurrence nearest ``expected`` (the later one on a tie)."""
+    n = len(prediction)
+    if not output or not n:
+        return None
+    if 0 < expected < n and ord(prediction[expected - 1]) == output[-1]:
+        return expected
+    tail = as_text(output[-max_query:])
+    for q in range(len(tail), 1, -1):
+        needle = tail[-q:]
+        best = None
+        at = prediction.find(needle)
+        while 0 <= at and at + q < n:
+            j = at + q
+            if best is None or abs(j - expected) <= abs(best - expected):
+                best = j
+            at = prediction.find(needle, at + 1)
+        if best is not None:
+            return best
+    return None
+
+
+def with_chain(draft: Draft, chain: Sequence[int]) -> tuple[Draft, list[bool]]:
+    """``draft`` with ``chain`` (tokens that follow the context, in order) in it, and per node whether it is on the
+    chain. The chain follows the draft's nodes while their tokens agree; the rest hangs below as new nodes scored
+    above every trie node (their global counts 0)."""
+    on_chain = [False] * len(draft)
+    child = {(p, t): i for i, (p, t) in enumerate(zip(draft.parents, draft.tokens))}
+    node, k = -1, 0
+    while k < len(chain) and (node, chain[k]) in child:
+        node = child[(node, chain[k])]
+        on_chain[node] = True
+        k += 1
+    rest = list(chain[k:])
+    if not rest:
+        return draft, on_chain
+    top = max(draft.scores, default=0.0) + 1.0
+    offset = len(draft)
+    parents = [node] + [offset + i for i in range(len(rest) - 1)]
+    grown = Draft(draft.tokens + rest, draft.parents + parents, draft.scores + [top] * len(rest),
+                  draft.match_length, draft.global_counts + [0.0] * len(rest))
+    return grown, on_chain + [True] * len(rest)
+
+
+def chain_trials(parents: Sequence[int], predicted: Sequence[bool], accepted: Sequence[int]) -> tuple[int, int]:
+    """(accepted, tried) prediction nodes of one verified tree: a node was tried when its parent was accepted (or is
+    the root). ``parents`` and ``predicted`` cover the draft nodes ``1..n-1`` (tree indices, 0 the root);
+    ``accepted`` lists accepted tree indices."""
+    taken = set(accepted)
+    tried = [i for i, (p, flag) in enumerate(zip(parents, predicted), start=1) if flag and (p == 0 or p in taken)]
+    return sum(1 for i in tried if i in taken), len(tried)
+
+
+def trie_part(parents: Sequence[int], predicted: Sequence[bool], accepted: Sequence[int]
+              ) -> tuple[list[int], list[int], list[int]]:
+    """The verified tree without its prediction nodes, as the budget learns it: (kept draft node indices, their
+    parents among the kept ones (-1: a child of the root), the accepted ones among them). ``parents`` are tree
+    indices of the draft nodes ``1..n-1`` (0: the root); a trie node below an accepted prediction node was tried
+    and counts as a child of the root, one below a rejected one was not tried and is left out with its subtree."""
+    taken = set(accepted)
+    new_index: dict[int, int] = {}  # tree index -> index among the kept nodes
+    kept, kept_parents = [], []
+    for i, (p, flag) in enumerate(zip(parents, predicted), start=1):
+        if flag:
+            continue
+        if p == 0 or (predicted[p - 1] and p in taken):
+            parent = -1
+        elif p in new_index:
+            parent = new_index[p]
+        else:
+            continue
+        new_index[i] = len(kept)
+        kept.append(i - 1)
+        kept_parents.append(parent)
+    return kept, kept_parents, [new_index[i] for i in accepted if i in new_index]
+
+
+class PredictionRate:
+    """How often a tried prediction node is accepted, per request, kept apart for alignments at the expected
+    position and elsewhere (a re-found place in the prediction is less sure); a prior of ``prior`` worth ``strength``
+    trials, the last ``window`` trials weighing most."""
+
+    def __init__(self, prior: float = 0.9, strength: float = 4.0, window: float = 64.0) -> None:
+        self.prior = prior
+        self.strength = strength
+        self.window = window
+        self.counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # at the expected position -> [accepted, tried]
+
+    def rate(self, expected: bool) -> float:
+        accepted, tried = self.counts[expected]
+        return (accepted + self.strength * self.prior) / (tried + self.strength)
+
+    def observe(self, expected: bool, accepted: int, tried: int) -> None:
+        entry = self.counts[expected]
+        entry[0] += accepted
+        entry[1] += tried
+        if entry[1] > self.window:
+            entry[0] *= 0.5
+            entry[1] *= 0.5
+
+
+def depths_of(parents: Sequence[int]) -> list[int]:
+    """Depth of every draft node (1: a child of the root); ``parents`` index the draft, -1 the root."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def with_predicted_reach(ranking: Ranking, parents: Sequence[int], predicted: Sequence[bool], rate: float,
+                         adaptive: bool = True) -> Ranking:
+    """``ranking`` (the budget's, over a draft with a prediction chain in it) with every prediction node's
+    acceptance given by ``rate``: a trie node keeps its own acceptance given its parent, so its reach is its
+    parent's new reach times that. Not adaptive: the prediction nodes first, then the others in draft order."""
+    nodes = range(len(parents))
+    if not adaptive:
+        order = [i for i in nodes if predicted[i]] + [i for i in nodes if not predicted[i]]
+        return Ranking(order, [1.0] * len(order))
+    old = dict(zip(ranking.order, ranking.reach))
+    reach: list[float] = []
+    for i, p in enumerate(parents):
+        parent_reach = 1.0 if p < 0 else reach[p]
+        if predicted[i]:
+            accept = rate
+        else:
+            parent_old = 1.0 if p < 0 else old[p]
+            accept = old[i] / parent_old if parent_old > 0 else 0.0
+        reach.append(parent_reach * accept)
+    depths = depths_of(parents)
+    order = sorted(nodes, key=lambda i: (-reach[i], depths[i], i))
+    return Ranking(order, [reach[i] for i in order])
+
+
 def new_trie(config: LookaheadConfig) -> TokenTrie:
     """An empty trie with the knobs of ``config``."""
     return TokenTrie(branch_length=config.branch_length, max_query_length=config.max_query_length,
@@ -115,6 +265,10 @@ class Drafter:
         self.finished = False
         self.follow = 0  # see follow_length
         self.follow_end = -1  # len(generated) when ``follow`` was computed
+        self.prediction = ""  # the predicted output's token ids, as_text
+        self.prediction_at = (0, 0)  # (index of the next predicted token, output length) at the last alignment
+        self.prediction_rate = PredictionRate()
+        self.chain_expected = True  # whether this step's chain was aligned at the expected position
 
     def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
               max_new_tokens: int = 1 << 30) -> None:
@@ -123,8 +277,11 @@ class Drafter:
         self.seed()
 
     def begin(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
-              max_new_tokens: int = 1 << 30) -> None:
-        """Take the request's prompt and documents without counting anything yet (see :meth:`seed`)."""
+              max_new_tokens: int = 1 << 30, prediction: Sequence[int] = ()) -> None:
+        """Take the request's prompt and documents without counting anything yet (see :meth:`seed`), and its
+        predicted output (drafted first, see :meth:`predicted_chain`)."""
+        self.prediction = as_text(prediction)
+        self.prediction_at = (0, 0)
         self.prompt_ids = list(prompt_ids)
         self.documents = [list(doc) for doc in documents]
         self.max_new_tokens = max_new_tokens
@@ -191,10 +348,31 @@ class Drafter:
                 at_most = min(at_most, self.follow + grown)
             follow = self.follow = self.follow_length(context, at_most)
             self.follow_end = end
+        chain = self.predicted_chain(generated, min(config.decoding_length, remaining)) if not after else []
+        predicted = None
+        if chain:
+            draft, predicted = with_chain(draft, chain)
         self.trie_seconds += time.perf_counter() - t0
         ranking = self.budget.rank(draft.parents, draft.scores, draft.match_length, last_accepted,
                                    draft.global_counts, follow)
-        return Candidates(context[-1], draft, ranking, last_accepted, follow)
+        if predicted is not None:
+            ranking = with_predicted_reach(ranking, draft.parents, predicted,
+                                           self.prediction_rate.rate(self.chain_expected), self.budget.adaptive)
+        return Candidates(context[-1], draft, ranking, last_accepted, follow, predicted)
+
+    def predicted_chain(self, generated: Sequence[int], limit: int) -> list[int]:
+        """The prediction's next ``limit`` tokens after the output so far (empty: no prediction, or the output
+        cannot be placed in it; see :func:`align_prediction`)."""
+        if not self.prediction or not generated or limit <= 0:
+            return []
+        index, length = self.prediction_at
+        expected = index + len(generated) - length
+        found = align_prediction(self.prediction, generated, expected)
+        if found is None:
+            return []
+        self.prediction_at = (found, len(generated))
+        self.chain_expected = found == expected
+        return [ord(c) for c in self.prediction[found:found + limit]]
 
     def extended(self, draft: Draft, context: Sequence[int], remaining: int) -> Draft:
         """``draft`` with its best path drafted on past the trie's window depth.
@@ -231,7 +409,8 @@ class Drafter:
                         scores=[draft.scores[i] for i in chosen],
                         global_counts=[draft.global_counts[i] for i in chosen],
                         match_length=draft.match_length, last_accepted=candidates.last_accepted,
-                        follow=candidates.follow)
+                        follow=candidates.follow,
+                        predicted=None if candidates.predicted is None else [candidates.predicted[i] for i in chosen])
 
     def propose(self, generated: Sequence[int], *, after: Sequence[int] = (), last_accepted: int = 0,
                 max_nodes: int | None = None, batch_rows: int = 1, truncate: int | None = None, context: int = 0
@@ -250,10 +429,26 @@ class Drafter:
         return self.proposal(found, count)
 
     def observe(self, proposal: Proposal, accepted: Sequence[int]) -> None:
-        """Teach the budget: ``accepted`` are the accepted draft nodes (tree indices >= 1, path order)."""
+        """Teach the budget: ``accepted`` are the accepted draft nodes (tree indices >= 1, path order). Prediction
+        nodes teach this request's prediction rate instead; the budget learns the trie's nodes only."""
+        if proposal.predicted is not None and any(proposal.predicted):
+            self.observe_prediction(proposal, accepted)
+            return
         draft_parents = [p - 1 for p in proposal.parents[1:]]  # -1: child of the root
         self.budget.observe(draft_parents, proposal.scores, proposal.match_length, proposal.last_accepted,
                             [i - 1 for i in accepted], proposal.global_counts, proposal.follow)
+
+    def observe_prediction(self, proposal: Proposal, accepted: Sequence[int]) -> None:
+        """Learn from a tree with prediction nodes: their rate here, the rest (:func:`trie_part`) in the budget."""
+        assert proposal.predicted is not None
+        parents = proposal.parents[1:]
+        taken, tried = chain_trials(parents, proposal.predicted, accepted)
+        self.prediction_rate.observe(self.chain_expected, taken, tried)
+        kept, kept_parents, kept_accepted = trie_part(parents, proposal.predicted, accepted)
+        if kept:
+            self.budget.observe(kept_parents, [proposal.scores[i] for i in kept], proposal.match_length,
+                                proposal.last_accepted, kept_accepted, [proposal.global_counts[i] for i in kept],
+                                proposal.follow)
 
     def finish(self, output: Sequence[int] | None = None) -> None:
         """Release the request-local counts; learn ``output`` into the global trie (when given and the config

@@ -42,6 +42,18 @@ __all__ = [
 ]
 
 
+def per_prompt_predictions(prediction: Sequence[str | Sequence[int] | None] | None, prompts: int
+                           ) -> list[str | Sequence[int] | None]:
+    """The prediction of each of ``prompts`` prompts: None for all, else a list of one per prompt."""
+    if prediction is None:
+        return [None] * prompts
+    if isinstance(prediction, str) or not isinstance(prediction, Sequence) or len(prediction) != prompts or any(
+            isinstance(p, int) for p in prediction):
+        raise ValueError(f"for a list of {prompts} prompts, prediction must be a list of {prompts} predictions (a "
+                         f"text, token ids or None each)")
+    return list(prediction)
+
+
 class LookaheadGenerator:
     """Lossless trie-drafted decoding on a stock Hugging Face causal LM.
 
@@ -119,9 +131,9 @@ class LookaheadGenerator:
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)
 
-    def new_drafter(self, request_id: str | None = None) -> Drafter:
-        """A drafter for one request over this generator's current trie and budget."""
-        return Drafter(self.trie, self.budget, self.config, request_id)
+    def new_drafter(self, request_id: str | None = None, trie: TokenTrie | None = None) -> Drafter:
+        """A drafter for one request over ``trie`` (None: this generator's current trie) and this budget."""
+        return Drafter(trie if trie is not None else self.trie, self.budget, self.config, request_id)
 
     # ------------------------------------------------------------------ inputs
 
@@ -131,10 +143,18 @@ class LookaheadGenerator:
 
     def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
                 stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
-                sampling: SamplingParams | None = None) -> Request:
-        """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong."""
+                sampling: SamplingParams | None = None, prediction: str | Sequence[int] | None = None,
+                trie: TokenTrie | None = None, document_names: Sequence[str | None] | None = None) -> Request:
+        """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong.
+
+        ``prediction``: the expected output (text or token ids), drafted first; ``trie``: the trie this request
+        drafts from and learns into (None: :attr:`trie`, read when the request starts); ``document_names``: an id
+        per document for the result's provenance (see :class:`~lookahead.provenance.DocumentUse`)."""
+        if trie is not None and not isinstance(trie, TokenTrie):
+            raise TypeError(f"trie must be a lookahead.trie.TokenTrie or None, got {type(trie).__name__}")
         return self.inputs.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                   documents=documents, sampling=sampling)
+                                   documents=documents, sampling=sampling, prediction=prediction, trie=trie,
+                                   document_names=document_names)
 
     # ------------------------------------------------------------------ public API
 
@@ -143,6 +163,8 @@ class LookaheadGenerator:
                  documents: Sequence[str] | None = None, do_sample: bool = False, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, batch_size: int = 1, show_progress: bool = False,
+                 prediction: str | Sequence[int] | Sequence[str | Sequence[int] | None] | None = None,
+                 trie: TokenTrie | None = None, document_names: Sequence[str | None] | None = None,
                  ) -> GenerationResult | list[GenerationResult]:
         """Lookahead decoding of one prompt, or of a list of prompts (returns a list then).
 
@@ -160,17 +182,23 @@ class LookaheadGenerator:
             seed: seeds the sampler of this request (each prompt of a list gets ``seed + index``).
             batch_size: for a list of prompts, how many are decoded together in each forward pass.
             show_progress: a progress bar over a list of prompts.
+            prediction: the expected output (a text or token ids; for a list of prompts, a list of one per prompt,
+                None items allowed), drafted first: an edit's original text. Output never depends on it.
+            trie: the trie this request drafts from and learns into (None: :attr:`trie`).
+            document_names: an id per document, naming them in ``stats.provenance``.
         """
         sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
+        shared = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop, documents=documents,
+                      trie=trie, document_names=document_names)
         if not is_prompt_list(prompt):
-            request = self.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                   documents=documents, sampling=sampling)
+            request = self.prepare(prompt, sampling=sampling, prediction=prediction, **shared)  # type: ignore[arg-type]
             return collect_chunks(self.run(request))
         check_positive_int("batch_size", batch_size)
+        predictions = per_prompt_predictions(prediction, len(prompt))  # type: ignore[arg-type]
         requests = [
-            self.prepare(p, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop, documents=documents,
-                         sampling=sampling if seed is None else dataclasses.replace(sampling, seed=seed + i))
+            self.prepare(p, sampling=sampling if seed is None else dataclasses.replace(sampling, seed=seed + i),
+                         prediction=predictions[i], **shared)  # type: ignore[arg-type]
             for i, p in enumerate(prompt)  # type: ignore[arg-type]
         ]
         return self.run_many(requests, batch_size, show_progress)
@@ -178,7 +206,9 @@ class LookaheadGenerator:
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               repetition_penalty: float | None = None, seed: int | None = None) -> Iterator[StreamChunk]:
+               repetition_penalty: float | None = None, seed: int | None = None,
+               prediction: str | Sequence[int] | None = None, trie: TokenTrie | None = None,
+               document_names: Sequence[str | None] | None = None) -> Iterator[StreamChunk]:
         """Yield every accepted run of tokens as it is verified. The last chunk carries the finish reason and stats.
 
         Arguments (as in :meth:`generate`) are checked right away, when ``stream`` is called, before any model work.
@@ -186,7 +216,8 @@ class LookaheadGenerator:
         sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
         request = self.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                               documents=documents, sampling=sampling)
+                               documents=documents, sampling=sampling, prediction=prediction, trie=trie,
+                               document_names=document_names)
         return self.run(request)
 
     def new_batch(self) -> Batch:

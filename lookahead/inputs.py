@@ -42,6 +42,20 @@ def check_documents(documents: Sequence[str] | None) -> list[str]:
     return list(documents)
 
 
+def check_document_names(names: Sequence[str | None] | None, count: int) -> tuple[str | None, ...]:
+    """One name (or None) per document, as a tuple; a wrong count or a non-string name is an error."""
+    if names is None:
+        return (None,) * count
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"document_names must be a list of strings (or None items), got {type(names).__name__}")
+    if len(names) != count:
+        raise ValueError(f"got {len(names)} document_names for {count} documents: give one per document")
+    for i, name in enumerate(names):
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"document_names[{i}] must be a string or None, got {type(name).__name__}")
+    return tuple(names)
+
+
 def prompt_texts(prompt: Prompt) -> list[str]:
     """The text a prompt was written in: the string itself, or each chat message's content (none for token ids)."""
     if isinstance(prompt, str):
@@ -122,6 +136,22 @@ class InputEncoder:
         """Token ids of a document's text, without special tokens."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def encode_prediction(self, prediction: str | Sequence[int] | None) -> tuple[int, ...]:
+        """Token ids of a predicted output: a text (encoded without special tokens) or token ids."""
+        if prediction is None:
+            return ()
+        if isinstance(prediction, str):
+            return tuple(self.encode_document(prediction))
+        if isinstance(prediction, torch.Tensor):
+            prediction = prediction.flatten().tolist()
+        if isinstance(prediction, Sequence) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                    for t in prediction):
+            bad = [t for t in prediction if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prediction token ids must be in 0..{self.vocab_size - 1}, got {bad[:5]}")
+            return tuple(prediction)
+        raise TypeError(f"prediction must be a string or a list of token ids, got {type(prediction).__name__}")
+
     def eos_ids(self, eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
         """The EOS set: the given id(s), else the model's generation config, else the tokenizer's."""
         if eos_token_id is None:
@@ -136,8 +166,13 @@ class InputEncoder:
 
     def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
                 stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
-                sampling: SamplingParams | None = None) -> Request:
+                sampling: SamplingParams | None = None, prediction: str | Sequence[int] | None = None,
+                trie: Any = None, document_names: Sequence[str | None] | None = None) -> Request:
         """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong.
+
+        ``prediction`` (a text or token ids) is what the output is expected to be, mostly: it is drafted first (an
+        edit's original text). ``trie`` (a :class:`~lookahead.trie.TokenTrie`) is the trie this request drafts
+        from instead of the generator's. ``document_names`` name the documents in the result's provenance.
 
         ``documents`` are all kept in the request's ``documents``; ``document_ids`` (what seeds the request-local
         trie) leaves out those whose text occurs verbatim in the prompt (a string prompt, a chat message's content,
@@ -149,22 +184,29 @@ class InputEncoder:
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a lookahead.sampling.SamplingParams, got {type(sampling).__name__}")
         docs = check_documents(documents)
+        names = check_document_names(document_names, len(docs))
+        prediction_ids = self.encode_prediction(prediction)
         prompt_ids = self.encode(prompt)
         if self.max_context is not None:
             if len(prompt_ids) >= self.max_context:
                 raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context} "
                                  "tokens")
             max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
+        sources = tuple(tuple(self.encode_document(d)) for d in docs)
         resolved = (sampling or SamplingParams()).resolved(self.generation_config)
         return Request(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                        eos=self.eos_ids(eos_token_id), stop=stops, documents=tuple(docs), sampling=resolved,
-                       document_ids=self.document_ids(docs, prompt, prompt_ids))
+                       document_ids=self.document_ids(docs, prompt, prompt_ids, sources),
+                       prediction_ids=prediction_ids, trie=trie, source_ids=sources, source_names=names)
 
-    def document_ids(self, documents: Sequence[str], prompt: Prompt, prompt_ids: Sequence[int]
-                     ) -> tuple[tuple[int, ...], ...]:
+    def document_ids(self, documents: Sequence[str], prompt: Prompt, prompt_ids: Sequence[int],
+                     encoded: Sequence[tuple[int, ...]] | None = None) -> tuple[tuple[int, ...], ...]:
         """Token ids of each document whose text does not occur in the prompt (see :func:`in_prompt`): the prompt
-        as written, or, for a prompt of token ids, its decoded text."""
+        as written, or, for a prompt of token ids, its decoded text. ``encoded`` holds the documents' ids already
+        (else they are encoded here)."""
         if not documents:
             return ()
+        if encoded is None:
+            encoded = [tuple(self.encode_document(d)) for d in documents]
         texts = prompt_texts(prompt) or [self.tokenizer.decode(list(prompt_ids), clean_up_tokenization_spaces=False)]
-        return tuple(tuple(self.encode_document(d)) for d in documents if not in_prompt(d, texts))
+        return tuple(ids for d, ids in zip(documents, encoded) if not in_prompt(d, texts))

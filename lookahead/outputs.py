@@ -12,6 +12,7 @@ from typing import Any, Union
 
 import torch
 
+from .provenance import DocumentUse
 from .sampling import SamplingParams
 
 Message = dict[str, str]
@@ -30,6 +31,10 @@ class Request:
     documents: tuple[str, ...]
     sampling: SamplingParams  # resolved against the model's generation config
     document_ids: tuple[tuple[int, ...], ...] = ()  # token ids of ``documents`` (no special tokens)
+    prediction_ids: tuple[int, ...] = ()  # the predicted output's token ids (drafted first; see Drafter)
+    trie: Any = None  # a lookahead.trie.TokenTrie this request drafts from (None: the generator's own trie)
+    source_ids: tuple[tuple[int, ...], ...] = ()  # token ids of every document, in order (for provenance)
+    source_names: tuple[str | None, ...] = ()  # an id per document (None: known by its index), for provenance
 
 
 @dataclass
@@ -41,6 +46,9 @@ class GenerationStats:
     steps: int = 0  # forward passes, the prefill included
     draft_sizes: list[int] = field(default_factory=list)  # draft nodes verified per decoding step
     accepted_lengths: list[int] = field(default_factory=list)  # draft tokens accepted per decoding step
+    accepted_prediction_tokens: int = 0  # draft tokens from the prediction that were accepted
+    rejected_prediction_tokens: int = 0  # draft tokens from the prediction that were verified and not accepted
+    provenance: list[DocumentUse] = field(default_factory=list)  # per document: accepted draft tokens copied from it
     time_prefill: float = 0.0
     time_trie: float = 0.0
     time_forward: float = 0.0  # model passes (prefill and tree passes)

@@ -26,6 +26,7 @@ import torch
 
 from .outputs import GenerationResult, Prompt, Request, StreamChunk, collect_chunks
 from .sampling import SamplingParams
+from .trie import TokenTrie
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import LookaheadGenerator
@@ -242,14 +243,17 @@ class Scheduler:
 
     def submit(self, prompt: Prompt, *, max_new_tokens: int = 128, stop: Sequence[str] | None = None,
                documents: Sequence[str] | None = None, sampling: SamplingParams | None = None,
-               eos_token_id: int | Sequence[int] | None = None) -> RequestHandle:
+               eos_token_id: int | Sequence[int] | None = None, prediction: str | Sequence[int] | None = None,
+               trie: TokenTrie | None = None, document_names: Sequence[str | None] | None = None) -> RequestHandle:
         """Validate and enqueue one request. Raises ValueError/TypeError for bad input or a request whose KV cache
         exceeds ``max_kv_bytes`` alone (nothing is queued), QueueFullError when the queue is full,
-        SchedulerClosedError after :meth:`close`."""
+        SchedulerClosedError after :meth:`close`. ``prediction``, ``trie`` and ``document_names`` are as in
+        :meth:`LookaheadGenerator.prepare` (``trie``: a tenant's own trie)."""
         if self._closed.is_set():
             raise SchedulerClosedError("the scheduler is shut down")
         request = self.generator.prepare(prompt, max_new_tokens=max_new_tokens, stop=stop, documents=documents,
-                                         sampling=sampling, eos_token_id=eos_token_id)
+                                         sampling=sampling, eos_token_id=eos_token_id, prediction=prediction,
+                                         trie=trie, document_names=document_names)
         need = self.kv_bytes_needed(request)
         self._check_fits(request, need)
         handle = RequestHandle(request.request_id, len(request.prompt_ids))

@@ -18,7 +18,7 @@ PROJECT_PACKAGES = ("lookahead", "langchain_lookahead", "lookahead_server")
 #: lowest first; a module may import modules of strictly lower layers only
 LAYERS: list[set[str]] = [
     {"files", "config", "sampling", "tree", "verify", "kvcache", "kernels", "prompts", "argtypes", "emitter",
-     "reference", "agreement"},
+     "reference", "agreement", "provenance"},
     {"trie", "budget", "outputs", "models"},
     {"inputs", "drafter", "runner"},
     {"batch"},

@@ -47,7 +47,7 @@ from .errors import ApiError, describe_validation_error, parse_json, validate_bo
 from .metrics import ServerMetrics
 from .persistence import TrieStore
 from .schemas import ChatCompletionRequest, CompletionRequest, DocumentsRequest, as_documents_body
-from .tenants import Access, TenantGenerator, TenantTries
+from .tenants import Access, TenantTries
 
 log = logging.getLogger("lookahead_server")
 
@@ -143,7 +143,6 @@ class _Service:
         self.store = TrieStore(settings.trie_path) if settings.trie_path else None
         self.access = settings.access()
         self.tenants = TenantTries(generator, settings.trie_path, settings.max_tenants, on_load=self._warn_config)
-        self.view = TenantGenerator(generator)  # what the scheduler decodes with: per-request tries
         self.metrics = ServerMetrics(lambda: (self.generator, self.scheduler))
         self.handles: set[RequestHandle] = set()
         self.created = int(time.time())
@@ -161,7 +160,7 @@ class _Service:
             if trie is not None:
                 self._warn_config(trie)
                 self.generator.trie = trie  # before the scheduler exists: no batch holds the old trie
-        self.scheduler = self.factory(self.view, self.settings)  # type: ignore[arg-type] - a generator view
+        self.scheduler = self.factory(self.generator, self.settings)
         waiting = self.scheduler.max_queue + self.scheduler.max_batch_size + 8
         # One thread per request waiting for its next chunk: the default executor (cores + 4) would let waits on
         # queued requests delay the chunks of running ones.
@@ -286,9 +285,9 @@ class _Service:
             raise ApiError(400, str(error), param="messages" if isinstance(prompt, list) else "prompt") from None
         max_tokens = self._max_tokens(requested, len(prompt_ids), param)
         try:
-            with self.view.submitting(trie):
-                handle = self.scheduler.submit(prompt_ids, max_new_tokens=max_tokens, stop=body.stop_list() or None,
-                                               documents=body.documents, sampling=self.sampling(body))
+            handle = self.scheduler.submit(prompt_ids, max_new_tokens=max_tokens, stop=body.stop_list() or None,
+                                           documents=body.documents, sampling=self.sampling(body),
+                                           trie=trie if tenant is not None else None)
         except QueueFullError as error:
             raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"}) from None
         except SchedulerClosedError as error:
@@ -332,7 +331,6 @@ class _Service:
     def release(self, handle: RequestHandle) -> None:
         handle.cancel()  # a no-op for a finished request; frees the slot of an abandoned one
         self.handles.discard(handle)
-        self.view.forget(handle.id)  # a request cancelled while it waited never took its trie
 
     def finished(self, endpoint: str, handle: RequestHandle, chunks: list[StreamChunk], started: float,
                  tenant: str | None) -> tuple[str, GenerationStats]:

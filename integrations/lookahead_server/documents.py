@@ -55,8 +55,9 @@ def insert_documents(trie: TokenTrie, tokenizer: Any, texts: Sequence[str], ids:
 
 
 def delete_document(trie: TokenTrie, doc_id: str) -> int | None:
-    """Remove document ``doc_id`` from ``trie``: what ``remove_source`` reports, or None when it is not there."""
+    """Remove document ``doc_id`` from ``trie``: what ``remove_source`` reports, or None when it was not there. The
+    removal is made (and journaled) either way, so it reaches every trie a delta of this one is merged into."""
     source = source_of(doc_id)
-    if source not in trie.sources():
-        return None
-    return trie.remove_source(source)
+    known = source in trie.sources()
+    removed = trie.remove_source(source)
+    return removed if known else None

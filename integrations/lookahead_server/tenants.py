@@ -6,8 +6,8 @@ answers and the documents it sent), kept in its own file next to the global one;
 from the generator's (default) trie. Drafts never change an answer, only its speed, and speed is observable: one
 trie per tenant closes that timing side channel between tenants.
 
-The engine's generator holds one trie; :class:`TenantGenerator` is the view of it the scheduler gets, which hands
-each request a drafter over its tenant's trie.
+The engine's generator holds the default trie; a tenant's request is submitted with its tenant's trie
+(``Scheduler.submit(..., trie=...)``), which its drafter drafts from and its answer is learned into.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
-from lookahead.drafter import Drafter
-from lookahead.engine import LookaheadGenerator, Request
+from lookahead.engine import LookaheadGenerator
 from lookahead.trie import TokenTrie
 
 from .errors import ApiError
@@ -188,67 +185,3 @@ class TenantTries:
         """The tenants whose tries are held now."""
         with self._lock:
             return sorted(self._tries)
-
-
-class TenantGenerator:
-    """The generator as the scheduler sees it: every request submitted inside :meth:`submitting` drafts from the
-    trie given there; any other request drafts from the generator's own trie. Everything else is the generator's.
-
-    The scheduler prepares a request in the submitting thread and makes its drafter later, in its worker thread, from
-    the request id; this view remembers the trie of each id in between (:meth:`forget` drops a request that never
-    ran).
-    """
-
-    def __init__(self, generator: LookaheadGenerator) -> None:
-        self._generator = generator
-        self._local = threading.local()
-        self._routes: dict[str, TokenTrie] = {}
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._generator, name)
-
-    @contextmanager
-    def submitting(self, trie: TokenTrie | None) -> Iterator[None]:
-        """Requests prepared in this thread inside the block draft from ``trie`` (None: the default trie)."""
-        self._local.trie, self._local.prepared = trie, None
-        try:
-            yield
-        except BaseException:
-            if self._local.prepared is not None:
-                self.forget(self._local.prepared)
-            raise
-        finally:
-            self._local.trie = None
-
-    def prepare(self, prompt: Any, **kwargs: Any) -> Request:
-        request = self._generator.prepare(prompt, **kwargs)
-        trie = getattr(self._local, "trie", None)
-        if trie is not None and trie is not self._generator.trie:
-            with self._lock:
-                self._routes[request.request_id] = trie
-            self._local.prepared = request.request_id
-        return request
-
-    def new_drafter(self, request_id: str | None = None) -> Drafter:
-        with self._lock:
-            trie = self._routes.pop(request_id, None) if request_id is not None else None
-        if trie is None:
-            return self._generator.new_drafter(request_id)
-        return Drafter(trie, self._generator.budget, self._generator.config, request_id)
-
-    def new_batch(self) -> Any:
-        batch = self._generator.new_batch()
-        batch.new_drafter = self.new_drafter  # the batch makes each row's drafter through this view
-        return batch
-
-    def forget(self, request_id: str) -> None:
-        """Drop the route of a request that will not run (refused, or cancelled while waiting)."""
-        with self._lock:
-            self._routes.pop(request_id, None)
-
-    @property
-    def routed(self) -> int:
-        """Requests prepared for a tenant trie that have no drafter yet."""
-        with self._lock:
-            return len(self._routes)
