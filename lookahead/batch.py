@@ -27,7 +27,7 @@ from .drafter import Drafter, Proposal
 from .emitter import Emitter
 from .kvcache import append_rows, cache_length, crop, select_rows
 from .outputs import GenerationStats, Request, StreamChunk
-from .provenance import provenance
+from .provenance import Attribution
 from .runner import ModelRunner, RowLayout
 from .sampling import TokenChooser
 from .tree import build_tree
@@ -60,6 +60,7 @@ class Row:
         self.drafter = drafter
         self.chooser = chooser
         self.stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
+        self.attribution = Attribution(request.source_ids, request.source_names or None)
         self.length = 0  # valid positions of this row in the batch cache
         self.pending = -1  # last emitted token, not in the cache yet (the root of the next tree)
         self.last_accepted = 0
@@ -326,12 +327,16 @@ class Batch:
         return acceptances
 
     def _emit(self, row: Row, tokens: list[int], accepted: int) -> StreamChunk:
+        start = len(row.emitter.generated)
         run, delta = row.emitter.push(tokens)
-        row.stats.new_tokens = len(row.emitter.generated)
+        generated = row.emitter.generated
+        row.stats.new_tokens = len(generated)
+        source = None
+        if accepted and row.attribution.texts:  # where this step's accepted draft tokens were copied from
+            found = row.attribution.add(generated, start, min(start + accepted, len(generated)))
+            source = row.attribution.source(found.document)
         if row.emitter.finish is None:
-            return StreamChunk(run, delta, accepted)
+            return StreamChunk(run, delta, accepted, source=source)
         row.stats.time_total = time.perf_counter() - row.start
-        request = row.request
-        row.stats.provenance = provenance(request.source_ids, row.emitter.generated, row.stats.accepted_lengths,
-                                          request.source_names or None)
-        return StreamChunk(run, delta, accepted, row.emitter.finish, row.stats)
+        row.stats.provenance = row.attribution.uses()
+        return StreamChunk(run, delta, accepted, row.emitter.finish, source=source, stats=row.stats)

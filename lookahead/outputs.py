@@ -95,6 +95,7 @@ class StreamChunk:
     accepted: int  # draft tokens accepted in the step that produced this run
     finish_reason: str | None = None
     stats: GenerationStats | None = None  # set on the last chunk
+    source: str | None = None  # the document its accepted draft tokens were copied from (its id, or doc:<index>)
 
 
 def collect_chunks(chunks: Iterable[StreamChunk]) -> GenerationResult:

@@ -84,21 +84,55 @@ def _match_length(document: str, output: str, start: int, end: int) -> int:
     return low
 
 
+class Attribution:
+    """Attributes one output's accepted runs as they come (:meth:`add`), then sums them up per document
+    (:meth:`uses`). ``documents`` are token ids, ``ids`` an id per document (None: known by its index)."""
+
+    def __init__(self, documents: Sequence[Sequence[int]], ids: Sequence[str | None] | None = None) -> None:
+        if ids is not None and len(ids) != len(documents):
+            raise ValueError(f"got {len(ids)} ids for {len(documents)} documents: give one id per document (or None)")
+        self.texts = [_text(doc) for doc in documents]
+        self.ids = list(ids) if ids is not None else [None] * len(documents)
+        self.runs: list[AcceptedRun] = []
+
+    def find(self, output: Sequence[int] | str, start: int, end: int) -> int | None:
+        """The index of the document the run ``output[start:end]`` was copied from (None: no document holds it)."""
+        out = output if isinstance(output, str) else _text(output[:end])
+        best, best_length = None, -1
+        for index, text in enumerate(self.texts):
+            length = _match_length(text, out, start, end)
+            if length > best_length:
+                best, best_length = index, length
+        return best
+
+    def add(self, output: Sequence[int] | str, start: int, end: int) -> AcceptedRun:
+        """Attribute and record the run ``output[start:end]`` (an empty run is recorded with no document)."""
+        run = AcceptedRun(start, end, self.find(output, start, end) if end > start else None)
+        self.runs.append(run)
+        return run
+
+    def source(self, index: int | None) -> str | None:
+        """How a response names document ``index``: its id, else ``doc:<index>`` (None for no document)."""
+        return None if index is None else DocumentUse(index, self.ids[index]).source
+
+    def uses(self) -> list[DocumentUse]:
+        """Per document, in order: the accepted draft tokens recorded from it and their spans."""
+        uses = [DocumentUse(index, name) for index, name in enumerate(self.ids)]
+        for run in self.runs:
+            if run.document is not None and run.end > run.start:
+                use = uses[run.document]
+                use.tokens += run.end - run.start
+                use.spans.append((run.start, run.end))
+        return uses
+
+
 def attribute_runs(documents: Sequence[Sequence[int]], output: Sequence[int], accepted_lengths: Sequence[int]
                    ) -> list[AcceptedRun]:
     """Every accepted draft run of ``output`` with the index of the document it was copied from (see the module
     docstring), in output order."""
-    texts = [_text(doc) for doc in documents]
+    attribution = Attribution(documents)
     out = _text(output)
-    runs = []
-    for start, end in accepted_runs(accepted_lengths, len(output)):
-        best, best_length = None, -1
-        for index, text in enumerate(texts):
-            length = _match_length(text, out, start, end)
-            if length > best_length:
-                best, best_length = index, length
-        runs.append(AcceptedRun(start, end, best))
-    return runs
+    return [attribution.add(out, start, end) for start, end in accepted_runs(accepted_lengths, len(output))]
 
 
 def provenance(documents: Sequence[Sequence[int]], output: Sequence[int], accepted_lengths: Sequence[int],
@@ -112,12 +146,8 @@ def provenance(documents: Sequence[Sequence[int]], output: Sequence[int], accept
         accepted_lengths: draft tokens accepted per decoding step (``GenerationStats.accepted_lengths``).
         ids: an id per document (None for one known by its index only).
     """
-    if ids is not None and len(ids) != len(documents):
-        raise ValueError(f"got {len(ids)} ids for {len(documents)} documents: give one id per document (or None)")
-    uses = [DocumentUse(index, ids[index] if ids is not None else None) for index in range(len(documents))]
-    for run in attribute_runs(documents, output, accepted_lengths):
-        if run.document is not None:
-            use = uses[run.document]
-            use.tokens += run.end - run.start
-            use.spans.append((run.start, run.end))
-    return uses
+    attribution = Attribution(documents, ids)
+    out = _text(output)
+    for start, end in accepted_runs(accepted_lengths, len(output)):
+        attribution.add(out, start, end)
+    return attribution.uses()

@@ -76,3 +76,6 @@ def test_a_document_the_answer_repeats_is_its_source():
                                                       "spans": [(start + 1, end)]}
     stream = list(gen.stream(prompt, max_new_tokens=40, documents=["x y z", text]))
     assert stream[-1].stats.provenance[1].spans == [(start + 1, end)]
+    runs = [(c.accepted, c.source) for c in stream if c.accepted]
+    assert runs[0] == (end - start - 1, "doc:1")  # unnamed: known by its index
+    assert all(source is None for _, source in runs[1:])  # later runs repeat the output itself
