@@ -295,10 +295,26 @@ class ModelRunner:
         """
         if layout.dense:
             return self.run_tree(cache, layout.tree_start, trees[0].to(self.device))[None]  # [1, n, d]
+        if self.window is None and all(tree.size == 1 for tree in trees):
+            return self.plain_step(cache, [int(tree.input_ids[0]) for tree in trees], layout)  # [B, 1, d]
         inputs = batch_inputs(trees, layout.lengths, layout.tree_start, self.dtype, self.device)
         return self._decode(cache, input_ids=inputs.input_ids, position_ids=inputs.position_ids,
                             attention_mask=self._masks(inputs.attention_mask, inputs.position_ids, inputs.position_ids)
                             )  # [B, N, d]
+
+    def plain_step(self, cache: DynamicCache, tokens: Sequence[int], layout: RowLayout) -> torch.Tensor:
+        """One token per row (no row drafts): a 2-D padding mask instead of the 4-D tree mask, so the attention
+        implementation builds its own mask and may take its fast path (flash attention on CUDA; none at all when no
+        row has stale positions). Not for sliding-window models: their windows count cache slots, and a row with
+        stale positions is not where its slots say.
+
+        Returns hidden states [B, 1, d]."""
+        rows = len(tokens)
+        packed = torch.tensor([*tokens, *layout.lengths], dtype=torch.long).to(self.device)  # one upload
+        input_ids, prefixes = packed[:rows, None], packed[rows:, None]  # [B, 1] each
+        keys = torch.arange(layout.tree_start + 1, device=self.device)[None]  # [1, C + 1]
+        mask = ((keys < prefixes) | (keys == layout.tree_start)).long()  # [B, C + 1]: valid prefix and the new token
+        return self._decode(cache, input_ids=input_ids, position_ids=prefixes, attention_mask=mask)  # [B, 1, d]
 
     @staticmethod
     def compact(cache: DynamicCache, layout: RowLayout, keeps: Sequence[Sequence[int]]) -> list[int]:

@@ -62,6 +62,35 @@ def test_dense_and_batched_paths_agree_on_one_row():
         torch.testing.assert_close(v0, v1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_step_where_no_row_drafts_takes_the_2d_mask_and_matches_each_row_alone(kind):
+    """Rows of different lengths (stale positions in the shorter one), one token each: tree_pass takes the plain
+    step (2-D padding mask), and each row's hidden state equals that row decoded alone."""
+    model = make_model(kind, seed=3)
+    runner = ModelRunner(model)
+    prompts = [random_prompt(1, length=9), random_prompt(2, length=6)]
+    trees = [build_tree([11], [-1]), build_tree([12], [-1])]
+    calls = []
+    plain_step = runner.plain_step
+    runner.plain_step = lambda *args: calls.append(args) or plain_step(*args)
+    cache = runner.new_cache()
+    with torch.inference_mode(), runner.kernels():
+        runner.prefill(cache, prompts[0])
+        short = runner.new_cache()
+        runner.prefill(short, prompts[1] + [7] * 3)  # 3 stale positions the mask must hide
+        for layer, other in zip(cache.layers, short.layers):
+            layer.keys = torch.cat([layer.keys, other.keys])
+            layer.values = torch.cat([layer.values, other.values])
+        hidden = runner.tree_pass(cache, trees, RowLayout((9, 6), 9))  # [2, 1, d]
+    assert len(calls) == 1 and hidden.shape[:2] == (2, 1)
+    for b, (prompt, tree) in enumerate(zip(prompts, trees)):
+        alone = runner.new_cache()
+        with torch.inference_mode(), runner.kernels():
+            runner.prefill(alone, prompt)
+            expected = runner.tree_pass(alone, [tree], RowLayout((len(prompt),), len(prompt)))  # dense
+        torch.testing.assert_close(hidden[b], expected[0], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_tokens_equal_the_argmax_of_the_logits():
     model = make_model("qwen2", seed=5)
     runner = ModelRunner(model)
