@@ -6,7 +6,7 @@ short rows while the long request was joining, against the same steps of a run w
 engine's sliced joining and for a one-shot prefill (``prefill_chunk`` larger than the prompt). Greedy outputs of
 the short rows are checked to be identical in all runs.
 
-    python scripts/join_check.py [--join-tokens 6000] [--steps 60]
+    python scripts/join_check.py [--join-tokens 6000] [--prefill-share 0.15]
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ def run(generator: LookaheadGenerator, shorts: list[list[int]], joiner: list[int
     how many prompt tokens of the joiner were prefilled (-1: not added yet or joined). Stops early once a short
     row ends (its degenerate output reached ``max_new_tokens``)."""
     batch = generator.new_batch()
+    limit = generator.model.config.max_position_embeddings
     for key, ids in enumerate(shorts):
-        # an EOS id the model never emits: the short rows decode for the whole window
-        batch.add(generator.prepare(ids, max_new_tokens=4096, eos_token_id=NEVER), key)
+        # an EOS id the model never emits: the short rows decode for the whole window (or up to the model's limit)
+        batch.add(generator.prepare(ids, max_new_tokens=limit - len(ids) - 1, eos_token_id=NEVER), key)
     batch.step()  # prefill the short rows
     times: list[float] = []
     tokens: dict[int, list[int]] = {key: [] for key in range(len(shorts))}
@@ -70,42 +71,59 @@ def run(generator: LookaheadGenerator, shorts: list[list[int]], joiner: list[int
     return times, tokens, progress
 
 
+def joined_at(progress: list[int], join_at: int) -> int | None:
+    """The step at which the joiner's last slice ran (its row joined then), or None if it never did."""
+    return next((i for i in range(join_at, len(progress)) if progress[i] == -1), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--join-tokens", type=int, default=6000)
     parser.add_argument("--join-at", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--max-steps", type=int, default=4000,
+                        help="give up on the sliced join after this many steps (default 4000)")
+    parser.add_argument("--prefill-share", type=float, default=None,
+                        help="the engine's prefill_share for the sliced join (default: the config's)")
     args = parser.parse_args()
     model, tokenizer = load_model()
     generator = LookaheadGenerator(model, tokenizer)
+    if args.prefill_share is not None:
+        generator.config = generator.config.with_updates(prefill_share=args.prefill_share)
     shorts = [generator.encode(case_messages(c)) for c in load_cases("rag_qa", limit=3)]
     joiner = long_prompt(generator, args.join_tokens)
     generator.budget  # noqa: B018 - the cost model, before any clock
-    base_times, base_tokens, _ = run(generator, shorts, None, args.join_at, args.steps)
-    runs = {}
-    for label, chunk in (("sliced (default)", generator.config.prefill_chunk), ("one-shot prefill", 1 << 20)):
+    sliced_chunk = generator.config.prefill_chunk
+
+    def fresh_run(joining: list[int] | None, chunk: int, steps: int) -> tuple[list[float], dict, list[int]]:
+        generator.trie = generator.empty_trie()  # every run drafts from the same (empty) trie
         generator.config = generator.config.with_updates(prefill_chunk=chunk)
-        runs[label] = run(generator, shorts, joiner, args.join_at, args.steps)
-        for key, ids in runs[label][1].items():  # the same greedy tokens (as many as each run reached)
+        return run(generator, shorts, joining, args.join_at, steps)
+
+    fresh_run(None, sliced_chunk, 10)  # warm-up, discarded
+    runs = {"sliced (default)": fresh_run(joiner, sliced_chunk, args.max_steps)}
+    done = joined_at(runs["sliced (default)"][2], args.join_at)
+    steps = len(runs["sliced (default)"][0]) if done is None else done + 1
+    base_times, base_tokens, _ = fresh_run(None, sliced_chunk, steps)
+    runs["one-shot prefill"] = fresh_run(joiner, 1 << 20, steps)
+    for _, tokens, _ in runs.values():  # the same greedy tokens (as many as each run reached)
+        for key, ids in tokens.items():
             common = min(len(ids), len(base_tokens[key]))
             assert ids[:common] == base_tokens[key][:common], "the short rows' outputs changed"
-    # the window: from the join until the sliced join completed, every run still had all its short rows
-    times, _, progress = runs["sliced (default)"]
     end = min(len(base_times), *(len(r[0]) for r in runs.values()))
-    done = next((i for i in range(args.join_at, end) if progress[i] == -1), end)
-    window = slice(args.join_at, done + 1 if done < end else end)
+    window = slice(args.join_at, min(steps, end))
     base = statistics.mean(base_times[window])
-    rows = []
-    for label, (times, _, prog) in runs.items():
-        mean = statistics.mean(times[window])
-        state = "joined" if -1 in prog[window] else f"{max(prog[window])} of {len(joiner)} tokens prefilled"
-        rows.append((label, base * 1000, mean * 1000, 100 * (mean / base - 1), max(times[window]) * 1000, state))
-    print(f"join of a {len(joiner)}-token prompt at step {args.join_at}, 3 short rows decoding; steps "
-          f"{window.start}..{window.stop - 1} (until the sliced join completed, or a short row ended)")
-    print("| joining | mean step ms, alone | mean step ms, while joining | rise | longest step ms | by the end |")
+    print(f"join of a {len(joiner)}-token prompt at step {args.join_at}, 3 short rows decoding, prefill_share "
+          f"{generator.config.prefill_share}; steps {window.start}..{window.stop - 1} (until the sliced join "
+          f"completed{'' if done is not None else ': it did not within --max-steps'}); a fresh trie per run")
+    print("| joining | mean step ms, alone | mean step ms, while joining | rise | longest step ms | joined after |")
     print("|---|---|---|---|---|---|")
-    for label, base, mean, rise, longest, joined in rows:
-        print(f"| {label} | {base:.1f} | {mean:.1f} | {rise:+.0f}% | {longest:.0f} | {joined} |")
+    for label, (times, _, progress) in runs.items():
+        mean = statistics.mean(times[window])
+        at = joined_at(progress, args.join_at)
+        waited = sum(times[args.join_at:at + 1]) if at is not None else 0.0
+        wait = "not joined" if at is None else f"{waited:.1f} s ({at - args.join_at + 1} steps)"
+        print(f"| {label} | {base * 1000:.1f} | {mean * 1000:.1f} | {100 * (mean / base - 1):+.0f}% | "
+              f"{max(times[window]) * 1000:.0f} | {wait} |")
 
 
 if __name__ == "__main__":
