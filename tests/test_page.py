@@ -70,9 +70,10 @@ def ask(page: Page, documents: list[str], question: str, max_tokens: int) -> Non
     page.wait_for_selector("body[data-done]", timeout=120_000)
 
 
-def expected_runs(events: list[Any]) -> tuple[str, list[str], dict[str, Any]]:
-    """The answer, the text of each accepted run, and the final ``lookahead`` object of a chat stream."""
-    text, runs, final = "", [], {}
+def expected_sourced_runs(events: list[Any]) -> tuple[str, list[str], list[str], dict[str, Any]]:
+    """The answer, the text and the source ("" for none) of each accepted run, and the final ``lookahead`` object of
+    a chat stream."""
+    text, runs, sources, final = "", [], [], {}
     for event in events:
         if not isinstance(event, dict) or not event.get("choices"):
             continue
@@ -81,9 +82,10 @@ def expected_runs(events: list[Any]) -> tuple[str, list[str], dict[str, Any]]:
         text += content
         for run in event.get("lookahead", {}).get("accepted_runs", []) if content else []:
             runs.append(content[run["start"]:run["end"]])
+            sources.append(run["source"] or "")
         if choice["finish_reason"] is not None:
             final = event["lookahead"]
-    return text, runs, final
+    return text, runs, sources, final
 
 
 def shown(page: Page) -> dict[str, str]:
@@ -111,10 +113,11 @@ def test_page_streams_and_highlights_the_accepted_draft_runs(browser):
     with TestClient(create_app(fixed_generator(), ServeSettings())) as reference:
         streams = [sse_events(reference.post("/v1/chat/completions", json=body).text) for _ in range(2)]
     for (answer, marks, stats), events in zip(rounds, streams):
-        text, runs, final = expected_runs(events)
+        text, runs, sources, final = expected_sourced_runs(events)
         assert answer == text and text
         assert [m["text"] for m in marks] == runs and runs  # one highlighted span per accepted run, same text
-        assert all(m["source"] == "" and int(m["accepted"]) > 0 for m in marks)
+        assert [m["source"] for m in marks] == sources  # the document each was copied from (doc:<index>), or none
+        assert all(int(m["accepted"]) > 0 for m in marks)
         assert stats == {"tokens": str(N), "steps": str(final["steps"]), "tps": f"{final['tokens_per_step']:.2f}",
                          "accepted": str(final["accepted_draft_tokens"])}
     first, warm = (sum(len(m["text"]) for m in marks) / len(answer) for answer, marks, _ in rounds)

@@ -67,7 +67,9 @@ def test_completion_equals_engine(client, reference):
     assert choice["finish_reason"] == {"eos": "stop", "stop": "stop", "length": "length"}[ref.finish_reason]
     prompt_tokens = len(reference.encode(PROMPT))
     assert data["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(ref.token_ids),
-                             "total_tokens": prompt_tokens + len(ref.token_ids)}
+                             "total_tokens": prompt_tokens + len(ref.token_ids),
+                             "completion_tokens_details": {"accepted_prediction_tokens": 0,
+                                                           "rejected_prediction_tokens": 0}}
     assert data["lookahead"]["steps"] >= 1
 
 

@@ -18,7 +18,8 @@ from ._engine import DocumentRouter, EngineHandle, check_documents, get_engine, 
 #: environment variable naming the model when none is passed
 MODEL_ENV = "LOOKAHEAD_MODEL"
 #: per-call keyword arguments the LangChain classes understand (anything else is refused with this list)
-CALL_KWARGS = ("documents", "max_new_tokens", "max_tokens", "model", "n", "temperature", "top_p", "top_k", "seed")
+CALL_KWARGS = ("documents", "max_new_tokens", "max_tokens", "model", "n", "temperature", "top_p", "top_k", "seed",
+               "prediction")
 #: the per-call keyword arguments that choose how tokens are drawn
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "seed")
 

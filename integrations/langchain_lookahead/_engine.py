@@ -110,12 +110,13 @@ class Piece:
 
 
 def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
-                  documents: Sequence[str], use_lookahead: bool = True, sampling: Mapping[str, Any] | None = None
-                  ) -> Iterator[Piece]:
+                  documents: Sequence[str], use_lookahead: bool = True, sampling: Mapping[str, Any] | None = None,
+                  prediction: str | Sequence[int] | None = None) -> Iterator[Piece]:
     """Generate under the handle's lock, yielding one piece per accepted run (lookahead) or one piece (baseline).
 
     ``sampling`` holds the engine's sampling keywords (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
-    ``seed``); empty or None decodes greedily.
+    ``seed``); empty or None decodes greedily. ``prediction`` (the expected output) is drafted first; the plain
+    baseline drafts nothing and ignores it.
 
     The lock is released when the generator finishes or is closed (a consumer that stops early).
     """
@@ -127,7 +128,7 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
             return
         prompt_ids = generator.encode(prompt)
         for chunk in generator.stream(prompt_ids, max_new_tokens=max_new_tokens, stop=list(stop or []) or None,
-                                      documents=documents or None, **dict(sampling or {})):
+                                      documents=documents or None, prediction=prediction, **dict(sampling or {})):
             yield _piece(chunk, len(prompt_ids))
     finally:
         handle.lock.release()
@@ -187,6 +188,16 @@ def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, s
     stats = GenerationStats(prompt_tokens=n_prompt, new_tokens=len(token_ids), steps=len(token_ids),
                             time_total=seconds)
     return Piece(text, token_ids, 0, finish, stats, n_prompt)
+
+
+def drafting_metadata(stats: GenerationStats) -> dict[str, Any]:
+    """What a response's metadata says about predicted outputs and provenance: the prediction's accepted and rejected
+    draft tokens, and per document of the call the accepted draft tokens copied from it with their spans (output
+    token offsets)."""
+    return {"accepted_prediction_tokens": stats.accepted_prediction_tokens,
+            "rejected_prediction_tokens": stats.rejected_prediction_tokens,
+            "provenance": [{"index": use.index, "source": use.source, "tokens": use.tokens,
+                            "spans": [list(span) for span in use.spans]} for use in stats.provenance]}
 
 
 # ---------------------------------------------------------------------------------------------------- routing

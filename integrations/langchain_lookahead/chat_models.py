@@ -21,7 +21,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from ._base import LookaheadParams
-from ._engine import Piece, generate_n, stream_pieces
+from ._engine import Piece, drafting_metadata, generate_n, stream_pieces
 
 
 def _text_content(message: BaseMessage, index: int) -> str:
@@ -112,13 +112,15 @@ class ChatLookahead(LookaheadParams, BaseChatModel):
         prompt_text = "\n".join(m["content"] for m in chat)
         handle, limit, stops, documents = self._request(stop, kwargs, parent, prompt_text)
         yield from stream_pieces(handle, chat, max_new_tokens=limit, stop=stops, documents=documents,
-                                 use_lookahead=self.use_lookahead, sampling=self.sampling(kwargs))
+                                 use_lookahead=self.use_lookahead, sampling=self.sampling(kwargs),
+                                 prediction=kwargs.get("prediction"))
 
     def _metadata(self, piece: Piece, kwargs: dict[str, Any]) -> dict[str, Any]:
         data: dict[str, Any] = {"model_name": kwargs.get("model") or self.model_name,
                                 "finish_reason": piece.finish_reason}
         if piece.stats is not None:
             data["stats"] = piece.stats.to_dict()
+            data.update(drafting_metadata(piece.stats))
         return data
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,

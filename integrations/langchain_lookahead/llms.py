@@ -10,7 +10,7 @@ from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from ._base import LookaheadParams
-from ._engine import Piece, generate_n, stream_pieces
+from ._engine import Piece, drafting_metadata, generate_n, stream_pieces
 
 
 class LookaheadLLM(LookaheadParams, BaseLLM):
@@ -58,13 +58,14 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
         handle, limit, stops, documents = self._request(stop, kwargs, parent, prompt)
         for piece in stream_pieces(handle, self._prompt(prompt, handle.tokenizer), max_new_tokens=limit, stop=stops,
                                    documents=documents, use_lookahead=self.use_lookahead,
-                                   sampling=self.sampling(kwargs)):
+                                   sampling=self.sampling(kwargs), prediction=kwargs.get("prediction")):
             info: dict[str, Any] = {"accepted": piece.accepted, "token_ids": piece.token_ids}
             if piece.finish_reason is not None:
                 info["finish_reason"] = piece.finish_reason
                 info["model_name"] = kwargs.get("model") or self.model_name
                 if piece.stats is not None:
                     info["stats"] = piece.stats.to_dict()
+                    info.update(drafting_metadata(piece.stats))
             chunk = GenerationChunk(text=piece.text, generation_info=info)
             if run_manager:
                 run_manager.on_llm_new_token(piece.text, chunk=chunk)
@@ -85,7 +86,7 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
                 last = piece
             assert last is not None and last.stats is not None
             info = {"finish_reason": last.finish_reason, "stats": last.stats.to_dict(),
-                    "model_name": kwargs.get("model") or self.model_name}
+                    "model_name": kwargs.get("model") or self.model_name, **drafting_metadata(last.stats)}
             generations.append([Generation(text="".join(texts), generation_info=info)])
             usage["prompt_tokens"] += last.stats.prompt_tokens
             usage["completion_tokens"] += last.stats.new_tokens

@@ -287,7 +287,8 @@ class _Service:
         try:
             handle = self.scheduler.submit(prompt_ids, max_new_tokens=max_tokens, stop=body.stop_list() or None,
                                            documents=body.documents, sampling=self.sampling(body),
-                                           trie=trie if tenant is not None else None)
+                                           trie=trie if tenant is not None else None,
+                                           prediction=body.prediction_text, document_names=body.document_ids)
         except QueueFullError as error:
             raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"}) from None
         except SchedulerClosedError as error:
@@ -343,26 +344,35 @@ class _Service:
         return last.finish_reason, last.stats
 
 
-def _usage(prompt_tokens: int, stats: GenerationStats) -> dict[str, int]:
+def _usage(prompt_tokens: int, stats: GenerationStats) -> dict[str, Any]:
+    """OpenAI's usage object; ``completion_tokens_details`` counts the prediction's draft tokens accepted and those
+    verified and not accepted (both 0 without a prediction)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": prompt_tokens + stats.new_tokens}
+            "total_tokens": prompt_tokens + stats.new_tokens,
+            "completion_tokens_details": {"accepted_prediction_tokens": stats.accepted_prediction_tokens,
+                                          "rejected_prediction_tokens": stats.rejected_prediction_tokens}}
 
 
 def _lookahead_info(stats: GenerationStats, reason: str) -> dict[str, Any]:
-    """Engine facts added to each response (clients ignore unknown fields)."""
+    """Engine facts added to each response (clients ignore unknown fields); ``provenance`` lists, per document of the
+    request, the accepted draft tokens copied from it and their spans (output token offsets, ``[start, end)``)."""
     return {"finish_reason": reason, "steps": stats.steps, "tokens_per_step": round(stats.tokens_per_step, 4),
             "draft_tokens": sum(stats.draft_sizes), "accepted_draft_tokens": sum(stats.accepted_lengths),
+            "accepted_prediction_tokens": stats.accepted_prediction_tokens,
+            "rejected_prediction_tokens": stats.rejected_prediction_tokens,
+            "provenance": [{"index": use.index, "source": use.source, "tokens": use.tokens,
+                            "spans": [list(span) for span in use.spans]} for use in stats.provenance],
             "seconds": round(stats.time_total, 6)}
 
 
 def _chunk_info(chunk: StreamChunk, tokenizer: Any) -> dict[str, Any]:
     """What one streamed chunk says about drafting: its new tokens, the draft tokens accepted in the step that made
-    it, and the accepted run as character offsets into its text, ``source`` None (the engine does not say yet where
-    a draft came from)."""
+    it, and the accepted run as character offsets into its text with its ``source``: the request's document it was
+    copied from (its id, or ``doc:<index>``), None when no document holds it (the prompt, past answers)."""
     info: dict[str, Any] = {"tokens": len(chunk.token_ids), "accepted": chunk.accepted, "accepted_runs": []}
     end = _drafted_chars(chunk, tokenizer) if chunk.accepted > 0 else 0
     if end > 0:
-        info["accepted_runs"] = [{"start": 0, "end": end, "source": None}]
+        info["accepted_runs"] = [{"start": 0, "end": end, "source": chunk.source}]
     return info
 
 

@@ -27,6 +27,24 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class TextPart(_Strict):
+    """One part of a message's (or a prediction's) content; only text parts are supported."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(_Strict):
+    """``prediction``: OpenAI's Predicted Outputs, the text the answer is expected to be mostly (an edit's original
+    text). It is drafted first; the answer never depends on it, only its speed."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class _GenerationRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -40,6 +58,8 @@ class _GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     n: int | None = 1
     documents: list[str] | None = Field(default=None, description="texts that seed this request's local trie")
+    document_ids: list[str] | None = Field(default=None, description="a name per document, for provenance")
+    prediction: Prediction | None = None
     user: str | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
@@ -109,6 +129,17 @@ class _GenerationRequest(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _one_name_per_document(self) -> _GenerationRequest:
+        if self.document_ids is not None and len(self.document_ids) != len(self.documents or []):
+            raise ValueError(f"got {len(self.document_ids)} document_ids for {len(self.documents or [])} documents: "
+                             f"give one per document")
+        return self
+
+    @property
+    def prediction_text(self) -> str | None:
+        return self.prediction.text() if self.prediction is not None else None
+
+    @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _GenerationRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
@@ -173,13 +204,6 @@ class CompletionRequest(_GenerationRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-
-class TextPart(_Strict):
-    """One part of a message's content; only text parts are supported."""
-
-    type: Literal["text"]
-    text: str
 
 
 class ChatMessage(_Strict):
@@ -290,7 +314,7 @@ EXPECTED: dict[str, str] = {
     "role": "one of system, developer, user, assistant",
     "content": "a string or a list of {\"type\": \"text\", \"text\": string} parts",
     "name": "a string",
-    "type": "\"text\"",
+    "type": "\"text\" (a content part) or \"content\" (a prediction)",
     "text": "a string",
     "max_tokens": "a positive integer",
     "max_completion_tokens": "a positive integer",
@@ -303,6 +327,9 @@ EXPECTED: dict[str, str] = {
     "include_usage": "true or false",
     "n": "1",
     "documents": "a list of strings",
+    "document_ids": "a list of strings, one per document (names them in the response's provenance)",
+    "prediction": "{\"type\": \"content\", \"content\": a string or a list of {\"type\": \"text\", \"text\": string} "
+                  "parts}",
     "ids": f"a list of unique document ids, one per document ({ID_RULE})",
     "user": "a string",
     "presence_penalty": "0",
@@ -316,7 +343,8 @@ EXPECTED: dict[str, str] = {
 }
 
 #: the model whose fields appear under a parent field (for 'unknown field' messages on nested objects)
-NESTED: dict[str, type[BaseModel]] = {"messages": ChatMessage, "content": TextPart, "stream_options": StreamOptions}
+NESTED: dict[str, type[BaseModel]] = {"messages": ChatMessage, "content": TextPart, "stream_options": StreamOptions,
+                                      "prediction": Prediction}
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
