@@ -9,7 +9,9 @@ import types
 from typing import Any
 
 import pytest
+from lookahead_ray.cluster import check_resources
 from lookahead_ray.hub import TrieHubState, find_hub, start_hub, stop_hub
+from lookahead_ray.spec import GeneratorSpec
 from lookahead_ray.sync import ActorHubClient, TrieSync, replica_trie
 from ray_utils import local_ray
 
@@ -156,3 +158,14 @@ def test_the_hub_as_a_ray_actor(tmp_path):
     assert path.is_file() and TokenTrie.load(path).count([11, 12, 13]) == 1.0
     assert find_hub("test-hub") is None
     assert os.path.getsize(path) > 0
+
+
+def test_requests_the_cluster_can_never_place_are_refused():
+    local_ray()
+    check_resources(2, 1, 0)  # the test instance has 2 CPUs and no GPU
+    with pytest.raises(ValueError, match="3 workers x 1 CPUs need 3 CPUs; the Ray cluster has 2"):
+        check_resources(3, 1, 0)
+    with pytest.raises(ValueError, match="GPUs"):
+        check_resources(1, 1, 1)
+    with pytest.raises(ValueError, match="threads"):
+        GeneratorSpec(threads=0)
