@@ -3,9 +3,10 @@
 A decoding step emits the draft tokens it accepted, then one token of the model's own. The first output token comes
 from the prefill, so step ``k`` (0-based) of ``accepted_lengths`` covers the output tokens
 ``1 + sum(a[:k]) + k ... `` and its accepted run is the first ``a[k]`` of them. A run is attributed to the document
-that contains it, extended backwards over the output before it as far as that document still contains it (the
-longest match decides between documents that all contain the run; the lowest index wins a tie). A run no document
-contains came from elsewhere (the prompt, or past outputs) and has no source.
+that contains it together with the output token before it (a trie drafts after a matched context token, so a run
+drafted from a document always is; a lone common token found anywhere is not), extended backwards over the output
+as far as the document still contains it: the longest match decides between documents, the lowest index wins a tie.
+A run no document contains so came from elsewhere (the prompt, or past outputs) and has no source.
 
 Pure functions over token ids: nothing here runs a model or touches a trie.
 """
@@ -96,9 +97,10 @@ class Attribution:
         self.runs: list[AcceptedRun] = []
 
     def find(self, output: Sequence[int] | str, start: int, end: int) -> int | None:
-        """The index of the document the run ``output[start:end]`` was copied from (None: no document holds it)."""
+        """The index of the document the run ``output[start:end]`` was copied from (None: no document holds it with
+        the token before it)."""
         out = output if isinstance(output, str) else _text(output[:end])
-        best, best_length = None, -1
+        best, best_length = None, 0
         for index, text in enumerate(self.texts):
             length = _match_length(text, out, start, end)
             if length > best_length:

@@ -23,31 +23,31 @@ def test_accepted_runs_follow_the_steps():
         accepted_runs([-1], 3)
 
 
-def test_each_run_goes_to_the_document_that_contains_it():
-    documents = [[10, 11, 12, 13], [20, 21, 22], [30, 12, 13, 40]]
-    output = [1, 10, 11, 2, 21, 22, 3, 12, 13, 4, 50, 51]
-    steps = [2, 2, 2, 2]  # runs (1, 3) (4, 6) (7, 9) (10, 12)
+def test_each_run_goes_to_the_document_that_holds_it_with_the_token_before():
+    documents = [[1, 10, 11, 12, 13], [2, 21, 22], [30, 3, 12, 13, 40]]
+    output = [1, 10, 11, 2, 21, 22, 3, 12, 13, 4, 50, 51, 5, 12, 13]
+    steps = [2, 2, 2, 2, 2]  # runs (1, 3) (4, 6) (7, 9) (10, 12) (13, 15)
     assert attribute_runs(documents, output, steps) == [
         AcceptedRun(1, 3, 0), AcceptedRun(4, 6, 1),
-        AcceptedRun(7, 9, 0),  # "12 13" is in documents 0 and 2; neither holds "3 12 13": the lowest index wins
+        AcceptedRun(7, 9, 2),  # "12 13" is in documents 0 and 2; only 2 holds "3 12 13"
         AcceptedRun(10, 12, None),  # "50 51" is in no document
+        AcceptedRun(13, 15, None),  # "12 13" is, but never after "5": not drafted from a document
     ]
     assert provenance(documents, output, steps, ids=["a", None, "c"]) == [
-        DocumentUse(0, "a", 4, [(1, 3), (7, 9)]), DocumentUse(1, None, 2, [(4, 6)]), DocumentUse(2, "c", 0, []),
+        DocumentUse(0, "a", 2, [(1, 3)]), DocumentUse(1, None, 2, [(4, 6)]), DocumentUse(2, "c", 2, [(7, 9)]),
     ]
 
 
 def test_the_longest_match_with_the_preceding_output_decides():
-    documents = [[7, 8, 9], [5, 6, 7, 8, 9]]
-    output = [5, 6, 7, 8, 9]
-    assert attribute_runs(documents, output, [0, 0, 2]) == [AcceptedRun(3, 5, 1)]  # "5 6 7 8 9" only in doc 1
-    assert attribute_runs(documents, [4, 6, 7, 8, 9], [0, 0, 2]) == [AcceptedRun(3, 5, 1)]  # "6 7 8 9"
-    assert attribute_runs(documents, [4, 4, 7, 8, 9], [0, 0, 2]) == [AcceptedRun(3, 5, 0)]  # a tie: doc 0
+    documents = [[6, 7, 8, 9], [5, 6, 7, 8, 9]]
+    assert attribute_runs(documents, [5, 6, 7, 8, 9], [0, 0, 2]) == [AcceptedRun(3, 5, 1)]  # "5 6 7 8 9": doc 1
+    assert attribute_runs(documents, [4, 6, 7, 8, 9], [0, 0, 2]) == [AcceptedRun(3, 5, 0)]  # "6 7 8 9": a tie
 
 
 def test_names_and_errors():
     assert DocumentUse(3).source == "doc:3" and DocumentUse(3, "faq").source == "faq"
     assert provenance([], [1, 2, 3], [1]) == []
+    assert provenance([[7, 9, 2]], [1, 2, 3], [1]) == [DocumentUse(0)]  # "2" alone, not "1 2": not from it
     with pytest.raises(ValueError, match="got 1 ids for 2 documents"):
         provenance([[1], [2]], [1, 2], [1], ids=["x"])
     with pytest.raises(ValueError, match="token ids must be in"):
