@@ -4,11 +4,15 @@ Deterministic: a fixed module list, sorted candidates and a fixed random seed. D
 Python versions, so the files are generated once (with Python 3.11) and committed; the benchmark reads the committed
 files, and ``--check`` only matches on the Python version that generated them.
 
+``edit.jsonl`` holds edit tasks with a predicted output: "rewrite this text with this change" over a docstring (fix a
+misspelled word, rename a word, change a number, replace a sentence), the text to edit as the case's ``prediction``
+(what a caller of a predicted-outputs API sends: the text it already has).
+
 ``long_rag.jsonl`` holds long-context questions: many full docstrings of functions and classes (3,000 to 6,000 prompt
 tokens with the default model's tokenizer, which building it loads), one of which answers the question. Each of its
 cases records the Python version (``python``) and its prompt length in tokens (``prompt_tokens``).
 
-    python scripts/make_cases.py                    # (re)write the four files
+    python scripts/make_cases.py                    # (re)write the five files
     python scripts/make_cases.py --only long_rag    # (re)write one of them
     python scripts/make_cases.py --check            # exit 1 if the committed files differ from a fresh build
 """
@@ -49,6 +53,7 @@ LONG_PROMPT_TOKENS = (3000, 6000)  # what every long_rag prompt must measure wit
 LONG_TARGET_TOKENS = (3400, 5600)  # each case draws its length from this range
 LONG_DOC_CHARS = (120, 3000)  # full docstrings of the documents around the answer
 LONG_SEED_OFFSET = 1  # long_rag draws from its own generator: the other files stay as they were
+EDIT_MAX_NEW_TOKENS = 320
 
 # Modules whose documentation is mostly prose.
 RAG_MODULES = (
@@ -147,6 +152,48 @@ OPEN_PROMPTS = (
     "Tell a short story about a robot who learns to paint.",
     "Why is the sky blue? Answer for a ten-year-old.",
     "List five healthy breakfast ideas and say briefly why each is good.",
+)
+
+
+EDIT_INSTRUCTION = ("Rewrite the following text with this change: {change}. Output only the rewritten text.\n\n"
+                    "Text: {text}")
+EDIT_KINDS = ("typo", "word", "number", "sentence")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One edit task: the documented object ``name`` (module.attr), the kind of change and its two sides. For a
+    ``typo``, ``old`` is a word of the docstring and ``new`` the misspelling shown in the text to edit (the model is
+    asked to correct it); otherwise the model is asked to replace ``old`` (a word, a number, a sentence) by ``new``."""
+
+    name: str
+    kind: str
+    old: str
+    new: str
+
+
+EDITS = (
+    Edit("textwrap.dedent", "typo", "whitespace", "whitepsace"),
+    Edit("shutil.get_terminal_size", "number", "80", "100"),
+    Edit("statistics.quantiles", "word", "intervals", "ranges"),
+    Edit("gzip.open", "number", "9", "6"),
+    Edit("codecs.EncodedFile", "word", "Unicode", "text"),
+    Edit("shutil.unpack_archive", "typo", "directory", "direcotry"),
+    Edit("tempfile.mkstemp", "sentence", "Caller is responsible for deleting the file when done with it.",
+         "The caller must delete the file when it is no longer needed."),
+    Edit("mimetypes.guess_type", "typo", "guessed", "gussed"),
+    Edit("importlib.util.find_spec", "word", "submodule", "child module"),
+    Edit("urllib.parse.urlparse", "number", "6", "six"),
+    Edit("runpy.run_module", "sentence", "Returns the resulting module globals dictionary.",
+         "It returns the globals of the module as a dictionary."),
+    Edit("json.load", "typo", "Deserialize", "Deserailize"),
+    Edit("tokenize.detect_encoding", "typo", "encoding", "encodnig"),
+    Edit("shutil.make_archive", "word", "archive", "bundle"),
+    Edit("codecs.open", "sentence", "encoding specifies the encoding which is to be used for the file.",
+         "encoding names the codec used to read and write the file."),
+    Edit("ast.NodeVisitor", "typo", "subclassed", "subclased"),
+    Edit("email.utils.formatdate", "number", "2822", "5322"),
+    Edit("traceback.print_exception", "word", "prints", "writes"),
 )
 
 
@@ -393,12 +440,65 @@ def long_rag_cases(rng: random.Random, count_tokens: TokenCounter, answers: list
     return cases
 
 
+def reflow(text: str) -> str:
+    """``text`` with each paragraph on one line (docstrings wrap at ~72 columns; an edited text need not)."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n") if paragraph.strip())
+
+
+def own_docstring(name: str) -> str:
+    """The cleaned docstring of ``module.attr`` (a module, class or function), reflowed; SystemExit if it has none."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        obj = importlib.import_module(name)
+    doc = obj.__doc__ and inspect.cleandoc(obj.__doc__)
+    if not doc:
+        raise SystemExit(f"edit case: {name} has no docstring")
+    return reflow(doc)
+
+
+def edit_change(edit: Edit) -> str:
+    """The instruction's change, in words."""
+    if edit.kind == "typo":
+        return f'correct the misspelled word "{edit.new}"'
+    if edit.kind == "word":
+        return f'replace the word "{edit.old}" with "{edit.new}"'
+    if edit.kind == "number":
+        return f"change the number {edit.old} to {edit.new}"
+    if edit.kind == "sentence":
+        return f'replace the sentence "{edit.old}" with "{edit.new}"'
+    raise SystemExit(f"edit case {edit.name}: unknown kind {edit.kind!r}; allowed: {', '.join(EDIT_KINDS)}")
+
+
+def edit_case(index: int, edit: Edit) -> dict[str, Any]:
+    """One edit case: the text to edit (a typo's misspelling put in) in the question and as the prediction."""
+    original = own_docstring(edit.name)
+    if not mentions(original, edit.old):
+        raise SystemExit(f"edit case {edit.name}: {edit.old!r} is not in its docstring")
+    text = re.sub(rf"(?<!\w){re.escape(edit.old)}(?!\w)", edit.new, original, count=1) if edit.kind == "typo" \
+        else original
+    return {
+        "id": f"edit-{index:03d}",
+        "task": "open",
+        "question": EDIT_INSTRUCTION.format(change=edit_change(edit), text=text),
+        "documents": [],
+        "max_new_tokens": EDIT_MAX_NEW_TOKENS,
+        "prediction": text,
+    }
+
+
+def edit_cases(edits: tuple[Edit, ...] = EDITS) -> list[dict[str, Any]]:
+    """The edit cases, in the order of ``edits``."""
+    return [edit_case(index, edit) for index, edit in enumerate(edits)]
+
+
 def rag_answer_names(cases: list[dict[str, Any]]) -> frozenset[str]:
     """The functions the rag_qa questions ask about (long_rag asks about others)."""
     return frozenset(m.group(1) for case in cases if (m := re.search(r"`([\w.]+)`", case["question"])))
 
 
-FILES = ("rag_qa", "summarize", "open", "long_rag")
+FILES = ("rag_qa", "summarize", "open", "long_rag", "edit")
 
 
 def build(names: tuple[str, ...] = FILES, count_tokens: TokenCounter | None = None) -> dict[str, str]:
@@ -406,7 +506,7 @@ def build(names: tuple[str, ...] = FILES, count_tokens: TokenCounter | None = No
     ``count_tokens`` (default: the default model's tokenizer, loaded only then)."""
     rng = random.Random(SEED)
     rag = rag_cases(rng)
-    splits = {"rag_qa": rag, "summarize": summarize_cases(rng), "open": open_cases()}
+    splits = {"rag_qa": rag, "summarize": summarize_cases(rng), "open": open_cases(), "edit": edit_cases()}
     if "long_rag" in names:
         answers = function_docs(RAG_MODULES, RAG_DOC_CHARS)
         pool = long_docs(tuple(sorted(set(RAG_MODULES) | set(SUMMARY_MODULES))), LONG_DOC_CHARS)

@@ -157,3 +157,67 @@ def test_cli_errors_are_messages_not_tracebacks(case_file, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["generate", "hi", "--model", "/nonexistent/model/dir"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_predicted_method_reports_prediction_counts_and_provenance(tiny_dir):
+    """lookahead-predicted gets the case's prediction (here: the text of vanilla's own output, re-encoded: its
+    tokens may split otherwise, so part of it is accepted) and reports the prediction token counts; both lookahead
+    methods report provenance over the documents; all exact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    generator = LookaheadGenerator(model, tokenizer, LookaheadConfig(), cost_curve=FLAT_CURVE)
+    runner = BenchRunner(model, tokenizer, generator)
+    rag = {"id": "q2", "task": "rag_qa", "question": "What does `m.f` do?", "max_new_tokens": 16,
+           "documents": ["a dog ran in the park", "m.f(x)\n\nthe cat sat on the mat"]}
+    edit = {"id": "e1", "task": "open", "question": "the rain in spain", "documents": [], "max_new_tokens": 24}
+    expected = runner.run_method("vanilla", edit, 0).token_ids
+    edit["prediction"] = tokenizer.decode(expected)
+    results = runner.run([rag, edit], ["vanilla", "lookahead", "lookahead-predicted"])
+    runner.close()
+    assert all(r.exact for r in results)
+    got = {(r.case_id, r.method): r for r in results}
+    predicted = got["e1", "lookahead-predicted"]
+    assert predicted.token_ids == expected
+    assert predicted.accepted_prediction_tokens > 0 and predicted.rejected_prediction_tokens >= 0
+    assert predicted.tokens_per_step > got["e1", "vanilla"].tokens_per_step
+    for key in [("e1", "lookahead"), ("q2", "lookahead-predicted"), ("q2", "vanilla")]:
+        assert got[key].accepted_prediction_tokens is None  # no prediction used
+    for method in ("lookahead", "lookahead-predicted"):
+        traced = got["q2", method]
+        assert traced.question_document == 1
+        assert [doc["index"] for doc in traced.provenance] == [0, 1]
+        for doc in traced.provenance:
+            assert doc["share"] == pytest.approx(doc["tokens"] / traced.new_tokens)
+            assert sum(end - start for start, end in doc["spans"]) == doc["tokens"]
+        assert sum(doc["tokens"] for doc in traced.provenance) <= traced.new_tokens
+        copied = [doc["tokens"] for doc in traced.provenance]
+        assert traced.top_document == (copied.index(max(copied)) if max(copied) > copied[1 - copied.index(max(copied))]
+                                       else None)
+        assert traced.top_is_question_document == (traced.top_document == 1)
+        assert got["e1", method].provenance is None  # no documents, no provenance
+    assert got["q2", "vanilla"].provenance is None
+    rows = summarize(results)
+    row = next(r for r in rows if r["method"] == "lookahead-predicted" and r["task"] == "open")
+    assert row["accepted_prediction_tokens"] == predicted.accepted_prediction_tokens
+    assert row["speedup_vs_vanilla"] > 0 and row["exact"] == row["compared"] == 1
+    assert "| pred acc | pred rej |" in format_table(rows)
+    rag_row = next(r for r in rows if r["method"] == "lookahead" and r["task"] == "rag_qa")
+    assert rag_row["question_document_cases"] == 1
+    assert rag_row["question_document_top"] == int(bool(got["q2", "lookahead"].top_is_question_document))
+
+
+def test_predicted_method_starts_from_lookaheads_warm_trie(tiny_dir):
+    """lookahead-predicted's own trie starts as a copy of what the warm-up taught lookahead."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    generator = LookaheadGenerator(model, tokenizer, LookaheadConfig(), cost_curve=FLAT_CURVE)
+    runner = BenchRunner(model, tokenizer, generator)
+    runner.warm([dict(CASES[0])])
+    learned = generator.trie.num_nodes()
+    assert learned > 0
+    assert runner.predicted.trie is not generator.trie and runner.predicted.trie.num_nodes() == learned
+    runner.close()

@@ -9,12 +9,13 @@ from typing import Any
 
 from ..prompts import TASKS
 
-#: the shipped case files; ``long_rag`` asks rag_qa questions over 3,000 to 6,000 prompt tokens of documents
-BUILTIN = ("rag_qa", "summarize", "open", "long_rag")
+#: the shipped case files; ``long_rag`` asks rag_qa questions over 3,000 to 6,000 prompt tokens of documents;
+#: ``edit`` asks for a docstring rewritten with one change and gives the text to edit as the ``prediction``
+BUILTIN = ("rag_qa", "summarize", "open", "long_rag", "edit")
 
 
 def builtin_path(name: str) -> Path:
-    """Path of a shipped case file: ``rag_qa``, ``summarize``, ``open`` or ``long_rag``."""
+    """Path of a shipped case file: ``rag_qa``, ``summarize``, ``open``, ``long_rag`` or ``edit``."""
     return Path(str(resources.files("lookahead.bench") / "cases" / f"{name}.jsonl"))
 
 
@@ -29,7 +30,8 @@ def resolve_case_file(name_or_path: str) -> Path:
 
 
 def validate_case(case: Any, where: str) -> dict[str, Any]:
-    """Check one case against the schema; raise ValueError naming the line and the problem."""
+    """Check one case against the schema; raise ValueError naming the line and the problem. ``prediction``
+    (optional) is the expected output as text, given to the lookahead-predicted method."""
     if not isinstance(case, dict):
         raise ValueError(f"{where}: a case must be a JSON object, got {type(case).__name__}")
     if not isinstance(case.get("id"), str) or not case["id"]:
@@ -43,6 +45,9 @@ def validate_case(case: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: task {case['task']!r} needs a string 'question'")
     if case["task"] == "summarize" and not docs:
         raise ValueError(f"{where}: task 'summarize' needs at least one document")
+    prediction = case.get("prediction")
+    if prediction is not None and (not isinstance(prediction, str) or not prediction.strip()):
+        raise ValueError(f"{where}: 'prediction' must be a non-empty string (the expected output) when given")
     tokens = case.get("max_new_tokens", 128)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         raise ValueError(f"{where}: 'max_new_tokens' must be a positive integer, got {tokens!r}")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..agreement import HARD, NEAR_TIE
 from ..files import atomic_write_text
-from .runner import BASELINES, REFERENCES, CaseResult
+from .runner import BASELINES, REFERENCES, TRIE_METHODS, CaseResult
 
 
 def decode_seconds(items: Sequence[CaseResult]) -> float | None:
@@ -38,11 +38,41 @@ def decode_fields(items: Sequence[CaseResult], groups: dict[tuple[int, str, str]
     return fields
 
 
+def prediction_fields(items: Sequence[CaseResult]) -> dict[str, int]:
+    """``accepted_prediction_tokens`` and ``rejected_prediction_tokens`` summed over the results that used a
+    prediction (empty when none did)."""
+    used = [r for r in items if r.accepted_prediction_tokens is not None]
+    if not used:
+        return {}
+    return {"accepted_prediction_tokens": sum(r.accepted_prediction_tokens or 0 for r in used),
+            "rejected_prediction_tokens": sum(r.rejected_prediction_tokens or 0 for r in used)}
+
+
+def provenance_fields(items: Sequence[CaseResult]) -> dict[str, Any]:
+    """Provenance of one summary row (empty when no result has any): ``provenance_cases``; ``copied_share``, the
+    share of all new tokens that were accepted drafts copied from a document; over the cases whose question's
+    document is known (``question_document_cases``), ``question_document_share`` (the share copied from that
+    document) and ``question_document_top`` (in how many it was the top source)."""
+    traced = [r for r in items if r.provenance is not None]
+    if not traced:
+        return {}
+    new_tokens = sum(r.new_tokens for r in traced)
+    copied = sum(doc["tokens"] for r in traced for doc in r.provenance or [])
+    asked = [r for r in traced if r.question_document is not None]
+    asked_tokens = sum(r.new_tokens for r in asked)
+    from_asked = sum((r.provenance or [])[r.question_document]["tokens"] for r in asked)  # type: ignore[index]
+    return {"provenance_cases": len(traced), "copied_share": copied / new_tokens if new_tokens else 0.0,
+            "question_document_cases": len(asked),
+            "question_document_share": from_asked / asked_tokens if asked_tokens else 0.0,
+            "question_document_top": sum(1 for r in asked if r.top_is_question_document)}
+
+
 def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
     """One row per (round, task, method): totals, tokens/s, speedups vs vanilla and pld (overall, and ``_decode``:
     over the seconds after the prefill), tokens/step, exactness (``exact`` of ``compared`` cases identical to the
     reference; ``near_tie`` and ``hard`` classify the others) and, for lookahead, ``host_ms_per_step`` (host time
-    outside the model forward per decoding step, averaged over the cases)."""
+    outside the model forward per decoding step, averaged over the cases); where used, the prediction token counts
+    (:func:`prediction_fields`) and provenance (:func:`provenance_fields`)."""
     groups: dict[tuple[int, str, str], list[CaseResult]] = defaultdict(list)
     for r in results:
         groups[(r.round, r.task, r.method)].append(r)
@@ -65,6 +95,8 @@ def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
             if base_items:
                 row[f"speedup_vs_{base}"] = sum(r.seconds for r in base_items) / seconds if seconds else 0.0
         row.update(decode_fields(items, groups, round_index, task))
+        row.update(prediction_fields(items))
+        row.update(provenance_fields(items))
         host = [r.host_seconds_per_step for r in items if r.host_seconds_per_step is not None]
         if host:
             row["host_ms_per_step"] = 1000 * sum(host) / len(host)
@@ -85,13 +117,22 @@ def _mismatch_cells(r: dict[str, Any]) -> list[str]:
     return [str(r["near_tie"]), str(r["hard"])] if r["compared"] else ["-", "-"]
 
 
+def _prediction_cells(r: dict[str, Any]) -> list[str]:
+    if "accepted_prediction_tokens" not in r:
+        return ["-", "-"]
+    return [str(r["accepted_prediction_tokens"]), str(r["rejected_prediction_tokens"])]
+
+
 def format_table(rows: Sequence[dict[str, Any]], mismatches: bool = False) -> str:
     """A Markdown table of the summary rows. ``mismatches`` (half precision) adds the columns ``near-tie`` and
     ``hard``: how the cases that are not ``exact`` differ (lookahead.agreement). ``vs vanilla (decode)``: the
     speedup over the seconds after the prefill; ``host ms/step``: lookahead's host time outside the model forward per
-    decoding step."""
+    decoding step. When a method used predictions, ``pred acc`` and ``pred rej`` give the prediction draft tokens
+    accepted, and verified but not accepted."""
+    predicted = any("accepted_prediction_tokens" in r for r in rows)
     header = ["round", "task", "method", "cases", "new tok", "sec", "tok/s", "vs vanilla", "vs vanilla (decode)",
-              "vs pld", "tok/step", "exact", *(["near-tie", "hard"] if mismatches else []), "trie %", "host ms/step"]
+              "vs pld", "tok/step", "exact", *(["near-tie", "hard"] if mismatches else []),
+              *(["pred acc", "pred rej"] if predicted else []), "trie %", "host ms/step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
@@ -103,10 +144,32 @@ def format_table(rows: Sequence[dict[str, Any]], mismatches: bool = False) -> st
             f"{r['tokens_per_step']:.2f}",
             f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
             *(_mismatch_cells(r) if mismatches else []),
-            f"{100 * r['trie_share']:.1f}" if r["method"] == "lookahead" else "-",
+            *(_prediction_cells(r) if predicted else []),
+            f"{100 * r['trie_share']:.1f}" if r["method"] in TRIE_METHODS else "-",
             f"{r['host_ms_per_step']:.2f}" if "host_ms_per_step" in r else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_provenance(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of provenance per row that has it ('' if none): the share of new tokens copied from the
+    documents, the share copied from the question's document, and in how many cases that document was the top
+    source; then one line per row, e.g. ``top source = the question's document in 12 of 15 cases``."""
+    traced = [r for r in rows if "provenance_cases" in r]
+    if not traced:
+        return ""
+    header = ["round", "task", "method", "cases", "copied from documents %", "from the question's document %",
+              "top = question's document"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in traced:
+        top = f"{r['question_document_top']}/{r['question_document_cases']}" if r["question_document_cases"] else "-"
+        lines.append("| " + " | ".join([str(r["round"]), r["task"], r["method"], str(r["provenance_cases"]),
+                                        f"{100 * r['copied_share']:.1f}", f"{100 * r['question_document_share']:.1f}",
+                                        top]) + " |")
+    lines += [f"{r['method']} (round {r['round']}, {r['task']}): top source = the question's document in "
+              f"{r['question_document_top']} of {r['question_document_cases']} cases"
+              for r in traced if r["question_document_cases"]]
     return "\n".join(lines)
 
 

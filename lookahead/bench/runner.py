@@ -16,21 +16,29 @@ from ..agreement import HARD, classify
 from ..engine import LookaheadGenerator
 from ..ensemble import EnsembleGenerator, truncated_copy
 from ..multidraft import MultiDraftGenerator
+from ..outputs import GenerationResult
 from ..prompts import case_messages
 from ..runner import synchronize
+from .sources import case_provenance
 
-METHODS = ("vanilla", "pld", "lookahead", "ensemble", "ensemble-plain", "multidraft", "superposed", "k-sampling")
+#: lookahead given the case's ``prediction`` (the expected output, e.g. an edit's original text), with a trie of its
+#: own (what plain lookahead learns from a case's output never drafts for it)
+PREDICTED = "lookahead-predicted"
+METHODS = ("vanilla", "pld", "lookahead", PREDICTED, "ensemble", "ensemble-plain", "multidraft", "superposed",
+           "k-sampling")
 PLD_TOKENS = 10  # draft tokens of HF prompt lookup decoding (the pld method)
 #: the method each one is timed against (its own baseline)
-BASELINES = {"pld": "vanilla", "lookahead": "vanilla", "ensemble": "ensemble-plain", "multidraft": "k-sampling",
-             "superposed": "k-sampling"}
+BASELINES = {"pld": "vanilla", "lookahead": "vanilla", PREDICTED: "vanilla", "ensemble": "ensemble-plain",
+             "multidraft": "k-sampling", "superposed": "k-sampling"}
 #: the method whose output each one must equal token for token (multidraft: its first completion); superposed and
 #: k-sampling have none (not greedy, or sampled)
-REFERENCES = {"vanilla": "vanilla", "pld": "vanilla", "lookahead": "vanilla", "ensemble": "ensemble-plain",
-              "ensemble-plain": "ensemble-plain", "multidraft": "vanilla"}
+REFERENCES = {"vanilla": "vanilla", "pld": "vanilla", "lookahead": "vanilla", PREDICTED: "vanilla",
+              "ensemble": "ensemble-plain", "ensemble-plain": "ensemble-plain", "multidraft": "vanilla"}
 #: methods whose mismatches can be classified as near-tie or hard: greedy on the model itself, compared with
 #: vanilla (an ensemble decodes from combined logits: any mismatch of its own is counted hard)
-CLASSIFIED = {"pld", "lookahead", "multidraft"}
+CLASSIFIED = {"pld", "lookahead", PREDICTED, "multidraft"}
+#: the methods that report provenance (accepted drafts attributed to the case's documents)
+TRIE_METHODS = ("lookahead", PREDICTED)
 
 
 @dataclass
@@ -58,6 +66,16 @@ class CaseResult:
     #: HF generate's first forward (vanilla; pld: that pass also checks its first draft); None when not measured
     prefill_seconds: float | None = None
     host_seconds_per_step: float | None = None  # lookahead: host time outside the model forward per decoding step
+    #: lookahead-predicted on a case with a prediction: prediction draft tokens accepted, and verified but not
+    #: accepted (OpenAI's accepted/rejected_prediction_tokens); None otherwise
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
+    #: lookahead methods on a case with documents (sources.case_provenance): per document its index, the accepted
+    #: draft tokens copied from it, their share of new_tokens and spans; None otherwise
+    provenance: list[dict[str, Any]] | None = field(default=None, repr=False)
+    question_document: int | None = None  # index of the document the question is about (None: unknown)
+    top_document: int | None = None  # the document most tokens were copied from (None: none, or a tie)
+    top_is_question_document: bool | None = None
 
     @property
     def tokens_per_step(self) -> float:
@@ -138,8 +156,9 @@ class EnsembleSettings:
 class BenchRunner:
     """Holds the model, the tokenizer and one lookahead generator (its trie persists across cases and rounds).
 
-    The ensemble and multi-draft methods get generators of their own (own tries: what one method learns never
-    drafts for another), built on the same model when first needed.
+    The ensemble, multi-draft and lookahead-predicted methods get generators of their own (own tries: what one
+    method learns never drafts for another), built on the same model when first needed; lookahead-predicted's trie
+    starts as a copy of lookahead's (what the warm-up cases taught it).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generator: LookaheadGenerator,
@@ -156,6 +175,7 @@ class BenchRunner:
         self.seed = seed
         self._ensemble: EnsembleGenerator | None = None
         self._multidraft: MultiDraftGenerator | None = None
+        self._predicted: LookaheadGenerator | None = None
 
     @property
     def ensemble(self) -> EnsembleGenerator:
@@ -179,6 +199,16 @@ class BenchRunner:
             self._multidraft = MultiDraftGenerator(generator=own)
         return self._multidraft
 
+    @property
+    def predicted(self) -> LookaheadGenerator:
+        """The generator of lookahead-predicted: the model's cost curve, a copy of lookahead's trie as it is now."""
+        if self._predicted is None:
+            trie = self.generator.empty_trie()
+            trie.merge(self.generator.trie.export_delta())
+            self._predicted = LookaheadGenerator(self.model, self.tokenizer, self.generator.config, trie=trie,
+                                                 cost_curve=self.generator.budget.cost)
+        return self._predicted
+
     def prompt_ids(self, case: dict[str, Any]) -> list[int]:
         return self.generator.encode(case_messages(case))
 
@@ -196,11 +226,10 @@ class BenchRunner:
             tokens = reference.greedy(self.model, ids, limit, eos_token_id=self.eos,
                                       prompt_lookup_num_tokens=PLD_TOKENS if method == "pld" else None)
             prefill = self.first_pass.disarm()
-        elif method == "lookahead":
-            result = self.generator.generate(ids, max_new_tokens=limit)
-            tokens = result.token_ids
-            trie_seconds, drafted = result.stats.time_trie, sum(result.stats.draft_sizes)
-            prefill, host = result.stats.time_prefill, result.stats.host_seconds_per_step
+        elif method in TRIE_METHODS:
+            result = self.run_lookahead(method, ids, limit, case.get("prediction"))
+            seconds = time.perf_counter() - start
+            return self.lookahead_result(method, case, round_index, ids, seconds, result)
         elif method in ("ensemble", "ensemble-plain"):
             run = self.ensemble.generate if method == "ensemble" else self.ensemble.generate_plain
             result = run(ids, max_new_tokens=limit)
@@ -229,6 +258,31 @@ class BenchRunner:
                           token_ids=tokens, trie_seconds=trie_seconds, draft_tokens=drafted, prefill_seconds=prefill,
                           host_seconds_per_step=host)
 
+    def run_lookahead(self, method: str, ids: list[int], limit: int, prediction: str | None) -> GenerationResult:
+        """One lookahead method on a prompt: ``lookahead`` never sees the prediction, lookahead-predicted gets it."""
+        if method == PREDICTED:
+            return self.predicted.generate(ids, max_new_tokens=limit, prediction=prediction)  # type: ignore[return-value]
+        return self.generator.generate(ids, max_new_tokens=limit)  # type: ignore[return-value]
+
+    def lookahead_result(self, method: str, case: dict[str, Any], round_index: int, ids: list[int], seconds: float,
+                         result: GenerationResult) -> CaseResult:
+        """The :class:`CaseResult` of a lookahead method: its stats, prediction counts (when the case has a
+        prediction and the method used it) and provenance over the case's documents (computed after the clock)."""
+        stats = result.stats
+        row = CaseResult(round=round_index, case_id=case["id"], task=case["task"], method=method,
+                         prompt_tokens=len(ids), new_tokens=len(result.token_ids), seconds=seconds,
+                         steps=self.counter.count, token_ids=result.token_ids, trie_seconds=stats.time_trie,
+                         draft_tokens=sum(stats.draft_sizes), prefill_seconds=stats.time_prefill,
+                         host_seconds_per_step=stats.host_seconds_per_step)
+        if method == PREDICTED and case.get("prediction") is not None:
+            row.accepted_prediction_tokens = stats.accepted_prediction_tokens
+            row.rejected_prediction_tokens = stats.rejected_prediction_tokens
+        if case["documents"]:
+            documents = [self.generator.inputs.encode_document(doc) for doc in case["documents"]]
+            for name, value in case_provenance(documents, case, result.token_ids, stats.accepted_lengths).items():
+                setattr(row, name, value)
+        return row
+
     def warm(self, cases: Sequence[dict[str, Any]], progress: Callable[[str], None] | None = None) -> None:
         """Generate the warm-up cases with lookahead so their outputs land in the global trie (untimed)."""
         for case in cases:
@@ -243,6 +297,8 @@ class BenchRunner:
             self.ensemble  # noqa: B018 - build the ensemble and measure its cost curve before timing
         if "multidraft" in methods or "superposed" in methods:
             self.multidraft  # noqa: B018
+        if PREDICTED in methods:
+            self.predicted  # noqa: B018 - copy lookahead's trie after the warm-up, before any case runs
         results: list[CaseResult] = []
         for round_index in range(1, rounds + 1):
             for case in cases:
