@@ -53,7 +53,7 @@ LONG_PROMPT_TOKENS = (3000, 6000)  # what every long_rag prompt must measure wit
 LONG_TARGET_TOKENS = (3400, 5600)  # each case draws its length from this range
 LONG_DOC_CHARS = (120, 3000)  # full docstrings of the documents around the answer
 LONG_SEED_OFFSET = 1  # long_rag draws from its own generator: the other files stay as they were
-EDIT_MAX_NEW_TOKENS = 320
+EDIT_MAX_NEW_TOKENS = 300
 
 # Modules whose documentation is mostly prose.
 RAG_MODULES = (
@@ -173,10 +173,6 @@ class Edit:
 
 
 EDITS = (
-    Edit("textwrap.dedent", "typo", "whitespace", "whitepsace"),
-    Edit("shutil.get_terminal_size", "number", "80", "100"),
-    Edit("statistics.quantiles", "word", "intervals", "ranges"),
-    Edit("gzip.open", "number", "9", "6"),
     Edit("codecs.EncodedFile", "word", "Unicode", "text"),
     Edit("shutil.unpack_archive", "typo", "directory", "direcotry"),
     Edit("tempfile.mkstemp", "sentence", "Caller is responsible for deleting the file when done with it.",
@@ -186,14 +182,12 @@ EDITS = (
     Edit("urllib.parse.urlparse", "number", "6", "six"),
     Edit("runpy.run_module", "sentence", "Returns the resulting module globals dictionary.",
          "It returns the globals of the module as a dictionary."),
-    Edit("json.load", "typo", "Deserialize", "Deserailize"),
     Edit("tokenize.detect_encoding", "typo", "encoding", "encodnig"),
     Edit("shutil.make_archive", "word", "archive", "bundle"),
     Edit("codecs.open", "sentence", "encoding specifies the encoding which is to be used for the file.",
          "encoding names the codec used to read and write the file."),
     Edit("ast.NodeVisitor", "typo", "subclassed", "subclased"),
     Edit("email.utils.formatdate", "number", "2822", "5322"),
-    Edit("traceback.print_exception", "word", "prints", "writes"),
 )
 
 

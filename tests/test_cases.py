@@ -215,3 +215,62 @@ def test_long_rag_builder_fills_the_token_range() -> None:
         assert low <= case["prompt_tokens"] <= high and case["prompt_tokens"] == count(case)
         assert "`mod0.func0`" not in case["question"]
         assert sum(doc.startswith(answer_name(case["question"]) + "(") for doc in case["documents"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- edit
+
+EDIT_KEYS = {"id", "task", "question", "documents", "max_new_tokens", "prediction"}
+EDIT_COUNT, EDIT_MAX_NEW_TOKENS = 12, 300
+EDIT_PREFIX = "Rewrite the following text with this change: "
+
+
+def test_edit_schema() -> None:
+    cases = load("edit.jsonl")
+    assert [case["id"] for case in cases] == [f"edit-{index:03d}" for index in range(EDIT_COUNT)]
+    for case in cases:
+        assert set(case) == EDIT_KEYS
+        assert case["task"] == "open" and case["documents"] == []
+        assert type(case["max_new_tokens"]) is int and case["max_new_tokens"] == EDIT_MAX_NEW_TOKENS
+        assert case["question"].startswith(EDIT_PREFIX)
+        # the prediction is the text to edit, exactly as the question shows it
+        assert case["question"].endswith("Text: " + case["prediction"])
+        assert 300 <= len(case["prediction"]) <= 1200 and " at 0x" not in case["prediction"]
+    assert len({case["prediction"] for case in cases}) == EDIT_COUNT
+
+
+def test_edit_cases_cover_every_kind_of_change() -> None:
+    changes = [case["question"][len(EDIT_PREFIX):].split(". Output only", 1)[0] for case in load("edit.jsonl")]
+    kinds = {change.split(" ", 2)[0] + " " + change.split(" ", 2)[1] for change in changes}
+    assert kinds == {"correct the", "replace the", "change the"}
+    assert any(c.startswith("replace the sentence") for c in changes)
+    assert any(c.startswith("replace the word") for c in changes)
+    for case, change in zip(load("edit.jsonl"), changes, strict=True):
+        if change.startswith("correct the misspelled word"):
+            typo = change.split('"')[1]
+            assert mentions(case["prediction"], typo)  # the text to edit holds the misspelling
+        elif change.startswith(("replace the word", "replace the sentence")):
+            assert change.split('"')[1] in case["prediction"]
+        else:
+            assert mentions(case["prediction"], change.split()[3])  # change the number N to M
+
+
+def test_edit_loads_by_name_with_its_predictions() -> None:
+    cases = load_cases("edit")
+    assert len(cases) == EDIT_COUNT and all(isinstance(case["prediction"], str) for case in cases)
+
+
+def test_edit_script_check_mode(tmp_path: Path) -> None:
+    module = make_cases()
+    assert module.build(("edit",))["edit.jsonl"] == (CASES / "edit.jsonl").read_text(encoding="utf-8")
+    assert module.main(["--out", str(tmp_path), "--only", "edit"]) == 0
+    assert module.main(["--out", str(tmp_path), "--check", "--only", "edit"]) == 0
+    (tmp_path / "edit.jsonl").write_text("", encoding="utf-8")
+    assert module.main(["--out", str(tmp_path), "--check", "--only", "edit"]) == 1
+
+
+def test_edit_builder_refuses_a_change_its_docstring_lacks() -> None:
+    module = make_cases()
+    with pytest.raises(SystemExit, match="not in its docstring"):
+        module.edit_case(0, module.Edit("textwrap.dedent", "word", "elephant", "mouse"))
+    case = module.edit_case(3, module.Edit("textwrap.dedent", "typo", "whitespace", "whitepsace"))
+    assert case["id"] == "edit-003" and "whitepsace" in case["prediction"] and case["question"].count("whitepsace") == 2
