@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("lookahead", "langchain_lookahead", "lookahead_server")
+PROJECT_PACKAGES = ("lookahead", "langchain_lookahead", "lookahead_server", "lookahead_ray")
 
 #: lowest first; a module may import modules of strictly lower layers only
 LAYERS: list[set[str]] = [

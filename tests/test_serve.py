@@ -568,3 +568,24 @@ def test_cli_wires_settings_into_uvicorn(monkeypatch, tmp_path):
     with TestClient(seen["app"]) as c:
         assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).json()["data"][0]["id"] == "mine"
     assert Path(trie).exists()
+
+
+def test_cli_wires_tenant_options(monkeypatch, tmp_path, capsys):
+    import uvicorn
+
+    from lookahead import cli
+
+    gen = new_generator()
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(cli, "_build", lambda args: (gen.model, gen.tokenizer, gen))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert cli.main(["serve", "--tenant-header", "x-tenant"]) == 0
+    assert seen["app"].state.service.settings.tenant_header == "x-tenant"
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# key tenant\nk1 alpha\nk2 beta\n", encoding="utf-8")
+    assert cli.main(["serve", "--tenant-keys", str(keys)]) == 0
+    assert seen["app"].state.service.settings.tenant_keys == {"k1": "alpha", "k2": "beta"}
+    assert cli.main(["serve", "--tenant-keys", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one or the other
+        cli.main(["serve", "--tenant-header", "x-tenant", "--tenant-keys", str(keys)])

@@ -75,6 +75,13 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                              "(.gz: compressed); a corrupt file is moved to PATH.corrupt-<time>")
     parser.add_argument("--trie-save-interval", type=_seconds, default=300.0, metavar="SECONDS",
                         help="seconds between trie saves when it changed (0: only at shutdown; default 300)")
+    tenants = parser.add_mutually_exclusive_group()
+    tenants.add_argument("--tenant-header", default=None, metavar="NAME",
+                         help="header naming each request's tenant (set by a trusted gateway): every tenant drafts "
+                              "from a trie of its own (past answers and documents), saved next to --trie")
+    tenants.add_argument("--tenant-keys", default=None, metavar="FILE",
+                         help="file of 'API-KEY TENANT' lines (# comments): each listed key is accepted and decides "
+                              "the request's tenant, which drafts from a trie of its own")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="most requests decoded together")
     parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="most requests waiting for a batch slot; more get HTTP 429")
@@ -145,6 +152,7 @@ def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tu
 
     from .app import ServeSettings, create_app
     from .persistence import TrieFileError, TrieStore
+    from .tenants import read_tenant_keys
 
     if args.trie:
         try:
@@ -152,13 +160,19 @@ def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tu
         except TrieFileError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    settings = ServeSettings(
-        model_name=args.served_model_name or args.model, model_aliases=(args.model,), api_key=api_key,
-        max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        max_kv_bytes=None if args.max_kv_gib is None else max(1, int(args.max_kv_gib * 2**30)),
-        default_max_tokens=args.default_max_tokens,
-        max_body_bytes=args.max_body_mb * 2**20, trie_path=args.trie, trie_save_interval=args.trie_save_interval,
-    )
+    try:
+        tenant_keys = read_tenant_keys(args.tenant_keys) if args.tenant_keys else None
+        settings = ServeSettings(
+            model_name=args.served_model_name or args.model, model_aliases=(args.model,), api_key=api_key,
+            max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+            max_kv_bytes=None if args.max_kv_gib is None else max(1, int(args.max_kv_gib * 2**30)),
+            default_max_tokens=args.default_max_tokens,
+            max_body_bytes=args.max_body_mb * 2**20, trie_path=args.trie, trie_save_interval=args.trie_save_interval,
+            tenant_header=args.tenant_header, tenant_keys=tenant_keys,
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("lookahead_server").warning(
             "serving on %s without an API key: anyone who reaches this port can use it", args.host)
