@@ -231,8 +231,11 @@ class AcceptanceModel:
     """
 
     def __init__(self, prior: float = 0.5, prior_strength: float = 2.0, backoff_strength: float = 4.0,
-                 max_trials: float = 400.0, exploration: float = 0.0) -> None:
+                 max_trials: float = 400.0, exploration: float = 0.0, follow_prior: float | None = None) -> None:
         self.prior = prior
+        #: the prior of nodes from past outputs whose context has followed one for 16+ tokens (a repeated answer):
+        #: likely from the first one, so a new process or worker drafts a repeat deep at once
+        self.follow_prior = prior if follow_prior is None else follow_prior
         self.exploration = exploration
         self.prior_strength = prior_strength
         self.backoff_strength = backoff_strength
@@ -258,7 +261,8 @@ class AcceptanceModel:
 
     def probability(self, node: NodeFeatures, match_length: int, last_accepted: int) -> float:
         base, coarse, fine = self.keys(node, match_length, last_accepted)
-        rate = self._rate(self._base, base, self.prior, self.prior_strength)
+        prior = self.follow_prior if node.from_outputs and node.follow >= FOLLOW_EDGES[-1] else self.prior
+        rate = self._rate(self._base, base, prior, self.prior_strength)
         rate = self._rate(self._coarse, coarse, rate, self.backoff_strength)
         rate = self._rate(self._fine, fine, rate, self.backoff_strength)
         if self.exploration:  # optimism for rarely tried bins, so a changed regime is noticed
@@ -325,7 +329,7 @@ class DraftBudget:
         self.cost_model = CostModel.of(cost)
         self.max_nodes = max_nodes
         self.adaptive = adaptive
-        self.acceptance = acceptance or AcceptanceModel(prior=0.3, exploration=0.1)
+        self.acceptance = acceptance or AcceptanceModel(prior=0.3, exploration=0.1, follow_prior=0.85)
 
     @property
     def cost(self) -> CostCurve:

@@ -420,3 +420,19 @@ def test_joint_sizes_share_one_pass_between_rows():
     assert DraftBudget(SLOPED, max_nodes=16).sizes([sure, hopeless]) == [0, 0]  # priced c(2 n): not worth it
     assert DraftBudget(SLOPED, max_nodes=16, adaptive=False).sizes([sure, hopeless]) == [3, 2]
     assert budget.sizes([sure], max_nodes=1) == [1]
+
+
+def test_a_long_followed_past_output_starts_from_its_own_prior():
+    """Before any trial, a node deep in a repeated past answer (followed for 16+ tokens) is priced at the follow
+    prior, every other node at the plain prior; trials then move both."""
+    model = AcceptanceModel(prior=0.3, follow_prior=0.85)
+    repeat = NodeFeatures(share=1.0, depth=2, score=2.0, from_outputs=True, follow=16)
+    shorter = NodeFeatures(share=1.0, depth=2, score=2.0, from_outputs=True, follow=15)
+    local = NodeFeatures(share=1.0, depth=2, score=2.0, from_outputs=False, follow=30)
+    assert model.probability(repeat, 2, 0) == pytest.approx(0.85)
+    assert model.probability(shorter, 2, 0) == pytest.approx(0.3)
+    assert model.probability(local, 2, 0) == pytest.approx(0.3)
+    for _ in range(20):
+        model.observe(repeat, 2, 0, accepted=False)
+    assert model.probability(repeat, 2, 0) < 0.3
+    assert AcceptanceModel(prior=0.4).probability(repeat, 2, 0) == pytest.approx(0.4)  # default: the plain prior
