@@ -113,7 +113,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .bench.cases import load_cases
-    from .bench.report import exactness_messages, format_own_baselines, format_table, plot, summarize, write_json
+    from .bench.report import (
+        exactness_messages,
+        format_own_baselines,
+        format_provenance,
+        format_table,
+        plot,
+        summarize,
+        write_json,
+    )
     from .bench.runner import METHODS, BenchRunner, EnsembleSettings
 
     if args.batch_size:
@@ -142,6 +150,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(rows, mismatches=half))
     if format_own_baselines(rows):
         print(format_own_baselines(rows, mismatches=half))
+    provenance = format_provenance(rows)
+    if provenance:
+        print(provenance)
     print("cost curve c(n)/c(1): " + ", ".join(f"{n}:{r:.2f}" for n, r in curve.relative().items()))
     meta = {
         "cases": args.cases, "warmup": args.warmup, "rounds": args.rounds, "methods": methods,
@@ -177,7 +188,7 @@ def add_bench_parser(sub: Any, add_model_args: AddModelArgs, build: Build) -> ar
     """Register ``lookahead bench``."""
     bench = sub.add_parser("bench", help="compare vanilla, pld and lookahead on case files")
     bench.add_argument("cases", nargs="+",
-                       help="case files (JSON Lines) or shipped names: rag_qa, summarize, open, long_rag")
+                       help="case files (JSON Lines) or shipped names: rag_qa, summarize, open, long_rag, edit")
     bench.add_argument("--methods", default="vanilla,pld,lookahead",
                        help="comma-separated: vanilla,pld,lookahead,ensemble,ensemble-plain,multidraft,superposed,"
                             "k-sampling")
