@@ -4,7 +4,9 @@ Three short RAG questions decode together; at step ``--join-at`` a request of ab
 (long_rag documents, repeated to length) joins. The script reports the mean wall time of one batch step of the
 short rows while the long request was joining, against the same steps of a run where nothing joins, for the
 engine's sliced joining and for a one-shot prefill (``prefill_chunk`` larger than the prompt). Greedy outputs of
-the short rows are checked to be identical in all runs.
+the short rows are checked to be identical in all runs. The short rows decode plain one-token steps unless
+``--draft`` is given: drafting rows change their step sizes as the budget learns, which would blur the comparison
+between runs.
 
     python scripts/join_check.py [--join-tokens 6000] [--prefill-share 0.15]
 """
@@ -82,6 +84,9 @@ def main() -> None:
     parser.add_argument("--join-at", type=int, default=5)
     parser.add_argument("--max-steps", type=int, default=4000,
                         help="give up on the sliced join after this many steps (default 4000)")
+    parser.add_argument("--draft", action="store_true",
+                        help="let the short rows draft (default: plain one-token steps, so that every run's steps are "
+                             "the same size and the rise is the joining cost alone)")
     parser.add_argument("--prefill-share", type=float, default=None,
                         help="the engine's prefill_share for the sliced join (default: the config's)")
     args = parser.parse_args()
@@ -92,6 +97,8 @@ def main() -> None:
     shorts = [generator.encode(case_messages(c)) for c in load_cases("rag_qa", limit=3)]
     joiner = long_prompt(generator, args.join_tokens)
     generator.budget  # noqa: B018 - the cost model, before any clock
+    if not args.draft:  # drafts that differ between runs (the budget learns on) would change the step sizes
+        generator.config = generator.config.with_updates(decoding_length=0)
     sliced_chunk = generator.config.prefill_chunk
 
     def fresh_run(joining: list[int] | None, chunk: int, steps: int) -> tuple[list[float], dict, list[int]]:
@@ -112,7 +119,8 @@ def main() -> None:
     end = min(len(base_times), *(len(r[0]) for r in runs.values()))
     window = slice(args.join_at, min(steps, end))
     base = statistics.mean(base_times[window])
-    print(f"join of a {len(joiner)}-token prompt at step {args.join_at}, 3 short rows decoding, prefill_share "
+    print(f"join of a {len(joiner)}-token prompt at step {args.join_at}, 3 short rows decoding "
+          f"({'drafting' if args.draft else 'plain one-token steps'}), prefill_share "
           f"{generator.config.prefill_share}; steps {window.start}..{window.stop - 1} (until the sliced join "
           f"completed{'' if done is not None else ': it did not within --max-steps'}); a fresh trie per run")
     print("| joining | mean step ms, alone | mean step ms, while joining | rise | longest step ms | joined after |")
