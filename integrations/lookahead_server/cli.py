@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lookahead.argtypes import positive_int
+from lookahead.argtypes import non_negative_float, positive_int
 
 INSTALL_HINT = "pip install 'lookahead-rag[serve]'"
 RAY_INSTALL_HINT = "pip install 'lookahead-rag[ray]'"
@@ -101,16 +101,6 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     return parser
 
 
-def _gpus(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GPUs, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of GPUs >= 0, got {text!r}")
-    return value
-
-
 def _add_ray_args(parser: argparse.ArgumentParser) -> None:
     """``--ray`` and its options (run by :mod:`lookahead_ray`, imported only when ``--ray`` is given)."""
     ray = parser.add_argument_group(f"on Ray ({RAY_INSTALL_HINT})")
@@ -122,7 +112,7 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
                      help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default: start a local one)")
     ray.add_argument("--cpus-per-replica", type=positive_int, default=1,
                      help="CPUs (and torch threads) per replica (default 1)")
-    ray.add_argument("--gpus-per-replica", type=_gpus, default=0.0, help="GPUs per replica (default 0)")
+    ray.add_argument("--gpus-per-replica", type=non_negative_float, default=0.0, help="GPUs per replica (default 0)")
     ray.add_argument("--no-trie-sharing", action="store_true",
                      help="no trie hub: each replica learns from its own answers only")
 

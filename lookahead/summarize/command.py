@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import positive_int
+from ..argtypes import non_negative_float, positive_int
 from .discovery import SourceDocument, SummarizeError, collect_documents
 from .names import REPORT_NAME
 from .records import finished_names
@@ -43,16 +43,6 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     return parser
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
 def _add_ray_args(parser: argparse.ArgumentParser) -> None:
     """``--ray`` and its options (the work runs in :mod:`lookahead_ray`, imported only when ``--ray`` is given)."""
     ray = parser.add_argument_group(f"on Ray ({RAY_INSTALL_HINT})")
@@ -63,7 +53,7 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--workers", type=positive_int, default=2, help="workers, each with its own model (default 2)")
     ray.add_argument("--cpus-per-worker", type=positive_int, default=1,
                      help="CPUs (and torch threads) per worker (default 1)")
-    ray.add_argument("--gpus-per-worker", type=_non_negative, default=0.0,
+    ray.add_argument("--gpus-per-worker", type=non_negative_float, default=0.0,
                      help="GPUs per worker (default 0; a fraction shares a GPU)")
     ray.add_argument("--worker-batch-size", type=positive_int, default=1,
                      help="documents each worker decodes together (default 1)")
@@ -71,7 +61,7 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
                      help="no trie hub: each worker learns from its own summaries only")
     ray.add_argument("--trie", default=None, metavar="PATH",
                      help="the hub loads its trie from PATH at start and saves it there (atomically)")
-    ray.add_argument("--trie-save-interval", type=_non_negative, default=60.0, metavar="SECONDS",
+    ray.add_argument("--trie-save-interval", type=non_negative_float, default=60.0, metavar="SECONDS",
                      help="seconds between hub saves when the trie changed (0: only at the end; default 60)")
 
 
