@@ -182,8 +182,9 @@ def trie_part(parents: Sequence[int], predicted: Sequence[bool], accepted: Seque
 
 class PredictionRate:
     """How often a tried prediction node is accepted, per request, kept apart for alignments at the expected
-    position and elsewhere (a re-found place in the prediction is less sure); a prior of ``prior`` worth ``strength``
-    trials, the last ``window`` trials weighing most."""
+    position and elsewhere (a re-found place in the prediction is less sure), the last ``window`` trials weighing
+    most. Each kind starts from the rate of both kinds together worth ``strength`` trials, which starts from
+    ``prior`` worth ``strength`` trials."""
 
     def __init__(self, prior: float = 0.9, strength: float = 4.0, window: float = 64.0) -> None:
         self.prior = prior
@@ -192,8 +193,11 @@ class PredictionRate:
         self.counts = {True: [0.0, 0.0], False: [0.0, 0.0]}  # at the expected position -> [accepted, tried]
 
     def rate(self, expected: bool) -> float:
+        pooled_accepted = self.counts[True][0] + self.counts[False][0]
+        pooled_tried = self.counts[True][1] + self.counts[False][1]
+        pooled = (pooled_accepted + self.strength * self.prior) / (pooled_tried + self.strength)
         accepted, tried = self.counts[expected]
-        return (accepted + self.strength * self.prior) / (tried + self.strength)
+        return (accepted + self.strength * pooled) / (tried + self.strength)
 
     def observe(self, expected: bool, accepted: int, tried: int) -> None:
         entry = self.counts[expected]
@@ -213,23 +217,29 @@ def depths_of(parents: Sequence[int]) -> list[int]:
 
 
 def with_predicted_reach(ranking: Ranking, parents: Sequence[int], predicted: Sequence[bool], rate: float,
-                         adaptive: bool = True) -> Ranking:
+                         adaptive: bool = True, trie_nodes: int | None = None) -> Ranking:
     """``ranking`` (the budget's, over a draft with a prediction chain in it) with every prediction node's
     acceptance given by ``rate``: a trie node keeps its own acceptance given its parent, so its reach is its
-    parent's new reach times that. Not adaptive: the prediction nodes first, then the others in draft order."""
+    parent's new reach times that. The first ``trie_nodes`` nodes (None: all) came from the trie; a prediction node
+    among them (the prediction and the trie agree) takes the higher of ``rate`` and its trie acceptance. Not
+    adaptive: the prediction nodes first, then the others in draft order."""
     nodes = range(len(parents))
     if not adaptive:
         order = [i for i in nodes if predicted[i]] + [i for i in nodes if not predicted[i]]
         return Ranking(order, [1.0] * len(order))
     old = dict(zip(ranking.order, ranking.reach))
+    shared = len(parents) if trie_nodes is None else trie_nodes
     reach: list[float] = []
     for i, p in enumerate(parents):
         parent_reach = 1.0 if p < 0 else reach[p]
-        if predicted[i]:
-            accept = rate
+        parent_old = 1.0 if p < 0 else old[p]
+        own = old[i] / parent_old if parent_old > 0 else 0.0  # the budget's acceptance given the parent
+        if not predicted[i]:
+            accept = own
+        elif i < shared:
+            accept = max(rate, own)
         else:
-            parent_old = 1.0 if p < 0 else old[p]
-            accept = old[i] / parent_old if parent_old > 0 else 0.0
+            accept = rate
         reach.append(parent_reach * accept)
     depths = depths_of(parents)
     order = sorted(nodes, key=lambda i: (-reach[i], depths[i], i))
@@ -350,6 +360,7 @@ class Drafter:
             self.follow_end = end
         chain = self.predicted_chain(generated, min(config.decoding_length, remaining)) if not after else []
         predicted = None
+        trie_nodes = len(draft)
         if chain:
             draft, predicted = with_chain(draft, chain)
         self.trie_seconds += time.perf_counter() - t0
@@ -357,7 +368,8 @@ class Drafter:
                                    draft.global_counts, follow)
         if predicted is not None:
             ranking = with_predicted_reach(ranking, draft.parents, predicted,
-                                           self.prediction_rate.rate(self.chain_expected), self.budget.adaptive)
+                                           self.prediction_rate.rate(self.chain_expected), self.budget.adaptive,
+                                           trie_nodes)
         return Candidates(context[-1], draft, ranking, last_accepted, follow, predicted)
 
     def predicted_chain(self, generated: Sequence[int], limit: int) -> list[int]:

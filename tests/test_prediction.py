@@ -98,12 +98,21 @@ def test_prediction_nodes_are_ranked_by_their_own_rate():
     assert plain.order == [0, 1, 2, 3] and plain.reach == [1.0] * 4
 
 
+def test_a_prediction_node_the_trie_also_drafted_keeps_the_higher_acceptance():
+    parents = [-1, 0, 1]  # the trie drafted 0 -> 1; the prediction agrees on both and hangs 2 below
+    predicted = [True, True, True]
+    ranking = Ranking(order=[0, 1, 2], reach=[0.99, 0.5, 0.5])  # the trie is sure of 0, not of 1
+    ranked = with_predicted_reach(ranking, parents, predicted, rate=0.9, trie_nodes=2)
+    assert ranked.reach == pytest.approx([0.99, 0.99 * 0.9, 0.99 * 0.9 * 0.9])
+
+
 def test_the_prediction_rate_learns_and_forgets():
     rate = PredictionRate(prior=0.9, strength=4.0, window=8.0)
     assert rate.rate(True) == pytest.approx(0.9)
     rate.observe(True, 0, 4)
-    assert rate.rate(True) == pytest.approx(3.6 / 8)
-    assert rate.rate(False) == pytest.approx(0.9)  # kept apart
+    pooled = 3.6 / 8  # both kinds together, from the prior
+    assert rate.rate(True) == pytest.approx(4 * pooled / 8)
+    assert rate.rate(False) == pytest.approx(pooled)  # no trials of its own: the pooled rate
     rate.observe(True, 6, 6)  # past the window: halved
     assert rate.counts[True] == [3.0, 5.0]
 
