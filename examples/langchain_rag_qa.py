@@ -58,19 +58,20 @@ def main() -> None:
 
         print(f"\nQ{number}: {question}\nA: ", end="", flush=True)
         start = time.perf_counter()
-        answer, sources = "", []
+        answer, copied = "", {}
         for part in chain.stream(question):
-            if "docs" in part:
-                sources = [d.metadata.get("source", "?") for d in part["docs"]]
             if "answer" in part:
                 answer += part["answer"]
                 print(part["answer"], end="", flush=True)
+            for source in part.get("sources", []):  # after the answer: what it copied from each chunk
+                name = source["source"] or "?"
+                copied[name] = copied.get(name, 0) + (source["copied_tokens"] or 0)
         seconds = time.perf_counter() - start
         same = answer == expected
         all_same &= same
         total_plain += plain_seconds
         total_fast += seconds
-        print(f"\n   sources: {', '.join(dict.fromkeys(sources))}")
+        print(f"\n   sources (answer tokens copied): {', '.join(f'{n} ({c})' for n, c in copied.items())}")
         print(f"   plain HF greedy {plain_seconds:.2f}s | lookahead {seconds:.2f}s | x{plain_seconds / seconds:.2f} | "
               f"answers {'identical' if same else 'DIFFERENT'}")
     print(f"\nwhole chain, all questions: plain {total_plain:.1f}s, lookahead {total_fast:.1f}s: "

@@ -146,3 +146,74 @@ def test_rag_chain_inserts_each_retrieved_document_once(chat_gen: LookaheadGener
 
 def occurrences(seq: list[int], sub: list[int]) -> int:
     return sum(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+# ---------------------------------------------------------------------------------------------------- RAG sources
+
+
+def test_answer_sources_map_the_calls_document_indices_onto_the_retrieved_chunks():
+    from langchain_lookahead.rag import answer_sources
+
+    docs = [Document(page_content=QUOKKA, id="q", metadata={"source": "q.txt"}),
+            Document(page_content=NARWHAL, id="n", metadata={"source": "n.txt"}),
+            Document(page_content=QUOKKA, id="q2", metadata={"source": "q-copy.txt"})]  # routed once: index 0
+    provenance = [{"index": 1, "source": "doc:1", "tokens": 5, "spans": [[1, 4], [7, 9]]},
+                  {"index": 0, "source": "doc:0", "tokens": 2, "spans": [[10, 12]]}]
+    sources = answer_sources(docs, provenance)
+    assert sources == [
+        {"index": 1, "id": "q", "source": "q.txt", "copied_tokens": 2, "spans": [[10, 12]]},
+        {"index": 2, "id": "n", "source": "n.txt", "copied_tokens": 5, "spans": [[1, 4], [7, 9]]},
+        {"index": 3, "id": "q2", "source": "q-copy.txt", "copied_tokens": 2, "spans": [[10, 12]]},
+    ]
+    assert [s["copied_tokens"] for s in answer_sources(docs, [])] == [0, 0, 0]  # nothing copied
+    assert [s["copied_tokens"] for s in answer_sources(docs, None)] == [None] * 3  # a model without provenance
+
+
+class _ProvenanceChat:
+    """A chat model whose reply copies from the second document it was given (as its response metadata says)."""
+
+    @staticmethod
+    def build() -> Any:
+        from langchain_core.language_models import BaseChatModel
+        from langchain_core.messages import AIMessage, AIMessageChunk
+        from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+        metadata = {"provenance": [{"index": 1, "source": "doc:1", "tokens": 3, "spans": [[1, 4]]}]}
+
+        class Fake(BaseChatModel):
+            @property
+            def _llm_type(self) -> str:
+                return "fake-provenance"
+
+            def _generate(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def]
+                message = AIMessage(content="the narwhal sings", response_metadata=metadata)
+                return ChatResult(generations=[ChatGeneration(message=message)])
+
+            def _stream(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def]
+                pieces = ["the", " narwhal", " sings"]
+                for i, piece in enumerate(pieces):
+                    last = i == len(pieces) - 1
+                    yield ChatGenerationChunk(message=AIMessageChunk(
+                        content=piece, response_metadata=metadata if last else {}))
+
+        return Fake()
+
+
+def test_rag_chain_streams_text_then_the_sources_the_answer_copied_from():
+    texts = [QUOKKA, NARWHAL, "the wombat digs under the fence"]
+    store = FAISSVectorStore.from_texts(texts, DeterministicFakeEmbedding(size=16), ids=["q", "n", "w"])
+    chain = rag_chain(store, _ProvenanceChat.build(), k=2)
+    question = "who sings?"
+    retrieved = store.similarity_search(question, k=2)
+    parts = list(chain.stream(question))
+    answers = [p["answer"] for p in parts if "answer" in p]
+    assert all(isinstance(a, str) for a in answers)
+    assert [a for a in answers if a] == ["the", " narwhal", " sings"]  # streamed as text, piece by piece
+    assert "".join(answers) == "the narwhal sings"
+    assert "sources" in parts[-1] and not any("sources" in p for p in parts[:-1])  # once the answer is complete
+    sources = parts[-1]["sources"]
+    assert [s["id"] for s in sources] == [d.id for d in retrieved]
+    assert [s["copied_tokens"] for s in sources] == [0, 3]
+    out = chain.invoke(question)
+    assert out["answer"] == "the narwhal sings" and out["sources"] == sources
+    assert [d.page_content for d in out["docs"]] == [d.page_content for d in retrieved]

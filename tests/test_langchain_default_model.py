@@ -55,3 +55,10 @@ def test_rag_chain_answers_like_plain_greedy(default_model):
     again = rag_chain(store, fast).invoke(question, config={"callbacks": [recorder]})
     assert again["answer"] == expected["answer"]
     assert recorder.last["tokens_per_step"] > 2.0  # the global trie learned the first answer
+    # the sources say what the answer copied from each retrieved chunk: most from the chunks about textwrap
+    streamed_sources = [p["sources"] for p in parts if "sources" in p]
+    assert len(streamed_sources) == 1 and len(streamed_sources[0]) == 3
+    top = max(streamed_sources[0], key=lambda s: s["copied_tokens"])
+    assert top["source"] == "textwrap.txt" and top["copied_tokens"] > 0
+    assert all(end - start > 0 for s in streamed_sources[0] for start, end in s["spans"])
+    assert [s["source"] for s in again["sources"]] == [s["source"] for s in streamed_sources[0]]

@@ -14,15 +14,16 @@ for part in chain.stream("What does textwrap.dedent do?"):
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
-from langchain_core.output_parsers import StrOutputParser
+from langchain_core.messages import BaseMessage
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import Runnable, RunnableParallel, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableGenerator, RunnableParallel, RunnablePassthrough
+from langchain_core.runnables.utils import AddableDict
 
 from lookahead.prompts import RAG_SYSTEM
 
@@ -80,15 +81,69 @@ def format_documents(docs: Sequence[Document]) -> str:
     return "\n\n".join(f"[{i}] {d.page_content.strip()}" for i, d in enumerate(docs, start=1))
 
 
+def answer_sources(docs: Sequence[Document], provenance: Sequence[Mapping[str, Any]] | None
+                   ) -> list[dict[str, Any]]:
+    """What an answer copied from each retrieved chunk, in prompt order: ``index`` (its number in the prompt,
+    from 1), ``id``, ``source`` (``metadata["source"]``), ``copied_tokens`` (answer tokens accepted from drafts
+    copied from it) and ``spans`` (answer token offsets ``[start, end)``).
+
+    ``provenance`` is the model response's ``response_metadata["provenance"]``: its indices count the distinct chunk
+    texts in retrieval order, as the retriever routed them to the call. None (a model that reports no provenance,
+    such as a plain LLM): ``copied_tokens`` and ``spans`` are None.
+    """
+    texts = list(dict.fromkeys(d.page_content for d in docs))  # the call's documents: duplicates routed once
+    by_text: dict[str, Mapping[str, Any]] = {}
+    for use in provenance or ():
+        index = use.get("index")
+        if isinstance(index, int) and 0 <= index < len(texts):
+            by_text[texts[index]] = use
+    sources = []
+    for number, doc in enumerate(docs, start=1):
+        use = by_text.get(doc.page_content)
+        copied = None if provenance is None else (use or {}).get("tokens", 0)
+        spans = None if provenance is None else [list(span) for span in (use or {}).get("spans", [])]
+        sources.append({"index": number, "id": doc.id, "source": doc.metadata.get("source"),
+                        "copied_tokens": copied, "spans": spans})
+    return sources
+
+
+def _answer_text(answer: Any) -> str:
+    """An answer chunk as text (a chat model's message chunk, or an LLM's string)."""
+    if isinstance(answer, BaseMessage):
+        return str(answer.text)
+    return str(answer)
+
+
+def _with_sources(parts: Iterator[Mapping[str, Any]]) -> Iterator[AddableDict]:
+    """Pass the chain's parts on with the answer as text, then the ``sources`` (see :func:`answer_sources`) once the
+    answer is complete: the response metadata of the answer's last message chunk carries the provenance."""
+    docs: Sequence[Document] = []
+    provenance: list[Any] | None = None
+    for part in parts:
+        out = AddableDict()
+        for key, value in part.items():
+            if key == "answer":
+                metadata = getattr(value, "response_metadata", None) or {}
+                if "provenance" in metadata:
+                    provenance = list(metadata["provenance"])
+                value = _answer_text(value)
+            elif key == "docs":
+                docs = value
+            out[key] = value
+        yield out
+    yield AddableDict(sources=answer_sources(docs, provenance))
+
+
 def rag_chain(store: FAISSVectorStore, llm: Any, k: int = 3) -> Runnable:
-    """``question -> {"question", "docs", "answer"}``: retrieve ``k`` chunks, answer from them.
+    """``question -> {"question", "docs", "answer", "sources"}``: retrieve ``k`` chunks, answer from them, and say
+    what the answer copied from each chunk (``sources``, see :func:`answer_sources`).
 
     When ``llm`` is a lookahead model, the retriever also seeds its request-local trie with the retrieved chunks.
-    Streaming the chain yields the docs first, then the answer in pieces.
+    Streaming the chain yields the question and docs first, then the answer in pieces (text), then the sources.
     """
     feeds = llm if isinstance(llm, LookaheadParams) else None
     retriever = LookaheadRetriever(vectorstore=store, llm=feeds, k=k)
     answer = ({"context": lambda x: format_documents(x["docs"]), "question": lambda x: x["question"]}
-              | RAG_PROMPT | llm | StrOutputParser())
-    return RunnableParallel(question=RunnablePassthrough(), docs=retriever) | RunnablePassthrough.assign(
-        answer=answer)
+              | RAG_PROMPT | llm)
+    return (RunnableParallel(question=RunnablePassthrough(), docs=retriever)
+            | RunnablePassthrough.assign(answer=answer) | RunnableGenerator(_with_sources))
