@@ -63,16 +63,17 @@ def run_pool(docs: list, out: Path, spec: GeneratorSpec, options: SummarizeOptio
         if hub is not None:
             stop_hub(hub)
     busy: dict[int, float] = defaultdict(float)
-    done: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # pid -> [documents, new tokens]
+    done: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # pid -> [documents, new tokens, steps]
     for row in rows.iter_rows():
         report = report_of(row)
         pid = int(row["pid"])
         busy[pid] += report.seconds
         done[pid][0] += 1
         done[pid][1] += report.new_tokens
-    for pid, (count, tokens) in sorted(done.items()):
-        print(f"  worker {pid}: {count} documents, {tokens} new tokens, {busy[pid]:.1f}s decoding, "
-              f"{tokens / busy[pid]:.1f} tok/s", flush=True)
+        done[pid][2] += report.steps
+    for pid, (count, tokens, steps) in sorted(done.items()):
+        print(f"  worker {pid}: {count} documents, {tokens} new tokens, {steps} steps, {busy[pid]:.1f}s decoding, "
+              f"{tokens / busy[pid]:.1f} tok/s, {busy[pid] / steps * 1000:.0f} ms/step", flush=True)
     return time.perf_counter() - start, busy
 
 

@@ -23,8 +23,9 @@ CONFIG = {"branch_length": 4, "max_query_length": 3, "node_budget": 10_000}
 class InProcessHub:
     """A HubClient over a TrieHubState in this process; ``down`` makes every call fail like a dead actor."""
 
-    def __init__(self, state: TrieHubState) -> None:
+    def __init__(self, state: TrieHubState, tenant: str | None = None) -> None:
         self.state = state
+        self.tenant = tenant
         self.down = False
 
     def _check(self) -> None:
@@ -33,11 +34,11 @@ class InProcessHub:
 
     def sync(self, delta: dict[str, Any] | None, since: int, worker: dict[str, Any]) -> dict[str, Any]:
         self._check()
-        return self.state.sync(delta, since, worker)
+        return self.state.sync(delta, since, worker, self.tenant)
 
     def snapshot(self) -> dict[str, Any]:
         self._check()
-        return self.state.snapshot()
+        return self.state.snapshot(self.tenant)
 
 
 def worker() -> types.SimpleNamespace:
@@ -115,6 +116,37 @@ def test_the_hub_saves_atomically_and_a_restart_is_warm(tmp_path):
     TrieSync(fresh, InProcessHub(second), interval=60).start()
     assert fresh.trie.count([2, 3, 4]) == 1.0  # a worker of the restarted hub starts warm
     second.close()
+
+
+def test_a_tenants_trie_is_shared_with_that_tenants_tries_only_and_saved_to_its_own_file(tmp_path):
+    path = tmp_path / "trie.json.gz"
+    state = TrieHubState(CONFIG, path, save_interval=0)
+    a1, a2, b, everyone = worker(), worker(), worker(), worker()  # two replicas' tries of tenant a, b's, global
+    syncs = [TrieSync(a1, InProcessHub(state, "a"), interval=60).start(),
+             TrieSync(a2, InProcessHub(state, "a"), interval=60).start(),
+             TrieSync(b, InProcessHub(state, "b"), interval=60).start(),
+             TrieSync(everyone, InProcessHub(state), interval=60).start()]
+    a1.trie.insert([1, 2, 3, 4, 5])
+    b.trie.insert([7, 8, 9])
+    for sync in syncs + syncs:
+        assert sync.sync_now()
+    assert a2.trie.count([1, 2, 3]) == 1.0  # tenant a's answer reached tenant a's other replica ...
+    assert b.trie.count([1, 2, 3]) == 0.0 and everyone.trie.count([1, 2, 3]) == 0.0  # ... and no one else
+    assert a2.trie.count([7, 8, 9]) == 0.0 and state.trie.count([7, 8, 9]) == 0.0
+    a1.trie.insert_source("doc-1", [20, 21, 22, 23])
+    assert syncs[0].sync_now() and syncs[1].sync_now() and a2.trie.count([20, 21, 22]) == 1.0
+    a1.trie.remove_source("doc-1")  # a deletion on one replica reaches the other through the hub
+    assert syncs[0].sync_now() and syncs[1].sync_now() and a2.trie.count([20, 21, 22]) == 0.0
+    assert state.stats()["tenants"] == {"a": len(state.trie_of("a")), "b": len(state.trie_of("b"))}
+    assert state.close()
+    # each tenant's file next to the global one (which did not change: not written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trie.tenant-a.json.gz", "trie.tenant-b.json.gz"]
+    restarted = TrieHubState(CONFIG, path, save_interval=0)
+    late = worker()
+    TrieSync(late, InProcessHub(restarted, "a"), interval=60).start()  # a new replica of tenant a starts warm
+    assert late.trie.count([1, 2, 3]) == 1.0 and late.trie.count([7, 8, 9]) == 0.0
+    with pytest.raises(ValueError, match="tenant name"):
+        restarted.trie_of("../escape")
 
 
 def test_a_corrupt_hub_file_is_moved_aside(tmp_path):

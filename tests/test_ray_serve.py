@@ -39,7 +39,8 @@ def served(tmp_path_factory):
     local_ray()
     spec = tiny_spec(save_tiny_model(tmp_path_factory.mktemp("tiny-serve-llama")))
     hub = start_hub(trie_config(spec.config), name="serve-test-hub")
-    settings = ServeSettings(model_name="tiny", max_batch_size=4, max_queue=16, default_max_tokens=MAX_TOKENS)
+    settings = ServeSettings(model_name="tiny", max_batch_size=4, max_queue=16, default_max_tokens=MAX_TOKENS,
+                             tenant_header="x-tenant")
     try:
         url = run_serve(spec, settings, port=free_port(), replicas=2, hub_name="serve-test-hub", sync_interval=0.2)
         yield url, spec
@@ -48,8 +49,10 @@ def served(tmp_path_factory):
         stop_hub(hub)
 
 
-def complete(url: str, prompt: str) -> tuple[dict, str]:
-    reply = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS}, timeout=120)
+def complete(url: str, prompt: str, tenant: str | None = None) -> tuple[dict, str]:
+    headers = {"x-tenant": tenant} if tenant else {}
+    reply = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS}, headers=headers,
+                       timeout=120)
     assert reply.status_code == 200, reply.text
     return reply.json(), reply.headers[REPLICA_HEADER.decode()]
 
@@ -78,6 +81,27 @@ def test_an_answer_of_one_replica_drafts_on_the_other(served):
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
     assert again["lookahead"]["steps"] < first["lookahead"]["steps"]
     assert again["lookahead"]["tokens_per_step"] > 2 * first["lookahead"]["tokens_per_step"]
+
+
+def test_a_tenants_answer_drafts_on_the_other_replica_for_that_tenant_only(served):
+    url, _ = served
+    question = "which tenant asked the hub about replicas?"
+    first, replica = complete(url, question, tenant="acme")
+    time.sleep(1.5)  # a few sync intervals: acme's trie in the hub, then on the other replica
+    for _ in range(40):
+        again, other = complete(url, question, tenant="acme")
+        if other != replica:
+            break
+    assert other != replica, "every request went to the same replica"
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert again["lookahead"]["tokens_per_step"] > 2 * first["lookahead"]["tokens_per_step"]
+    for _ in range(40):  # another tenant, on either replica: acme's answer drafts nothing for it
+        stranger, where = complete(url, question, tenant="globex")
+        if where == other:
+            break
+    assert stranger["choices"][0]["text"] == first["choices"][0]["text"]
+    assert stranger["lookahead"]["steps"] > again["lookahead"]["steps"]
+    assert stranger["lookahead"]["tokens_per_step"] < again["lookahead"]["tokens_per_step"] / 2
 
 
 def test_serve_cli_without_ray_installed_says_how(monkeypatch, capsys, tmp_path: Path):

@@ -6,6 +6,10 @@ learned since the version the worker last saw. Merging is idempotent, and a trie
 so a retried push or a delta that comes back to its author changes nothing. With ``path`` the hub loads its trie
 from that file at start (a warm start across restarts; a corrupt file is moved aside, as ``lookahead serve --trie``
 does) and saves it atomically every ``save_interval`` seconds when it changed, and at :meth:`TrieHubState.close`.
+
+Tenants (``lookahead serve --tenant-header`` / ``--tenant-keys``): a call naming a ``tenant`` syncs that tenant's
+trie instead of the global one, made on its first use (loaded from its file next to ``path``, as ``lookahead serve``
+names it), so a tenant's past answers and documents reach every replica and no other tenant.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import ray
 from lookahead_server.persistence import TrieStore
+from lookahead_server.tenants import check_tenant, tenant_trie_path
 
 from lookahead.config import LookaheadConfig
 from lookahead.drafter import new_trie
@@ -66,13 +71,15 @@ class TrieHubState:
         if save_interval < 0:
             raise ValueError(f"save_interval must be >= 0 seconds, got {save_interval!r}")
         self.instance = uuid.uuid4().hex  # a restarted hub has another: workers then pull from version 0
+        self.path = None if path is None else os.fspath(path)
         self.store = TrieStore(path) if path is not None else None
         loaded = self.store.load() if self.store is not None else None
         self.trie = loaded if loaded is not None else TokenTrie(**{**(config or {}), "origin": HUB_ORIGIN})
         self.loaded_nodes = len(loaded) if loaded is not None else 0
+        self.tenant_tries: dict[str, TokenTrie] = {}  # tenant -> its trie, made on first use
         self.workers: dict[str, WorkerRecord] = {}
         self.saves = 0
-        self._saved_version = self.trie.version
+        self._saved_versions: dict[str | None, int] = {None: self.trie.version}  # tenant (None: global) -> saved
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._saver: threading.Thread | None = None
@@ -81,33 +88,55 @@ class TrieHubState:
                                            daemon=True)
             self._saver.start()
 
-    def sync(self, delta: dict[str, Any] | None, since: int, worker: dict[str, Any]) -> dict[str, Any]:
-        """Merge the worker's ``delta`` (None: nothing new), return what the hub has past version ``since``.
+    def trie_of(self, tenant: str | None = None) -> TokenTrie:
+        """The global trie (``tenant`` None) or ``tenant``'s, made on its first use: loaded from its file next to
+        ``path`` when there is one, else empty with the global trie's knobs."""
+        if tenant is None:
+            return self.trie
+        with self._lock:
+            trie = self.tenant_tries.get(tenant)
+            if trie is None:
+                store = self._tenant_store(check_tenant(tenant, "trie hub"))
+                loaded = store.load() if store is not None else None
+                trie = loaded if loaded is not None else TokenTrie(**{**self.trie.config(), "origin": HUB_ORIGIN})
+                self.tenant_tries[tenant] = trie
+                self._saved_versions[tenant] = trie.version
+            return trie
+
+    def _tenant_store(self, tenant: str) -> TrieStore | None:
+        return None if self.path is None else TrieStore(tenant_trie_path(self.path, tenant))
+
+    def sync(self, delta: dict[str, Any] | None, since: int, worker: dict[str, Any], tenant: str | None = None
+             ) -> dict[str, Any]:
+        """Merge the worker's ``delta`` (None: nothing new) into the trie of ``tenant`` (None: the global trie),
+        return what that trie has past version ``since``.
 
         The reply holds ``hub`` (this hub's instance id), ``merged`` (entries of ``delta`` taken in), ``version``
         and ``delta`` (a :class:`~lookahead.trie.TrieDelta` as a dict, without the worker's own entries), or
         ``delta`` None and ``behind`` True when the entries past ``since`` are no longer kept (the worker then goes
         on from ``version``).
         """
-        merged = self.trie.merge(TrieDelta.from_dict(delta)) if delta else 0
+        trie = self.trie_of(tenant)
+        merged = trie.merge(TrieDelta.from_dict(delta)) if delta else 0
         origin = self._record(worker, merged)
         reply: dict[str, Any] = {"hub": self.instance, "merged": merged, "behind": False}
         try:
-            out = self.trie.export_delta(since=since)
+            out = trie.export_delta(since=since)
         except ValueError:  # past the journal's end, or before what it still keeps
-            reply.update(version=self.trie.version, delta=None, behind=True)
+            reply.update(version=trie.version, delta=None, behind=True)
             return reply
         others = tuple(e for e in out.entries if e.origin != origin)  # its own entries are no news to it
         reply.update(version=out.version, delta=TrieDelta(out.origin, out.branch_length, out.since, out.version,
                                                           others).to_dict())
         return reply
 
-    def snapshot(self) -> dict[str, Any]:
-        """The whole trie as :meth:`TokenTrie.save` writes it (JSON bytes), for a worker's warm start: ``hub``
-        (instance id) and ``data``."""
+    def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
+        """The whole trie of ``tenant`` (None: the global one) as :meth:`TokenTrie.save` writes it (JSON bytes),
+        for a worker's warm start: ``hub`` (instance id) and ``data``."""
+        trie = self.trie_of(tenant)
         with tempfile.TemporaryDirectory(prefix="lookahead-hub-") as folder:
             path = Path(folder) / "snapshot.json"
-            self.trie.save(path)
+            trie.save(path)
             return {"hub": self.instance, "data": path.read_bytes()}
 
     def _record(self, worker: dict[str, Any], merged: int) -> str:
@@ -126,27 +155,37 @@ class TrieHubState:
         """Size and version of the shared trie, saves, and every worker that synced."""
         with self._lock:
             workers = [asdict(w) for w in self.workers.values()]
+            tenants = {name: len(trie) for name, trie in self.tenant_tries.items()}
         return {"instance": self.instance, "nodes": len(self.trie), "version": self.trie.version,
-                "loaded_nodes": self.loaded_nodes, "saves": self.saves, "workers": workers,
+                "loaded_nodes": self.loaded_nodes, "saves": self.saves, "workers": workers, "tenants": tenants,
                 "path": str(self.store.path) if self.store is not None else None}
 
     def save(self, force: bool = False) -> bool:
-        """Save the trie atomically if it changed since the last save (or ``force``); False when nothing was
-        written (no path, nothing new, or the write failed: logged)."""
+        """Save every trie (the global one, each tenant's to its own file) atomically that changed since its last
+        save (or all, ``force``); False when nothing was written (no path, nothing new, or the writes failed:
+        logged)."""
         if self.store is None:
             return False
         with self._lock:
-            version = self.trie.version
-            if not force and version == self._saved_version:
-                return False
-            try:
-                self.store.save(self.trie)
-            except OSError as error:
-                log.error("trie hub: could not save the trie to %s: %s", self.store.path, error)
-                return False
-            self._saved_version = version
-            self.saves += 1
-            return True
+            tries: list[tuple[str | None, TokenTrie, TrieStore]] = [(None, self.trie, self.store)]
+            for tenant, trie in self.tenant_tries.items():
+                store = self._tenant_store(tenant)
+                assert store is not None
+                tries.append((tenant, trie, store))
+            wrote = False
+            for tenant, trie, store in tries:
+                version = trie.version
+                if not force and version == self._saved_versions.get(tenant):
+                    continue
+                try:
+                    store.save(trie)
+                except OSError as error:
+                    log.error("trie hub: could not save the trie to %s: %s", store.path, error)
+                    continue
+                self._saved_versions[tenant] = version
+                self.saves += 1
+                wrote = True
+            return wrote
 
     def _autosave(self, interval: float) -> None:
         while not self._closed.wait(interval):

@@ -3,8 +3,10 @@ deployment of N replicas, each with its own model and scheduler, all sharing the
 
 Each replica builds its engine, starts its :class:`~lookahead_ray.sync.TrieSync` (a warm start from the hub's trie,
 then background syncs) and then the app, so what one replica answered drafts the same question on every other one a
-sync interval later. Replicas do not persist the trie themselves: the hub does (``--trie PATH``). Every response
-carries the header ``x-lookahead-replica`` (the replica's process id), to see where requests went.
+sync interval later. With tenants (``--tenant-header`` / ``--tenant-keys``) each tenant's trie is synced the same
+way, with that tenant's trie in the hub, from the tenant's first request on a replica (a warm start from the hub's
+copy of it). Replicas do not persist tries themselves: the hub does (``--trie PATH``, tenants' files next to it).
+Every response carries the header ``x-lookahead-replica`` (the replica's process id), to see where requests went.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from typing import Any
 from lookahead_server.app import ServeSettings, create_app
 from ray import serve
 
+from lookahead.trie import TokenTrie
+
 from .hub import HUB_NAME, NAMESPACE
 from .spec import GeneratorSpec
-from .worker import hub_sync
+from .sync import TrieSync
+from .worker import hub_client, hub_sync
 
 APP_NAME = "lookahead"
 REPLICA_HEADER = b"x-lookahead-replica"
@@ -44,6 +49,13 @@ class ReplicaHeader:
         await self.app(scope, receive, send_with_header)
 
 
+class _TrieHolder:
+    """What :class:`TrieSync` syncs: an object with a ``trie`` attribute (here one tenant's trie)."""
+
+    def __init__(self, trie: TokenTrie) -> None:
+        self.trie = trie
+
+
 @serve.ingress()
 class LookaheadReplica:
     """One replica: its engine, its trie synced with the hub, and the app over them (built by Serve after
@@ -54,10 +66,22 @@ class LookaheadReplica:
         self.generator = spec.build()
         _ = self.generator.budget  # measure (or load) the cost model now, not in the first request
         self.sync = hub_sync(self.generator, hub_name, sync_interval, namespace)
-        self.settings = dataclasses.replace(settings, trie_path=None)  # the hub persists the trie
+        self.settings = dataclasses.replace(settings, trie_path=None)  # the hub persists the tries
+        self.hub_name, self.namespace, self.sync_interval = hub_name, namespace, sync_interval
+        self.tenant_syncs: dict[str, TrieSync] = {}
+
+    def sync_tenant(self, tenant: str, trie: TokenTrie) -> TokenTrie:
+        """Start syncing ``tenant``'s trie (new on this replica) with the hub's copy; the trie the tenant drafts
+        from (the hub's copy when ``trie`` is empty)."""
+        if self.hub_name is None:
+            return trie
+        holder = _TrieHolder(trie)
+        self.tenant_syncs[tenant] = TrieSync(holder, hub_client(self.hub_name, self.namespace, tenant),
+                                             self.sync_interval).start()
+        return holder.trie
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_app(self.generator, self.settings)
+        app = create_app(self.generator, self.settings, on_new_tenant=self.sync_tenant)
         app.add_middleware(ReplicaHeader)
         return app
 

@@ -39,17 +39,19 @@ class HubClient(Protocol):
 
 
 class ActorHubClient:
-    """:class:`HubClient` over the hub's Ray actor handle; a call that takes longer than ``timeout`` fails."""
+    """:class:`HubClient` over the hub's Ray actor handle, for the global trie or ``tenant``'s; a call that takes
+    longer than ``timeout`` fails."""
 
-    def __init__(self, handle: Any, timeout: float = 60.0) -> None:
+    def __init__(self, handle: Any, timeout: float = 60.0, tenant: str | None = None) -> None:
         self.handle = handle
         self.timeout = timeout
+        self.tenant = tenant
 
     def sync(self, delta: dict[str, Any] | None, since: int, worker: dict[str, Any]) -> dict[str, Any]:
-        return ray.get(self.handle.sync.remote(delta, since, worker), timeout=self.timeout)
+        return ray.get(self.handle.sync.remote(delta, since, worker, self.tenant), timeout=self.timeout)
 
     def snapshot(self) -> dict[str, Any]:
-        return ray.get(self.handle.snapshot.remote(), timeout=self.timeout)
+        return ray.get(self.handle.snapshot.remote(self.tenant), timeout=self.timeout)
 
 
 def replica_trie(data: bytes) -> TokenTrie:

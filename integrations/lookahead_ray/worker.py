@@ -18,19 +18,24 @@ from .spec import GeneratorSpec
 from .sync import ActorHubClient, TrieSync
 
 
-def hub_sync(generator: LookaheadGenerator, hub_name: str | None, interval: float,
-             namespace: str = NAMESPACE) -> TrieSync:
-    """A started :class:`TrieSync` of ``generator``'s trie with the named hub (``hub_name`` None: sharing off).
+def hub_client(hub_name: str | None, namespace: str = NAMESPACE, tenant: str | None = None
+               ) -> ActorHubClient | None:
+    """A client of the named hub for the global trie or ``tenant``'s (``hub_name`` None: None, sharing off).
 
     A hub that cannot be found is an error: sharing was asked for and would silently not happen."""
-    client = None
-    if hub_name is not None:
-        handle = find_hub(hub_name, namespace)
-        if handle is None:
-            raise RuntimeError(f"no trie hub named {hub_name!r} in Ray namespace {namespace!r}: start it first "
-                               "(lookahead_ray.hub.start_hub) or switch sharing off")
-        client = ActorHubClient(handle)
-    return TrieSync(generator, client, interval).start()
+    if hub_name is None:
+        return None
+    handle = find_hub(hub_name, namespace)
+    if handle is None:
+        raise RuntimeError(f"no trie hub named {hub_name!r} in Ray namespace {namespace!r}: start it first "
+                           "(lookahead_ray.hub.start_hub) or switch sharing off")
+    return ActorHubClient(handle, tenant=tenant)
+
+
+def hub_sync(generator: LookaheadGenerator, hub_name: str | None, interval: float,
+             namespace: str = NAMESPACE) -> TrieSync:
+    """A started :class:`TrieSync` of ``generator``'s trie with the named hub (``hub_name`` None: sharing off)."""
+    return TrieSync(generator, hub_client(hub_name, namespace), interval).start()
 
 
 class GenerateWorker:

@@ -134,7 +134,8 @@ class _Service:
     """Everything one app holds: the generator, the scheduler (from start-up on), metrics, the tenants' tries and
     their persistence."""
 
-    def __init__(self, generator: LookaheadGenerator, settings: ServeSettings, factory: SchedulerFactory) -> None:
+    def __init__(self, generator: LookaheadGenerator, settings: ServeSettings, factory: SchedulerFactory,
+                 on_new_tenant: Callable[[str, TokenTrie], TokenTrie] | None = None) -> None:
         self.generator = generator
         self.settings = settings
         self.factory = factory
@@ -142,7 +143,8 @@ class _Service:
         self.pool: ThreadPoolExecutor | None = None
         self.store = TrieStore(settings.trie_path) if settings.trie_path else None
         self.access = settings.access()
-        self.tenants = TenantTries(generator, settings.trie_path, settings.max_tenants, on_load=self._warn_config)
+        self.tenants = TenantTries(generator, settings.trie_path, settings.max_tenants, on_load=self._warn_config,
+                                   on_new=on_new_tenant)
         self.metrics = ServerMetrics(lambda: (self.generator, self.scheduler))
         self.handles: set[RequestHandle] = set()
         self.created = int(time.time())
@@ -399,15 +401,17 @@ def _error_response(error: ApiError) -> JSONResponse:
 
 
 def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = None,
-               scheduler_factory: SchedulerFactory | None = None) -> FastAPI:
+               scheduler_factory: SchedulerFactory | None = None,
+               on_new_tenant: Callable[[str, TokenTrie], TokenTrie] | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``generator``.
 
     The scheduler is made by ``scheduler_factory(generator, settings)`` at start-up (after the trie is loaded from
     ``settings.trie_path``) and closed at shutdown, when the trie is saved; run the app with uvicorn or use it as
-    ``with TestClient(app)`` so its lifespan runs.
+    ``with TestClient(app)`` so its lifespan runs. ``on_new_tenant(tenant, trie)`` is called when a tenant's trie is
+    first made or loaded and returns the trie to use (see :class:`~lookahead_server.tenants.TenantTries`).
     """
     settings = settings or ServeSettings()
-    service = _Service(generator, settings, scheduler_factory or default_scheduler)
+    service = _Service(generator, settings, scheduler_factory or default_scheduler, on_new_tenant)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -138,14 +138,18 @@ class TenantTries:
         trie_path: the global trie file; tenant ``NAME``'s is :func:`tenant_trie_path` of it (None: memory only).
         max_tenants: most tenants held; a new one past it is refused (403).
         on_load: called with each trie read from a file (to warn about knobs that differ).
+        on_new: called with a tenant and its trie when the trie is first made or loaded; the trie it returns is the
+            tenant's (a replica of ``lookahead serve --ray`` starts the tenant's hub sync there).
     """
 
     def __init__(self, generator: LookaheadGenerator, trie_path: str | None = None, max_tenants: int = 64,
-                 on_load: Callable[[TokenTrie], None] | None = None) -> None:
+                 on_load: Callable[[TokenTrie], None] | None = None,
+                 on_new: Callable[[str, TokenTrie], TokenTrie] | None = None) -> None:
         self.generator = generator
         self.trie_path = trie_path
         self.max_tenants = max_tenants
         self.on_load = on_load
+        self.on_new = on_new
         self._tries: dict[str, TokenTrie] = {}
         self._stores: dict[str, TrieStore] = {}
         self._lock = threading.Lock()
@@ -161,7 +165,10 @@ class TenantTries:
                     raise ApiError(403, f"this server holds tries for at most {self.max_tenants} tenants and "
                                         f"tenant {tenant!r} would be one more (raise max_tenants)",
                                    code="too_many_tenants")
-                trie = self._tries[tenant] = self._load(tenant)
+                trie = self._load(tenant)
+                if self.on_new is not None:
+                    trie = self.on_new(tenant, trie)
+                self._tries[tenant] = trie
             return trie
 
     def _load(self, tenant: str) -> TokenTrie:
