@@ -41,7 +41,7 @@ import threading
 import uuid
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -720,24 +720,42 @@ class TokenTrie:
                 return
             self._sweep_state.note_prunable()  # nodes it held may be global-only now, some visited already
             self._hard_cap = min(self._hard_cap, self._cap_above(self._size))
-            # The nodes holding this request's counts form a subtree under the root (counts shrink with depth).
-            stack: list[tuple[_Node, tuple[int, ...], list[int]]] = [(self._root, (), sorted(starts))]
-            while stack:
-                node, key, tokens = stack.pop()
-                for t in tokens:
-                    child = node.children.get(t) if node.children else None
-                    loc = child.local if child is not None else None
-                    if not loc or request_id not in loc:
-                        continue
-                    del loc[request_id]
-                    ckey = key + (t,)
-                    if not loc:
-                        child.local = None  # type: ignore[union-attr]
-                        if child.count <= 0.0:  # type: ignore[union-attr]
-                            self._remove(node, t, ckey)  # its whole subtree is empty too
-                            continue
-                    if child.children:  # type: ignore[union-attr]
-                        stack.append((child, ckey, list(child.children)))  # type: ignore[union-attr,arg-type]
+
+            def holds(node: _Node) -> bool:
+                return bool(node.local) and request_id in node.local  # type: ignore[operator]
+
+            def take(node: _Node) -> bool:
+                loc = node.local
+                assert loc is not None
+                del loc[request_id]
+                if loc:
+                    return False
+                node.local = None
+                return node.count <= 0.0
+
+            self._strip(starts, holds, take)
+
+    def _strip(self, starts: Iterable[int], holds: Callable[[_Node], bool], take: Callable[[_Node], bool]) -> int:
+        """Take one owner's counts (a request's or a source's) out of the nodes that hold them, and remove the nodes
+        left empty with their subtrees; return how many nodes were removed.
+
+        The nodes that ``holds`` form a subtree under the root's children ``starts`` (every window counts its
+        prefixes, so an owner's counts shrink with depth). ``take(node)`` subtracts the owner's part and says
+        whether the node holds nothing else now (its subtree then holds nothing either)."""
+        removed = 0
+        stack: list[tuple[_Node, tuple[int, ...], list[int]]] = [(self._root, (), sorted(starts))]
+        while stack:
+            node, key, tokens = stack.pop()
+            for t in tokens:
+                child = node.children.get(t) if node.children else None
+                if child is None or not holds(child):
+                    continue
+                ckey = key + (t,)
+                if take(child):
+                    removed += self._remove(node, t, ckey)
+                elif child.children:
+                    stack.append((child, ckey, list(child.children)))
+        return removed
 
     def _remove(self, parent: _Node, token: int, key: tuple[int, ...]) -> int:
         """Remove ``parent``'s child ``token`` (at ``key``) with its subtree; return how many nodes went."""
@@ -899,29 +917,23 @@ class TokenTrie:
             return 0
         self._sweep_state.note_prunable()  # lowered counts may be prunable now
         epoch, decay = self._sweep_state.epoch, self.decay
-        removed = 0
-        # The nodes holding this source's counts form a subtree under the root (every window counts its prefixes).
-        stack: list[tuple[_Node, tuple[int, ...], list[int]]] = [(self._root, (), sorted(info.starts))]
-        while stack:
-            node, key, tokens = stack.pop()
-            for t in tokens:
-                child = node.children.get(t) if node.children else None
-                parts = child.sources if child is not None else None
-                if not parts or source_id not in parts:
-                    continue
-                if child.epoch != epoch:  # type: ignore[union-attr]
-                    child.catch_up(epoch, decay)  # type: ignore[union-attr]
-                taken = parts.pop(source_id)
-                if not parts:
-                    child.sources = None  # type: ignore[union-attr]
-                left = child.count - taken  # type: ignore[union-attr]
-                child.count = left if left > taken * _RESIDUE else 0.0  # type: ignore[union-attr]
-                ckey = key + (t,)
-                if child.count <= 0.0 and child.local is None:  # type: ignore[union-attr]
-                    removed += self._remove(node, t, ckey)  # its subtree held nothing else either
-                elif child.children:  # type: ignore[union-attr]
-                    stack.append((child, ckey, list(child.children)))  # type: ignore[union-attr,arg-type]
-        return removed
+
+        def holds(node: _Node) -> bool:
+            return bool(node.sources) and source_id in node.sources  # type: ignore[operator]
+
+        def take(node: _Node) -> bool:
+            if node.epoch != epoch:
+                node.catch_up(epoch, decay)
+            parts = node.sources
+            assert parts is not None
+            taken = parts.pop(source_id)
+            if not parts:
+                node.sources = None
+            left = node.count - taken
+            node.count = left if left > taken * _RESIDUE else 0.0
+            return node.count <= 0.0 and node.local is None
+
+        return self._strip(info.starts, holds, take)
 
     # ------------------------------------------------------------------ journal, deltas and merge
 
