@@ -22,8 +22,8 @@ from lookahead.trie import TokenTrie
 
 from .hub import HUB_NAME, NAMESPACE
 from .spec import GeneratorSpec
-from .sync import TrieSync
-from .worker import hub_client, hub_sync
+from .sync import ActorHubClient, TrieSync
+from .worker import hub_sync
 
 APP_NAME = "lookahead"
 REPLICA_HEADER = b"x-lookahead-replica"
@@ -67,17 +67,19 @@ class LookaheadReplica:
         _ = self.generator.budget  # measure (or load) the cost model now, not in the first request
         self.sync = hub_sync(self.generator, hub_name, sync_interval, namespace)
         self.settings = dataclasses.replace(settings, trie_path=None)  # the hub persists the tries
-        self.hub_name, self.namespace, self.sync_interval = hub_name, namespace, sync_interval
+        self.sync_interval = sync_interval
         self.tenant_syncs: dict[str, TrieSync] = {}
 
     def sync_tenant(self, tenant: str, trie: TokenTrie) -> TokenTrie:
         """Start syncing ``tenant``'s trie (new on this replica) with the hub's copy; the trie the tenant drafts
         from (the hub's copy when ``trie`` is empty)."""
-        if self.hub_name is None:
+        hub = self.sync.hub
+        if not isinstance(hub, ActorHubClient):  # sharing off
             return trie
         holder = _TrieHolder(trie)
-        self.tenant_syncs[tenant] = TrieSync(holder, hub_client(self.hub_name, self.namespace, tenant),
-                                             self.sync_interval).start()
+        # the handle found at start: a hub gone since is retried by the sync (logged), never a failed request
+        client = ActorHubClient(hub.handle, hub.timeout, tenant=tenant)
+        self.tenant_syncs[tenant] = TrieSync(holder, client, self.sync_interval).start()
         return holder.trie
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -18,9 +18,8 @@ from .spec import GeneratorSpec
 from .sync import ActorHubClient, TrieSync
 
 
-def hub_client(hub_name: str | None, namespace: str = NAMESPACE, tenant: str | None = None
-               ) -> ActorHubClient | None:
-    """A client of the named hub for the global trie or ``tenant``'s (``hub_name`` None: None, sharing off).
+def hub_client(hub_name: str | None, namespace: str = NAMESPACE) -> ActorHubClient | None:
+    """A client of the named hub (``hub_name`` None: None, sharing off).
 
     A hub that cannot be found is an error: sharing was asked for and would silently not happen."""
     if hub_name is None:
@@ -29,7 +28,7 @@ def hub_client(hub_name: str | None, namespace: str = NAMESPACE, tenant: str | N
     if handle is None:
         raise RuntimeError(f"no trie hub named {hub_name!r} in Ray namespace {namespace!r}: start it first "
                            "(lookahead_ray.hub.start_hub) or switch sharing off")
-    return ActorHubClient(handle, tenant=tenant)
+    return ActorHubClient(handle)
 
 
 def hub_sync(generator: LookaheadGenerator, hub_name: str | None, interval: float,
