@@ -95,6 +95,16 @@ def test_a_worker_keeps_decoding_when_the_hub_is_gone(caplog):
     assert sync.sync_now() and hub.state.trie.count([1, 2, 3]) == 1.0  # what it learned meanwhile is pushed
 
 
+def test_a_sync_started_without_its_own_thread_syncs_when_called():
+    hub = InProcessHub(TrieHubState(CONFIG))
+    a = worker()
+    sync = TrieSync(a, hub, interval=0.01).start(background=False)  # synced once at start, then only when called
+    assert sync._thread is None and sync.stats.syncs == 1
+    a.trie.insert([1, 2, 3])
+    assert hub.state.trie.count([1, 2, 3]) == 0.0
+    assert sync.sync_now() and hub.state.trie.count([1, 2, 3]) == 1.0
+
+
 def test_sharing_off_does_nothing():
     a = worker()
     sync = TrieSync(a, None).start()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
 from typing import Any
 
 from lookahead_server.app import ServeSettings, create_app
@@ -68,7 +70,8 @@ class LookaheadReplica:
         self.sync = hub_sync(self.generator, hub_name, sync_interval, namespace)
         self.settings = dataclasses.replace(settings, trie_path=None)  # the hub persists the tries
         self.sync_interval = sync_interval
-        self.tenant_syncs: dict[str, TrieSync] = {}
+        self.tenant_syncs: dict[str, TrieSync] = {}  # one thread syncs them all (see _sync_tenants)
+        self._tenant_thread: threading.Thread | None = None
 
     def sync_tenant(self, tenant: str, trie: TokenTrie) -> TokenTrie:
         """Start syncing ``tenant``'s trie (new on this replica) with the hub's copy; the trie the tenant drafts
@@ -79,8 +82,19 @@ class LookaheadReplica:
         holder = _TrieHolder(trie)
         # the handle found at start: a hub gone since is retried by the sync (logged), never a failed request
         client = ActorHubClient(hub.handle, hub.timeout, tenant=tenant)
-        self.tenant_syncs[tenant] = TrieSync(holder, client, self.sync_interval).start()
+        self.tenant_syncs[tenant] = TrieSync(holder, client, self.sync_interval).start(background=False)
+        if self._tenant_thread is None:
+            self._tenant_thread = threading.Thread(target=self._sync_tenants, name="lookahead-tenant-sync",
+                                                   daemon=True)
+            self._tenant_thread.start()
         return holder.trie
+
+    def _sync_tenants(self) -> None:
+        """Every sync interval, sync each tenant's trie in turn (one thread however many tenants)."""
+        while True:
+            time.sleep(self.sync_interval)
+            for sync in list(self.tenant_syncs.values()):
+                sync.sync_now()
 
     def __serve_build_asgi_app__(self) -> Any:
         app = create_app(self.generator, self.settings, on_new_tenant=self.sync_tenant)

@@ -117,8 +117,9 @@ class TrieSync:
     def enabled(self) -> bool:
         return self.hub is not None
 
-    def start(self) -> TrieSync:
-        """Warm start, sync once, then sync every ``interval`` seconds in a daemon thread."""
+    def start(self, background: bool = True) -> TrieSync:
+        """Warm start, sync once, then (``background``) sync every ``interval`` seconds in a daemon thread; without
+        it the caller calls :meth:`sync_now` (one thread syncing several tries)."""
         if self.hub is None or self._thread is not None:
             return self
         if self.warm_start and len(self.owner.trie) == 0:
@@ -127,8 +128,9 @@ class TrieSync:
             except Exception as error:  # noqa: BLE001 - without the hub the worker starts cold
                 self._failed(error)
         self.sync_now()
-        self._thread = threading.Thread(target=self._run, name="lookahead-trie-sync", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._run, name="lookahead-trie-sync", daemon=True)
+            self._thread.start()
         return self
 
     def _take_snapshot(self) -> None:
