@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 #: token ids are mapped to characters to search with ``str.find``; ids must be below this
 MAX_TOKEN_ID = 0x110000
@@ -44,6 +45,11 @@ class DocumentUse:
     def source(self) -> str:
         """How a response names the document: its id, else ``doc:<index>``."""
         return self.id if self.id is not None else f"doc:{self.index}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """As responses report it (JSON-safe): ``index``, ``source``, ``tokens`` and ``spans`` (lists)."""
+        return {"index": self.index, "source": self.source, "tokens": self.tokens,
+                "spans": [list(span) for span in self.spans]}
 
 
 def accepted_runs(accepted_lengths: Sequence[int], output_length: int) -> list[tuple[int, int]]:

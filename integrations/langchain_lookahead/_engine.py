@@ -196,8 +196,7 @@ def drafting_metadata(stats: GenerationStats) -> dict[str, Any]:
     token offsets)."""
     return {"accepted_prediction_tokens": stats.accepted_prediction_tokens,
             "rejected_prediction_tokens": stats.rejected_prediction_tokens,
-            "provenance": [{"index": use.index, "source": use.source, "tokens": use.tokens,
-                            "spans": [list(span) for span in use.spans]} for use in stats.provenance]}
+            "provenance": [use.to_dict() for use in stats.provenance]}
 
 
 # ---------------------------------------------------------------------------------------------------- routing

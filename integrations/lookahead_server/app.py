@@ -362,8 +362,7 @@ def _lookahead_info(stats: GenerationStats, reason: str) -> dict[str, Any]:
             "draft_tokens": sum(stats.draft_sizes), "accepted_draft_tokens": sum(stats.accepted_lengths),
             "accepted_prediction_tokens": stats.accepted_prediction_tokens,
             "rejected_prediction_tokens": stats.rejected_prediction_tokens,
-            "provenance": [{"index": use.index, "source": use.source, "tokens": use.tokens,
-                            "spans": [list(span) for span in use.spans]} for use in stats.provenance],
+            "provenance": [use.to_dict() for use in stats.provenance],
             "seconds": round(stats.time_total, 6)}
 
 
