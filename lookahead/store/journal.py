@@ -1,0 +1,73 @@
+"""A bounded journal of global inserts, numbered per origin: what one store hands another as a delta.
+
+Entries are :class:`lookahead.trie.JournalEntry` values (the same deltas the oracle trie makes and merges), kept in a
+deque from position ``base`` on; ``applied`` holds, per origin, the highest ``seq`` this store has (its own origin:
+the entries it made), so merging is idempotent and an echo is ignored.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ..trie import JournalEntry, TrieDelta, _check_int
+
+_ENTRY_COST = 16  # what one entry costs against the limit besides its tokens
+
+
+class Journal:
+    """Not thread-safe: the store calls it under its lock."""
+
+    def __init__(self, origin: str, limit: int) -> None:
+        self.origin = origin
+        self.limit = _check_int("DraftStore", "journal_limit", limit, 0)
+        self.entries: deque[JournalEntry] = deque()
+        self.base = 0
+        self.cost = 0
+        self.applied: dict[str, int] = {origin: 0}
+
+    @property
+    def version(self) -> int:
+        return self.base + len(self.entries)
+
+    def own(self, op: str, tokens: tuple[int, ...] = (), source: str | None = None, skip: int = 0) -> JournalEntry:
+        """Append an entry made here (the next seq of this origin)."""
+        seq = self.applied[self.origin] + 1
+        self.applied[self.origin] = seq
+        entry = JournalEntry(self.origin, seq, op, tokens, 0, len(tokens), skip, source)
+        self.push(entry)
+        return entry
+
+    def is_new(self, entry: JournalEntry) -> bool:
+        return entry.seq > self.applied.get(entry.origin, 0)
+
+    def note_applied(self, entry: JournalEntry) -> None:
+        self.applied[entry.origin] = entry.seq
+        self.push(entry)
+
+    def push(self, entry: JournalEntry) -> None:
+        self.entries.append(entry)
+        self.cost += len(entry.tokens) + _ENTRY_COST
+        while self.cost > self.limit and self.entries:
+            self.pop()
+
+    def pop(self) -> None:
+        entry = self.entries.popleft()
+        self.base += 1
+        self.cost -= len(entry.tokens) + _ENTRY_COST
+
+    def export(self, since: int, branch_length: int) -> TrieDelta:
+        since = _check_int("export_delta", "since", since, 0)
+        if since < self.base:
+            raise ValueError(f"export_delta: the entries before position {self.base} are gone (trim_journal or "
+                             f"journal_limit={self.limit}); since must be >= {self.base}, got {since}")
+        if since > self.version:
+            raise ValueError(f"export_delta: since ({since}) is past this store's version ({self.version})")
+        entries = tuple(self.entries)[since - self.base:]
+        return TrieDelta(self.origin, branch_length, since, self.version, entries)
+
+    def trim(self, upto: int) -> None:
+        upto = _check_int("trim_journal", "upto", upto, 0)
+        if upto > self.version:
+            raise ValueError(f"trim_journal: upto ({upto}) is past this store's version ({self.version})")
+        while self.base < upto:
+            self.pop()

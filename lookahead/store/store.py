@@ -1,0 +1,734 @@
+"""The draft store: every token sequence the engine drafts from, in flat arrays, drafted by compiled kernels.
+
+What it holds (see :mod:`lookahead.store.segments`):
+
+- **global entries**: past answers (:meth:`DraftStore.insert` without a request id) and documents with ids
+  (:meth:`DraftStore.insert_source`); new ones go to a small linear *tail*; a full tail is sealed into a suffix-array
+  *segment* in the background, and segments are merged in the background (a log-structured merge: each merge is one
+  linear pass over two sorted suffix arrays), so a store of ``N`` tokens is a handful of segments;
+- **request-local entries**: one live request's prompt with its output so far (one sequence that grows as the
+  output is counted) and its documents; dropped by :meth:`DraftStore.release`.
+
+Drafting matches the longest suffix of the context and expands its continuations best-first with the scores and the
+tie-breaking of :class:`lookahead.trie.TokenTrie` (the oracle the tests compare with): the count of an n-gram of at
+most ``branch_length + 1`` tokens is the number of its occurrences inside one entry, global and local counts kept
+apart and weighted. Policies that differ from the oracle on purpose: there is no decay (whole entries are evicted,
+oldest first, once the store passes ``store_bytes``); a slice inserted with ``append`` starts a new sequence.
+
+Deleting (:meth:`DraftStore.remove_source`, eviction) marks entries dead at once (their counts are gone from the next
+draft on) and a background compaction drops their tokens. :meth:`DraftStore.save` writes one file of raw arrays
+(fsync, rename); :meth:`DraftStore.load` maps it (copy-on-write), in time that does not grow with its size, so
+processes on one machine share its pages. Journal entries and deltas (:class:`lookahead.trie.TrieDelta`) are the
+oracle trie's, so stores and tries merge each other's deltas.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..files import atomic_path
+from ..trie import JOURNAL_LIMIT, Draft, TrieDelta, _check_id
+from . import kernels
+from .journal import Journal
+from .segments import EMPTY, Buffer, Segment, merge_segments
+
+__all__ = ["DEFAULT_STORE_BYTES", "DraftStore", "StoreFileError"]
+
+FORMAT_NAME = "lookahead-store"
+FORMAT_VERSION = 1
+MAGIC = b"LKSTORE\x01"
+DEFAULT_STORE_BYTES = 128 << 20  # 128 MiB: about 14M remembered tokens
+SLOTS = 12  # sources one draft reads: global segments and buffers, then the request's two buffers
+_GLOBAL_SLOTS = SLOTS - 2
+_MERGE_RATIO = 4  # merge the newest segment into the one before while that one is at most this many times larger
+_LINEAR_DOCS = 32_768  # a request's documents past this many tokens get a suffix array of their own
+_BYTES_PER_TOKEN = 9  # token + suffix-array entry + the entry's separator, amortised
+
+
+class StoreFileError(ValueError):
+    """A store file that cannot be read: corrupt, truncated, foreign or from another version."""
+
+
+class _Local:
+    """One live request's entries: ``stream`` (its prompt, then its output as it is counted) and ``docs``."""
+
+    __slots__ = ("stream", "docs", "docs_index")
+
+    def __init__(self) -> None:
+        self.stream = Buffer()
+        self.docs = Buffer()
+        self.docs_index: Segment | None = None  # suffix array of docs once they are large
+
+
+def _as_tokens(tokens: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"{where}: token ids must be a flat sequence of ints, got shape {arr.shape}")
+    if arr.size == 0:
+        return EMPTY
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{where}: token ids must be ints, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= 2**31 - 1:
+        raise ValueError(f"{where}: token ids must be in 0..2**31-2, got {int(arr.min())}..{int(arr.max())}")
+    return arr.astype(np.int32)
+
+
+def _positive_int(name: str, value: object, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+class DraftStore:
+    """Thread-safe store of token sequences that drafts like :class:`lookahead.trie.TokenTrie`, in flat arrays.
+
+    Args:
+        branch_length: drafts go at most this deep; n-grams of ``branch_length + 1`` tokens are counted.
+        max_query_length: longest context suffix matched.
+        store_bytes: memory for global entries; past it the oldest entries are evicted whole.
+        local_weight / global_weight: weights of request-local and global counts in a node's score.
+        origin: this store's id in the journal entries it makes (default: a random uuid4 hex).
+        journal_limit: tokens (plus 16 per entry) the journal keeps.
+        tail_tokens: global tokens kept in the linear tail before it is sealed into a segment.
+        background: seal, merge and compact in a background thread (False: inside the calls that need it, for
+            reproducible tests and one-shot tools).
+    """
+
+    def __init__(self, branch_length: int = 12, max_query_length: int = 6,
+                 store_bytes: int = DEFAULT_STORE_BYTES, local_weight: float = 1.0, global_weight: float = 1.0,
+                 origin: str | None = None, journal_limit: int = JOURNAL_LIMIT, tail_tokens: int = 4096,
+                 background: bool = True) -> None:
+        self.branch_length = _positive_int("branch_length", branch_length)
+        self.max_query_length = _positive_int("max_query_length", max_query_length)
+        self.store_bytes = _positive_int("store_bytes", store_bytes, 1 << 16)
+        self.tail_tokens = _positive_int("tail_tokens", tail_tokens)
+        for name, val in (("local_weight", local_weight), ("global_weight", global_weight)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+        self.local_weight = float(local_weight)
+        self.global_weight = float(global_weight)
+        self.width = self.branch_length + 1
+        self.background = bool(background)
+        self._lock = threading.RLock()
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._segments: list[Segment] = []  # oldest first
+        self._frozen: list[Buffer] = []  # full tails waiting to be sealed
+        self._tail = Buffer(1024)
+        self._locals: dict[str, _Local] = {}
+        self._entries: dict[int, int] = {}  # live global uid -> tokens (oldest first: uids grow)
+        self._entry_source: dict[int, str] = {}  # uid -> source id (documents only)
+        self._sources: dict[str, list[int]] = {}
+        self._dead: set[int] = set()  # uids removed but maybe still in a segment
+        self._next_uid = 1
+        self._live_tokens = 0
+        self._journal = Journal(uuid.uuid4().hex if origin is None else _check_id("DraftStore", "origin", origin),
+                                journal_limit)
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self.meta: dict[str, Any] = {}  # saved with the store (e.g. the tokenizer that wrote it)
+        self._mapped: Any = None  # the memory map a loaded store reads
+
+    # ------------------------------------------------------------------ config and size
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that shape drafts (saved with the store)."""
+        return {"branch_length": self.branch_length, "max_query_length": self.max_query_length,
+                "store_bytes": self.store_bytes, "local_weight": self.local_weight,
+                "global_weight": self.global_weight}
+
+    def num_tokens(self) -> int:
+        """Live global tokens."""
+        with self._lock:
+            return self._live_tokens
+
+    num_nodes = num_tokens  # the name the trie's callers use for its size
+
+    def __len__(self) -> int:
+        return self.num_tokens()
+
+    def __repr__(self) -> str:
+        return f"DraftStore(tokens={self.num_tokens()}, {', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of global data held (segments and buffers)."""
+        with self._lock:
+            return sum(s.nbytes for s in self._segments) + sum(b.data.nbytes for b in [*self._frozen, self._tail])
+
+    def stats(self) -> dict[str, Any]:
+        """What the store holds: tokens, entries, documents, bytes, segments, live requests."""
+        with self._lock:
+            return {"tokens": self._live_tokens, "entries": len(self._entries), "sources": len(self._sources),
+                    "bytes": self.nbytes, "bytes_per_token": self.nbytes / max(1, self._live_tokens),
+                    "segments": [s.num_tokens for s in self._segments],
+                    "buffered": sum(len(b) for b in [*self._frozen, self._tail]),
+                    "dead_entries": len(self._dead), "requests": len(self._locals), "store_bytes": self.store_bytes}
+
+    # ------------------------------------------------------------------ sources one draft reads
+
+    def _global_slots(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        slots = [(s.tokens, s.sa, s.dead) for s in self._segments]
+        slots += [(b.view(), EMPTY, EMPTY) for b in [*self._frozen, self._tail] if b.used]
+        return slots
+
+    def _local_slots(self, request_id: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        loc = self._locals.get(request_id) if request_id is not None else None
+        if loc is None:
+            return []
+        slots = []
+        if loc.stream.used:
+            slots.append((loc.stream.view(), EMPTY, EMPTY))
+        if loc.docs.used:
+            if loc.docs_index is not None:
+                slots.append((loc.docs_index.tokens, loc.docs_index.sa, EMPTY))
+            else:
+                slots.append((loc.docs.view(), EMPTY, EMPTY))
+        return slots
+
+    def _pack(self, request_id: str | None, with_global: bool = True, with_local: bool = True):
+        """The kernels' arguments: SLOTS token arrays, suffix arrays and dead prefixes, weights, global flags."""
+        glob = self._global_slots() if with_global else []
+        if len(glob) > _GLOBAL_SLOTS:
+            self._compact_now(force_merge=True)
+            glob = self._global_slots()
+        local = self._local_slots(request_id) if with_local else []
+        slots = glob + local
+        pad = SLOTS - len(slots)
+        toks = tuple([s[0] for s in slots] + [EMPTY] * pad)
+        sas = tuple([s[1] for s in slots] + [EMPTY] * pad)
+        deads = tuple([s[2] for s in slots] + [EMPTY] * pad)
+        weight = np.zeros(SLOTS)
+        weight[: len(glob)] = 1.0
+        weight[len(glob): len(slots)] = 1.0
+        is_global = np.zeros(SLOTS, np.bool_)
+        is_global[: len(glob)] = True
+        return toks, sas, deads, weight, is_global
+
+    # ------------------------------------------------------------------ draft and counts
+
+    def draft(self, context: Sequence[int], decoding_length: int, request_id: str | None = None,
+              branch_length: int | None = None) -> Draft:
+        """Draft a tree of at most ``decoding_length`` nodes continuing ``context``, as
+        :meth:`lookahead.trie.TokenTrie.draft` does (``request_id`` adds that request's local counts)."""
+        depth_limit = self.branch_length if branch_length is None else branch_length
+        tail = np.asarray(list(context)[-self.max_query_length:], np.int64)
+        if decoding_length <= 0 or depth_limit <= 0 or len(tail) == 0:
+            return Draft([], [], [], 0)
+        with self._lock:
+            toks, sas, deads, weight, is_global = self._pack(request_id)
+            if request_id is None:
+                weight[~is_global] = 0.0
+            out = kernels.draft(toks, sas, deads, weight, is_global, tail, decoding_length, depth_limit,
+                                self.width, self.global_weight,
+                                self.local_weight if request_id is not None else 0.0)
+        tokens, parents, scores, global_counts, q = out
+        if q <= 0:
+            return Draft([], [], [], 0)
+        return Draft(tokens.tolist(), parents.tolist(), scores.tolist(), int(q), global_counts.tolist())
+
+    def count(self, tokens: Sequence[int], request_id: str | None = None) -> float:
+        """Occurrences of the n-gram ``tokens``: in global entries (``request_id`` None) or in that request's."""
+        query = np.asarray(list(tokens), np.int64)
+        if len(query) == 0 or len(query) > self.width:
+            return 0.0
+        with self._lock:
+            toks, sas, deads, weight, is_global = self._pack(request_id, request_id is None, request_id is not None)
+            return float(sum(kernels.count_occurrences(t, s, d, query) for t, s, d in zip(toks, sas, deads)
+                             if len(t)))
+
+    def longest_global_suffix(self, context: Sequence[int], at_most: int) -> int:
+        """The longest suffix of ``context`` (at most ``at_most`` tokens, at most a window) some global entry
+        holds."""
+        ctx = np.asarray(list(context)[-min(at_most, self.width):], np.int64)
+        if len(ctx) == 0:
+            return 0
+        with self._lock:
+            toks, sas, deads, weight, is_global = self._pack(None, True, False)
+            return int(kernels.longest_suffix(toks, sas, deads, is_global, ctx, len(ctx)))
+
+    def source_count(self, tokens: Sequence[int], source_id: str) -> float:
+        """Occurrences of the n-gram ``tokens`` in document ``source_id``."""
+        query = np.asarray(list(tokens), np.int64)
+        with self._lock:
+            uids = set(self._sources.get(source_id, ()))
+            texts = [t for uid, t in self._entry_tokens() if uid in uids]
+        if not texts or len(query) == 0 or len(query) > self.width:
+            return 0.0
+        flat = np.concatenate([np.append(t, kernels.SEP) for t in texts]).astype(np.int32)
+        return float(kernels.count_occurrences(flat, EMPTY, EMPTY, query))
+
+    def _entry_tokens(self) -> list[tuple[int, np.ndarray]]:
+        """(uid, tokens) of every live global entry, oldest first."""
+        out: list[tuple[int, np.ndarray]] = []
+        for seg in self._segments:
+            out += [(u, seg.tokens[s:e]) for u, s, e in seg.entry_slices() if u in self._entries]
+        for buf in [*self._frozen, self._tail]:
+            out += [(u, t) for u, t in buf.entries() if u in self._entries]
+        return out
+
+    # ------------------------------------------------------------------ request-local entries
+
+    def insert(self, tokens: Sequence[int], request_id: str | None = None) -> None:
+        """Add a sequence: a past answer (``request_id`` None: global, journaled) or a request's prompt (its first
+        insert) or one of its documents (later ones)."""
+        toks = _as_tokens(tokens, "insert")
+        if len(toks) == 0:
+            return
+        with self._lock:
+            if request_id is None:
+                self._add_global(toks, None)
+                self._journal.own("insert", tuple(toks.tolist()))
+                return
+            loc = self._locals.setdefault(request_id, _Local())
+            if not loc.stream.used:
+                loc.stream.add(toks, 0)
+            else:
+                loc.docs.add(toks, 0)
+                loc.docs_index = None
+        if request_id is not None and len(loc.docs) > _LINEAR_DOCS and loc.docs_index is None:
+            index = loc.docs.seal(self.width)  # outside the lock: other requests draft meanwhile
+            with self._lock:
+                if loc.docs_index is None and len(index.sa) == len(loc.docs):
+                    loc.docs_index = index
+
+    def extend(self, before: Sequence[int], new: Sequence[int], request_id: str | None = None) -> None:
+        """Count ``new`` tokens of a sequence whose earlier tokens (``before``) were counted: the sequence that ends
+        with ``before`` grows (a request's prompt and output; the last global entry), so ``insert(a)`` then
+        ``extend(a, b)`` counts like ``insert(a + b)``. A ``before`` that ends no sequence starts a new one holding
+        its last ``branch_length`` tokens and ``new``."""
+        add = _as_tokens(new, "extend")
+        if len(add) == 0:
+            return
+        tail = _as_tokens(list(before)[-self.branch_length:], "extend")
+        with self._lock:
+            if request_id is None:
+                self._extend_global(tail, add)
+                self._journal.own("insert", tuple(tail.tolist() + add.tolist()), skip=len(tail))
+                return
+            loc = self._locals.setdefault(request_id, _Local())
+            stream = loc.stream
+            if not stream.used:
+                stream.add(np.concatenate([tail, add]), 0)
+            elif np.array_equal(stream.last_tail(len(tail)), tail):
+                stream.append(add)
+            else:
+                loc.docs.add(np.concatenate([tail, add]), 0)
+                loc.docs_index = None
+
+    def _extend_global(self, tail: np.ndarray, add: np.ndarray) -> None:
+        buf = self._tail
+        if len(tail) and buf.used and buf.uids[-1] in self._entries and \
+                np.array_equal(buf.last_tail(len(tail)), tail):
+            buf.append(add)
+            self._entries[buf.uids[-1]] += len(add)
+            self._live_tokens += len(add)
+            self._after_global_insert()
+        else:
+            self._add_global(np.concatenate([tail, add]), None)
+
+    def release(self, request_id: str) -> None:
+        """Drop the local entries of ``request_id``."""
+        with self._lock:
+            self._locals.pop(request_id, None)
+
+    # ------------------------------------------------------------------ global entries
+
+    def _add_global(self, toks: np.ndarray, source: str | None) -> int:
+        uid = self._next_uid
+        self._next_uid += 1
+        self._tail.add(toks, uid)
+        self._entries[uid] = len(toks)
+        self._live_tokens += len(toks)
+        if source is not None:
+            self._entry_source[uid] = source
+            self._sources.setdefault(source, []).append(uid)
+        self._after_global_insert()
+        return uid
+
+    def _after_global_insert(self) -> None:
+        if len(self._tail) >= self.tail_tokens:
+            self._frozen.append(self._tail)
+            self._tail = Buffer(1024)
+            self._request_compaction()
+        if self._live_tokens * _BYTES_PER_TOKEN > self.store_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Remove the oldest entries until the store is at 90% of ``store_bytes``."""
+        target = int(0.9 * self.store_bytes / _BYTES_PER_TOKEN)
+        gone: set[int] = set()
+        left = self._live_tokens
+        for uid, length in self._entries.items():
+            if left <= target:
+                break
+            gone.add(uid)
+            left -= length
+        self._forget(gone)
+
+    def _forget(self, uids: set[int]) -> int:
+        """Mark ``uids`` dead: out of every draft from now on (compaction drops their tokens); return their
+        tokens."""
+        if not uids:
+            return 0
+        removed = 0
+        for uid in uids:
+            removed += self._entries.pop(uid, 0)
+            source = self._entry_source.pop(uid, None)
+            if source is not None:
+                left = [u for u in self._sources.get(source, []) if u != uid]
+                if left:
+                    self._sources[source] = left
+                else:
+                    self._sources.pop(source, None)
+        self._live_tokens -= removed
+        self._dead |= uids
+        if any(u in uids for u in self._tail.uids):
+            self._tail = self._tail.without(uids)
+        self._frozen = [b.without(uids) if any(u in uids for u in b.uids) else b for b in self._frozen]
+        for seg in self._segments:
+            seg.mark_dead(uids)
+        self._request_compaction()
+        return removed
+
+    def insert_source(self, source_id: str, tokens: Sequence[int], append: bool = False) -> None:
+        """Add document ``source_id`` as a global entry (it drafts for every request), replacing what that id had
+        unless ``append`` (then the tokens are one more sequence of it)."""
+        _check_id("insert_source", "source_id", source_id)
+        toks = _as_tokens(tokens, "insert_source")
+        with self._lock:
+            if not append:
+                self._drop_source(source_id)
+            if len(toks):
+                self._add_global(toks, source_id)
+            self._journal.own("append" if append else "source", tuple(toks.tolist()), source_id)
+
+    def remove_source(self, source_id: str) -> int:
+        """Remove every entry of document ``source_id``; return how many tokens went (0: unknown id, the removal is
+        journaled all the same)."""
+        _check_id("remove_source", "source_id", source_id)
+        with self._lock:
+            removed = self._drop_source(source_id)
+            self._journal.own("remove", (), source_id)
+            return removed
+
+    def _drop_source(self, source_id: str) -> int:
+        return self._forget(set(self._sources.get(source_id, ())))
+
+    def sources(self) -> list[str]:
+        """Ids of the documents the store holds."""
+        with self._lock:
+            return sorted(self._sources)
+
+    # ------------------------------------------------------------------ compaction (sealing, merging, dropping)
+
+    def _request_compaction(self) -> None:
+        if not self.background:
+            self._compact_now()
+            return
+        self._wake.set()
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="lookahead-store", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while not self._closed:
+            self._wake.wait(timeout=1.0)
+            if self._wake.is_set():
+                self._wake.clear()
+                self._compact_now()
+
+    def flush(self) -> None:
+        """Seal, merge and compact now (in this thread); the store is a few segments afterwards."""
+        self._compact_now()
+
+    def maintain(self, max_nodes_visited: int = 0) -> int:
+        """Compatibility with the trie's between-steps hook: compaction runs in the background; returns 0."""
+        return 0
+
+    def close(self) -> None:
+        """Stop the background worker."""
+        self._closed = True
+        self._wake.set()
+
+    def _compact_now(self, force_merge: bool = False) -> None:
+        """Seal the frozen tails, merge segments (log-structured), drop dead entries; the heavy work runs outside
+        the store lock, each result is swapped in under it."""
+        with self._compact_lock:
+            while True:
+                with self._lock:
+                    frozen = self._frozen[0] if self._frozen else None
+                if frozen is None:
+                    break
+                seg = frozen.seal(self.width)
+                with self._lock:
+                    self._frozen.remove(frozen)
+                    seg.mark_dead(self._dead)
+                    self._segments.append(seg)
+            while True:
+                with self._lock:
+                    job = self._pick_job(force_merge)
+                if job is None:
+                    break
+                a, b = job
+                done = merge_segments(a, b, self.width) if b is not None else a.compacted()
+                with self._lock:
+                    i = next(i for i, s in enumerate(self._segments) if s is a)
+                    self._segments[i: i + (2 if b is not None else 1)] = [done]
+                    done.mark_dead(self._dead)
+                    held = {int(u) for s in self._segments for u in s.uids} | \
+                        {u for buf in [*self._frozen, self._tail] for u in buf.uids}
+                    self._dead &= held
+                force_merge = False
+
+    def _pick_job(self, force: bool) -> tuple[Segment, Segment | None] | None:
+        """The next compaction: two adjacent segments to merge, or one to rewrite without its dead entries."""
+        segs = self._segments
+        for i in range(len(segs) - 1, 0, -1):
+            if segs[i - 1].num_tokens <= _MERGE_RATIO * segs[i].num_tokens:
+                return segs[i - 1], segs[i]
+        for seg in segs:
+            if seg.dead_fraction > 0.25:
+                return seg, None
+        if (force or len(segs) > _GLOBAL_SLOTS - 3) and len(segs) >= 2:
+            sizes = [s.num_tokens + t.num_tokens for s, t in zip(segs, segs[1:])]
+            i = int(np.argmin(sizes))
+            return segs[i], segs[i + 1]
+        return None
+
+    # ------------------------------------------------------------------ journal, deltas and merge
+
+    @property
+    def origin(self) -> str:
+        """This store's id in the journal entries it makes."""
+        return self._journal.origin
+
+    @property
+    def journal_limit(self) -> int:
+        return self._journal.limit
+
+    @property
+    def version(self) -> int:
+        """Journal entries appended so far (made here or merged): the position the next one gets."""
+        with self._lock:
+            return self._journal.version
+
+    def applied(self) -> dict[str, int]:
+        """Per origin, the highest entry ``seq`` this store holds (its own origin: the entries it made)."""
+        with self._lock:
+            return dict(self._journal.applied)
+
+    def export_delta(self, since: int = 0) -> TrieDelta:
+        """The journal entries at positions ``>= since`` as a :class:`lookahead.trie.TrieDelta` (see
+        :meth:`lookahead.trie.TokenTrie.export_delta`)."""
+        with self._lock:
+            return self._journal.export(since, self.branch_length)
+
+    def trim_journal(self, upto: int) -> None:
+        """Forget the journal entries before position ``upto``."""
+        with self._lock:
+            self._journal.trim(upto)
+
+    def merge(self, delta: TrieDelta) -> int:
+        """Replay the entries of ``delta`` this store has not applied yet (per origin, by ``seq``); return how many
+        were applied. Raises ValueError for a delta of another ``branch_length``."""
+        if not isinstance(delta, TrieDelta):
+            raise TypeError(f"merge takes a TrieDelta (TrieDelta.from_dict for a dict), got {type(delta).__name__}")
+        if delta.branch_length != self.branch_length:
+            raise ValueError(f"merge: the delta's windows are {delta.branch_length + 1} tokens (branch_length "
+                             f"{delta.branch_length}), this store's {self.width}: they cannot be replayed")
+        applied = 0
+        for entry in delta.entries:
+            with self._lock:
+                if not self._journal.is_new(entry):
+                    continue
+                self._replay(entry)
+                self._journal.note_applied(entry)
+            applied += 1
+        return applied
+
+    def _replay(self, entry: Any) -> None:
+        toks = np.asarray(entry.tokens, np.int64)
+        if entry.op == "remove":
+            self._forget(set(self._sources.get(entry.source, ())))
+            return
+        end = min(len(toks), entry.stop + self.branch_length)
+        body = _as_tokens(toks[entry.start:end], "merge")
+        if entry.op == "insert":
+            if entry.skip > entry.start:
+                self._extend_global(body[: entry.skip - entry.start], body[entry.skip - entry.start:])
+            elif len(body):
+                self._add_global(body, None)
+            return
+        if entry.op == "source":
+            self._forget(set(self._sources.get(entry.source, ())))
+        if len(body):
+            self._add_global(body, entry.source)
+
+    # ------------------------------------------------------------------ files
+
+    def _snapshot(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """The header and the arrays of a file holding this store's global entries (as one list of segments)."""
+        with self._lock:
+            segments = list(self._segments)
+            buffers = [b for b in [*self._frozen, self._tail] if b.used]
+            header: dict[str, Any] = {
+                "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config(), "meta": dict(self.meta),
+                "origin": self.origin, "applied": dict(sorted(self._journal.applied.items())),
+                "journal_version": self._journal.version, "next_uid": self._next_uid,
+                "sources": {sid: list(u) for sid, u in sorted(self._sources.items())},
+            }
+            dead = set(self._dead)
+        segments = [s.compacted() if s.dead_uids & dead or s.dead_uids else s for s in segments]
+        segments += [b.seal(self.width) for b in buffers]  # small: sorted here, never on the decode thread
+        arrays: list[np.ndarray] = []
+        described = []
+        for seg in segments:
+            part = {}
+            for name in ("tokens", "sa", "starts", "uids"):
+                part[name] = len(arrays)
+                arrays.append(getattr(seg, name))
+            described.append(part)
+        header["segments"] = described
+        header["max_token"] = int(max((int(s.tokens.max()) for s in segments if len(s.tokens)), default=-1))
+        return header, arrays
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the global entries, the config and the journal position to ``path`` atomically (a temporary file,
+        fsync, rename; owner-only). The file is raw arrays after a JSON header: :meth:`load` maps it."""
+        header, arrays = self._snapshot()
+        with atomic_path(path, mode=0o600) as tmp, open(tmp, "wb") as f:
+            _write(f, header, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def to_bytes(self) -> bytes:
+        """The file :meth:`save` writes, as bytes (to ship through Ray or HTTP)."""
+        out = io.BytesIO()
+        _write(out, *self._snapshot())
+        return out.getvalue()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], journal_limit: int = JOURNAL_LIMIT, background: bool = True,
+             vocab_size: int | None = None) -> DraftStore:
+        """Open a store file written by :meth:`save`: its arrays are memory-mapped copy-on-write, so opening takes
+        the same time at any size and processes share the pages. Raises :class:`StoreFileError` for a file that is
+        not one (or has token ids at or past ``vocab_size``)."""
+        path = os.fspath(path)
+        try:
+            mapped = np.memmap(path, dtype=np.uint8, mode="c")
+        except (OSError, ValueError) as e:
+            if os.path.exists(path) and os.path.getsize(path) == 0:
+                raise StoreFileError(f"{path!r} is empty: not a {FORMAT_NAME} file") from e
+            raise
+        store = cls._from_buffer(mapped, f"{path!r}", journal_limit, background, vocab_size)
+        store._mapped = mapped
+        return store
+
+    @classmethod
+    def from_bytes(cls, data: bytes, new_origin: bool = False, journal_limit: int = JOURNAL_LIMIT,
+                   background: bool = True, vocab_size: int | None = None) -> DraftStore:
+        """A store from :meth:`to_bytes`; ``new_origin``: under an origin of its own (a replica of a hub), what it
+        holds counted as applied."""
+        buf = np.frombuffer(bytearray(data), dtype=np.uint8)
+        return cls._from_buffer(buf, "store bytes", journal_limit, background, vocab_size, new_origin)
+
+    @classmethod
+    def _from_buffer(cls, buf: np.ndarray, where: str, journal_limit: int, background: bool,
+                     vocab_size: int | None, new_origin: bool = False) -> DraftStore:
+        bad = f"{where} is not a valid {FORMAT_NAME} file"
+        if len(buf) < 16 or bytes(buf[:8]) != MAGIC:
+            raise StoreFileError(f"{bad}: it does not start with the store's magic bytes")
+        size = int(np.frombuffer(bytes(buf[8:16]), "<u8")[0])
+        try:
+            header = json.loads(bytes(buf[16: 16 + size]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreFileError(f"{bad}: cannot decode its header ({e})") from e
+        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+            raise StoreFileError(f"{bad}: format {header.get('format') if isinstance(header, dict) else None!r}")
+        if header.get("version") != FORMAT_VERSION:
+            raise StoreFileError(f"{bad}: version {header.get('version')!r}, this code reads {FORMAT_VERSION}")
+        try:
+            config = dict(header["config"])
+            store = cls(**config, origin=None if new_origin else header["origin"], journal_limit=journal_limit,
+                        background=background)
+            arrays = _read_arrays(buf, header["arrays"])
+            applied = {str(k): int(v) for k, v in header["applied"].items()}
+            segments = [Segment(arrays[p["tokens"]], arrays[p["sa"]], arrays[p["starts"]], arrays[p["uids"]])
+                        for p in header["segments"]]
+            sources = {str(k): [int(u) for u in v] for k, v in header["sources"].items()}
+            next_uid = int(header["next_uid"])
+            max_token = int(header["max_token"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise StoreFileError(f"{bad}: {type(e).__name__}: {e}") from e
+        if vocab_size is not None and max_token >= vocab_size:
+            raise StoreFileError(f"{bad} for this tokenizer: it holds token id {max_token}, the vocabulary has "
+                                 f"{vocab_size} (written by another tokenizer?)")
+        for seg in segments:
+            if len(seg.tokens) and seg.tokens[-1] != kernels.SEP or len(seg.starts) != len(seg.uids):
+                raise StoreFileError(f"{bad}: a segment is truncated")
+        store.meta = dict(header.get("meta") or {})
+        if new_origin:
+            applied[header["origin"]] = max(applied.get(header["origin"], 0), 0)
+        store._journal.applied.update(applied)
+        store._journal.base = int(header["journal_version"])
+        store._segments = segments
+        for seg in segments:
+            for uid, start, end in seg.entry_slices():
+                store._entries[uid] = end - start
+        store._live_tokens = sum(store._entries.values())
+        store._sources = sources
+        store._entry_source = {u: sid for sid, uids in sources.items() for u in uids}
+        store._next_uid = next_uid
+        return store
+
+
+_ALIGN = 64
+
+
+def _write(f: Any, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+    """Magic, header size, JSON header (with each array's offset, dtype and length), then the arrays, aligned."""
+    specs = []
+    offset = 0
+    for arr in arrays:
+        offset = -(-offset // _ALIGN) * _ALIGN
+        specs.append([offset, arr.dtype.str, int(len(arr))])
+        offset += arr.nbytes
+    header = dict(header, arrays=specs)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw = raw.ljust(-(-(16 + len(raw)) // _ALIGN) * _ALIGN - 16)  # the arrays start aligned
+    f.write(MAGIC + np.array([len(raw)], "<u8").tobytes() + raw)
+    written = 0
+    for (off, _, _), arr in zip(specs, arrays):
+        if off > written:
+            f.write(b"\0" * (off - written))
+            written = off
+        data = np.ascontiguousarray(arr)
+        f.write(memoryview(data).cast("B"))
+        written += data.nbytes
+
+
+def _read_arrays(buf: np.ndarray, specs: list[list[Any]]) -> list[np.ndarray]:
+    """Views of the arrays in a mapped file (checked to lie inside it)."""
+    out = []
+    size = int(np.frombuffer(bytes(buf[8:16]), "<u8")[0])
+    base = 16 + size
+    for off, dtype, n in specs:
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype("<i4"), np.dtype("<i8")):
+            raise ValueError(f"unexpected array dtype {dtype!r}")
+        start = base + int(off)
+        end = start + int(n) * dt.itemsize
+        if int(off) % _ALIGN or end > len(buf) or n < 0:
+            raise ValueError("an array lies outside the file")
+        out.append(np.asarray(buf[start:end]).view(dt))
+    return out
