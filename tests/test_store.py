@@ -1,0 +1,195 @@
+"""The draft store against the oracle trie: the same inserts, releases and removals give the same drafts, scores
+and counts (no decay: the oracle's node budget is never reached). Policies that differ on purpose are not exercised
+here: eviction (tested on its own below) and ``append`` slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lookahead.store import DraftStore, StoreFileError
+from lookahead.store import kernels
+from lookahead.trie import TokenTrie, TrieDelta
+
+VOCAB = 5
+tokens_st = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=14)
+op_st = st.one_of(
+    st.tuples(st.just("insert"), tokens_st),
+    st.tuples(st.just("prompt"), st.sampled_from(["a", "b"]), tokens_st),
+    st.tuples(st.just("doc"), st.sampled_from(["a", "b"]), tokens_st),
+    st.tuples(st.just("grow"), st.sampled_from(["a", "b"]), tokens_st),
+    st.tuples(st.just("release"), st.sampled_from(["a", "b"])),
+    st.tuples(st.just("source"), st.sampled_from(["d1", "d2", "d3"]), tokens_st),
+    st.tuples(st.just("remove"), st.sampled_from(["d1", "d2", "d3"])),
+)
+
+
+def pair(branch_length: int = 4, max_query_length: int = 3, tail_tokens: int = 6
+         ) -> tuple[DraftStore, TokenTrie]:
+    store = DraftStore(branch_length=branch_length, max_query_length=max_query_length, tail_tokens=tail_tokens,
+                       background=False)
+    trie = TokenTrie(branch_length=branch_length, max_query_length=max_query_length, node_budget=10**9)
+    return store, trie
+
+
+def apply(ops, store: DraftStore, trie: TokenTrie) -> None:
+    streams: dict[str, list[int]] = {}
+    for op in ops:
+        kind = op[0]
+        if kind == "insert":
+            store.insert(op[1])
+            trie.insert(op[1])
+        elif kind in ("prompt", "doc", "grow"):
+            rid, toks = op[1], op[2]
+            if rid not in streams or kind == "prompt" and not streams[rid]:
+                kind = "prompt"
+            if kind == "prompt":
+                if rid in streams:
+                    continue  # one prompt per request
+                streams[rid] = list(toks)
+                store.insert(toks, rid)
+                trie.insert(toks, rid)
+            elif kind == "doc":
+                store.insert(toks, rid)
+                trie.insert(toks, rid)
+            else:
+                store.extend(streams[rid], toks, rid)
+                trie.extend(streams[rid], toks, rid)
+                streams[rid] += toks
+        elif kind == "release":
+            streams.pop(op[1], None)
+            store.release(op[1])
+            trie.release(op[1])
+        elif kind == "source":
+            store.insert_source(op[1], op[2])
+            trie.insert_source(op[1], op[2])
+        else:
+            store.remove_source(op[1])
+            trie.remove_source(op[1])
+
+
+def assert_same(store: DraftStore, trie: TokenTrie, contexts, k: int = 12) -> None:
+    for ctx in contexts:
+        for rid in (None, "a", "b"):
+            assert store.draft(ctx, k, rid) == trie.draft(ctx, k, rid), (ctx, rid)
+            assert store.draft(ctx, k, rid).global_counts == trie.draft(ctx, k, rid).global_counts
+        for n in range(1, len(ctx) + 1):
+            assert store.count(ctx[-n:]) == trie.count(ctx[-n:])
+
+
+contexts_st = st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op_st, max_size=25), contexts_st, st.integers(1, 5), st.integers(1, 4))
+def test_drafts_equal_the_oracle_trie(ops, contexts, branch_length, max_query_length):
+    store, trie = pair(branch_length, max_query_length)
+    apply(ops, store, trie)
+    assert_same(store, trie, contexts)
+    assert store.sources() == trie.sources()
+    for sid in store.sources():
+        for ctx in contexts:
+            assert store.source_count(ctx[-2:], sid) == trie.source_count(ctx[-2:], sid)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(op_st, max_size=25), contexts_st)
+def test_a_saved_store_drafts_the_same(tmp_path_factory, ops, contexts):
+    store, trie = pair()
+    apply([op for op in ops if op[0] in ("insert", "source", "remove")], store, trie)
+    path = tmp_path_factory.mktemp("store") / "store.bin"
+    store.save(path)
+    for loaded in (DraftStore.load(path, background=False), DraftStore.from_bytes(store.to_bytes())):
+        assert loaded.origin == store.origin
+        assert loaded.sources() == store.sources()
+        for ctx in contexts:
+            assert loaded.draft(ctx, 12) == trie.draft(ctx, 12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(op_st, max_size=25), contexts_st)
+def test_deltas_reach_other_stores_and_tries(ops, contexts):
+    store, trie = pair()
+    apply(ops, store, trie)
+    other, other_trie = pair()
+    delta = TrieDelta.from_dict(store.export_delta().to_dict())
+    assert other.merge(delta) == len(delta)
+    assert other.merge(delta) == 0  # idempotent
+    other_trie.merge(delta)
+    for ctx in contexts:
+        assert other.draft(ctx, 12) == trie.draft(ctx, 12) == other_trie.draft(ctx, 12)
+    back, _ = pair()
+    back.merge(trie.export_delta())  # a trie's delta replays in a store
+    for ctx in contexts:
+        assert back.draft(ctx, 12) == trie.draft(ctx, 12)
+
+
+def test_literal_draft_and_counts():
+    store = DraftStore(branch_length=3, max_query_length=2, background=False)
+    store.insert([1, 2, 3])
+    store.insert([1, 2, 4])
+    store.insert([7, 1, 2, 3], "r")
+    d = store.draft([9, 1], 8)
+    assert (d.tokens, d.parents, d.scores, d.match_length) == ([2, 3, 4], [-1, 0, 0], [2.0, 1.0, 1.0], 1)
+    d = store.draft([9, 1], 8, "r")
+    assert (d.tokens, d.parents, d.scores, d.global_counts) == ([2, 3, 4], [-1, 0, 0], [3.0, 2.0, 1.0],
+                                                                [2.0, 1.0, 1.0])
+    assert store.count([1, 2]) == 2 and store.count([1, 2], "r") == 1 and store.count([5]) == 0
+    assert store.longest_global_suffix([9, 1, 2], 3) == 2
+    store.release("r")
+    assert store.draft([9, 1], 8, "r").scores == [2.0, 1.0, 1.0]
+
+
+def test_suffix_array_sorts_windows_within_sequences():
+    toks = np.array([3, 1, 2, -1, 1, 2, 0, -1, 1, -1], np.int32)
+    sa = kernels.build_suffix_array(toks, 3)
+    suffixes = [tuple(toks[p:p + 3].tolist()) for p in sa]
+    cut = [s[: s.index(-1)] if -1 in s else s for s in suffixes]
+    assert cut == sorted(cut) and sorted(sa.tolist()) == [0, 1, 2, 4, 5, 6, 8]
+
+
+def test_eviction_drops_the_oldest_answers_whole():
+    store = DraftStore(branch_length=4, max_query_length=2, store_bytes=1 << 16, tail_tokens=64, background=False)
+    per_answer = 100
+    for i in range(200):  # 20k tokens at 9 bytes: over the 64 KiB budget
+        store.insert([1000 + i] + [i % 7] * (per_answer - 1))
+    assert store.num_tokens() * 9 <= 1 << 16
+    assert store.count([1000]) == 0 and store.count([1199]) == 1  # the oldest went, the newest stayed
+    assert store.num_tokens() % per_answer == 0  # whole answers only
+
+
+def test_removed_documents_never_draft_again_and_compaction_drops_them():
+    store = DraftStore(branch_length=4, max_query_length=2, tail_tokens=4, background=False)
+    store.insert_source("doc:a", [5, 6, 7, 8])
+    for i in range(5):
+        store.insert([1, 2, 3, i])
+    store.flush()
+    assert store.draft([5], 4).tokens == [6, 7, 8]
+    assert store.remove_source("doc:a") == 4
+    assert store.draft([5], 4).tokens == [] and store.sources() == []
+    assert store.count([5, 6]) == 0
+    store.insert_source("doc:b", [9, 9])
+    store.flush()
+    assert store.num_tokens() == 22
+
+
+def test_bad_input_and_bad_files_are_refused_clearly(tmp_path):
+    store = DraftStore(background=False)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        store.insert([1, -2])
+    with pytest.raises(ValueError, match="non-empty str"):
+        store.insert_source("", [1])
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a store at all")
+    with pytest.raises(StoreFileError, match="magic"):
+        DraftStore.load(bad)
+    store.insert([40, 41, 42])
+    good = tmp_path / "good.bin"
+    store.save(good)
+    with pytest.raises(StoreFileError, match="token id 42"):
+        DraftStore.load(good, vocab_size=10)
+    good.write_bytes(good.read_bytes()[:-8])
+    with pytest.raises(StoreFileError):
+        DraftStore.load(good)
