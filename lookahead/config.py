@@ -15,8 +15,11 @@ class LookaheadConfig:
             ``branch_length + 1`` tokens.
         decoding_length: most draft nodes verified in one pass (the tree size, not counting the root).
         max_query_length: longest context suffix matched against the trie.
-        node_budget: most trie nodes kept; past it counts decay and rare subtrees are pruned.
-        decay: factor applied to global counts when the trie is over budget.
+        node_budget: most nodes kept by the oracle trie (:class:`lookahead.trie.TokenTrie`, tests); the engine's
+            draft store is bounded by ``store_bytes``.
+        decay: factor the oracle trie applies to global counts when it is over its node budget.
+        store_bytes: memory of the draft store's past answers and documents (:class:`lookahead.store.DraftStore`);
+            past it the oldest entries are evicted whole (the default remembers about 14M tokens).
         local_weight: weight of request-local counts (prompt, documents) in draft scores.
         global_weight: weight of global counts (past outputs) in draft scores.
         adaptive: pick the draft size each step from the cost model; False always drafts ``decoding_length`` nodes.
@@ -33,6 +36,7 @@ class LookaheadConfig:
     max_query_length: int = 6
     node_budget: int = 200_000
     decay: float = 0.5
+    store_bytes: int = 128 << 20
     local_weight: float = 1.0
     global_weight: float = 1.0
     adaptive: bool = True
@@ -44,6 +48,8 @@ class LookaheadConfig:
 
     def __post_init__(self) -> None:
         positive = ("branch_length", "max_query_length", "node_budget", "prefill_chunk")
+        if isinstance(self.store_bytes, bool) or not isinstance(self.store_bytes, int) or self.store_bytes < 1 << 16:
+            raise ValueError(f"LookaheadConfig.store_bytes must be an integer >= 65536, got {self.store_bytes!r}")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

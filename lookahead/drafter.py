@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 from .budget import DraftBudget, Ranking
 from .config import LookaheadConfig
+from .store import DraftStore
 from .trie import Draft, TokenTrie
+
+#: what a drafter drafts from: the draft store (the engine's) or the oracle trie (tests)
+DraftSource = DraftStore | TokenTrie
 
 
 @dataclass(frozen=True)
@@ -246,11 +250,11 @@ def with_predicted_reach(ranking: Ranking, parents: Sequence[int], predicted: Se
     return Ranking(order, [reach[i] for i in order])
 
 
-def new_trie(config: LookaheadConfig) -> TokenTrie:
-    """An empty trie with the knobs of ``config``."""
-    return TokenTrie(branch_length=config.branch_length, max_query_length=config.max_query_length,
-                     node_budget=config.node_budget, decay=config.decay, local_weight=config.local_weight,
-                     global_weight=config.global_weight)
+def new_trie(config: LookaheadConfig) -> DraftStore:
+    """An empty draft store with the knobs of ``config``."""
+    return DraftStore(branch_length=config.branch_length, max_query_length=config.max_query_length,
+                      store_bytes=config.store_bytes, local_weight=config.local_weight,
+                      global_weight=config.global_weight)
 
 
 class Drafter:
@@ -260,7 +264,7 @@ class Drafter:
     ``budget`` may be None for a user of the trie counts only (no :meth:`propose`).
     """
 
-    def __init__(self, trie: TokenTrie, budget: DraftBudget | None, config: LookaheadConfig,
+    def __init__(self, trie: DraftSource, budget: DraftBudget | None, config: LookaheadConfig,
                  request_id: str | None = None) -> None:
         self.trie = trie
         self.budget = budget
@@ -330,6 +334,8 @@ class Drafter:
         """How many of the last tokens of ``context`` follow one past output: the longest suffix (at most
         ``at_most`` tokens) that is a path of the trie with a global count. A context that repeats a past answer
         reaches a whole window within a step, so the budget recognises the repeat and drafts deep."""
+        if isinstance(self.trie, DraftStore):
+            return self.trie.longest_global_suffix(context, at_most)
         length = min(at_most, len(context))
         while length > 0 and self.trie.count(context[-length:]) <= 0:
             length -= 1

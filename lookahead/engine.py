@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .batch import Batch
 from .budget import CostCurve, CostModel, DraftBudget, cached_cost_curve, cost_cache_key
 from .config import LookaheadConfig
-from .drafter import Drafter, new_trie
+from .drafter import Drafter, DraftSource, new_trie
 from .inputs import InputEncoder, check_positive_int, is_prompt_list
 from .outputs import GenerationResult, GenerationStats, Message, Prompt, Request, StreamChunk, collect_chunks
 from .runner import (
@@ -34,6 +34,7 @@ from .runner import (
     time_tree_passes,
 )
 from .sampling import SamplingParams
+from .store import DraftStore
 from .trie import TokenTrie
 
 __all__ = [
@@ -57,14 +58,14 @@ def per_prompt_predictions(prediction: Sequence[str | Sequence[int] | None] | No
 class LookaheadGenerator:
     """Lossless trie-drafted decoding on a stock Hugging Face causal LM.
 
-    One generator holds the model, a shared :class:`TokenTrie` (request-local counts for prompts and documents,
-    global counts for past outputs) and the adaptive draft budget. ``generate`` and ``stream`` follow the keyword
-    names of HF ``generate``; in float32, greedy output is identical to ``model.generate(do_sample=False)`` token for
+    One generator holds the model, a shared :class:`~lookahead.store.DraftStore` (request-local entries for prompts
+    and documents, global entries for past outputs) and the adaptive draft budget. ``generate`` and ``stream``
+    follow the keyword names of HF ``generate``; in float32, greedy output is identical to ``model.generate(do_sample=False)`` token for
     token.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 config: LookaheadConfig | None = None, trie: TokenTrie | None = None,
+                 config: LookaheadConfig | None = None, trie: DraftSource | None = None,
                  cost_curve: CostCurve | CostModel | None = None) -> None:
         self.config = config or LookaheadConfig()
         self.runner = ModelRunner(model, skinny=self.config.skinny_matmul)  # refuses unverified models first
@@ -79,7 +80,7 @@ class LookaheadGenerator:
         self._budget: DraftBudget | None = None
         self._budget_lock = threading.Lock()
 
-    def empty_trie(self) -> TokenTrie:
+    def empty_trie(self) -> DraftSource:
         """A new empty trie with this generator's knobs (assign it to ``self.trie`` to forget all past outputs)."""
         return new_trie(self.config)
 
@@ -131,7 +132,7 @@ class LookaheadGenerator:
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)
 
-    def new_drafter(self, request_id: str | None = None, trie: TokenTrie | None = None) -> Drafter:
+    def new_drafter(self, request_id: str | None = None, trie: DraftSource | None = None) -> Drafter:
         """A drafter for one request over ``trie`` (None: this generator's current trie) and this budget."""
         return Drafter(trie if trie is not None else self.trie, self.budget, self.config, request_id)
 
@@ -144,14 +145,15 @@ class LookaheadGenerator:
     def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
                 stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
                 sampling: SamplingParams | None = None, prediction: str | Sequence[int] | None = None,
-                trie: TokenTrie | None = None, document_names: Sequence[str | None] | None = None) -> Request:
+                trie: DraftSource | None = None, document_names: Sequence[str | None] | None = None) -> Request:
         """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong.
 
         ``prediction``: the expected output (text or token ids), drafted first; ``trie``: the trie this request
         drafts from and learns into (None: :attr:`trie`, read when the request starts); ``document_names``: an id
         per document for the result's provenance (see :class:`~lookahead.provenance.DocumentUse`)."""
-        if trie is not None and not isinstance(trie, TokenTrie):
-            raise TypeError(f"trie must be a lookahead.trie.TokenTrie or None, got {type(trie).__name__}")
+        if trie is not None and not isinstance(trie, (DraftStore, TokenTrie)):
+            raise TypeError(f"trie must be a lookahead.store.DraftStore (or the oracle lookahead.trie.TokenTrie) or "
+                            f"None, got {type(trie).__name__}")
         return self.inputs.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
                                    documents=documents, sampling=sampling, prediction=prediction, trie=trie,
                                    document_names=document_names)
@@ -164,7 +166,7 @@ class LookaheadGenerator:
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, batch_size: int = 1, show_progress: bool = False,
                  prediction: str | Sequence[int] | Sequence[str | Sequence[int] | None] | None = None,
-                 trie: TokenTrie | None = None, document_names: Sequence[str | None] | None = None,
+                 trie: DraftSource | None = None, document_names: Sequence[str | None] | None = None,
                  ) -> GenerationResult | list[GenerationResult]:
         """Lookahead decoding of one prompt, or of a list of prompts (returns a list then).
 
@@ -207,7 +209,7 @@ class LookaheadGenerator:
                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
-               prediction: str | Sequence[int] | None = None, trie: TokenTrie | None = None,
+               prediction: str | Sequence[int] | None = None, trie: DraftSource | None = None,
                document_names: Sequence[str | None] | None = None) -> Iterator[StreamChunk]:
         """Yield every accepted run of tokens as it is verified. The last chunk carries the finish reason and stats.
 

@@ -31,14 +31,13 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, default_cache_dir
 from .config import LookaheadConfig
-from .drafter import Drafter, new_trie
+from .drafter import Drafter, DraftSource, new_trie
 from .emitter import Emitter
 from .inputs import InputEncoder
 from .kvcache import compact_cache
 from .outputs import GenerationResult, GenerationStats, Prompt, Request, StreamChunk, collect_chunks
 from .runner import ModelRunner, check_model, cost_grid, time_tree_passes
 from .sampling import SamplingParams, TokenChooser
-from .trie import TokenTrie
 from .verify import children_index, walk_accept
 
 MODES = ("weighted", "contrastive")
@@ -187,7 +186,7 @@ class EnsembleGenerator:
 
     def __init__(self, models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
                  mode: str = "weighted", weights: Sequence[float] | None = None, mu: float = 0.1,
-                 config: LookaheadConfig | None = None, trie: TokenTrie | None = None,
+                 config: LookaheadConfig | None = None, trie: DraftSource | None = None,
                  cost_curve: CostCurve | None = None, proposer: int | None = None, proposal_depth: int = 3) -> None:
         models = list(models)
         check_members(models)

@@ -29,14 +29,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .budget import CostCurve
 from .config import LookaheadConfig
-from .drafter import Drafter, Proposal
+from .drafter import Drafter, DraftSource, Proposal
 from .emitter import Emitter
 from .engine import LookaheadGenerator
 from .inputs import check_positive_int
 from .kvcache import compact_cache
 from .outputs import Prompt
 from .runner import ModelRunner
-from .trie import TokenTrie
 from .verify import greedy_accept
 
 METHODS = ("tree", "superposed")
@@ -200,7 +199,7 @@ class MultiDraftGenerator:
     """
 
     def __init__(self, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                 config: LookaheadConfig | None = None, trie: TokenTrie | None = None,
+                 config: LookaheadConfig | None = None, trie: DraftSource | None = None,
                  cost_curve: CostCurve | None = None, generator: LookaheadGenerator | None = None) -> None:
         if generator is None:
             if model is None or tokenizer is None:
@@ -215,7 +214,7 @@ class MultiDraftGenerator:
         self._embed = self.model.get_input_embeddings()
 
     @property
-    def trie(self) -> TokenTrie:
+    def trie(self) -> DraftSource:
         return self.generator.trie
 
     def generate(self, prompt: Prompt, *, k: int = 3, method: str = "tree", max_new_tokens: int = 64,
@@ -479,7 +478,7 @@ class _NgramScorer:
 
     FLOOR = 1e-4
 
-    def __init__(self, trie: TokenTrie, request_id: str, config: LookaheadConfig) -> None:
+    def __init__(self, trie: DraftSource, request_id: str, config: LookaheadConfig) -> None:
         self.trie = trie
         self.request_id = request_id
         self.local_weight = config.local_weight

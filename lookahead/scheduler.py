@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .drafter import DraftSource
 from .outputs import GenerationResult, Prompt, Request, StreamChunk, collect_chunks
 from .sampling import SamplingParams
-from .trie import TokenTrie
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import LookaheadGenerator
@@ -244,7 +244,7 @@ class Scheduler:
     def submit(self, prompt: Prompt, *, max_new_tokens: int = 128, stop: Sequence[str] | None = None,
                documents: Sequence[str] | None = None, sampling: SamplingParams | None = None,
                eos_token_id: int | Sequence[int] | None = None, prediction: str | Sequence[int] | None = None,
-               trie: TokenTrie | None = None, document_names: Sequence[str | None] | None = None) -> RequestHandle:
+               trie: DraftSource | None = None, document_names: Sequence[str | None] | None = None) -> RequestHandle:
         """Validate and enqueue one request. Raises ValueError/TypeError for bad input or a request whose KV cache
         exceeds ``max_kv_bytes`` alone (nothing is queued), QueueFullError when the queue is full,
         SchedulerClosedError after :meth:`close`. ``prediction``, ``trie`` and ``document_names`` are as in

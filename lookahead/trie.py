@@ -125,14 +125,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(where: str, name: str, value: object, low: int) -> int:
+def check_int(where: str, name: str, value: object, low: int) -> int:
     """``value`` as an int >= ``low``, else a ValueError naming ``where`` and ``name``."""
     if not _is_int(value) or value < low:  # type: ignore[operator]
         raise ValueError(f"{where}: {name} must be an int >= {low}, got {value!r}")
     return value  # type: ignore[return-value]
 
 
-def _check_id(where: str, name: str, value: object) -> str:
+def check_id(where: str, name: str, value: object) -> str:
     """``value`` as a non-empty str, else a ValueError naming ``where`` and ``name``."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where}: {name} must be a non-empty str, got {value!r}")
@@ -169,23 +169,23 @@ class JournalEntry:
 
     def __post_init__(self) -> None:
         where = "journal entry"
-        _check_id(where, "origin", self.origin)
-        _check_int(where, "seq", self.seq, 1)
+        check_id(where, "origin", self.origin)
+        check_int(where, "seq", self.seq, 1)
         if self.op not in OPS:
             raise ValueError(f"{where}: op must be one of {', '.join(OPS)}, got {self.op!r}")
         if self.op == "insert":
             if self.source is not None:
                 raise ValueError(f"{where}: an 'insert' has no source, got {self.source!r}")
         else:
-            _check_id(where, "source", self.source)
+            check_id(where, "source", self.source)
             if self.skip:
                 raise ValueError(f"{where}: a {self.op!r} counts all its windows: skip must be 0, got {self.skip!r}")
         n = len(self.tokens)
         if self.op == "remove" and (n or self.start or self.stop or self.skip):
             raise ValueError(f"{where}: a 'remove' has no tokens and no window range")
-        start = _check_int(where, "start", self.start, 0)
-        _check_int(where, f"stop (>= start {start})", self.stop, start)
-        if self.stop > n or _check_int(where, "skip", self.skip, 0) > n:
+        start = check_int(where, "start", self.start, 0)
+        check_int(where, f"stop (>= start {start})", self.stop, start)
+        if self.stop > n or check_int(where, "skip", self.skip, 0) > n:
             raise ValueError(f"{where}: stop ({self.stop}) and skip ({self.skip}) must be <= len(tokens) ({n})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,10 +223,10 @@ class TrieDelta:
     entries: tuple[JournalEntry, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_id("trie delta", "origin", self.origin)
-        _check_int("trie delta", "branch_length", self.branch_length, 1)
-        since = _check_int("trie delta", "since", self.since, 0)
-        _check_int("trie delta", f"version (>= since {since})", self.version, since)
+        check_id("trie delta", "origin", self.origin)
+        check_int("trie delta", "branch_length", self.branch_length, 1)
+        since = check_int("trie delta", "since", self.since, 0)
+        check_int("trie delta", f"version (>= since {since})", self.version, since)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -431,8 +431,8 @@ class TokenTrie:
         self._requests: dict[str, set[int]] = {}
         self._sweep_state = _Sweep()
         self._hard_cap = _HARD_CAP * node_budget  # past it, a call prunes fully
-        self._origin = uuid.uuid4().hex if origin is None else _check_id("TokenTrie", "origin", origin)
-        self.journal_limit = _check_int("TokenTrie", "journal_limit", journal_limit, 0)
+        self._origin = uuid.uuid4().hex if origin is None else check_id("TokenTrie", "origin", origin)
+        self.journal_limit = check_int("TokenTrie", "journal_limit", journal_limit, 0)
         # the journal: (origin, seq, op, source, tokens, start, stop, skip) from position _journal_base on
         self._journal: deque[tuple[Any, ...]] = deque()
         self._journal_base = 0
@@ -872,7 +872,7 @@ class TokenTrie:
         A source id inserted again is replaced (what it had is removed first), unless ``append`` is true: then the
         windows add to what it has (a long document inserted in slices, ``append=True`` from the second slice on).
         """
-        _check_id("insert_source", "source_id", source_id)
+        check_id("insert_source", "source_id", source_id)
         start, stop = _window_range(start, stop, len(tokens))
         end = min(len(tokens), stop + self.branch_length)
         toks = [int(t) for t in tokens[start:end]]
@@ -884,7 +884,7 @@ class TokenTrie:
         """Take back every count source ``source_id`` gave and remove the nodes left with no count (global, other
         sources' or live requests'); return how many nodes were removed. An unknown id removes nothing (0), but the
         removal is journaled all the same, so it reaches the tries a delta carries it to."""
-        _check_id("remove_source", "source_id", source_id)
+        check_id("remove_source", "source_id", source_id)
         with self._lock:
             removed = self._drop_source(source_id)
             self._journal_own("remove", [], 0, 0, 0, source_id)
@@ -957,7 +957,7 @@ class TokenTrie:
         """The journal entries at positions ``>= since`` (made here or merged), as a :class:`TrieDelta` whose
         ``version`` is the ``since`` of the next export. Raises ValueError if ``since`` is past :attr:`version` or
         before the entries still kept (trimmed by :meth:`trim_journal` or dropped for ``journal_limit``)."""
-        since = _check_int("export_delta", "since", since, 0)
+        since = check_int("export_delta", "since", since, 0)
         with self._lock:
             base, version = self._journal_base, self._journal_base + len(self._journal)
             if since < base:
@@ -997,7 +997,7 @@ class TokenTrie:
     def trim_journal(self, upto: int) -> None:
         """Forget the journal entries before position ``upto`` (e.g. those every reader has exported); raises
         ValueError if ``upto`` is past :attr:`version`."""
-        upto = _check_int("trim_journal", "upto", upto, 0)
+        upto = check_int("trim_journal", "upto", upto, 0)
         with self._lock:
             version = self._journal_base + len(self._journal)
             if upto > version:

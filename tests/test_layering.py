@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"files", "config", "sampling", "tree", "verify", "kvcache", "kernels", "prompts", "argtypes", "emitter",
      "reference", "agreement", "provenance"},
     {"trie", "budget", "outputs", "models"},
+    {"store"},  # the draft store: drafts like the trie (its oracle) and shares its Draft and delta types
     {"inputs", "drafter", "runner"},
     {"batch"},
     {"engine"},

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lookahead.store import DraftStore, StoreFileError
-from lookahead.store import kernels
+from lookahead.store import DraftStore, StoreFileError, kernels
 from lookahead.trie import TokenTrie, TrieDelta
 
 VOCAB = 5

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from ..trie import JournalEntry, TrieDelta, _check_int
+from ..trie import JournalEntry, TrieDelta, check_int
 
 _ENTRY_COST = 16  # what one entry costs against the limit besides its tokens
 
@@ -19,7 +19,7 @@ class Journal:
 
     def __init__(self, origin: str, limit: int) -> None:
         self.origin = origin
-        self.limit = _check_int("DraftStore", "journal_limit", limit, 0)
+        self.limit = check_int("DraftStore", "journal_limit", limit, 0)
         self.entries: deque[JournalEntry] = deque()
         self.base = 0
         self.cost = 0
@@ -56,7 +56,7 @@ class Journal:
         self.cost -= len(entry.tokens) + _ENTRY_COST
 
     def export(self, since: int, branch_length: int) -> TrieDelta:
-        since = _check_int("export_delta", "since", since, 0)
+        since = check_int("export_delta", "since", since, 0)
         if since < self.base:
             raise ValueError(f"export_delta: the entries before position {self.base} are gone (trim_journal or "
                              f"journal_limit={self.limit}); since must be >= {self.base}, got {since}")
@@ -66,7 +66,7 @@ class Journal:
         return TrieDelta(self.origin, branch_length, since, self.version, entries)
 
     def trim(self, upto: int) -> None:
-        upto = _check_int("trim_journal", "upto", upto, 0)
+        upto = check_int("trim_journal", "upto", upto, 0)
         if upto > self.version:
             raise ValueError(f"trim_journal: upto ({upto}) is past this store's version ({self.version})")
         while self.base < upto:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..files import atomic_path
-from ..trie import JOURNAL_LIMIT, Draft, TrieDelta, _check_id
+from ..trie import JOURNAL_LIMIT, Draft, TrieDelta, check_id
 from . import kernels
 from .journal import Journal
 from .segments import EMPTY, Buffer, Segment, merge_segments
@@ -130,7 +130,7 @@ class DraftStore:
         self._dead: set[int] = set()  # uids removed but maybe still in a segment
         self._next_uid = 1
         self._live_tokens = 0
-        self._journal = Journal(uuid.uuid4().hex if origin is None else _check_id("DraftStore", "origin", origin),
+        self._journal = Journal(uuid.uuid4().hex if origin is None else check_id("DraftStore", "origin", origin),
                                 journal_limit)
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
@@ -403,7 +403,7 @@ class DraftStore:
     def insert_source(self, source_id: str, tokens: Sequence[int], append: bool = False) -> None:
         """Add document ``source_id`` as a global entry (it drafts for every request), replacing what that id had
         unless ``append`` (then the tokens are one more sequence of it)."""
-        _check_id("insert_source", "source_id", source_id)
+        check_id("insert_source", "source_id", source_id)
         toks = _as_tokens(tokens, "insert_source")
         with self._lock:
             if not append:
@@ -415,7 +415,7 @@ class DraftStore:
     def remove_source(self, source_id: str) -> int:
         """Remove every entry of document ``source_id``; return how many tokens went (0: unknown id, the removal is
         journaled all the same)."""
-        _check_id("remove_source", "source_id", source_id)
+        check_id("remove_source", "source_id", source_id)
         with self._lock:
             removed = self._drop_source(source_id)
             self._journal.own("remove", (), source_id)
