@@ -60,8 +60,8 @@ class LookaheadGenerator:
 
     One generator holds the model, a shared :class:`~lookahead.store.DraftStore` (request-local entries for prompts
     and documents, global entries for past outputs) and the adaptive draft budget. ``generate`` and ``stream``
-    follow the keyword names of HF ``generate``; in float32, greedy output is identical to ``model.generate(do_sample=False)`` token for
-    token.
+    follow the keyword names of HF ``generate``; in float32, greedy output is identical to
+    ``model.generate(do_sample=False)`` token for token.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
