@@ -17,12 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,7 +29,8 @@ from lookahead_server.tenants import check_tenant, tenant_trie_path
 
 from lookahead.config import LookaheadConfig
 from lookahead.drafter import new_trie
-from lookahead.trie import TokenTrie, TrieDelta
+from lookahead.store import DraftStore
+from lookahead.trie import TrieDelta
 
 log = logging.getLogger("lookahead_ray")
 
@@ -74,9 +73,9 @@ class TrieHubState:
         self.path = None if path is None else os.fspath(path)
         self.store = TrieStore(path) if path is not None else None
         loaded = self.store.load() if self.store is not None else None
-        self.trie = loaded if loaded is not None else TokenTrie(**{**(config or {}), "origin": HUB_ORIGIN})
+        self.trie = loaded if loaded is not None else DraftStore(**{**(config or {}), "origin": HUB_ORIGIN})
         self.loaded_nodes = len(loaded) if loaded is not None else 0
-        self.tenant_tries: dict[str, TokenTrie] = {}  # tenant -> its trie, made on first use
+        self.tenant_tries: dict[str, DraftStore] = {}  # tenant -> its trie, made on first use
         self.workers: dict[str, WorkerRecord] = {}
         self.saves = 0
         self._saved_versions: dict[str | None, int] = {None: self.trie.version}  # tenant (None: global) -> saved
@@ -88,7 +87,7 @@ class TrieHubState:
                                            daemon=True)
             self._saver.start()
 
-    def trie_of(self, tenant: str | None = None) -> TokenTrie:
+    def trie_of(self, tenant: str | None = None) -> DraftStore:
         """The global trie (``tenant`` None) or ``tenant``'s, made on its first use: loaded from its file next to
         ``path`` when there is one, else empty with the global trie's knobs."""
         if tenant is None:
@@ -98,7 +97,7 @@ class TrieHubState:
             if trie is None:
                 store = self._tenant_store(check_tenant(tenant, "trie hub"))
                 loaded = store.load() if store is not None else None
-                trie = loaded if loaded is not None else TokenTrie(**{**self.trie.config(), "origin": HUB_ORIGIN})
+                trie = loaded if loaded is not None else DraftStore(**{**self.trie.config(), "origin": HUB_ORIGIN})
                 self.tenant_tries[tenant] = trie
                 self._saved_versions[tenant] = trie.version
             return trie
@@ -131,13 +130,9 @@ class TrieHubState:
         return reply
 
     def snapshot(self, tenant: str | None = None) -> dict[str, Any]:
-        """The whole trie of ``tenant`` (None: the global one) as :meth:`TokenTrie.save` writes it (JSON bytes),
-        for a worker's warm start: ``hub`` (instance id) and ``data``."""
-        trie = self.trie_of(tenant)
-        with tempfile.TemporaryDirectory(prefix="lookahead-hub-") as folder:
-            path = Path(folder) / "snapshot.json"
-            trie.save(path)
-            return {"hub": self.instance, "data": path.read_bytes()}
+        """The whole store of ``tenant`` (None: the global one) as :meth:`DraftStore.to_bytes` gives it, for a
+        worker's warm start: ``hub`` (instance id) and ``data``."""
+        return {"hub": self.instance, "data": self.trie_of(tenant).to_bytes()}
 
     def _record(self, worker: dict[str, Any], merged: int) -> str:
         """Note a worker's sync; returns its origin."""
@@ -167,7 +162,7 @@ class TrieHubState:
         if self.store is None:
             return False
         with self._lock:
-            tries: list[tuple[str | None, TokenTrie, TrieStore]] = [(None, self.trie, self.store)]
+            tries: list[tuple[str | None, DraftStore, TrieStore]] = [(None, self.trie, self.store)]
             for tenant, trie in self.tenant_tries.items():
                 store = self._tenant_store(tenant)
                 assert store is not None

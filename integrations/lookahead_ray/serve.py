@@ -20,7 +20,7 @@ from typing import Any
 from lookahead_server.app import ServeSettings, create_app
 from ray import serve
 
-from lookahead.trie import TokenTrie
+from lookahead.store import DraftStore
 
 from .hub import HUB_NAME, NAMESPACE
 from .spec import GeneratorSpec
@@ -54,7 +54,7 @@ class ReplicaHeader:
 class _TrieHolder:
     """What :class:`TrieSync` syncs: an object with a ``trie`` attribute (here one tenant's trie)."""
 
-    def __init__(self, trie: TokenTrie) -> None:
+    def __init__(self, trie: DraftStore) -> None:
         self.trie = trie
 
 
@@ -73,7 +73,7 @@ class LookaheadReplica:
         self.tenant_syncs: dict[str, TrieSync] = {}  # one thread syncs them all (see _sync_tenants)
         self._tenant_thread: threading.Thread | None = None
 
-    def sync_tenant(self, tenant: str, trie: TokenTrie) -> TokenTrie:
+    def sync_tenant(self, tenant: str, trie: DraftStore) -> DraftStore:
         """Start syncing ``tenant``'s trie (new on this replica) with the hub's copy; the trie the tenant drafts
         from (the hub's copy when ``trie`` is empty)."""
         hub = self.sync.hub

@@ -12,18 +12,15 @@ from its current version).
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import ray
 
-from lookahead.trie import TokenTrie, TrieDelta
+from lookahead.store import DraftStore
+from lookahead.trie import TrieDelta
 
 from .hub import worker_identity
 
@@ -54,16 +51,10 @@ class ActorHubClient:
         return ray.get(self.handle.snapshot.remote(self.tenant), timeout=self.timeout)
 
 
-def replica_trie(data: bytes) -> TokenTrie:
-    """A trie with the counts of a saved trie (:meth:`TokenTrie.save` bytes, JSON or gzip) under a new origin of its
-    own: what it holds counts as applied, so the hub's entries are not merged twice, and the entries it makes are
-    its own, not the hub's (a saved trie without an ``origin`` loads with a new one)."""
-    doc = json.loads(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
-    doc.pop("origin", None)
-    with tempfile.TemporaryDirectory(prefix="lookahead-replica-") as folder:
-        path = Path(folder) / "replica.json"
-        path.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
-        return TokenTrie.load(path)
+def replica_trie(data: bytes) -> DraftStore:
+    """A store with the entries of a saved store (:meth:`DraftStore.to_bytes`) under a new origin of its own: what it
+    holds counts as applied, so the hub's entries are not merged twice, and the entries it makes are its own."""
+    return DraftStore.from_bytes(data, new_origin=True)
 
 
 def own_entries(delta: TrieDelta, origin: str) -> TrieDelta:
@@ -105,7 +96,7 @@ class TrieSync:
         self.interval = interval
         self.warm_start = warm_start
         self.stats = SyncStats()
-        self._trie: TokenTrie | None = None
+        self._trie: DraftStore | None = None
         self._pushed = 0  # local journal position already pushed
         self._hub_version = 0  # hub version already pulled
         self._hub_instance: str | None = None
@@ -165,7 +156,7 @@ class TrieSync:
             self.stats.hub_reachable = True
             return True
 
-    def _exchange(self, trie: TokenTrie) -> None:
+    def _exchange(self, trie: DraftStore) -> None:
         assert self.hub is not None
         try:
             delta = own_entries(trie.export_delta(since=self._pushed), trie.origin)

@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
 from lookahead.sampling import SamplingParams
 from lookahead.scheduler import OutOfMemoryRequestError, QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
-from lookahead.trie import TokenTrie
+from lookahead.store import DraftStore
 
 from .documents import check_document_id, delete_document, document_ids, insert_documents
 from .errors import ApiError, describe_validation_error, parse_json, validate_body
@@ -135,7 +135,7 @@ class _Service:
     their persistence."""
 
     def __init__(self, generator: LookaheadGenerator, settings: ServeSettings, factory: SchedulerFactory,
-                 on_new_tenant: Callable[[str, TokenTrie], TokenTrie] | None = None) -> None:
+                 on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None) -> None:
         self.generator = generator
         self.settings = settings
         self.factory = factory
@@ -168,9 +168,9 @@ class _Service:
         # queued requests delay the chunks of running ones.
         self.pool = ThreadPoolExecutor(max_workers=waiting, thread_name_prefix="lookahead-wait")
 
-    def _warn_config(self, trie: TokenTrie) -> None:
+    def _warn_config(self, trie: DraftStore) -> None:
         config = self.generator.config
-        for name in ("branch_length", "max_query_length", "node_budget"):
+        for name in ("branch_length", "max_query_length", "store_bytes"):
             if getattr(trie, name) != getattr(config, name):
                 log.warning("the loaded trie has %s=%s, the engine is configured with %s; the file's value is kept",
                             name, getattr(trie, name), getattr(config, name))
@@ -209,7 +209,7 @@ class _Service:
                     wrote = True
         return wrote
 
-    def _save_one(self, store: TrieStore, trie: TokenTrie) -> bool:
+    def _save_one(self, store: TrieStore, trie: DraftStore) -> bool:
         try:
             store.save(trie)
         except OSError as error:
@@ -401,7 +401,7 @@ def _error_response(error: ApiError) -> JSONResponse:
 
 def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = None,
                scheduler_factory: SchedulerFactory | None = None,
-               on_new_tenant: Callable[[str, TokenTrie], TokenTrie] | None = None) -> FastAPI:
+               on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``generator``.
 
     The scheduler is made by ``scheduler_factory(generator, settings)`` at start-up (after the trie is loaded from

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from lookahead.trie import TokenTrie
+from lookahead.store import DraftStore
 
 #: the trie source of a document id
 SOURCE_PREFIX = "doc:"
@@ -33,12 +33,12 @@ def source_of(doc_id: str) -> str:
     return SOURCE_PREFIX + doc_id
 
 
-def document_ids(trie: TokenTrie) -> list[str]:
+def document_ids(trie: DraftStore) -> list[str]:
     """Ids of the documents held in ``trie`` (sorted)."""
     return sorted(s[len(SOURCE_PREFIX):] for s in trie.sources() if s.startswith(SOURCE_PREFIX))
 
 
-def insert_documents(trie: TokenTrie, tokenizer: Any, texts: Sequence[str], ids: Sequence[str] | None = None) -> int:
+def insert_documents(trie: DraftStore, tokenizer: Any, texts: Sequence[str], ids: Sequence[str] | None = None) -> int:
     """Insert ``texts`` into ``trie`` (under their ``ids`` when given, replacing documents with the same id);
     returns the number of tokens inserted."""
     if ids is not None and len(ids) != len(texts):
@@ -54,7 +54,7 @@ def insert_documents(trie: TokenTrie, tokenizer: Any, texts: Sequence[str], ids:
     return tokens
 
 
-def delete_document(trie: TokenTrie, doc_id: str) -> int | None:
+def delete_document(trie: DraftStore, doc_id: str) -> int | None:
     """Remove document ``doc_id`` from ``trie``: what ``remove_source`` reports, or None when it was not there. The
     removal is made (and journaled) either way, so it reaches every trie a delta of this one is merged into."""
     source = source_of(doc_id)

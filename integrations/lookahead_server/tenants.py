@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lookahead.engine import LookaheadGenerator
-from lookahead.trie import TokenTrie
+from lookahead.store import DraftStore
 
 from .errors import ApiError
 from .persistence import TrieStore
@@ -143,18 +143,18 @@ class TenantTries:
     """
 
     def __init__(self, generator: LookaheadGenerator, trie_path: str | None = None, max_tenants: int = 64,
-                 on_load: Callable[[TokenTrie], None] | None = None,
-                 on_new: Callable[[str, TokenTrie], TokenTrie] | None = None) -> None:
+                 on_load: Callable[[DraftStore], None] | None = None,
+                 on_new: Callable[[str, DraftStore], DraftStore] | None = None) -> None:
         self.generator = generator
         self.trie_path = trie_path
         self.max_tenants = max_tenants
         self.on_load = on_load
         self.on_new = on_new
-        self._tries: dict[str, TokenTrie] = {}
+        self._tries: dict[str, DraftStore] = {}
         self._stores: dict[str, TrieStore] = {}
         self._lock = threading.Lock()
 
-    def get(self, tenant: str | None) -> TokenTrie:
+    def get(self, tenant: str | None) -> DraftStore:
         """The trie ``tenant`` drafts from (None: the default trie)."""
         if tenant is None:
             return self.generator.trie
@@ -171,7 +171,7 @@ class TenantTries:
                 self._tries[tenant] = trie
             return trie
 
-    def _load(self, tenant: str) -> TokenTrie:
+    def _load(self, tenant: str) -> DraftStore:
         store = self.store(tenant)
         trie = store.load() if store is not None else None
         if trie is None:
