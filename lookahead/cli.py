@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .argtypes import positive_int
+from .bench.store_bench import add_parsers as add_store_parsers
 from .config import LookaheadConfig
 from .models import AUTO_DTYPE, DTYPE_CHOICES, ModelLoadError, load_model
 from .prompts import rag_messages
@@ -215,6 +216,7 @@ CORE_COMMANDS: dict[str, AddParser] = {
     "generate": add_generate_parser,
     "bench": add_bench_parser,
     "summarize": add_summarize_parser,
+    "bench-store": add_store_parsers,  # and store-stats
 }
 
 

@@ -454,6 +454,11 @@ class TokenTrie:
             "global_weight": self.global_weight,
         }
 
+    def live_requests(self) -> list[str]:
+        """Ids of the requests whose local counts are held (not released yet)."""
+        with self._lock:
+            return sorted(self._requests)
+
     def num_nodes(self) -> int:
         """Number of nodes in the trie (the root excluded)."""
         with self._lock:

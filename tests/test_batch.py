@@ -36,7 +36,7 @@ def run_batch(gen: LookaheadGenerator, requests, remove_after: dict[int, int] | 
         for key, at in (remove_after or {}).items():
             if at == step:
                 batch.remove(key)
-    assert gen.trie._requests == {}
+    assert gen.trie.live_requests() == []
     return tokens
 
 
@@ -109,7 +109,7 @@ def test_rows_join_and_leave_mid_batch():
     assert out[1] == refs[1][:len(out[1])] and 0 < len(out[1]) < 20
     for key in (0, 2, 3, 4, 5):
         assert out[key] == refs[key], key
-    assert gen.trie._requests == {}
+    assert gen.trie.live_requests() == []
 
 
 def test_sampled_rows_in_a_batch_equal_the_same_seeded_request_alone():
@@ -150,7 +150,7 @@ def test_a_key_twice_is_refused():
     with pytest.raises(ValueError, match="already"):
         batch.add(gen.prepare("abd", max_new_tokens=2), "k")
     batch.close()
-    assert gen.trie._requests == {}
+    assert gen.trie.live_requests() == []
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -240,7 +240,7 @@ def test_a_long_prompt_joins_a_running_batch_in_slices_and_stays_exact():
             break
     assert tokens == refs  # float32: slices of the prefill change nothing
     assert len(slices) >= 2 and sum(slices) == len(long)  # joined over several steps, in slices
-    assert gen.trie._requests == {}
+    assert gen.trie.live_requests() == []
 
 
 def test_a_step_that_fails_leaves_the_batch_as_it_was(monkeypatch):

@@ -412,8 +412,7 @@ def test_stream_is_lazy_and_can_stop_early():
     first = next(stream)
     assert first.token_ids == hf_greedy(make_model("llama", 0), prompt, 1)
     stream.close()  # abandoning a stream releases its request-local counts
-    assert gen.trie._requests == {}
-    assert not any(node.local for node in iter_nodes(gen.trie))
+    assert gen.trie.live_requests() == []
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -493,7 +492,7 @@ def test_errors_leave_no_request_state(gen):
     for bad in ({"max_new_tokens": 0}, {"documents": "x"}, {"temperature": -1.0}):
         with pytest.raises((TypeError, ValueError)):
             gen.generate("hello", **{"max_new_tokens": 4, **bad})
-    assert gen.trie._requests == {}
+    assert gen.trie.live_requests() == []
 
 
 def test_unsupported_architecture():
@@ -526,15 +525,6 @@ def test_qwen2_config_with_sliding_window_disabled_is_accepted():
 # ---------------------------------------------------------------------------------------------------- documents
 
 
-def iter_nodes(trie):
-    stack = [trie._root]
-    while stack:
-        node = stack.pop()
-        for child in (node.children or {}).values():
-            yield child
-            stack.append(child)
-
-
 def test_documents_seed_the_request_local_trie_and_are_released():
     tok = make_tokenizer()
     gen = make_generator("llama", 2)
@@ -555,8 +545,7 @@ def test_documents_seed_the_request_local_trie_and_are_released():
     assert seen_local and all(counts == [1.0, 1.0] for counts in seen_local)  # local while the request ran
 
     # released: no local counts anywhere, document n-grams gone (they were never global)
-    assert gen.trie._requests == {}
-    assert not any(node.local for node in iter_nodes(gen.trie))
+    assert gen.trie.live_requests() == []
     for ids in doc_ids:
         assert gen.trie.count(ids[:2]) == 0.0
     assert gen.trie.count(prompt[:3]) == 0.0  # the prompt was request-local too

@@ -195,7 +195,7 @@ def test_out_of_memory_evicts_the_newest_row_and_the_others_are_exact(monkeypatc
     assert first not in joined or later[0] not in joined  # admission waited for a row to leave
     stats = scheduler.stats
     assert (stats.requests_finished, stats.requests_failed, stats.requests_out_of_memory) == (3, 1, 1)
-    assert stats.kv_bytes_reserved == 0 and gen.trie._requests == {}
+    assert stats.kv_bytes_reserved == 0 and gen.trie.live_requests() == []
 
 
 def test_out_of_memory_of_a_single_row_fails_it_and_serving_goes_on(monkeypatch):

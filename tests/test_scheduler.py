@@ -42,7 +42,7 @@ def test_concurrent_requests_are_batched_and_exact():
     assert stats.requests_finished == len(prompts) and stats.requests_failed == 0
     assert stats.tokens_generated == sum(len(r) for r in refs)
     assert stats.decoding_steps < sum(len(r) for r in refs)  # batched (and drafted): fewer passes than tokens
-    assert gen.trie._requests == {}
+    assert gen.trie.live_requests() == []
 
 
 def test_async_iteration_and_sampling():
@@ -103,7 +103,7 @@ def test_full_queue_raises_and_cancel_frees_the_slot():
         assert len(handle.result().token_ids) == 3
     scheduler.close()
     assert scheduler.stats.requests_cancelled == 1
-    assert gen.trie._requests == {}
+    assert gen.trie.live_requests() == []
 
 
 def test_closed_scheduler_refuses():

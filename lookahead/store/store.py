@@ -336,6 +336,11 @@ class DraftStore:
         else:
             self._add_global(np.concatenate([tail, add]), None)
 
+    def live_requests(self) -> list[str]:
+        """Ids of the requests whose local entries are held (not released yet)."""
+        with self._lock:
+            return sorted(self._locals)
+
     def release(self, request_id: str) -> None:
         """Drop the local entries of ``request_id``."""
         with self._lock:
