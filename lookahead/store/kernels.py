@@ -300,10 +300,15 @@ def _children(toks_list, sa_list, dead_list, work, s, lo, hi, m, out_tok, out_lo
 
 @nb.njit(**_JIT)
 def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_limit, width,
-          global_weight, local_weight):  # pragma: no cover - compiled
+          global_weight, local_weight, work, kids, node_ranges):  # pragma: no cover - compiled
     """Best-first draft of at most ``k`` nodes after ``context`` (its last ``max_query_length`` tokens) over the
     sources; returns (tokens, parents, scores, global counts, match length) or ``match length -1`` when a work buffer
-    was too small (the caller retries with larger ones: never happens at the default sizes).
+    was too small (the caller retries with larger ones).
+
+    Scratch space comes from the caller, so a call allocates next to nothing: ``work`` (int64, occurrence starts of
+    linear sources; its last element holds the used length), ``kids`` (int64 ``[5, c]``: the children of one node
+    over every source) and ``node_ranges`` (int64 ``[2, n, S]``: the pushed nodes' occurrence ranges, ``n`` at least
+    ``k * (k + 1)``).
 
     A source with ``weight[s] == 0`` is skipped. The matched suffix is the longest one (at most ``width - 1``
     tokens, so its continuations fit a window) with a continuation of positive score; nodes are at most
@@ -316,8 +321,7 @@ def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_li
     if k <= 0 or depth_limit <= 0 or qmax <= 0:
         return e_tok, e_tok, e_f, e_f, 0
     query = context[len(context) - qmax:]
-    cap = 1 << 16
-    work = np.empty(cap, np.int64)  # occurrence starts of linear sources; work[-1] = used length
+    cap = len(work)
     # per source, the occurrences of each suffix length: SA ranges directly, linear ones as lists in work
     match_lo = np.zeros((qmax + 1, S), np.int64)
     match_hi = np.zeros((qmax + 1, S), np.int64)
@@ -348,16 +352,15 @@ def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_li
                 match_hi[q, s] = used
     work[-1] = used
     # children buffers (per node expansion)
-    ccap = 1 << 15
-    c_tok = np.empty(ccap, np.int64)
-    c_lo = np.empty(ccap, np.int64)
-    c_hi = np.empty(ccap, np.int64)
-    c_cnt = np.empty(ccap, np.int64)
-    c_src = np.empty(ccap, np.int64)
+    c_tok = kids[0]
+    c_lo = kids[1]
+    c_hi = kids[2]
+    c_cnt = kids[3]
+    c_src = kids[4]
     # pushed nodes: per source occurrence range
-    ncap = k * (k + 1) + 1
-    n_lo = np.zeros((ncap, S), np.int64)
-    n_hi = np.zeros((ncap, S), np.int64)
+    n_lo = node_ranges[0]
+    n_hi = node_ranges[1]
+    ncap = n_lo.shape[0]
     n_tok = np.empty(ncap, np.int64)
     n_depth = np.empty(ncap, np.int64)
     n_parent = np.empty(ncap, np.int64)

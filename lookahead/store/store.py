@@ -137,6 +137,9 @@ class DraftStore:
         self._closed = False
         self.meta: dict[str, Any] = {}  # saved with the store (e.g. the tokenizer that wrote it)
         self._mapped: Any = None  # the memory map a loaded store reads
+        self._scratch_scale = 1
+        self._scratch_key: tuple[int, int] | None = None
+        self._scratch_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] = (EMPTY, EMPTY, EMPTY)
 
     # ------------------------------------------------------------------ config and size
 
@@ -178,8 +181,10 @@ class DraftStore:
 
     def _global_slots(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         slots = [(s.tokens, s.sa, s.dead) for s in self._segments]
-        slots += [(b.view(), EMPTY, EMPTY) for b in [*self._frozen, self._tail] if b.used]
-        return slots
+        views = [b.view() for b in [*self._frozen, self._tail] if b.used]
+        if len(slots) + len(views) > _GLOBAL_SLOTS and len(views) > 1:
+            views = [np.concatenate(views)]  # the background sealing fell behind: one linear source for now
+        return slots + [(v, EMPTY, EMPTY) for v in views]
 
     def _local_slots(self, request_id: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         loc = self._locals.get(request_id) if request_id is not None else None
@@ -198,9 +203,8 @@ class DraftStore:
     def _pack(self, request_id: str | None, with_global: bool = True, with_local: bool = True):
         """The kernels' arguments: SLOTS token arrays, suffix arrays and dead prefixes, weights, global flags."""
         glob = self._global_slots() if with_global else []
-        if len(glob) > _GLOBAL_SLOTS:
-            self._compact_now(force_merge=True)
-            glob = self._global_slots()
+        if len(glob) > _GLOBAL_SLOTS:  # compaction keeps segments fewer; never wait for it here
+            raise RuntimeError(f"draft store: {len(glob)} segments, at most {_GLOBAL_SLOTS} can be read at once")
         local = self._local_slots(request_id) if with_local else []
         slots = glob + local
         pad = SLOTS - len(slots)
@@ -228,13 +232,28 @@ class DraftStore:
             toks, sas, deads, weight, is_global = self._pack(request_id)
             if request_id is None:
                 weight[~is_global] = 0.0
-            out = kernels.draft(toks, sas, deads, weight, is_global, tail, decoding_length, depth_limit,
-                                self.width, self.global_weight,
-                                self.local_weight if request_id is not None else 0.0)
+            local_weight = self.local_weight if request_id is not None else 0.0
+            while True:
+                work, kids, ranges = self._scratch(decoding_length)
+                out = kernels.draft(toks, sas, deads, weight, is_global, tail, decoding_length, depth_limit,
+                                    self.width, self.global_weight, local_weight, work, kids, ranges)
+                if out[4] >= 0:
+                    break
+                self._scratch_scale *= 4  # a node with more children (or occurrences) than the scratch holds
         tokens, parents, scores, global_counts, q = out
         if q <= 0:
             return Draft([], [], [], 0)
         return Draft(tokens.tolist(), parents.tolist(), scores.tolist(), int(q), global_counts.tolist())
+
+    def _scratch(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The draft kernel's scratch arrays for drafts of ``k`` nodes (made once, reused under the lock)."""
+        key = (k, self._scratch_scale)
+        if self._scratch_key != key:
+            scale = self._scratch_scale
+            self._scratch_arrays = (np.empty(scale << 14, np.int64), np.empty((5, scale << 13), np.int64),
+                                    np.empty((2, k * (k + 1) + 1, SLOTS), np.int64))
+            self._scratch_key = key
+        return self._scratch_arrays
 
     def count(self, tokens: Sequence[int], request_id: str | None = None) -> float:
         """Occurrences of the n-gram ``tokens``: in global entries (``request_id`` None) or in that request's."""
@@ -465,7 +484,7 @@ class DraftStore:
         self._closed = True
         self._wake.set()
 
-    def _compact_now(self, force_merge: bool = False) -> None:
+    def _compact_now(self) -> None:
         """Seal the frozen tails, merge segments (log-structured), drop dead entries; the heavy work runs outside
         the store lock, each result is swapped in under it."""
         with self._compact_lock:
@@ -481,7 +500,7 @@ class DraftStore:
                     self._segments.append(seg)
             while True:
                 with self._lock:
-                    job = self._pick_job(force_merge)
+                    job = self._pick_job()
                 if job is None:
                     break
                 a, b = job
@@ -493,9 +512,8 @@ class DraftStore:
                     held = {int(u) for s in self._segments for u in s.uids} | \
                         {u for buf in [*self._frozen, self._tail] for u in buf.uids}
                     self._dead &= held
-                force_merge = False
 
-    def _pick_job(self, force: bool) -> tuple[Segment, Segment | None] | None:
+    def _pick_job(self) -> tuple[Segment, Segment | None] | None:
         """The next compaction: two adjacent segments to merge, or one to rewrite without its dead entries."""
         segs = self._segments
         for i in range(len(segs) - 1, 0, -1):
@@ -504,7 +522,7 @@ class DraftStore:
         for seg in segs:
             if seg.dead_fraction > 0.25:
                 return seg, None
-        if (force or len(segs) > _GLOBAL_SLOTS - 3) and len(segs) >= 2:
+        if len(segs) > _GLOBAL_SLOTS - 4:
             sizes = [s.num_tokens + t.num_tokens for s, t in zip(segs, segs[1:])]
             i = int(np.argmin(sizes))
             return segs[i], segs[i + 1]
