@@ -58,18 +58,34 @@ class Segment:
         return float(self.dead[-1]) / len(self.sa) if len(self.dead) and len(self.sa) else 0.0
 
     def mark_dead(self, uids: set[int]) -> None:
-        """Mark the entries ``uids`` (those this segment holds) dead: a new dead prefix, swapped in whole (a draft
-        reading the old one keeps a consistent view); nothing moves."""
+        """Mark the entries ``uids`` (those this segment holds) dead (see :meth:`dead_after`)."""
+        update = self.dead_after(uids)
+        if update is not None:
+            self.set_dead(*update)
+
+    def dead_after(self, uids: set[int]) -> tuple[set[int], np.ndarray] | None:
+        """The dead entries and dead prefix this segment would have with ``uids`` dead too (None: no change);
+        pure, so it can be computed outside the store's lock."""
         mine = {u for u in uids if u in self._uid_set()} - self.dead_uids
         if not mine:
-            return
+            return None
         dead_uids = self.dead_uids | mine
-        mask = np.zeros(len(self.tokens), np.bool_)
-        for uid, start, end in self.entry_slices():
-            if uid in dead_uids:
-                mask[start:end] = True
-        self.dead = kernels.dead_prefix(self.sa, mask)
+        ends = np.append(self.starts[1:] - 1, len(self.tokens) - 1)
+        chosen = np.isin(self.uids, np.fromiter(dead_uids, np.int64, len(dead_uids)))
+        edges = np.zeros(len(self.tokens) + 1, np.int32)
+        np.add.at(edges, self.starts[chosen], 1)
+        np.add.at(edges, ends[chosen], -1)
+        mask = np.cumsum(edges[:-1]) > 0  # [n] inside a dead entry
+        return dead_uids, kernels.dead_prefix(self.sa, mask)
+
+    def set_dead(self, dead_uids: set[int], dead: np.ndarray) -> None:
+        """Swap in a dead prefix whole (a draft reading the old one keeps a consistent view); nothing moves."""
+        self.dead = dead
         self.dead_uids = dead_uids
+
+    def holds_any(self, uids: set[int]) -> bool:
+        held = self._uid_set()
+        return any(u in held for u in uids)
 
     def _uid_set(self) -> set[int]:
         if self._uids is None:

@@ -120,6 +120,7 @@ class DraftStore:
         self.background = bool(background)
         self._lock = threading.RLock()
         self._compact_lock = threading.Lock()  # one compaction at a time
+        self._dead_lock = threading.Lock()  # one off-lock dead-prefix update at a time
         self._segments: list[Segment] = []  # oldest first
         self._frozen: list[Buffer] = []  # full tails waiting to be sealed
         self._tail = Buffer(1024)
@@ -399,9 +400,9 @@ class DraftStore:
             left -= length
         self._forget(gone)
 
-    def _forget(self, uids: set[int]) -> int:
+    def _forget(self, uids: set[int], segments: bool = True) -> int:
         """Mark ``uids`` dead: out of every draft from now on (compaction drops their tokens); return their
-        tokens."""
+        tokens. ``segments`` False leaves the segments to the caller (see :meth:`remove_source`)."""
         if not uids:
             return 0
         removed = 0
@@ -419,8 +420,9 @@ class DraftStore:
         if any(u in uids for u in self._tail.uids):
             self._tail = self._tail.without(uids)
         self._frozen = [b.without(uids) if any(u in uids for u in b.uids) else b for b in self._frozen]
-        for seg in self._segments:
-            seg.mark_dead(uids)
+        if segments:
+            for seg in self._segments:
+                seg.mark_dead(uids)
         self._request_compaction()
         return removed
 
@@ -441,9 +443,21 @@ class DraftStore:
         journaled all the same)."""
         check_id("remove_source", "source_id", source_id)
         with self._lock:
-            removed = self._drop_source(source_id)
+            uids = set(self._sources.get(source_id, ()))
+            removed = self._forget(uids, segments=False)
             self._journal.own("remove", (), source_id)
-            return removed
+            held = [seg for seg in self._segments if seg.holds_any(uids)]
+        # The segments' new dead prefixes are computed outside the lock (drafts go on meanwhile), one removal at a
+        # time, each from every removal so far; a segment merged away meanwhile got them from the merge.
+        with self._dead_lock:
+            with self._lock:
+                dead = set(self._dead)
+            for seg in held:
+                update = seg.dead_after(dead)
+                if update is not None:
+                    with self._lock:
+                        seg.set_dead(*update)
+        return removed
 
     def _drop_source(self, source_id: str) -> int:
         return self._forget(set(self._sources.get(source_id, ())))
