@@ -14,6 +14,7 @@ from lookahead_server import ServeSettings, create_app
 from serve_utils import new_generator
 
 from lookahead.engine import LookaheadGenerator
+from lookahead.store import DraftStore
 from lookahead.trie import TokenTrie
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -154,7 +155,7 @@ def test_document_ids_survive_a_restart(tmp_path):
         assert listed(c) == ["x", "y"]
         assert c.delete("/v1/documents/x").status_code == 200
         assert_holds_only(gen.trie, gen, X, **{"doc:y": Y})
-    assert TokenTrie.load(path).sources() == ["doc:y"]  # the deletion was saved
+    assert DraftStore.load(path).sources() == ["doc:y"]  # the deletion was saved
 
 
 # ---------------------------------------------------------------------------------------------------- the vector store

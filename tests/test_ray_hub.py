@@ -15,9 +15,9 @@ from lookahead_ray.spec import GeneratorSpec
 from lookahead_ray.sync import ActorHubClient, TrieSync, replica_trie
 from ray_utils import local_ray
 
-from lookahead.trie import TokenTrie
+from lookahead.store import DraftStore
 
-CONFIG = {"branch_length": 4, "max_query_length": 3, "node_budget": 10_000}
+CONFIG = {"branch_length": 4, "max_query_length": 3}
 
 
 class InProcessHub:
@@ -43,7 +43,7 @@ class InProcessHub:
 
 def worker() -> types.SimpleNamespace:
     """What TrieSync needs of a generator: a ``trie`` attribute."""
-    return types.SimpleNamespace(trie=TokenTrie(**CONFIG))
+    return types.SimpleNamespace(trie=DraftStore(**CONFIG))
 
 
 def test_two_workers_share_what_each_learned():
@@ -197,7 +197,7 @@ def test_the_hub_as_a_ray_actor(tmp_path):
         sync_b.stop()
     finally:
         assert stop_hub(hub) is True
-    assert path.is_file() and TokenTrie.load(path).count([11, 12, 13]) == 1.0
+    assert path.is_file() and DraftStore.load(path).count([11, 12, 13]) == 1.0
     assert find_hub("test-hub") is None
     assert os.path.getsize(path) > 0
 

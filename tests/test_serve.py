@@ -18,7 +18,7 @@ from lookahead_server.persistence import TrieFileError, TrieStore
 from prometheus_client.parser import text_string_to_metric_families
 from serve_utils import LiveServer, new_generator, slow_factory, sse_events, stream_text, wait_until
 
-from lookahead.trie import TokenTrie
+from lookahead.store import DraftStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -449,14 +449,14 @@ def _learn(c: TestClient) -> None:
 
 
 def test_trie_saved_at_shutdown_and_loaded_at_start(tmp_path):
-    path = tmp_path / "state" / "trie.json.gz"
+    path = tmp_path / "state" / "store.bin"
     gen = new_generator()
     with TestClient(create_app(gen, ServeSettings(trie_path=str(path), trie_save_interval=0))) as c:
         _learn(c)
         nodes = len(gen.trie)
         assert not path.exists()  # interval 0: only at shutdown
-    assert path.exists() and path.read_bytes()[:2] == b"\x1f\x8b"
-    assert len(TokenTrie.load(path)) == nodes
+    assert path.exists() and path.read_bytes()[:8] == b"LKSTORE\x01"  # raw arrays, mapped when loaded
+    assert len(DraftStore.load(path)) == nodes
     gen2 = new_generator()
     with TestClient(create_app(gen2, ServeSettings(trie_path=str(path)))) as c:
         assert c.get("/health").json()["trie_nodes"] == nodes
@@ -472,7 +472,7 @@ def test_trie_saved_periodically_only_when_changed(tmp_path):
         assert not path.exists()  # nothing learned yet: nothing written
         _learn(c)
         wait_until(path.exists, 10, "the periodic save")
-        wait_until(lambda: len(TokenTrie.load(path)) == len(gen.trie), 10, "the saved trie to catch up")
+        wait_until(lambda: len(DraftStore.load(path)) == len(gen.trie), 10, "the saved trie to catch up")
         time.sleep(0.3)  # a save that raced the last change has happened by now
         mtime = path.stat().st_mtime_ns
         time.sleep(0.4)
@@ -493,7 +493,7 @@ def test_corrupt_trie_is_moved_aside_and_service_starts_empty(tmp_path, caplog, 
             assert not path.exists()
             _learn(c)
     assert "refused trie file" in caplog.text and str(moved[0]) in caplog.text
-    assert len(TokenTrie.load(path)) == len(gen.trie) > 0  # a fresh, valid file
+    assert len(DraftStore.load(path)) == len(gen.trie) > 0  # a fresh, valid file
     assert moved[0].read_bytes() == content
 
 
@@ -513,10 +513,10 @@ def test_trie_save_failure_is_logged_not_fatal(tmp_path, caplog, monkeypatch):
         with TestClient(create_app(gen, ServeSettings(trie_path=str(path), trie_save_interval=0))) as c:
             _learn(c)
 
-            def fail(self: TokenTrie, p: Any) -> None:
+            def fail(self: DraftStore, p: Any) -> None:
                 raise OSError("disk full")
 
-            monkeypatch.setattr(TokenTrie, "save", fail)
+            monkeypatch.setattr(DraftStore, "save", fail)
         assert "could not save the trie" in caplog.text and "disk full" in caplog.text
     assert not path.exists()
 

@@ -15,7 +15,7 @@ from serve_utils import chat_tokenizer
 
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
-from lookahead.trie import TokenTrie
+from lookahead.store import DraftStore
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -165,13 +165,13 @@ def test_tenant_tries_are_saved_next_to_the_global_one_and_loaded_back(tmp_path)
     with TestClient(create_app(gen, settings)) as c:
         first = ask(c, "a")
         nodes = len(service(c).tenants.get("a"))
-    assert len(TokenTrie.load(tenant_trie_path(path, "a"))) == nodes
-    assert len(TokenTrie.load(path)) == 0  # the default trie learned nothing
+    assert len(DraftStore.load(tenant_trie_path(path, "a"))) == nodes
+    assert len(DraftStore.load(path)) == 0  # the default trie learned nothing
     gen2 = fixed_generator()
     with TestClient(create_app(gen2, settings)) as c:
         assert drafting(ask(c, "a")) == plain_rounds()[WARM]  # a's past answer came back from its file
         assert drafting(ask(c, "b")) == drafting(first)
-    assert len(TokenTrie.load(tenant_trie_path(path, "b"))) > 0
+    assert len(DraftStore.load(tenant_trie_path(path, "b"))) > 0
 
 
 def test_periodic_saves_write_only_the_tries_that_changed(tmp_path):
