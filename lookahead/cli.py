@@ -216,7 +216,7 @@ CORE_COMMANDS: dict[str, AddParser] = {
     "generate": add_generate_parser,
     "bench": add_bench_parser,
     "summarize": add_summarize_parser,
-    "bench-store": add_store_parsers,  # and store-stats
+    "bench-store": add_store_parsers,  # and store (stats)
 }
 
 

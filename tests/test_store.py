@@ -192,3 +192,18 @@ def test_bad_input_and_bad_files_are_refused_clearly(tmp_path):
     good.write_bytes(good.read_bytes()[:-8])
     with pytest.raises(StoreFileError):
         DraftStore.load(good)
+
+
+def test_store_stats_command(tmp_path, capsys):
+    from lookahead import cli
+
+    store = DraftStore(background=False)
+    store.insert([1, 2, 3, 4])
+    store.insert_source("doc:a", [5, 6])
+    store.save(tmp_path / "s.bin")
+    assert cli.main(["store", "stats", str(tmp_path / "s.bin")]) == 0
+    out = capsys.readouterr().out
+    assert '"tokens": 6' in out and '"entries": 2' in out and '"sources": 1' in out
+    (tmp_path / "bad.bin").write_bytes(b"x" * 40)
+    assert cli.main(["store", "stats", str(tmp_path / "bad.bin")]) == 2
+    assert "not a valid lookahead-store file" in capsys.readouterr().err

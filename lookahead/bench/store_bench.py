@@ -1,4 +1,4 @@
-"""``lookahead bench-store``: the draft store's size, speed and recall on real text, and ``lookahead store-stats``.
+"""``lookahead bench-store``: the draft store's size, speed and recall on real text; ``lookahead store stats``.
 
 Real text: the Python standard library's source files (code and docstrings written by others, on every machine),
 tokenized by the default model's tokenizer (cached as a .npy file). At each size the store learns that many tokens
@@ -254,6 +254,8 @@ def add_parsers(sub: Any, add_model_args: Any = None, build: Any = None) -> None
     bench.add_argument("--recall", action="store_true", help="also learn 10,000 answers and redraft 100 of them")
     bench.add_argument("--json", default=None, help="write every figure to this file")
     bench.set_defaults(func=cmd_bench_store)
-    stats = sub.add_parser("store-stats", help="what a saved draft store holds")
-    stats.add_argument("path", help="a file written by DraftStore.save (lookahead serve --trie)")
+    store = sub.add_parser("store", help="look into a saved draft store ('lookahead store stats PATH')")
+    actions = store.add_subparsers(dest="store_command", required=True)
+    stats = actions.add_parser("stats", help="what a saved draft store holds: tokens, entries, bytes, segments")
+    stats.add_argument("path", help="a file written by DraftStore.save (e.g. lookahead serve --trie PATH)")
     stats.set_defaults(func=cmd_store_stats)
