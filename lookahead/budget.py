@@ -10,6 +10,7 @@ pass it drafts nothing, which keeps the worst case at plain decoding speed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ class CostCurve:
         if list(self.sizes) != sorted(set(self.sizes)) or self.sizes[0] < 1:
             raise ValueError(f"cost curve sizes must be increasing positive integers, got {self.sizes}")
 
+    @functools.lru_cache(maxsize=8192)  # noqa: B019 - curves are few, frozen and hashable; asked every step
     def cost(self, n: float) -> float:
         """Interpolated seconds for an ``n``-token pass (linear beyond the measured range)."""
         sizes, secs = self.sizes, self.seconds
@@ -115,9 +117,19 @@ class CostModel:
         """The measured curve of ``batch`` rows at the shortest measured context."""
         return next(curve for b, _, curve in self.points if b == batch)
 
+    @functools.cached_property
+    def _by_batch(self) -> dict[int, tuple[list[int], list[CostCurve]]]:
+        """Per batch, its measured contexts and their curves."""
+        out: dict[int, tuple[list[int], list[CostCurve]]] = {}
+        for b, c, curve in self.points:
+            out.setdefault(b, ([], []))
+            out[b][0].append(c)
+            out[b][1].append(curve)
+        return out
+
     def _at_batch(self, batch: int, n: float, context: float) -> float:
-        points = [(c, curve) for b, c, curve in self.points if b == batch]
-        return _interpolate(context, [c for c, _ in points], [curve.cost(n) for _, curve in points])
+        contexts, curves = self._by_batch[batch]
+        return _interpolate(context, contexts, [curve.cost(n) for curve in curves])
 
     def cost(self, n: float, context: float = 0, batch: int = 1) -> float:
         """Interpolated seconds of a pass of ``batch`` rows of ``n`` nodes after ``context`` positions."""
@@ -270,6 +282,18 @@ class AcceptanceModel:
             rate = min(1.0, rate + self.exploration / (trials + 1.0) ** 0.5)
         return rate
 
+    def probabilities(self, nodes: Sequence[NodeFeatures], match_length: int, last_accepted: int) -> list[float]:
+        """:meth:`probability` of every node; nodes with the same bins are computed once."""
+        memo: dict[tuple, float] = {}
+        out = []
+        for node in nodes:
+            key = self.keys(node, match_length, last_accepted)[2]  # the fine bin decides the estimate
+            rate = memo.get(key)
+            if rate is None:
+                rate = memo[key] = self.probability(node, match_length, last_accepted)
+            out.append(rate)
+        return out
+
     def observe(self, node: NodeFeatures, match_length: int, last_accepted: int, accepted: bool) -> None:
         for table, key in zip((self._base, self._coarse, self._fine), self.keys(node, match_length, last_accepted)):
             entry = table.setdefault(key, [0.0, 0.0])
@@ -342,10 +366,10 @@ class DraftBudget:
         if not self.adaptive:
             return Ranking(list(range(len(parents))), [1.0] * len(parents))
         features = node_features(parents, scores, global_counts, follow)
+        accept = self.acceptance.probabilities(features, match_length, last_accepted)
         reach: list[float] = []  # P(node is on the accepted path)
-        for p, feat in zip(parents, features):
-            parent_reach = 1.0 if p < 0 else reach[p]
-            reach.append(parent_reach * self.acceptance.probability(feat, match_length, last_accepted))
+        for p, rate in zip(parents, accept):
+            reach.append(rate if p < 0 else reach[p] * rate)
         order = sorted(range(len(parents)), key=lambda i: (-reach[i], features[i].depth, i))
         return Ranking(order, [reach[i] for i in order])
 
