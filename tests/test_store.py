@@ -207,3 +207,39 @@ def test_store_stats_command(tmp_path, capsys):
     (tmp_path / "bad.bin").write_bytes(b"x" * 40)
     assert cli.main(["store", "stats", str(tmp_path / "bad.bin")]) == 2
     assert "not a valid lookahead-store file" in capsys.readouterr().err
+
+
+def test_every_document_of_a_large_corpus_still_drafts():
+    """200k tokens of documents with ids: none is pruned or forgotten (the trie kept ~10k tokens), and the store
+    stays compact."""
+    rng = np.random.default_rng(1)
+    store = DraftStore(background=False)
+    docs = {f"doc:{i}": rng.integers(0, 49_152, 500) for i in range(400)}
+    for sid, toks in docs.items():
+        store.insert_source(sid, toks)
+    store.flush()
+    assert store.num_tokens() == 200_000 and store.nbytes / store.num_tokens() < 12
+    for sid, toks in list(docs.items())[::7]:
+        draft = store.draft(toks[100:106].tolist(), 48)
+        path = [draft.tokens[i] for i in range(len(draft.tokens)) if draft.parents[i] == i - 1]
+        assert path == toks[106:106 + len(path)].tolist() and len(path) == 7, sid  # a whole window: 13 - 6
+    assert len(store.sources()) == 400
+
+
+def test_recall_after_ten_thousand_answers():
+    """With the default settings, the first 100 of 10,000 distinct answers are drafted again from their opening
+    tokens (the trie remembered about the last 30)."""
+    from lookahead.config import LookaheadConfig
+    from lookahead.drafter import new_trie
+
+    rng = np.random.default_rng(2)
+    answers = [rng.integers(0, 49_152, 100) for _ in range(10_000)]
+    store = new_trie(LookaheadConfig())
+    for answer in answers:
+        store.insert(answer)
+    store.flush()
+    for answer in answers[:100]:
+        draft = store.draft(answer[:6].tolist(), 48)
+        path = [draft.tokens[i] for i in range(len(draft.tokens)) if draft.parents[i] == i - 1]
+        assert path == answer[6:6 + len(path)].tolist() and len(path) >= 19  # a whole window deep
+    store.close()
