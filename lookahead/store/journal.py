@@ -1,13 +1,17 @@
 """A bounded journal of global inserts, numbered per origin: what one store hands another as a delta.
 
-Entries are :class:`lookahead.trie.JournalEntry` values (the same deltas the oracle trie makes and merges), kept in a
-deque from position ``base`` on; ``applied`` holds, per origin, the highest ``seq`` this store has (its own origin:
+Entries are kept as (origin, seq, op, source, int32 token array, start, stop, skip) tuples, 4 bytes a token, and
+handed out as :class:`lookahead.trie.JournalEntry` values (the same deltas the oracle trie makes and merges); they
+sit in a deque from position ``base`` on; ``applied`` holds, per origin, the highest ``seq`` this store has (its own origin:
 the entries it made), so merging is idempotent and an echo is ignored.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
+
+import numpy as np
 
 from ..trie import JournalEntry, TrieDelta, check_int
 
@@ -20,7 +24,7 @@ class Journal:
     def __init__(self, origin: str, limit: int) -> None:
         self.origin = origin
         self.limit = check_int("DraftStore", "journal_limit", limit, 0)
-        self.entries: deque[JournalEntry] = deque()
+        self.entries: deque[tuple[Any, ...]] = deque()
         self.base = 0
         self.cost = 0
         self.applied: dict[str, int] = {origin: 0}
@@ -29,31 +33,30 @@ class Journal:
     def version(self) -> int:
         return self.base + len(self.entries)
 
-    def own(self, op: str, tokens: tuple[int, ...] = (), source: str | None = None, skip: int = 0) -> JournalEntry:
+    def own(self, op: str, tokens: np.ndarray, source: str | None = None, skip: int = 0) -> None:
         """Append an entry made here (the next seq of this origin)."""
         seq = self.applied[self.origin] + 1
         self.applied[self.origin] = seq
-        entry = JournalEntry(self.origin, seq, op, tokens, 0, len(tokens), skip, source)
-        self.push(entry)
-        return entry
+        self.push((self.origin, seq, op, source, np.asarray(tokens, np.int32), 0, len(tokens), skip))
 
     def is_new(self, entry: JournalEntry) -> bool:
         return entry.seq > self.applied.get(entry.origin, 0)
 
     def note_applied(self, entry: JournalEntry) -> None:
         self.applied[entry.origin] = entry.seq
-        self.push(entry)
+        self.push((entry.origin, entry.seq, entry.op, entry.source, np.asarray(entry.tokens, np.int64),
+                   entry.start, entry.stop, entry.skip))
 
-    def push(self, entry: JournalEntry) -> None:
+    def push(self, entry: tuple[Any, ...]) -> None:
         self.entries.append(entry)
-        self.cost += len(entry.tokens) + _ENTRY_COST
+        self.cost += len(entry[4]) + _ENTRY_COST
         while self.cost > self.limit and self.entries:
             self.pop()
 
     def pop(self) -> None:
         entry = self.entries.popleft()
         self.base += 1
-        self.cost -= len(entry.tokens) + _ENTRY_COST
+        self.cost -= len(entry[4]) + _ENTRY_COST
 
     def export(self, since: int, branch_length: int) -> TrieDelta:
         since = check_int("export_delta", "since", since, 0)
@@ -62,7 +65,8 @@ class Journal:
                              f"journal_limit={self.limit}); since must be >= {self.base}, got {since}")
         if since > self.version:
             raise ValueError(f"export_delta: since ({since}) is past this store's version ({self.version})")
-        entries = tuple(self.entries)[since - self.base:]
+        entries = tuple(JournalEntry(o, seq, op, tuple(toks.tolist()), a, b, k, src)
+                        for o, seq, op, src, toks, a, b, k in list(self.entries)[since - self.base:])
         return TrieDelta(self.origin, branch_length, since, self.version, entries)
 
     def trim(self, upto: int) -> None:

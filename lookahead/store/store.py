@@ -307,7 +307,7 @@ class DraftStore:
         with self._lock:
             if request_id is None:
                 self._add_global(toks, None)
-                self._journal.own("insert", tuple(toks.tolist()))
+                self._journal.own("insert", toks)
                 return
             loc = self._locals.setdefault(request_id, _Local())
             if not loc.stream.used:
@@ -333,7 +333,7 @@ class DraftStore:
         with self._lock:
             if request_id is None:
                 self._extend_global(tail, add)
-                self._journal.own("insert", tuple(tail.tolist() + add.tolist()), skip=len(tail))
+                self._journal.own("insert", np.concatenate([tail, add]), skip=len(tail))
                 return
             loc = self._locals.setdefault(request_id, _Local())
             stream = loc.stream
@@ -436,7 +436,7 @@ class DraftStore:
                 self._drop_source(source_id)
             if len(toks):
                 self._add_global(toks, source_id)
-            self._journal.own("append" if append else "source", tuple(toks.tolist()), source_id)
+            self._journal.own("append" if append else "source", toks, source_id)
 
     def remove_source(self, source_id: str) -> int:
         """Remove every entry of document ``source_id``; return how many tokens went (0: unknown id, the removal is
@@ -445,7 +445,7 @@ class DraftStore:
         with self._lock:
             uids = set(self._sources.get(source_id, ()))
             removed = self._forget(uids, segments=False)
-            self._journal.own("remove", (), source_id)
+            self._journal.own("remove", EMPTY, source_id)
             held = [seg for seg in self._segments if seg.holds_any(uids)]
         # The segments' new dead prefixes are computed outside the lock (drafts go on meanwhile), one removal at a
         # time, each from every removal so far; a segment merged away meanwhile got them from the merge.
