@@ -2,8 +2,8 @@
 
 Entries are kept as (origin, seq, op, source, int32 token array, start, stop, skip) tuples, 4 bytes a token, and
 handed out as :class:`lookahead.trie.JournalEntry` values (the same deltas the oracle trie makes and merges); they
-sit in a deque from position ``base`` on; ``applied`` holds, per origin, the highest ``seq`` this store has (its own origin:
-the entries it made), so merging is idempotent and an echo is ignored.
+sit in a deque from position ``base`` on; ``applied`` holds, per origin, the highest ``seq`` this store has (its own
+origin: the entries it made), so merging is idempotent and an echo is ignored.
 """
 
 from __future__ import annotations
