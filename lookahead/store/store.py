@@ -119,7 +119,7 @@ class DraftStore:
         self.width = self.branch_length + 1
         self.background = bool(background)
         self._lock = threading.RLock()
-        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._compact_lock = threading.RLock()  # one compaction at a time (eviction may ask for one inside it)
         self._dead_lock = threading.Lock()  # one off-lock dead-prefix update at a time
         self._segments: list[Segment] = []  # oldest first
         self._frozen: list[Buffer] = []  # full tails waiting to be sealed
@@ -386,19 +386,36 @@ class DraftStore:
             self._tail = Buffer(1024)
             self._request_compaction()
         if self._live_tokens * _BYTES_PER_TOKEN > self.store_bytes:
-            self._evict()
+            self._request_compaction()  # eviction runs there, never on the decode thread
 
     def _evict(self) -> None:
-        """Remove the oldest entries until the store is at 90% of ``store_bytes``."""
-        target = int(0.9 * self.store_bytes / _BYTES_PER_TOKEN)
-        gone: set[int] = set()
-        left = self._live_tokens
-        for uid, length in self._entries.items():
-            if left <= target:
-                break
-            gone.add(uid)
-            left -= length
-        self._forget(gone)
+        """Remove the oldest entries until the store is at 90% of ``store_bytes`` (from compaction)."""
+        with self._lock:
+            target = int(0.9 * self.store_bytes / _BYTES_PER_TOKEN)
+            if self._live_tokens * _BYTES_PER_TOKEN <= self.store_bytes:
+                return
+            gone: set[int] = set()
+            left = self._live_tokens
+            for uid, length in self._entries.items():
+                if left <= target:
+                    break
+                gone.add(uid)
+                left -= length
+            self._forget(gone, segments=False)
+            held = [seg for seg in self._segments if seg.holds_any(gone)]
+        self._mark_dead(held)
+
+    def _mark_dead(self, held: list[Segment]) -> None:
+        """Give the segments ``held`` the dead prefixes of every removal so far, computed outside the store lock
+        (drafts go on meanwhile), one update at a time; a segment merged away meanwhile got them from the merge."""
+        with self._dead_lock:
+            with self._lock:
+                dead = set(self._dead)
+            for seg in held:
+                update = seg.dead_after(dead)
+                if update is not None:
+                    with self._lock:
+                        seg.set_dead(*update)
 
     def _forget(self, uids: set[int], segments: bool = True) -> int:
         """Mark ``uids`` dead: out of every draft from now on (compaction drops their tokens); return their
@@ -447,16 +464,7 @@ class DraftStore:
             removed = self._forget(uids, segments=False)
             self._journal.own("remove", EMPTY, source_id)
             held = [seg for seg in self._segments if seg.holds_any(uids)]
-        # The segments' new dead prefixes are computed outside the lock (drafts go on meanwhile), one removal at a
-        # time, each from every removal so far; a segment merged away meanwhile got them from the merge.
-        with self._dead_lock:
-            with self._lock:
-                dead = set(self._dead)
-            for seg in held:
-                update = seg.dead_after(dead)
-                if update is not None:
-                    with self._lock:
-                        seg.set_dead(*update)
+        self._mark_dead(held)
         return removed
 
     def _drop_source(self, source_id: str) -> int:
@@ -502,6 +510,7 @@ class DraftStore:
         """Seal the frozen tails, merge segments (log-structured), drop dead entries; the heavy work runs outside
         the store lock, each result is swapped in under it."""
         with self._compact_lock:
+            self._evict()
             while True:
                 with self._lock:
                     frozen = self._frozen[0] if self._frozen else None
