@@ -4,6 +4,8 @@ here: eviction (tested on its own below) and ``append`` slices."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -243,3 +245,21 @@ def test_recall_after_ten_thousand_answers():
         path = [draft.tokens[i] for i in range(len(draft.tokens)) if draft.parents[i] == i - 1]
         assert path == answer[6:6 + len(path)].tolist() and len(path) >= 19  # a whole window deep
     store.close()
+
+
+def test_a_request_with_large_documents_drafts_from_them_while_and_after_they_are_indexed():
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 49_152, 20_000) for _ in range(3)]  # 60k tokens: indexed in a thread
+    store, trie = pair(branch_length=8, max_query_length=4)
+    for s in (store, trie):
+        s.insert([1, 2, 3], "r")
+        for doc in docs:
+            s.insert(doc, "r")
+    ctx = docs[1][500:504].tolist()
+    assert store.draft(ctx, 12, "r") == trie.draft(ctx, 12, "r")  # scanned, or indexed already
+    deadline = time.monotonic() + 30
+    while not store.documents_indexed("r") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.documents_indexed("r")
+    assert store.draft(ctx, 12, "r") == trie.draft(ctx, 12, "r")  # from the index
+    assert store.draft(ctx, 12, "r").tokens[:4] == docs[1][504:508].tolist()

@@ -316,10 +316,26 @@ class DraftStore:
                 loc.docs.add(toks, 0)
                 loc.docs_index = None
         if request_id is not None and len(loc.docs) > _LINEAR_DOCS and loc.docs_index is None:
-            index = loc.docs.seal(self.width)  # outside the lock: other requests draft meanwhile
-            with self._lock:
-                if loc.docs_index is None and len(index.sa) == len(loc.docs):
-                    loc.docs_index = index
+            # Large documents get a suffix array of their own, sorted in a thread of its own (numpy's sorts let
+            # the decode thread go on); until it is swapped in they are scanned.
+            threading.Thread(target=self._index_docs, args=(loc,), name="lookahead-docs", daemon=True).start()
+
+    def documents_indexed(self, request_id: str) -> bool:
+        """Whether the documents of a live request are read through a suffix array (large ones, once sorted) rather
+        than scanned."""
+        with self._lock:
+            loc = self._locals.get(request_id)
+            return loc is not None and loc.docs_index is not None
+
+    def _index_docs(self, loc: _Local) -> None:
+        with self._lock:
+            size = len(loc.docs)
+            docs = loc.docs.view().copy()
+            starts = np.array(loc.docs.starts, np.int64)
+        index = Segment.build(docs, starts, np.zeros(len(starts), np.int64), self.width)
+        with self._lock:
+            if loc.docs_index is None and len(loc.docs) == size:  # no document came since
+                loc.docs_index = index
 
     def extend(self, before: Sequence[int], new: Sequence[int], request_id: str | None = None) -> None:
         """Count ``new`` tokens of a sequence whose earlier tokens (``before``) were counted: the sequence that ends
