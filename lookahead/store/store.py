@@ -252,7 +252,7 @@ class DraftStore:
         if self._scratch_key != key:
             scale = self._scratch_scale
             self._scratch_arrays = (np.empty(scale << 14, np.int64), np.empty((5, scale << 13), np.int64),
-                                    np.empty((2, k * (k + 1) + 1, SLOTS), np.int64))
+                                    np.empty((2, min(k * (k + 1) + 1, scale << 12), SLOTS), np.int64))
             self._scratch_key = key
         return self._scratch_arrays
 
