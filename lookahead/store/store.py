@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import threading
@@ -42,6 +43,8 @@ from .journal import Journal
 from .segments import EMPTY, Buffer, Segment, merge_segments
 
 __all__ = ["DEFAULT_STORE_BYTES", "DraftStore", "StoreFileError"]
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "lookahead-store"
 FORMAT_VERSION = 1
@@ -134,6 +137,7 @@ class DraftStore:
         self._journal = Journal(uuid.uuid4().hex if origin is None else check_id("DraftStore", "origin", origin),
                                 journal_limit)
         self._wake = threading.Event()
+        self._worker_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._closed = False
         self.meta: dict[str, Any] = {}  # saved with the store (e.g. the tokenizer that wrote it)
@@ -497,17 +501,28 @@ class DraftStore:
         if not self.background:
             self._compact_now()
             return
-        self._wake.set()
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._work, name="lookahead-store", daemon=True)
-            self._worker.start()
+        with self._worker_lock:
+            self._wake.set()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="lookahead-store", daemon=True)
+                self._worker.start()
 
     def _work(self) -> None:
+        """The background compaction: runs while there is work, ends after 30 s idle (restarted on demand)."""
         while not self._closed:
-            self._wake.wait(timeout=1.0)
-            if self._wake.is_set():
-                self._wake.clear()
+            if not self._wake.wait(timeout=30.0):
+                with self._worker_lock:
+                    if not self._wake.is_set():
+                        self._worker = None
+                        return
+                continue
+            self._wake.clear()
+            try:
                 self._compact_now()
+            except Exception:  # a failed merge leaves the segments as they were; drafting goes on
+                log.exception("draft store: background compaction failed")
+        with self._worker_lock:
+            self._worker = None
 
     def flush(self) -> None:
         """Seal, merge and compact now (in this thread); the store is a few segments afterwards."""
