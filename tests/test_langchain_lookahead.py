@@ -69,9 +69,9 @@ def spy_inserts(monkeypatch: pytest.MonkeyPatch, generator: LookaheadGenerator) 
     calls: list[tuple[list[int], Any]] = []
     original = generator.trie.insert
 
-    def insert(tokens, request_id=None, start=0, stop=None):
+    def insert(tokens, request_id=None):
         calls.append((list(tokens), request_id))
-        return original(tokens, request_id=request_id, start=start, stop=stop)
+        return original(tokens, request_id=request_id)
 
     monkeypatch.setattr(generator.trie, "insert", insert)
     return calls

@@ -230,5 +230,5 @@ def test_a_request_drafts_from_and_learns_into_its_own_trie():
     assert own.count(ref[:8]) == 2  # the answer was learned into the request's trie
     cold = gen.generate(prompt, max_new_tokens=N)
     assert cold.token_ids == ref and sum(cold.stats.accepted_lengths) < sum(warm.stats.accepted_lengths)
-    with pytest.raises(TypeError, match="trie must be a lookahead.trie.TokenTrie"):
+    with pytest.raises(TypeError, match="trie must be a lookahead.store.DraftStore"):
         gen.generate(prompt, max_new_tokens=2, trie={})

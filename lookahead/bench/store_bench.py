@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from ..budget import CostCurve, DraftBudget
 from ..config import LookaheadConfig
 from ..drafter import Drafter, new_trie
 from ..files import cache_dir
+from ..models import default_model_dir, load_model
 from ..store import DraftStore
 
 ANSWER = 256
@@ -41,12 +43,9 @@ def real_tokens(limit: int) -> np.ndarray:
         toks = np.load(cache)
         if len(toks) >= limit:
             return toks
-    from transformers import AutoTokenizer
-
-    from ..models import default_model_dir, load_model
     if not (default_model_dir() / "tokenizer.json").exists():
         load_model("default")  # converts the embedded model once (its tokenizer comes with it)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())  # the default model's, offline
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
     pieces: list[np.ndarray] = []
     total = 0
