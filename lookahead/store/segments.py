@@ -177,13 +177,16 @@ class Buffer:
         ends = self.starts[1:] + [self.used]
         return [(u, self.data[s: e - 1]) for u, s, e in zip(self.uids, self.starts, ends)]
 
-    def without(self, uids: set[int]) -> Buffer:
-        """A copy without the entries ``uids``."""
-        out = Buffer(len(self.data))
-        for uid, toks in self.entries():
-            if uid not in uids:
-                out.add(toks, uid)
-        return out
+    def drop(self, uids: set[int]) -> None:
+        """Remove the entries ``uids`` in place (a new data array: a reader of the old one keeps its view)."""
+        if not any(u in uids for u in self.uids):
+            return
+        kept = [(u, t.copy()) for u, t in self.entries() if u not in uids]
+        self.data = np.full(len(self.data), SEP, np.int32)
+        self.used = 0
+        self.starts, self.uids = [], []
+        for uid, toks in kept:
+            self.add(toks, uid)
 
     def seal(self, width: int) -> Segment:
         """A segment holding this buffer's entries."""

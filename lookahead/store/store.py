@@ -50,7 +50,7 @@ FORMAT_NAME = "lookahead-store"
 FORMAT_VERSION = 1
 MAGIC = b"LKSTORE\x01"
 DEFAULT_STORE_BYTES = 128 << 20  # 128 MiB: about 14M remembered tokens
-SLOTS = 12  # sources one draft reads: global segments and buffers, then the request's two buffers
+SLOTS = 16  # sources one draft reads: global segments and buffers, then the request's two buffers
 _GLOBAL_SLOTS = SLOTS - 2
 _MERGE_RATIO = 4  # merge the newest segment into the one before while that one is at most this many times larger
 _LINEAR_DOCS = 32_768  # a request's documents past this many tokens get a suffix array of their own
@@ -454,9 +454,8 @@ class DraftStore:
                     self._sources.pop(source, None)
         self._live_tokens -= removed
         self._dead |= uids
-        if any(u in uids for u in self._tail.uids):
-            self._tail = self._tail.without(uids)
-        self._frozen = [b.without(uids) if any(u in uids for u in b.uids) else b for b in self._frozen]
+        for buf in [*self._frozen, self._tail]:
+            buf.drop(uids)
         if segments:
             for seg in self._segments:
                 seg.mark_dead(uids)
@@ -544,12 +543,16 @@ class DraftStore:
             self._evict()
             while True:
                 with self._lock:
-                    frozen = self._frozen[0] if self._frozen else None
-                if frozen is None:
+                    frozen = list(self._frozen)
+                    combined = Buffer(sum(b.used + 1 for b in frozen))
+                    for buf in frozen:
+                        for uid, toks in buf.entries():
+                            combined.add(toks, uid)
+                if not frozen:
                     break
-                seg = frozen.seal(self.width)
+                seg = combined.seal(self.width)  # every full tail so far in one segment: merges keep up
                 with self._lock:
-                    self._frozen.remove(frozen)
+                    self._frozen = [b for b in self._frozen if all(b is not f for f in frozen)]
                     seg.mark_dead(self._dead)
                     self._segments.append(seg)
             while True:
