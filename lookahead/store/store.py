@@ -53,6 +53,7 @@ DEFAULT_STORE_BYTES = 128 << 20  # 128 MiB: about 14M remembered tokens
 SLOTS = 16  # sources one draft reads: global segments and buffers, then the request's two buffers
 _GLOBAL_SLOTS = SLOTS - 2
 _MERGE_RATIO = 4  # merge the newest segment into the one before while that one is at most this many times larger
+_BACKLOG = 16  # full tails that may wait for the background sealing before inserts seal them themselves
 _LINEAR_DOCS = 32_768  # a request's documents past this many tokens get a suffix array of their own
 _BYTES_PER_TOKEN = 9  # token + suffix-array entry + the entry's separator, amortised
 
@@ -64,12 +65,13 @@ class StoreFileError(ValueError):
 class _Local:
     """One live request's entries: ``stream`` (its prompt, then its output as it is counted) and ``docs``."""
 
-    __slots__ = ("stream", "docs", "docs_index")
+    __slots__ = ("stream", "docs", "docs_index", "indexing")
 
     def __init__(self) -> None:
         self.stream = Buffer()
         self.docs = Buffer()
         self.docs_index: Segment | None = None  # suffix array of docs once they are large
+        self.indexing = False  # a thread is sorting them
 
 
 def _as_tokens(tokens: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
@@ -312,14 +314,19 @@ class DraftStore:
             if request_id is None:
                 self._add_global(toks, None)
                 self._journal.own("insert", toks)
-                return
+        if request_id is None:
+            self._keep_up()
+            return
+        with self._lock:
             loc = self._locals.setdefault(request_id, _Local())
             if not loc.stream.used:
                 loc.stream.add(toks, 0)
             else:
                 loc.docs.add(toks, 0)
                 loc.docs_index = None
-        if request_id is not None and len(loc.docs) > _LINEAR_DOCS and loc.docs_index is None:
+            start = len(loc.docs) > _LINEAR_DOCS and loc.docs_index is None and not loc.indexing
+            loc.indexing = loc.indexing or start
+        if start:
             # Large documents get a suffix array of their own, sorted in a thread of its own (numpy's sorts let
             # the decode thread go on); until it is swapped in they are scanned.
             threading.Thread(target=self._index_docs, args=(loc,), name="lookahead-docs", daemon=True).start()
@@ -332,14 +339,18 @@ class DraftStore:
             return loc is not None and loc.docs_index is not None
 
     def _index_docs(self, loc: _Local) -> None:
-        with self._lock:
-            size = len(loc.docs)
-            docs = loc.docs.view().copy()
-            starts = np.array(loc.docs.starts, np.int64)
-        index = Segment.build(docs, starts, np.zeros(len(starts), np.int64), self.width)
-        with self._lock:
-            if loc.docs_index is None and len(loc.docs) == size:  # no document came since
-                loc.docs_index = index
+        """Sort a request's documents until the index covers all of them (more may come while it sorts)."""
+        while True:
+            with self._lock:
+                size = len(loc.docs)
+                docs = loc.docs.view().copy()
+                starts = np.array(loc.docs.starts, np.int64)
+            index = Segment.build(docs, starts, np.zeros(len(starts), np.int64), self.width)
+            with self._lock:
+                if len(loc.docs) == size:  # no document came since
+                    loc.docs_index = index
+                    loc.indexing = False
+                    return
 
     def extend(self, before: Sequence[int], new: Sequence[int], request_id: str | None = None) -> None:
         """Count ``new`` tokens of a sequence whose earlier tokens (``before``) were counted: the sequence that ends
@@ -473,6 +484,7 @@ class DraftStore:
             if len(toks):
                 self._add_global(toks, source_id)
             self._journal.own("append" if append else "source", toks, source_id)
+        self._keep_up()
 
     def remove_source(self, source_id: str) -> int:
         """Remove every entry of document ``source_id``; return how many tokens went (0: unknown id, the removal is
@@ -495,6 +507,15 @@ class DraftStore:
             return sorted(self._sources)
 
     # ------------------------------------------------------------------ compaction (sealing, merging, dropping)
+
+    def _keep_up(self) -> None:
+        """Back-pressure for bulk loads: when more than ``_BACKLOG`` tails wait to be sealed (inserts came faster
+        than the background sorts), the inserting thread seals them itself (learning answers one at a time never
+        gets here; a bulk insert of documents does)."""
+        with self._lock:
+            behind = len(self._frozen) > _BACKLOG
+        if behind:
+            self._compact_now()
 
     def _request_compaction(self) -> None:
         if not self.background:
@@ -634,6 +655,7 @@ class DraftStore:
                 self._replay(entry)
                 self._journal.note_applied(entry)
             applied += 1
+            self._keep_up()
         return applied
 
     def _replay(self, entry: Any) -> None:
