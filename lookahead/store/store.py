@@ -784,9 +784,9 @@ class DraftStore:
         store._journal.applied.update(applied)
         store._journal.base = int(header["journal_version"])
         store._segments = segments
-        for seg in segments:
-            for uid, start, end in seg.entry_slices():
-                store._entries[uid] = end - start
+        for seg in segments:  # oldest first, uids growing: the eviction order
+            lengths = np.diff(np.append(seg.starts, len(seg.tokens))) - 1
+            store._entries.update(zip(seg.uids.tolist(), lengths.tolist()))
         store._live_tokens = sum(store._entries.values())
         store._sources = sources
         store._entry_source = {u: sid for sid, uids in sources.items() for u in uids}
