@@ -10,6 +10,7 @@ pass it drafts nothing, which keeps the worst case at plain decoding speed.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -222,10 +223,13 @@ class NodeFeatures:
 
 
 def _bucket(value: float, edges: Sequence[float]) -> int:
-    for i, edge in enumerate(edges):
-        if value < edge:
-            return i
-    return len(edges)
+    """Index of the first edge above ``value`` (``len(edges)`` when none is)."""
+    return bisect.bisect_right(edges, value)
+
+
+SHARE_EDGES = (0.3, 0.6, 0.95)
+LAST_EDGES = (1, 2, 4, 8)
+SCORE_EDGES = (1.5, 3.5, 8.0)
 
 
 #: edges of the ``follow`` bins: a context that has followed a past output for 16+ tokens is most likely repeating it
@@ -260,10 +264,9 @@ class AcceptanceModel:
     def keys(node: NodeFeatures, match_length: int, last_accepted: int) -> tuple[tuple, tuple, tuple]:
         """The node's (base, coarse, fine) bins."""
         follow = _bucket(node.follow, FOLLOW_EDGES) if node.from_outputs else -1
-        base = (_bucket(node.share, (0.3, 0.6, 0.95)), node.from_outputs, follow)
+        base = (_bucket(node.share, SHARE_EDGES), node.from_outputs, follow)
         coarse = base + (min(node.depth, 4),)
-        fine = coarse + (min(match_length, 4), _bucket(last_accepted, (1, 2, 4, 8)),
-                         _bucket(node.score, (1.5, 3.5, 8.0)))
+        fine = coarse + (min(match_length, 4), _bucket(last_accepted, LAST_EDGES), _bucket(node.score, SCORE_EDGES))
         return base, coarse, fine
 
     @staticmethod
@@ -281,18 +284,6 @@ class AcceptanceModel:
             trials = self._fine.get(fine, (0.0, 0.0))[1]
             rate = min(1.0, rate + self.exploration / (trials + 1.0) ** 0.5)
         return rate
-
-    def probabilities(self, nodes: Sequence[NodeFeatures], match_length: int, last_accepted: int) -> list[float]:
-        """:meth:`probability` of every node; nodes with the same bins are computed once."""
-        memo: dict[tuple, float] = {}
-        out = []
-        for node in nodes:
-            key = self.keys(node, match_length, last_accepted)[2]  # the fine bin decides the estimate
-            rate = memo.get(key)
-            if rate is None:
-                rate = memo[key] = self.probability(node, match_length, last_accepted)
-            out.append(rate)
-        return out
 
     def observe(self, node: NodeFeatures, match_length: int, last_accepted: int, accepted: bool) -> None:
         for table, key in zip((self._base, self._coarse, self._fine), self.keys(node, match_length, last_accepted)):
@@ -365,12 +356,30 @@ class DraftBudget:
         """Every draft node with its estimated reach, most promising first (all reach 1.0 when not adaptive)."""
         if not self.adaptive:
             return Ranking(list(range(len(parents))), [1.0] * len(parents))
-        features = node_features(parents, scores, global_counts, follow)
-        accept = self.acceptance.probabilities(features, match_length, last_accepted)
+        # node_features and AcceptanceModel.probabilities, inline: this runs every step for every row
+        n = len(parents)
+        from_outputs = [g > 0 for g in global_counts] if global_counts else [False] * n
+        mass: dict[int, float] = {}
+        for p, sc in zip(parents, scores):
+            mass[p] = mass.get(p, 0.0) + sc
+        tail = (min(match_length, 4), _bucket(last_accepted, LAST_EDGES))
+        acceptance = self.acceptance
+        memo: dict[tuple, float] = {}
+        depths: list[int] = []
         reach: list[float] = []  # P(node is on the accepted path)
-        for p, rate in zip(parents, accept):
+        for p, sc, out in zip(parents, scores, from_outputs):
+            depth = 1 if p < 0 else depths[p] + 1
+            depths.append(depth)
+            share = sc / mass[p] if mass[p] > 0 else 0.0
+            node_follow = (follow + depth - 1) if out and follow else 0
+            key = (_bucket(share, SHARE_EDGES), out, _bucket(node_follow, FOLLOW_EDGES) if out else -1,
+                   min(depth, 4), *tail, _bucket(sc, SCORE_EDGES))
+            rate = memo.get(key)
+            if rate is None:
+                feat = NodeFeatures(share=share, depth=depth, score=sc, from_outputs=out, follow=node_follow)
+                rate = memo[key] = acceptance.probability(feat, match_length, last_accepted)
             reach.append(rate if p < 0 else reach[p] * rate)
-        order = sorted(range(len(parents)), key=lambda i: (-reach[i], features[i].depth, i))
+        order = sorted(range(n), key=lambda i: (-reach[i], depths[i], i))
         return Ranking(order, [reach[i] for i in order])
 
     def sizes(self, rankings: Sequence[Ranking], context: int = 0, max_nodes: int | None = None) -> list[int]:

@@ -24,6 +24,7 @@ import numba as nb
 import numpy as np
 
 SEP = -1
+SLOTS = 16  # sources one draft call reads (a fixed-size tuple: one compiled signature)
 
 _JIT = {"nogil": True, "cache": True}
 
@@ -474,3 +475,35 @@ def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_li
             return out_tok[:n_out].copy(), out_par[:n_out].copy(), out_score[:n_out].copy(), \
                 out_glob[:n_out].copy(), q
     return e_tok, e_tok, e_f, e_f, 0
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel now, on tiny inputs: the first call of each would
+    otherwise hold the GIL for up to a few hundred milliseconds inside whichever thread makes it, a decode step
+    included. Idempotent; the draft store calls it when the first store of a process is made."""
+    global _warm
+    if _warm:
+        return
+    toks = np.array([1, 2, 1, 3, SEP, 1, 2, SEP], np.int32)
+    sa = build_suffix_array(toks, 3)
+    empty = np.zeros(0, np.int32)
+    merge_suffix_arrays(toks, sa, toks, sa, 3)
+    dead = dead_prefix(sa, np.zeros(len(toks), np.bool_))
+    keep_suffixes(sa, np.ones(len(toks), np.bool_))
+    slots = SLOTS
+    tl = tuple([toks, toks] + [empty] * (slots - 2))
+    sl = tuple([sa, empty] + [empty] * (slots - 2))
+    dl = tuple([dead, empty] + [empty] * (slots - 2))
+    weight = np.zeros(slots)
+    weight[:2] = 1.0
+    is_global = np.zeros(slots, np.bool_)
+    is_global[0] = True
+    ctx = np.array([1, 2], np.int64)
+    draft(tl, sl, dl, weight, is_global, ctx, 4, 3, 3, 1.0, 1.0, np.empty(64, np.int64), np.empty((5, 64), np.int64),
+          np.empty((2, 21, slots), np.int64))
+    longest_suffix(tl, sl, dl, is_global, ctx, 2)
+    count_occurrences(toks, sa, dead, ctx)
+    _warm = True

@@ -50,7 +50,7 @@ FORMAT_NAME = "lookahead-store"
 FORMAT_VERSION = 1
 MAGIC = b"LKSTORE\x01"
 DEFAULT_STORE_BYTES = 128 << 20  # 128 MiB: about 14M remembered tokens
-SLOTS = 16  # sources one draft reads: global segments and buffers, then the request's two buffers
+SLOTS = kernels.SLOTS  # sources one draft reads: global segments and buffers, then the request's two buffers
 _GLOBAL_SLOTS = SLOTS - 2
 _MERGE_RATIO = 4  # merge the newest segment into the one before while that one is at most this many times larger
 _BACKLOG = 16  # full tails that may wait for the background sealing before inserts seal them themselves
@@ -123,6 +123,7 @@ class DraftStore:
         self.global_weight = float(global_weight)
         self.width = self.branch_length + 1
         self.background = bool(background)
+        kernels.warm_up()  # once per process: never a compile inside a decode step
         self._lock = threading.RLock()
         self._compact_lock = threading.RLock()  # one compaction at a time (eviction may ask for one inside it)
         self._dead_lock = threading.Lock()  # one off-lock dead-prefix update at a time
