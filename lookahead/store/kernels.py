@@ -126,6 +126,40 @@ def keep_suffixes(sa, keep):  # pragma: no cover - compiled
 
 
 @nb.njit(**_JIT)
+def span_mask(n, starts, ends):  # pragma: no cover - compiled
+    """A boolean mask of ``n`` positions, true inside every ``[starts[i], ends[i])``."""
+    mask = np.zeros(n, np.bool_)
+    for i in range(len(starts)):
+        mask[starts[i]: ends[i]] = True
+    return mask
+
+
+@nb.njit(**_JIT)
+def concat(a, b):  # pragma: no cover - compiled
+    """``a`` then ``b`` (int32), without holding the GIL (a merge of large segments runs beside decoding)."""
+    out = np.empty(len(a) + len(b), np.int32)
+    out[: len(a)] = a
+    out[len(a):] = b
+    return out
+
+
+@nb.njit(**_JIT)
+def select(tokens, keep):  # pragma: no cover - compiled
+    """``tokens[keep]`` without holding the GIL."""
+    m = 0
+    for i in range(len(keep)):
+        if keep[i]:
+            m += 1
+    out = np.empty(m, np.int32)
+    o = 0
+    for i in range(len(keep)):
+        if keep[i]:
+            out[o] = tokens[i]
+            o += 1
+    return out
+
+
+@nb.njit(**_JIT)
 def dead_prefix(sa, dead):  # pragma: no cover - compiled
     """``out[i]`` = how many of ``sa[:i]`` are dead positions (``dead`` is per token position)."""
     out = np.empty(len(sa) + 1, np.int32)
@@ -493,6 +527,9 @@ def warm_up() -> None:
     merge_suffix_arrays(toks, sa, toks, sa, 3)
     dead = dead_prefix(sa, np.zeros(len(toks), np.bool_))
     keep_suffixes(sa, np.ones(len(toks), np.bool_))
+    concat(toks, toks)
+    span_mask(len(toks), np.zeros(1, np.int64), np.ones(1, np.int64))
+    select(toks, np.ones(len(toks), np.bool_))
     slots = SLOTS
     tl = tuple([toks, toks] + [empty] * (slots - 2))
     sl = tuple([sa, empty] + [empty] * (slots - 2))

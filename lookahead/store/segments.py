@@ -72,10 +72,7 @@ class Segment:
         dead_uids = self.dead_uids | mine
         ends = np.append(self.starts[1:] - 1, len(self.tokens) - 1)
         chosen = np.isin(self.uids, np.fromiter(dead_uids, np.int64, len(dead_uids)))
-        edges = np.zeros(len(self.tokens) + 1, np.int32)
-        np.add.at(edges, self.starts[chosen], 1)
-        np.add.at(edges, ends[chosen], -1)
-        mask = np.cumsum(edges[:-1]) > 0  # [n] inside a dead entry
+        mask = kernels.span_mask(len(self.tokens), self.starts[chosen], ends[chosen])  # [n] inside a dead entry
         return dead_uids, kernels.dead_prefix(self.sa, mask)
 
     def set_dead(self, dead_uids: set[int], dead: np.ndarray) -> None:
@@ -107,7 +104,7 @@ class Segment:
                 starts.append(start - removed)
                 uids.append(uid)
         sa = kernels.keep_suffixes(self.sa, keep)
-        return Segment(np.ascontiguousarray(self.tokens[keep]), sa, np.array(starts, np.int64),
+        return Segment(kernels.select(self.tokens, keep), sa, np.array(starts, np.int64),
                        np.array(uids, np.int64))
 
 
@@ -115,7 +112,7 @@ def merge_segments(a: Segment, b: Segment, width: int) -> Segment:
     """One segment holding the live entries of ``a`` then ``b`` (a linear merge of their suffix arrays)."""
     a, b = a.compacted(), b.compacted()
     sa = kernels.merge_suffix_arrays(a.tokens, a.sa, b.tokens, b.sa, width)
-    return Segment(np.concatenate([a.tokens, b.tokens]), sa, np.concatenate([a.starts, b.starts + len(a.tokens)]),
+    return Segment(kernels.concat(a.tokens, b.tokens), sa, np.concatenate([a.starts, b.starts + len(a.tokens)]),
                    np.concatenate([a.uids, b.uids]))
 
 
