@@ -255,6 +255,16 @@ class TrieDelta:
                    data.get("since"), data.get("version"), tuple(parsed))  # type: ignore[arg-type]
 
 
+def check_delta(delta: object, branch_length: int, what: str) -> None:
+    """Refuse what cannot be merged into a ``what`` of ``branch_length``: not a :class:`TrieDelta` (TypeError), or
+    windows of another length (ValueError)."""
+    if not isinstance(delta, TrieDelta):
+        raise TypeError(f"merge takes a TrieDelta (TrieDelta.from_dict for a dict), got {type(delta).__name__}")
+    if delta.branch_length != branch_length:
+        raise ValueError(f"merge: the delta's windows are {delta.branch_length + 1} tokens (branch_length "
+                         f"{delta.branch_length}), this {what}'s {branch_length + 1}: they cannot be replayed")
+
+
 class _Node:
     """One trie node: global count, per-request local counts and the child map (token -> node).
 
@@ -982,11 +992,7 @@ class TokenTrie:
         entries is harmless. Applied entries join this trie's journal (with their origin and seq). Budget, decay and
         pruning work as after inserts. Raises ValueError if ``delta`` comes from a trie of another branch_length.
         """
-        if not isinstance(delta, TrieDelta):
-            raise TypeError(f"merge takes a TrieDelta (TrieDelta.from_dict for a dict), got {type(delta).__name__}")
-        if delta.branch_length != self.branch_length:
-            raise ValueError(f"merge: the delta's windows are {delta.branch_length + 1} tokens (branch_length "
-                             f"{delta.branch_length}), this trie's {self.branch_length + 1}: they cannot be replayed")
+        check_delta(delta, self.branch_length, "trie")
         applied = 0
         for entry in delta.entries:
             with self._lock:  # one entry at a time: decoding threads get the trie between entries

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..files import atomic_path
-from ..trie import JOURNAL_LIMIT, Draft, TrieDelta, check_id
+from ..trie import JOURNAL_LIMIT, Draft, TrieDelta, check_delta, check_id
 from . import kernels
 from .journal import Journal
 from .segments import EMPTY, Buffer, Segment, merge_segments
@@ -643,11 +643,7 @@ class DraftStore:
     def merge(self, delta: TrieDelta) -> int:
         """Replay the entries of ``delta`` this store has not applied yet (per origin, by ``seq``); return how many
         were applied. Raises ValueError for a delta of another ``branch_length``."""
-        if not isinstance(delta, TrieDelta):
-            raise TypeError(f"merge takes a TrieDelta (TrieDelta.from_dict for a dict), got {type(delta).__name__}")
-        if delta.branch_length != self.branch_length:
-            raise ValueError(f"merge: the delta's windows are {delta.branch_length + 1} tokens (branch_length "
-                             f"{delta.branch_length}), this store's {self.width}: they cannot be replayed")
+        check_delta(delta, self.branch_length, "store")
         applied = 0
         for entry in delta.entries:
             with self._lock:
