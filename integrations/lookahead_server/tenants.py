@@ -63,7 +63,7 @@ def read_tenant_keys(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def tenant_trie_path(global_path: str | os.PathLike[str], tenant: str) -> Path:
-    """Where ``tenant``'s trie is saved: next to the global file, ``trie.json.gz`` -> ``trie.tenant-NAME.json.gz``."""
+    """Where ``tenant``'s trie is saved: next to the global file, ``store.bin`` -> ``store.tenant-NAME.bin``."""
     path = Path(global_path)
     stem, dot, suffixes = path.name.partition(".")
     return path.with_name(f"{stem}.tenant-{tenant}{dot}{suffixes}")
