@@ -95,10 +95,10 @@ def test_a_tenants_answer_drafts_on_the_other_replica_for_that_tenant_only(serve
     assert other != replica, "every request went to the same replica"
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
     assert again["lookahead"]["tokens_per_step"] > 2 * first["lookahead"]["tokens_per_step"]
-    for _ in range(40):  # another tenant, on either replica: acme's answer drafts nothing for it
-        stranger, where = complete(url, question, tenant="globex")
-        if where == other:
-            break
+    # Another tenant's first request, on whichever replica (both hold acme's answer in acme's store by now): acme's
+    # answer drafts nothing for it. Only its first: its own answer, learned into its own store, would draft for the
+    # next one (and reach the other replica through the hub).
+    stranger, _ = complete(url, question, tenant="globex")
     assert stranger["choices"][0]["text"] == first["choices"][0]["text"]
     assert stranger["lookahead"]["steps"] > again["lookahead"]["steps"]
     assert stranger["lookahead"]["tokens_per_step"] < again["lookahead"]["tokens_per_step"] / 2
