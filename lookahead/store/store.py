@@ -220,8 +220,7 @@ class DraftStore:
         sas = tuple([s[1] for s in slots] + [EMPTY] * pad)
         deads = tuple([s[2] for s in slots] + [EMPTY] * pad)
         weight = np.zeros(SLOTS)
-        weight[: len(glob)] = 1.0
-        weight[len(glob): len(slots)] = 1.0
+        weight[: len(slots)] = 1.0
         is_global = np.zeros(SLOTS, np.bool_)
         is_global[: len(glob)] = True
         return toks, sas, deads, weight, is_global
@@ -686,8 +685,7 @@ class DraftStore:
                 "journal_version": self._journal.version, "next_uid": self._next_uid,
                 "sources": {sid: list(u) for sid, u in sorted(self._sources.items())},
             }
-            dead = set(self._dead)
-        segments = [s.compacted() if s.dead_uids & dead or s.dead_uids else s for s in segments]
+        segments = [s.compacted() for s in segments]  # dead entries are not written (unchanged when none)
         segments += [b.seal(self.width) for b in buffers]  # small: sorted here, never on the decode thread
         arrays: list[np.ndarray] = []
         described = []
