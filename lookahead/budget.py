@@ -263,10 +263,17 @@ class AcceptanceModel:
     @staticmethod
     def keys(node: NodeFeatures, match_length: int, last_accepted: int) -> tuple[tuple, tuple, tuple]:
         """The node's (base, coarse, fine) bins."""
-        follow = _bucket(node.follow, FOLLOW_EDGES) if node.from_outputs else -1
-        base = (_bucket(node.share, SHARE_EDGES), node.from_outputs, follow)
-        coarse = base + (min(node.depth, 4),)
-        fine = coarse + (min(match_length, 4), _bucket(last_accepted, LAST_EDGES), _bucket(node.score, SCORE_EDGES))
+        return AcceptanceModel.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
+                                    last_accepted)
+
+    @staticmethod
+    def bins(share: float, from_outputs: bool, follow: int, depth: int, score: float, match_length: int,
+             last_accepted: int) -> tuple[tuple, tuple, tuple]:
+        """:meth:`keys` from a node's feature values (no :class:`NodeFeatures` made)."""
+        follow_bin = _bucket(follow, FOLLOW_EDGES) if from_outputs else -1
+        base = (_bucket(share, SHARE_EDGES), from_outputs, follow_bin)
+        coarse = base + (min(depth, 4),)
+        fine = coarse + (min(match_length, 4), _bucket(last_accepted, LAST_EDGES), _bucket(score, SCORE_EDGES))
         return base, coarse, fine
 
     @staticmethod
@@ -301,6 +308,14 @@ def node_features(parents: Sequence[int], scores: Sequence[float], global_counts
 
     ``follow`` is how many tokens the context has followed a past output; a node from past outputs at depth ``d``
     is priced as if the context had followed it for ``follow + d - 1`` (its ancestors were accepted when it is)."""
+    return [NodeFeatures(share=share, depth=depth, score=s, from_outputs=out, follow=f)
+            for share, depth, s, out, f in zip(*feature_values(parents, scores, global_counts, follow))]
+
+
+def feature_values(parents: Sequence[int], scores: Sequence[float], global_counts: Sequence[float] | None = None,
+                   follow: int = 0) -> tuple[list[float], list[int], Sequence[float], list[bool], list[int]]:
+    """The fields of :func:`node_features` as lists (shares, depths, scores, from outputs, follows), without
+    making an object per node (the ranking runs every step for every row)."""
     from_outputs = [g > 0 for g in global_counts] if global_counts else [False] * len(parents)
     sibling_mass: dict[int, float] = {}
     for p, s in zip(parents, scores):
@@ -308,11 +323,9 @@ def node_features(parents: Sequence[int], scores: Sequence[float], global_counts
     depths: list[int] = []
     for p in parents:
         depths.append(1 if p < 0 else depths[p] + 1)
-    return [
-        NodeFeatures(share=(s / sibling_mass[p]) if sibling_mass[p] > 0 else 0.0, depth=d, score=s, from_outputs=o,
-                     follow=(follow + d - 1) if o and follow else 0)
-        for p, s, d, o in zip(parents, scores, depths, from_outputs)
-    ]
+    shares = [(s / sibling_mass[p]) if sibling_mass[p] > 0 else 0.0 for p, s in zip(parents, scores)]
+    follows = [(follow + d - 1) if o and follow else 0 for d, o in zip(depths, from_outputs)]
+    return shares, depths, scores, from_outputs, follows
 
 
 @dataclass(frozen=True)
@@ -356,30 +369,19 @@ class DraftBudget:
         """Every draft node with its estimated reach, most promising first (all reach 1.0 when not adaptive)."""
         if not self.adaptive:
             return Ranking(list(range(len(parents))), [1.0] * len(parents))
-        # node_features and AcceptanceModel.probabilities, inline: this runs every step for every row
-        n = len(parents)
-        from_outputs = [g > 0 for g in global_counts] if global_counts else [False] * n
-        mass: dict[int, float] = {}
-        for p, sc in zip(parents, scores):
-            mass[p] = mass.get(p, 0.0) + sc
-        tail = (min(match_length, 4), _bucket(last_accepted, LAST_EDGES))
+        # the acceptance is computed once per bin (it depends on the node's fine bin only)
+        shares, depths, _, from_outputs, follows = feature_values(parents, scores, global_counts, follow)
         acceptance = self.acceptance
         memo: dict[tuple, float] = {}
-        depths: list[int] = []
         reach: list[float] = []  # P(node is on the accepted path)
-        for p, sc, out in zip(parents, scores, from_outputs):
-            depth = 1 if p < 0 else depths[p] + 1
-            depths.append(depth)
-            share = sc / mass[p] if mass[p] > 0 else 0.0
-            node_follow = (follow + depth - 1) if out and follow else 0
-            key = (_bucket(share, SHARE_EDGES), out, _bucket(node_follow, FOLLOW_EDGES) if out else -1,
-                   min(depth, 4), *tail, _bucket(sc, SCORE_EDGES))
+        for p, sc, out, share, depth, node_follow in zip(parents, scores, from_outputs, shares, depths, follows):
+            key = acceptance.bins(share, out, node_follow, depth, sc, match_length, last_accepted)[2]
             rate = memo.get(key)
             if rate is None:
                 feat = NodeFeatures(share=share, depth=depth, score=sc, from_outputs=out, follow=node_follow)
                 rate = memo[key] = acceptance.probability(feat, match_length, last_accepted)
             reach.append(rate if p < 0 else reach[p] * rate)
-        order = sorted(range(n), key=lambda i: (-reach[i], depths[i], i))
+        order = sorted(range(len(parents)), key=lambda i: (-reach[i], depths[i], i))
         return Ranking(order, [reach[i] for i in order])
 
     def sizes(self, rankings: Sequence[Ranking], context: int = 0, max_nodes: int | None = None) -> list[int]:

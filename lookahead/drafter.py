@@ -334,12 +334,7 @@ class Drafter:
         """How many of the last tokens of ``context`` follow one past output: the longest suffix (at most
         ``at_most`` tokens) that is a path of the trie with a global count. A context that repeats a past answer
         reaches a whole window within a step, so the budget recognises the repeat and drafts deep."""
-        if isinstance(self.trie, DraftStore):
-            return self.trie.longest_global_suffix(context, at_most)
-        length = min(at_most, len(context))
-        while length > 0 and self.trie.count(context[-length:]) <= 0:
-            length -= 1
-        return length
+        return self.trie.longest_global_suffix(context, at_most)
 
     def candidates(self, generated: Sequence[int], *, after: Sequence[int] = (), last_accepted: int = 0
                    ) -> Candidates:

@@ -507,6 +507,13 @@ class TokenTrie:
                 return self._effective(node)
             return float(node.local.get(request_id, 0)) if node.local else 0.0
 
+    def longest_global_suffix(self, context: Sequence[int], at_most: int) -> int:
+        """The longest suffix of ``context`` (at most ``at_most`` tokens) that is a path with a global count."""
+        length = min(at_most, len(context))
+        while length > 0 and self.count(context[-length:]) <= 0:
+            length -= 1
+        return length
+
     def source_count(self, tokens: Sequence[int], source_id: str) -> float:
         """The part of the global count of the n-gram ``tokens`` that source ``source_id`` gave (decayed)."""
         key = tuple(int(t) for t in tokens)
