@@ -82,9 +82,10 @@ def _bench_batching(args: argparse.Namespace) -> int:
     ``--json`` writes ``meta``, ``summary`` (one row per method, with its exactness counts and speedups) and
     ``results`` (one row per method and request: new tokens, exact, agreement)."""
     from .bench.batching import BATCH_METHODS, format_throughput, request_rows, run_throughput, throughput_rows
-    from .bench.cases import load_cases
 
-    cases = [c for name in args.cases for c in load_cases(name, args.limit)]
+    if args.spec_bench:
+        raise ValueError("--batch-size measures case files; --spec-bench runs at batch 1")
+    cases = _bench_cases(args)
     model, tokenizer, generator = _build(args)
     curve = generator.budget.cost  # measure (or load) the cost curve before timing anything
     results = run_throughput(generator, cases, args.batch_size, BATCH_METHODS)
@@ -110,29 +111,77 @@ def _bench_batching(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_methods(text: str) -> list[str]:
+    """The ``--methods`` list checked against the known methods (ValueError naming the unknown ones)."""
+    from .bench.runner import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
+    return methods
+
+
+def _bench_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cases of ``lookahead bench``: a Spec-Bench question file's, or the case files' (every case's
+    ``max_new_tokens`` capped by ``--max-new-tokens`` when given)."""
+    from .bench.cases import load_cases
+    from .bench.spec_bench import DEFAULT_MAX_NEW_TOKENS, load_spec_bench, parse_categories
+
+    if args.spec_bench and args.cases:
+        raise ValueError("pass case files or --spec-bench, not both")
+    if args.spec_bench:
+        return load_spec_bench(args.spec_bench, parse_categories(args.categories), args.questions_per_task,
+                               args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    if not args.cases:
+        raise ValueError("name case files (or shipped names: rag_qa, summarize, open, long_rag, edit) or pass "
+                         "--spec-bench PATH")
+    if args.categories or args.questions_per_task:
+        raise ValueError("--categories and --questions-per-task select Spec-Bench questions: pass --spec-bench PATH")
+    cases = [c for name in args.cases for c in load_cases(name, args.limit)]
+    if args.max_new_tokens:
+        cases = [{**c, "max_new_tokens": min(c["max_new_tokens"], args.max_new_tokens)} for c in cases]
+    return cases
+
+
+def _run_bench(runner: Any, cases: list[dict[str, Any]], methods: list[str], args: argparse.Namespace) -> list:
+    """Every round of every case with every method, then the ``--warm-round`` (vanilla, nodraft and lookahead
+    after the store learned the earlier rounds)."""
+    from tqdm.auto import tqdm
+
+    from .bench.runner import WARM_METHODS
+
+    warm = [m for m in methods if m in WARM_METHODS] if args.warm_round else []
+    with tqdm(total=len(cases) * (args.rounds + bool(warm)), desc="bench", unit="case") as bar:
+        results = runner.run(cases, methods, rounds=args.rounds, progress=lambda _: bar.update())
+        if warm:
+            results += runner.run(cases, warm, first_round=args.rounds + 1, progress=lambda _: bar.update())
+    return results
+
+
+def _print_bench(results: list, rows: list[dict[str, Any]], half: bool, spec: str | None) -> None:
+    """The bench's tables: per round, task and method; the two factors; own baselines; provenance; Spec-Bench's."""
+    from .bench.report import format_factors, format_own_baselines, format_provenance, format_table
+
+    print(format_table(rows, mismatches=half))
+    for table in (format_factors(rows), format_own_baselines(rows, mismatches=half), format_provenance(rows), spec):
+        if table:
+            print()
+            print(table)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .bench.cases import load_cases
-    from .bench.report import (
-        exactness_messages,
-        format_own_baselines,
-        format_provenance,
-        format_table,
-        plot,
-        summarize,
-        write_json,
-    )
-    from .bench.runner import METHODS, BenchRunner, EnsembleSettings
+    from .bench.report import exactness_messages, plot, summarize, write_json
+    from .bench.runner import BenchRunner, EnsembleSettings
+    from .bench.spec_table import spec_report
 
     if args.batch_size:
         return _bench_batching(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        print(f"error: unknown method(s) {unknown}; allowed: {', '.join(METHODS)}", file=sys.stderr)
-        return 2
-    cases = [c for name in args.cases for c in load_cases(name, args.limit)]
+    methods = _bench_methods(args.methods)
+    cases = _bench_cases(args)
     warmup = [c for name in (args.warmup or []) for c in load_cases(name, args.limit)]
     model, tokenizer, generator = _build(args)
     ensemble = EnsembleSettings(mode=args.ensemble_mode, amateur_layers=args.amateur_layers, mu=args.mu,
@@ -142,25 +191,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if warmup:
         with tqdm(total=len(warmup), desc="warm-up", unit="case") as bar:
             runner.warm(warmup, progress=lambda _: bar.update())
-    with tqdm(total=len(cases) * args.rounds, desc="bench", unit="case") as bar:
-        results = runner.run(cases, methods, rounds=args.rounds, progress=lambda _: bar.update())
+    results = _run_bench(runner, cases, methods, args)
     runner.close()
     rows = summarize(results)
     dtype = str(model.dtype).removeprefix("torch.")
-    half = dtype != "float32"  # near-tie and hard columns: what is not exact in half precision
-    print(format_table(rows, mismatches=half))
-    if format_own_baselines(rows):
-        print(format_own_baselines(rows, mismatches=half))
-    provenance = format_provenance(rows)
-    if provenance:
-        print(provenance)
+    spec, spec_data = spec_report(results) if args.spec_bench else (None, None)
+    _print_bench(results, rows, dtype != "float32", spec)  # half precision: near-tie and hard columns
     print("cost curve c(n)/c(1): " + ", ".join(f"{n}:{r:.2f}" for n, r in curve.relative().items()))
     meta = {
-        "cases": args.cases, "warmup": args.warmup, "rounds": args.rounds, "methods": methods,
-        "model": args.model, "dtype": args.dtype, "device": str(generator.device),
-        "config": generator.config.to_dict(), "cost_curve": curve.to_dict(),
-        "machine": _machine(),
+        "cases": args.cases, "warmup": args.warmup, "rounds": args.rounds, "warm_round": args.warm_round,
+        "methods": methods, "model": args.model, "dtype": args.dtype, "device": str(generator.device),
+        "config": generator.config.to_dict(), "cost_curve": curve.to_dict(), "machine": _machine(),
     }
+    if args.spec_bench:
+        meta["spec_bench"] = {"path": args.spec_bench, "categories": args.categories,
+                              "questions_per_task": args.questions_per_task,
+                              "max_new_tokens": cases[0]["max_new_tokens"], "questions": len(cases), **spec_data}
     if args.json:
         write_json(args.json, meta, results, rows)
         print(f"results written to {args.json}")
@@ -187,12 +233,26 @@ def add_generate_parser(sub: Any, add_model_args: AddModelArgs, build: Build) ->
 
 def add_bench_parser(sub: Any, add_model_args: AddModelArgs, build: Build) -> argparse.ArgumentParser:
     """Register ``lookahead bench``."""
-    bench = sub.add_parser("bench", help="compare vanilla, pld and lookahead on case files")
-    bench.add_argument("cases", nargs="+",
+    bench = sub.add_parser("bench", help="compare vanilla, pld, nodraft and lookahead on case files or Spec-Bench")
+    bench.add_argument("cases", nargs="*",
                        help="case files (JSON Lines) or shipped names: rag_qa, summarize, open, long_rag, edit")
-    bench.add_argument("--methods", default="vanilla,pld,lookahead",
-                       help="comma-separated: vanilla,pld,lookahead,ensemble,ensemble-plain,multidraft,superposed,"
-                            "k-sampling")
+    bench.add_argument("--methods", default="vanilla,pld,nodraft,lookahead",
+                       help="comma-separated: vanilla,pld,nodraft (the engine with drafting off),lookahead,"
+                            "lookahead-predicted,ensemble,ensemble-plain,multidraft,superposed,k-sampling")
+    bench.add_argument("--spec-bench", metavar="PATH",
+                       help="run Spec-Bench's question.jsonl (your copy of hemingkx/Spec-Bench's "
+                            "data/spec_bench/question.jsonl) instead of case files, and print its table")
+    bench.add_argument("--categories",
+                       help="Spec-Bench: comma-separated tasks (mt_bench, translation, summarization, qa, "
+                            "math_reasoning, rag) or categories (writing, roleplay, ...); default: all")
+    bench.add_argument("--questions-per-task", "--questions-per-category", type=positive_int, default=None,
+                       help="Spec-Bench: at most N questions per task (mt_bench: spread over its categories)")
+    bench.add_argument("--max-new-tokens", type=positive_int, default=None,
+                       help="Spec-Bench: new tokens per turn (default 128; Spec-Bench uses 1024); case files: a "
+                            "cap on each case's own")
+    bench.add_argument("--warm-round", action="store_true",
+                       help="one more round of vanilla, nodraft and lookahead after the store learned the earlier "
+                            "rounds (the 'lookahead (warm store)' row)")
     bench.add_argument("--warmup", action="append", help="case file whose outputs the trie learns first (untimed)")
     bench.add_argument("--rounds", type=positive_int, default=1, help="repeat all cases N times (trie stays warm)")
     bench.add_argument("--limit", type=positive_int, default=None, help="first N cases of each file")

@@ -31,7 +31,10 @@ def summary_messages(document: str) -> list[dict[str, str]]:
 
 
 def case_messages(case: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Messages for one benchmark case (DESIGN.md section 7 schema)."""
+    """Messages for one benchmark case (DESIGN.md section 7 schema); a case that carries its chat ``messages`` (a
+    Spec-Bench turn, :func:`lookahead.bench.runner.turn_case`) is asked them as they are."""
+    if case.get("messages"):
+        return [dict(m) for m in case["messages"]]
     task = case.get("task")
     if task == "rag_qa":
         return rag_messages(case["question"], case["documents"])

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..agreement import HARD, NEAR_TIE
 from ..files import atomic_write_text
-from .runner import BASELINES, REFERENCES, TRIE_METHODS, CaseResult
+from .runner import BASELINES, ENGINE_METHODS, NODRAFT, REFERENCES, CaseResult
 
 
 def decode_seconds(items: Sequence[CaseResult]) -> float | None:
@@ -31,7 +31,7 @@ def decode_fields(items: Sequence[CaseResult], groups: dict[tuple[int, str, str]
         "prefill_seconds": sum(r.prefill_seconds or 0.0 for r in items), "decode_seconds": decode,
         "decode_tokens_per_second": sum(r.new_tokens for r in items) / decode if decode else 0.0,
     }
-    for base in ("vanilla", "pld"):
+    for base in ("vanilla", "pld", NODRAFT):
         base_decode = decode_seconds(groups.get((round_index, task, base), []))
         if base_decode is not None and decode:
             fields[f"speedup_vs_{base}_decode"] = base_decode / decode
@@ -68,7 +68,8 @@ def provenance_fields(items: Sequence[CaseResult]) -> dict[str, Any]:
 
 
 def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    """One row per (round, task, method): totals, tokens/s, speedups vs vanilla and pld (overall, and ``_decode``:
+    """One row per (round, task, method): totals, tokens/s, speedups vs vanilla, pld and nodraft (overall, and
+    ``_decode``:
     over the seconds after the prefill), tokens/step, exactness (``exact`` of ``compared`` cases identical to the
     reference; ``near_tie`` and ``hard`` classify the others) and, for lookahead, ``host_ms_per_step`` (host time
     outside the model forward per decoding step, averaged over the cases); where used, the prediction token counts
@@ -90,7 +91,7 @@ def summarize(results: Sequence[CaseResult]) -> list[dict[str, Any]]:
             "hard": sum(1 for r in items if r.mismatch == HARD),
             "trie_share": sum(r.trie_seconds for r in items) / seconds if seconds else 0.0,
         }
-        for base in ("vanilla", "pld"):
+        for base in ("vanilla", "pld", NODRAFT):
             base_items = groups.get((round_index, task, base))
             if base_items:
                 row[f"speedup_vs_{base}"] = sum(r.seconds for r in base_items) / seconds if seconds else 0.0
@@ -123,16 +124,52 @@ def _prediction_cells(r: dict[str, Any]) -> list[str]:
     return [str(r["accepted_prediction_tokens"]), str(r["rejected_prediction_tokens"])]
 
 
+def _speedup_cell(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.2f}x" if key in row else "-"
+
+
+def factor_rows(rows: Sequence[dict[str, Any]], method: str = "lookahead") -> list[dict[str, Any]]:
+    """Per (round, task) where vanilla, nodraft and ``method`` ran: ``engine`` (nodraft vs vanilla: the engine's
+    own gain over HF), ``drafting`` (``method`` vs nodraft: drafting's own gain) and ``total`` (``method`` vs
+    vanilla, their product)."""
+    by_key = {(r["round"], r["task"], r["method"]): r for r in rows}
+    factors = []
+    for (round_index, task, name), row in by_key.items():
+        nodraft = by_key.get((round_index, task, NODRAFT))
+        if name != method or nodraft is None or "speedup_vs_vanilla" not in nodraft:
+            continue
+        factors.append({"round": round_index, "task": task, "method": method,
+                        "engine": nodraft["speedup_vs_vanilla"], "drafting": row.get("speedup_vs_nodraft", 0.0),
+                        "total": row.get("speedup_vs_vanilla", 0.0)})
+    return factors
+
+
+def format_factors(rows: Sequence[dict[str, Any]], method: str = "lookahead") -> str:
+    """A Markdown table of the two factors of ``method``'s speedup (:func:`factor_rows`); '' when nodraft, vanilla
+    or ``method`` did not run."""
+    factors = factor_rows(rows, method)
+    if not factors:
+        return ""
+    lines = [f"| round | task | engine: nodraft vs vanilla | drafting: {method} vs nodraft | {method} vs vanilla |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {f['round']} | {f['task']} | {f['engine']:.2f}x | {f['drafting']:.2f}x | {f['total']:.2f}x |"
+              for f in factors]
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict[str, Any]], mismatches: bool = False) -> str:
     """A Markdown table of the summary rows. ``mismatches`` (half precision) adds the columns ``near-tie`` and
     ``hard``: how the cases that are not ``exact`` differ (lookahead.agreement). ``vs vanilla (decode)``: the
     speedup over the seconds after the prefill; ``host ms/step``: lookahead's host time outside the model forward per
     decoding step. When a method used predictions, ``pred acc`` and ``pred rej`` give the prediction draft tokens
-    accepted, and verified but not accepted."""
+    accepted, and verified but not accepted; when nodraft ran, ``vs nodraft`` is the speedup over the same engine
+    with drafting off (drafting's own gain)."""
     predicted = any("accepted_prediction_tokens" in r for r in rows)
+    nodraft = any("speedup_vs_nodraft" in r for r in rows)
     header = ["round", "task", "method", "cases", "new tok", "sec", "tok/s", "vs vanilla", "vs vanilla (decode)",
-              "vs pld", "tok/step", "exact", *(["near-tie", "hard"] if mismatches else []),
-              *(["pred acc", "pred rej"] if predicted else []), "trie %", "host ms/step"]
+              "vs pld", *(["vs nodraft"] if nodraft else []), "tok/step", "exact",
+              *(["near-tie", "hard"] if mismatches else []), *(["pred acc", "pred rej"] if predicted else []),
+              "trie %", "host ms/step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
@@ -141,11 +178,12 @@ def format_table(rows: Sequence[dict[str, Any]], mismatches: bool = False) -> st
             f"{r['speedup_vs_vanilla']:.2f}x" if "speedup_vs_vanilla" in r else "-",
             f"{r['speedup_vs_vanilla_decode']:.2f}x" if "speedup_vs_vanilla_decode" in r else "-",
             f"{r['speedup_vs_pld']:.2f}x" if "speedup_vs_pld" in r else "-",
+            *([_speedup_cell(r, "speedup_vs_nodraft")] if nodraft else []),
             f"{r['tokens_per_step']:.2f}",
             f"{r['exact']}/{r['compared']}" if r["compared"] else "-",
             *(_mismatch_cells(r) if mismatches else []),
             *(_prediction_cells(r) if predicted else []),
-            f"{100 * r['trie_share']:.1f}" if r["method"] in TRIE_METHODS else "-",
+            f"{100 * r['trie_share']:.1f}" if r["method"] in ENGINE_METHODS else "-",
             f"{r['host_ms_per_step']:.2f}" if "host_ms_per_step" in r else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -24,21 +24,46 @@ from .sources import case_provenance
 #: lookahead given the case's ``prediction`` (the expected output, e.g. an edit's original text), with a trie of its
 #: own (what plain lookahead learns from a case's output never drafts for it)
 PREDICTED = "lookahead-predicted"
-METHODS = ("vanilla", "pld", "lookahead", PREDICTED, "ensemble", "ensemble-plain", "multidraft", "superposed",
+#: the same engine with drafting off (``decoding_length=0``): nodraft vs vanilla is the engine's own gain over HF,
+#: lookahead vs nodraft is drafting's
+NODRAFT = "nodraft"
+METHODS = ("vanilla", "pld", NODRAFT, "lookahead", PREDICTED, "ensemble", "ensemble-plain", "multidraft", "superposed",
            "k-sampling")
 PLD_TOKENS = 10  # draft tokens of HF prompt lookup decoding (the pld method)
 #: the method each one is timed against (its own baseline)
-BASELINES = {"pld": "vanilla", "lookahead": "vanilla", PREDICTED: "vanilla", "ensemble": "ensemble-plain",
-             "multidraft": "k-sampling", "superposed": "k-sampling"}
+BASELINES = {"pld": "vanilla", NODRAFT: "vanilla", "lookahead": "vanilla", PREDICTED: "vanilla",
+             "ensemble": "ensemble-plain", "multidraft": "k-sampling", "superposed": "k-sampling"}
 #: the method whose output each one must equal token for token (multidraft: its first completion); superposed and
 #: k-sampling have none (not greedy, or sampled)
-REFERENCES = {"vanilla": "vanilla", "pld": "vanilla", "lookahead": "vanilla", PREDICTED: "vanilla",
+REFERENCES = {"vanilla": "vanilla", "pld": "vanilla", NODRAFT: "vanilla", "lookahead": "vanilla", PREDICTED: "vanilla",
               "ensemble": "ensemble-plain", "ensemble-plain": "ensemble-plain", "multidraft": "vanilla"}
 #: methods whose mismatches can be classified as near-tie or hard: greedy on the model itself, compared with
 #: vanilla (an ensemble decodes from combined logits: any mismatch of its own is counted hard)
-CLASSIFIED = {"pld", "lookahead", PREDICTED, "multidraft"}
+CLASSIFIED = {"pld", NODRAFT, "lookahead", PREDICTED, "multidraft"}
 #: the methods that report provenance (accepted drafts attributed to the case's documents)
 TRIE_METHODS = ("lookahead", PREDICTED)
+#: the methods of a warm round (the store has learned the earlier rounds; vanilla and nodraft are its baselines)
+WARM_METHODS = ("vanilla", NODRAFT, "lookahead")
+#: the methods decoded by a lookahead engine (its stats: prefill, host time per step, store time)
+ENGINE_METHODS = (NODRAFT, *TRIE_METHODS)
+
+
+def turns_of(case: dict[str, Any]) -> int:
+    """How many turns a case asks: the length of its ``turns`` (a conversation), else 1."""
+    return len(case.get("turns") or ()) or 1
+
+
+def turn_case(case: dict[str, Any], turn: int, answers: Sequence[str]) -> dict[str, Any]:
+    """The case of turn ``turn`` (0-based) of a conversation: its chat ``messages``, the user's turns so far each
+    followed by ``answers`` (the method's own earlier answers, as Spec-Bench asks the second turn), and ``turn``
+    (1-based). A case without ``turns`` is its own single turn, unchanged."""
+    if not case.get("turns"):
+        return case
+    messages: list[dict[str, str]] = []
+    for text, answer in zip(case["turns"][:turn], answers):
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": case["turns"][turn]})
+    return {**case, "messages": messages, "turn": turn + 1}
 
 
 @dataclass
@@ -54,6 +79,7 @@ class CaseResult:
     seconds: float
     steps: int  # forward passes of the decoder, the prefill included
     token_ids: list[int] = field(repr=False)
+    turn: int | None = None  # a conversation's turn (1-based; Spec-Bench); None for a case of one prompt
     exact: bool | None = None  # token-for-token equal to vanilla (None when vanilla was not run)
     mismatch: str | None = None  # when not exact: "near-tie" or "hard" (lookahead.agreement; always hard in float32)
     verdict: dict[str, Any] | None = field(default=None, repr=False)  # where and by how much (agreement.Verdict)
@@ -176,6 +202,7 @@ class BenchRunner:
         self._ensemble: EnsembleGenerator | None = None
         self._multidraft: MultiDraftGenerator | None = None
         self._predicted: LookaheadGenerator | None = None
+        self._nodraft: LookaheadGenerator | None = None
 
     @property
     def ensemble(self) -> EnsembleGenerator:
@@ -209,6 +236,16 @@ class BenchRunner:
                                                  cost_curve=self.generator.budget.cost)
         return self._predicted
 
+    @property
+    def nodraft(self) -> LookaheadGenerator:
+        """The generator of ``nodraft``: the same engine and cost curve with drafting off (``decoding_length=0``)
+        and a trie of its own that learns nothing."""
+        if self._nodraft is None:
+            config = self.generator.config.with_updates(decoding_length=0, learn_outputs=False)
+            self._nodraft = LookaheadGenerator(self.model, self.tokenizer, config,
+                                               cost_curve=self.generator.budget.cost)
+        return self._nodraft
+
     def prompt_ids(self, case: dict[str, Any]) -> list[int]:
         return self.generator.encode(case_messages(case))
 
@@ -226,7 +263,7 @@ class BenchRunner:
             tokens = reference.greedy(self.model, ids, limit, eos_token_id=self.eos,
                                       prompt_lookup_num_tokens=PLD_TOKENS if method == "pld" else None)
             prefill = self.first_pass.disarm()
-        elif method in TRIE_METHODS:
+        elif method in ENGINE_METHODS:
             result = self.run_lookahead(method, ids, limit, case.get("prediction"))
             seconds = time.perf_counter() - start
             return self.lookahead_result(method, case, round_index, ids, seconds, result)
@@ -248,18 +285,21 @@ class BenchRunner:
             best, average = mean_logprobs(outputs)
             return CaseResult(round=round_index, case_id=case["id"], task=case["task"], method=method,
                               prompt_tokens=len(ids), new_tokens=sum(len(t) for t, _ in outputs), seconds=seconds,
-                              steps=self.counter.count, token_ids=outputs[0][0], completions=len(outputs),
-                              logprob_best=best, logprob_all=average)
+                              steps=self.counter.count, token_ids=outputs[0][0], turn=case.get("turn"),
+                              completions=len(outputs), logprob_best=best, logprob_all=average)
         else:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
         seconds = time.perf_counter() - start
         return CaseResult(round=round_index, case_id=case["id"], task=case["task"], method=method,
                           prompt_tokens=len(ids), new_tokens=len(tokens), seconds=seconds, steps=self.counter.count,
-                          token_ids=tokens, trie_seconds=trie_seconds, draft_tokens=drafted, prefill_seconds=prefill,
-                          host_seconds_per_step=host)
+                          token_ids=tokens, turn=case.get("turn"), trie_seconds=trie_seconds, draft_tokens=drafted,
+                          prefill_seconds=prefill, host_seconds_per_step=host)
 
     def run_lookahead(self, method: str, ids: list[int], limit: int, prediction: str | None) -> GenerationResult:
-        """One lookahead method on a prompt: ``lookahead`` never sees the prediction, lookahead-predicted gets it."""
+        """One engine method on a prompt: ``lookahead`` never sees the prediction, lookahead-predicted gets it,
+        ``nodraft`` drafts nothing."""
+        if method == NODRAFT:
+            return self.nodraft.generate(ids, max_new_tokens=limit)  # type: ignore[return-value]
         if method == PREDICTED:
             return self.predicted.generate(ids, max_new_tokens=limit, prediction=prediction)  # type: ignore[return-value]
         return self.generator.generate(ids, max_new_tokens=limit)  # type: ignore[return-value]
@@ -271,48 +311,77 @@ class BenchRunner:
         stats = result.stats
         row = CaseResult(round=round_index, case_id=case["id"], task=case["task"], method=method,
                          prompt_tokens=len(ids), new_tokens=len(result.token_ids), seconds=seconds,
-                         steps=self.counter.count, token_ids=result.token_ids, trie_seconds=stats.time_trie,
+                         steps=self.counter.count, token_ids=result.token_ids, turn=case.get("turn"),
+                         trie_seconds=stats.time_trie,
                          draft_tokens=sum(stats.draft_sizes), prefill_seconds=stats.time_prefill,
                          host_seconds_per_step=stats.host_seconds_per_step)
         if method == PREDICTED and case.get("prediction") is not None:
             row.accepted_prediction_tokens = stats.accepted_prediction_tokens
             row.rejected_prediction_tokens = stats.rejected_prediction_tokens
-        if case["documents"]:
+        if case["documents"] and method in TRIE_METHODS:
             documents = [self.generator.inputs.encode_document(doc) for doc in case["documents"]]
             for name, value in case_provenance(documents, case, result.token_ids, stats.accepted_lengths).items():
                 setattr(row, name, value)
         return row
 
+    def answer_text(self, token_ids: Sequence[int]) -> str:
+        """An answer as the next turn of a conversation quotes it: decoded, special tokens dropped, stripped."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
     def warm(self, cases: Sequence[dict[str, Any]], progress: Callable[[str], None] | None = None) -> None:
-        """Generate the warm-up cases with lookahead so their outputs land in the global trie (untimed)."""
+        """Generate the warm-up cases (every turn) with lookahead so their outputs land in the global trie
+        (untimed)."""
         for case in cases:
-            self.generator.generate(self.prompt_ids(case), max_new_tokens=case["max_new_tokens"])
+            answers: list[str] = []
+            for turn in range(turns_of(case)):
+                result = self.generator.generate(self.prompt_ids(turn_case(case, turn, answers)),
+                                                 max_new_tokens=case["max_new_tokens"])
+                answers.append(self.answer_text(result.token_ids))  # type: ignore[union-attr]
             if progress:
                 progress(case["id"])
 
     def run(self, cases: Sequence[dict[str, Any]], methods: Sequence[str], rounds: int = 1,
-            progress: Callable[[str], None] | None = None) -> list[CaseResult]:
-        """Every round runs every case with every method, interleaved case by case."""
+            progress: Callable[[str], None] | None = None, first_round: int = 1) -> list[CaseResult]:
+        """Every round runs every case with every method, interleaved case by case (and turn by turn); rounds are
+        numbered from ``first_round``."""
         if any(m.startswith("ensemble") for m in methods):
             self.ensemble  # noqa: B018 - build the ensemble and measure its cost curve before timing
         if "multidraft" in methods or "superposed" in methods:
             self.multidraft  # noqa: B018
         if PREDICTED in methods:
             self.predicted  # noqa: B018 - copy lookahead's trie after the warm-up, before any case runs
+        if NODRAFT in methods:
+            self.nodraft  # noqa: B018
         results: list[CaseResult] = []
-        for round_index in range(1, rounds + 1):
+        for round_index in range(first_round, first_round + rounds):
             for case in cases:
-                per_case = [self.run_method(method, case, round_index) for method in methods]
-                by_method = {r.method: r for r in per_case}
-                for r in per_case:
-                    reference = by_method.get(REFERENCES.get(r.method, ""))
-                    r.exact = None if reference is None else r.token_ids == reference.token_ids
-                    if r.exact is False:
-                        self.classify(r, reference, case)
-                results.extend(per_case)
+                results.extend(self.run_case(case, methods, round_index))
                 if progress:
                     progress(f"round {round_index} {case['id']}")
         return results
+
+    def run_case(self, case: dict[str, Any], methods: Sequence[str], round_index: int) -> list[CaseResult]:
+        """Every method on every turn of one case, turn by turn: a conversation's later turn follows each method's
+        own earlier answers; each turn is checked against its reference's same turn."""
+        answers: dict[str, list[str]] = {method: [] for method in methods}
+        results: list[CaseResult] = []
+        for turn in range(turns_of(case)):
+            asked = {method: turn_case(case, turn, answers[method]) for method in methods}
+            per_turn = [self.run_method(method, asked[method], round_index) for method in methods]
+            self.check_exact(per_turn, asked)
+            for r in per_turn:
+                answers[r.method].append(self.answer_text(r.token_ids))
+            results.extend(per_turn)
+        return results
+
+    def check_exact(self, results: Sequence[CaseResult], asked: dict[str, dict[str, Any]]) -> None:
+        """Set ``exact`` (and classify a mismatch) of each result against its reference's result in ``results``."""
+        by_method = {r.method: r for r in results}
+        for r in results:
+            reference = by_method.get(REFERENCES.get(r.method, ""))
+            r.exact = None if reference is None else r.token_ids == reference.token_ids
+            if r.exact is False:
+                self.classify(r, reference, asked[r.method])  # type: ignore[arg-type]
 
     def classify(self, result: CaseResult, reference: CaseResult, case: dict[str, Any]) -> None:
         """Mark a result that differs from its reference as a near-tie or a hard mismatch (DESIGN.md section 8):
