@@ -11,11 +11,19 @@ Sections, for every case file (default: rag_qa and long_rag; --quick: rag_qa):
    tokens per step, lookahead's host time per step (the ``lookahead bench`` table).
 4. Batched throughput: lookahead-batch against hf-batch (HF greedy on left-padded batches) at ``--batch-size``, and
    lookahead-alone (the exactness reference of the batched rows).
+5. With ``--spec-bench PATH`` (your copy of Spec-Bench's data/spec_bench/question.jsonl; nothing is downloaded): the
+   Spec-Bench table of ``lookahead bench --spec-bench`` (vanilla, pld, nodraft, lookahead per task, the leaderboard's
+   layout), the two factors of lookahead's speedup and the two turns of the conversations; ``--spec-bench-only``
+   skips sections 1 to 4.
+
+Every batch-1 table has ``nodraft``, the same engine with drafting off: nodraft vs vanilla is the engine's own gain
+over HF, lookahead vs nodraft drafting's own (the one to put next to the leaderboard).
 
     python scripts/gpu_check.py                                   # cuda, bfloat16 (auto), the default model
     python scripts/gpu_check.py --device cpu --limit 2 --quick    # a couple of minutes on a CPU
     python scripts/gpu_check.py --model PATH --out report.md --json report.json
     OUT=/tmp/out bash scripts/gpu_check.sh --limit 8                # a fresh GPU machine: install, run, report
+    python scripts/gpu_check.py --spec-bench question.jsonl --spec-bench-only --questions-per-task 10
 
 The report goes to stdout (and ``--out``); progress goes to stderr. Exit status 1 when any output differs beyond
 the dtype's rounding (a hard mismatch), 2 on bad arguments or a model that does not load, else 0.
@@ -40,14 +48,17 @@ from lookahead.agreement import NEAR_TIE
 from lookahead.argtypes import positive_int
 from lookahead.bench.batching import format_throughput, run_throughput, throughput_rows
 from lookahead.bench.cases import load_cases
-from lookahead.bench.report import format_table, summarize
-from lookahead.bench.runner import BenchRunner, CaseResult
+from lookahead.bench.report import format_factors, format_table, summarize
+from lookahead.bench.runner import NODRAFT, WARM_METHODS, BenchRunner, CaseResult
+from lookahead.bench.spec_bench import DEFAULT_MAX_NEW_TOKENS, load_spec_bench, parse_categories
+from lookahead.bench.spec_table import spec_report
 from lookahead.budget import CostCurve
 from lookahead.engine import LookaheadGenerator
 from lookahead.models import AUTO_DTYPE, DTYPE_CHOICES, ModelLoadError, load_model
 from lookahead.runner import cost_grid, time_tree_passes
 
-BENCH_METHODS = ("vanilla", "pld", "lookahead")
+BENCH_METHODS = ("vanilla", "pld", NODRAFT, "lookahead")
+ENGINE_METHODS = (NODRAFT, "lookahead")  # decoded by the engine: each must equal HF greedy (vanilla)
 BATCH_METHODS = ("lookahead-alone", "lookahead-batch", "hf-batch")  # lookahead-alone: the exactness reference
 CASES = ("rag_qa", "long_rag")
 QUICK_CASES = ("rag_qa",)
@@ -92,6 +103,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"{QUICK_MAX_NEW_TOKENS})")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: rag_qa only, fewer contexts, two timing repeats, short answers")
+    parser.add_argument("--spec-bench", type=Path, metavar="PATH",
+                        help="add the Spec-Bench table (section 5): your copy of Spec-Bench's "
+                             "data/spec_bench/question.jsonl")
+    parser.add_argument("--categories", help="Spec-Bench tasks or categories, comma-separated (default: all)")
+    parser.add_argument("--questions-per-task", type=positive_int, default=None,
+                        help="Spec-Bench: at most N questions per task (default: all)")
+    parser.add_argument("--warm-round", action="store_true",
+                        help="Spec-Bench: a second round of vanilla, nodraft and lookahead with the store warm")
+    parser.add_argument("--spec-bench-only", action="store_true", help="only the Spec-Bench section (skip 1 to 4)")
     parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
     parser.add_argument("--json", type=Path, help="also write the numbers behind the report to this JSON file")
     args = parser.parse_args(argv)
@@ -106,6 +126,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                   list(QUICK_CASES if args.quick else CASES))
     if not args.cases:
         parser.error("--cases names no case file")
+    given = {"--categories": args.categories, "--questions-per-task": args.questions_per_task,
+             "--warm-round": args.warm_round, "--spec-bench-only": args.spec_bench_only}
+    spec_only = [name for name, value in given.items() if value]
+    if spec_only and not args.spec_bench:
+        parser.error(f"{', '.join(spec_only)} need --spec-bench PATH")
     return args
 
 
@@ -157,6 +182,29 @@ def bench_file(runner: BenchRunner, name: str, cases: list[dict[str, Any]], batc
     return report
 
 
+def spec_bench_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The Spec-Bench cases of ``--spec-bench`` (none without it): answers of ``--max-new-tokens`` (default 128)."""
+    if not args.spec_bench:
+        return []
+    return load_spec_bench(args.spec_bench, parse_categories(args.categories), args.questions_per_task,
+                           args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+
+
+def run_spec_bench(runner: BenchRunner, cases: list[dict[str, Any]], warm_round: bool) -> list[CaseResult]:
+    """Spec-Bench at batch 1 (interleaved question by question, turn by turn), then the warm round if asked."""
+    progress(f"Spec-Bench: {len(cases)} question(s)")
+    results = runner.run(cases, BENCH_METHODS, progress=lambda step: progress(f"Spec-Bench: {step}"))
+    if warm_round:
+        results += runner.run(cases, WARM_METHODS, first_round=2,
+                              progress=lambda step: progress(f"Spec-Bench warm: {step}"))
+    return results
+
+
+def hard_mismatches(results: Sequence[CaseResult]) -> int:
+    """Outputs of the engine's methods that differ from HF greedy beyond the dtype's rounding."""
+    return sum(exactness_counts(results, method)["hard"] for method in ENGINE_METHODS)
+
+
 def exactness_counts(results: Sequence[CaseResult], method: str = "lookahead") -> dict[str, int]:
     """``compared``, ``identical``, ``near_tie`` and ``hard`` of ``method`` against HF greedy (vanilla)."""
     mine = [r for r in results if r.method == method and r.exact is not None]
@@ -182,6 +230,11 @@ def header_lines(args: argparse.Namespace, model: Any, generator: LookaheadGener
         f"{args.max_new_tokens or 'as in the cases'}{', quick' if args.quick else ''}",
         f"- lookahead config: decoding_length {generator.config.decoding_length}, branch_length "
         f"{generator.config.branch_length}, adaptive {generator.config.adaptive}",
+        *([f"- Spec-Bench: `{args.spec_bench}`, tasks {args.categories or 'all'}, "
+           f"{args.questions_per_task or 'all'} question(s) per task, "
+           f"{args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS} new tokens per turn"
+           f"{', a warm round' if args.warm_round else ''}{', Spec-Bench only' if args.spec_bench_only else ''}"]
+          if args.spec_bench else []),
     ]
 
 
@@ -189,11 +242,12 @@ def exactness_section(reports: Sequence[FileReport], dtype: str) -> list[str]:
     rule = ("any difference is a hard mismatch (token identity is promised)." if dtype == "float32" else
             "a near-tie (two logits equal within rounding) is allowed; hard is not.")
     lines = ["", "## 1. Exactness: lookahead greedy vs HF greedy", "", f"In {dtype}: {rule}", "",
-             "| cases | compared | identical | near-tie | hard | lookahead-batch hard |", "|---|---|---|---|---|---|"]
+             "| cases | compared | identical | near-tie | hard | nodraft hard | lookahead-batch hard |",
+             "|---|---|---|---|---|---|---|"]
     for r in reports:
         c = exactness_counts(r.results)
         lines.append(f"| {r.name} | {c['compared']} | {c['identical']} | {c['near_tie']} | {c['hard']} | "
-                     f"{r.batch_hard} |")
+                     f"{exactness_counts(r.results, NODRAFT)['hard']} | {r.batch_hard} |")
     return lines
 
 
@@ -215,9 +269,11 @@ def cost_section(curves: Sequence[tuple[int, int, CostCurve]]) -> list[str]:
 def bench_section(reports: Sequence[FileReport]) -> list[str]:
     lines = ["", "## 3. Speedups at batch 1 (vanilla = HF greedy, pld = HF prompt lookup)", "",
              "`vs vanilla (decode)`: over the seconds after the prefill; `host ms/step`: lookahead's time outside the "
-             "model forward per decoding step."]
+             "model forward per decoding step; nodraft: the same engine with drafting off (the factors: the engine's "
+             "own gain over HF, and drafting's)."]
     for r in reports:
-        lines += ["", f"### {r.name}", "", r.table]
+        factors = format_factors(r.rows)
+        lines += ["", f"### {r.name}", "", r.table, *(["", factors] if factors else [])]
     return lines
 
 
@@ -229,12 +285,20 @@ def batch_section(reports: Sequence[FileReport], batch_size: int) -> list[str]:
     return lines
 
 
+def spec_section(text: str, results: Sequence[CaseResult]) -> list[str]:
+    """Section 5: the Spec-Bench tables (`lookahead bench --spec-bench`) and the engine's exactness on them."""
+    exact = {m: exactness_counts(results, m) for m in ENGINE_METHODS}
+    counts = ", ".join(f"{m} {c['identical']}/{c['compared']} identical ({c['near_tie']} near-tie, {c['hard']} hard)"
+                       for m, c in exact.items())
+    return ["", "## 5. Spec-Bench at batch 1", "", f"Exactness against HF greedy: {counts}.", "", text]
+
+
 def footer_lines(device: torch.device, seconds: float, failed: bool) -> list[str]:
     lines = ["", "## Verdict", ""]
     if device.type == "cuda":
         lines.append(f"- peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     lines.append(f"- wall time: {seconds:.0f} s")
-    lines.append("- FAILED: hard mismatches (see sections 1 and 4)" if failed else "- PASS: no hard mismatch")
+    lines.append("- FAILED: hard mismatches (see sections 1, 4 and 5)" if failed else "- PASS: no hard mismatch")
     return lines
 
 
@@ -244,7 +308,9 @@ def footer_lines(device: torch.device, seconds: float, failed: bool) -> list[str
 def run(args: argparse.Namespace) -> tuple[str, dict[str, Any], bool]:
     """Load the model, measure every section; returns (Markdown report, JSON data, failed)."""
     start = time.perf_counter()
-    case_sets = [(name, capped(load_cases(name, args.limit), args.max_new_tokens)) for name in args.cases]
+    case_sets = [] if args.spec_bench_only else [
+        (name, capped(load_cases(name, args.limit), args.max_new_tokens)) for name in args.cases]
+    spec_cases = spec_bench_cases(args)  # bad files fail here, before the model loads
     progress(f"loading {args.model} on {args.device}")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     generator = LookaheadGenerator(model, tokenizer)
@@ -252,27 +318,39 @@ def run(args: argparse.Namespace) -> tuple[str, dict[str, Any], bool]:
     progress("the engine's cost curve")
     generator.budget  # noqa: B018 - measure (or load) the draft budget's cost curve before timing anything
     # the fastest of the repeats counts: the first pass of a new shape pays one-time kernel set-up (seconds on a CPU)
-    curves = tree_costs(generator, args.contexts, (1, args.batch_size), repeats=2 if args.quick else 5)
+    curves = [] if args.spec_bench_only else tree_costs(generator, args.contexts, (1, args.batch_size),
+                                                         repeats=2 if args.quick else 5)
     runner = BenchRunner(model, tokenizer, generator)
     try:
         reports = [bench_file(runner, name, cases, args.batch_size, dtype != "float32") for name, cases in case_sets]
+        spec_results = run_spec_bench(runner, spec_cases, args.warm_round) if spec_cases else []
     finally:
         runner.close()
-    failed = any(exactness_counts(r.results)["hard"] or r.batch_hard for r in reports)
-    lines = [*header_lines(args, model, generator), *exactness_section(reports, dtype), *cost_section(curves),
-             *bench_section(reports), *batch_section(reports, args.batch_size),
+    spec_text, spec_data = spec_report(spec_results) if spec_results else ("", {})
+    failed = any(hard_mismatches(r.results) or r.batch_hard for r in reports) or bool(hard_mismatches(spec_results))
+    sections = [] if args.spec_bench_only else [
+        *exactness_section(reports, dtype), *cost_section(curves), *bench_section(reports),
+        *batch_section(reports, args.batch_size)]
+    lines = [*header_lines(args, model, generator), *sections,
+             *(spec_section(spec_text, spec_results) if spec_results else []),
              *footer_lines(generator.device, time.perf_counter() - start, failed)]
     data = {
         "meta": {"model": args.model, "device": str(generator.device), "dtype": dtype, "cases": args.cases,
                  "limit": args.limit, "batch_size": args.batch_size, "quick": args.quick,
                  "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
-                 "config": generator.config.to_dict()},
-        "exactness": {r.name: {**exactness_counts(r.results), "batch_hard": r.batch_hard} for r in reports},
+                 "config": generator.config.to_dict(),
+                 "spec_bench": str(args.spec_bench) if args.spec_bench else None,
+                 "spec_bench_only": args.spec_bench_only},
+        "exactness": {r.name: {**exactness_counts(r.results), "nodraft_hard": exactness_counts(r.results, NODRAFT)[
+            "hard"], "batch_hard": r.batch_hard} for r in reports},
         "tree_cost": [{"context": prefix, "batch": batch, **curve.to_dict()} for prefix, batch, curve in curves],
         "bench": {r.name: r.rows for r in reports},
         "batch": {r.name: r.batch_rows for r in reports},
         "failed": failed,
     }
+    if spec_results:
+        data["spec_bench"] = {**spec_data, "exactness": {m: exactness_counts(spec_results, m) for m in ENGINE_METHODS},
+                              "summary": summarize(spec_results), "results": [r.to_dict() for r in spec_results]}
     return "\n".join(lines) + "\n", data, failed
 
 

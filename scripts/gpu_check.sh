@@ -3,6 +3,8 @@
 # the numbers behind it to $OUT/gpu_report.json). Extra arguments go to gpu_check.py, e.g. --limit 8 --quick.
 #
 #   OUT=/tmp/out bash scripts/gpu_check.sh [--limit N] [--quick] [--model PATH] [--dtype float32]
+#   OUT=/tmp/out bash scripts/gpu_check.sh --spec-bench PATH --spec-bench-only --questions-per-task 10
+#       (PATH: your copy of Spec-Bench's data/spec_bench/question.jsonl, brought to the machine; never downloaded)
 #
 # Assumptions:
 # - python3 (>= 3.10) with a CUDA build of PyTorch 2.6 to 2.13.0 already installed (the machine's image). The venv
