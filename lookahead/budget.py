@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numba as nb
+import numpy as np
+
 from . import files
 
 COST_FORMAT = "lookahead-cost-curve"
@@ -86,6 +89,17 @@ def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     return yb + max(yb - ya, 0.0) * (x - b) / (b - a)
 
 
+def _interpolate_rows(x: float, xs: Sequence[float], ys: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`_interpolate` with arrays for ``ys`` (element-wise, the same arithmetic)."""
+    if len(xs) == 1 or x <= xs[0]:
+        return ys[0]
+    for a, b, ya, yb in zip(xs, xs[1:], ys, ys[1:]):
+        if x <= b:
+            return ya + (yb - ya) * (x - a) / (b - a)
+    a, b, ya, yb = xs[-2], xs[-1], ys[-2], ys[-1]
+    return yb + np.maximum(yb - ya, 0.0) * (x - b) / (b - a)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Seconds of one pass, ``c(n, context, batch)``: ``batch`` rows of ``n`` tree nodes each (the root included)
@@ -138,6 +152,25 @@ class CostModel:
         if batch >= batches[-1]:
             return self._at_batch(batches[-1], n * batch / batches[-1], context)
         return _interpolate(batch, batches, [self._at_batch(b, n, context) for b in batches])
+
+    def cost_row(self, count: int, context: float = 0, batch: int = 1) -> np.ndarray:
+        """``[cost(n, context, batch) for n in 1..count]`` as one array (the same arithmetic, element-wise)."""
+        batches = self.batches
+        if batch >= batches[-1]:
+            return self._row_at_batch(batches[-1], count, context, batch)
+        return _interpolate_rows(batch, batches, [self._row_at_batch(b, count, context, b) for b in batches])
+
+    def _row_at_batch(self, measured: int, count: int, context: float, batch: int) -> np.ndarray:
+        contexts, _ = self._by_batch[measured]
+        return _interpolate_rows(context, contexts, self._curve_rows(measured, count, batch))
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - models are few, frozen and hashable; asked every step
+    def _curve_rows(self, measured: int, count: int, batch: int) -> list[np.ndarray]:
+        """Per context measured at batch ``measured``: its curve at ``n * batch / measured`` for n in 1..count."""
+        _, curves = self._by_batch[measured]
+        if batch == measured:
+            return [np.array([curve.cost(n) for n in range(1, count + 1)]) for curve in curves]
+        return [np.array([curve.cost(n * batch / measured) for n in range(1, count + 1)]) for curve in curves]
 
     def relative(self) -> dict[int, float]:
         """c(n) / c(1) of one row at the shortest measured context."""
@@ -235,6 +268,123 @@ SCORE_EDGES = (1.5, 3.5, 8.0)
 #: edges of the ``follow`` bins: a context that has followed a past output for 16+ tokens is most likely repeating it
 FOLLOW_EDGES = (2, 4, 8, 16)
 
+#: bins per level: base = (share bin, from outputs + follow bin), coarse = base + depth (capped at 4), fine = coarse +
+#: (match length capped at 4, last accepted bin, score bin)
+_ORIGINS = 2 + len(FOLLOW_EDGES)  # 0: not from outputs; 1 + follow bin: from outputs
+_BASE_BINS = (len(SHARE_EDGES) + 1) * _ORIGINS
+_DEPTHS = 5
+_FINE_PER_COARSE = 5 * (len(LAST_EDGES) + 1) * (len(SCORE_EDGES) + 1)
+_SHARE_E = np.array(SHARE_EDGES, np.float64)
+_LAST_E = np.array(LAST_EDGES, np.float64)
+_SCORE_E = np.array(SCORE_EDGES, np.float64)
+_FOLLOW_E = np.array(FOLLOW_EDGES, np.float64)
+
+
+@nb.njit(cache=True, nogil=True)
+def _nb_bucket(value, edges):  # pragma: no cover - compiled
+    c = 0
+    for e in edges:
+        if value >= e:
+            c += 1
+    return c
+
+
+@nb.njit(cache=True, nogil=True)
+def _bin_index(share, from_outputs, follow, depth, score, match_length, last_accepted, share_e, follow_e, last_e,
+               score_e):  # pragma: no cover - compiled
+    """(base, coarse, fine) bin indices of one node (see :meth:`AcceptanceModel.bins`)."""
+    origin = 1 + _nb_bucket(follow, follow_e) if from_outputs else 0
+    base = _nb_bucket(share, share_e) * (2 + len(follow_e)) + origin
+    coarse = base * 5 + min(depth, 4)
+    fine = ((coarse * 5 + min(match_length, 4)) * (len(last_e) + 1) + _nb_bucket(last_accepted, last_e)) \
+        * (len(score_e) + 1) + _nb_bucket(score, score_e)
+    return base, coarse, fine
+
+
+@nb.njit(cache=True, nogil=True)
+def _node_bins(parents, scores, global_counts, follow, match_length, last_accepted, share_e, follow_e, last_e,
+               score_e):  # pragma: no cover - compiled
+    """Per draft node: (base, coarse, fine) bin indices, depth, and whether its prior is the follow prior (see
+    :func:`feature_values`; ``global_counts`` empty: no node is from past outputs)."""
+    n = len(parents)
+    mass = np.zeros(n + 1)
+    for i in range(n):
+        mass[parents[i] + 1] += scores[i]
+    bins = np.empty((3, n), np.int64)
+    depths = np.empty(n, np.int64)
+    repeat = np.zeros(n, np.bool_)
+    for i in range(n):
+        p = parents[i]
+        d = 1 if p < 0 else depths[p] + 1
+        depths[i] = d
+        out = len(global_counts) > 0 and global_counts[i] > 0
+        share = scores[i] / mass[p + 1] if mass[p + 1] > 0 else 0.0
+        f = follow + d - 1 if out and follow != 0 else 0
+        b, c, fi = _bin_index(share, out, f, d, scores[i], match_length, last_accepted, share_e, follow_e, last_e,
+                              score_e)
+        bins[0, i] = b
+        bins[1, i] = c
+        bins[2, i] = fi
+        repeat[i] = out and f >= follow_e[-1]
+    return bins, depths, repeat
+
+
+@nb.njit(cache=True, nogil=True)
+def _rates(bins, repeat, succ, trials, prior, follow_prior, prior_strength, backoff_strength,
+           exploration):  # pragma: no cover - compiled
+    """P(node accepted | parent accepted) per node, from the three levels of binned counts."""
+    n = bins.shape[1]
+    out = np.empty(n)
+    for i in range(n):
+        rate = follow_prior if repeat[i] else prior
+        b, c, f = bins[0, i], bins[1, i], bins[2, i]
+        rate = (succ[0][b] + prior_strength * rate) / (trials[0][b] + prior_strength)
+        rate = (succ[1][c] + backoff_strength * rate) / (trials[1][c] + backoff_strength)
+        rate = (succ[2][f] + backoff_strength * rate) / (trials[2][f] + backoff_strength)
+        if exploration != 0.0:
+            rate = min(1.0, rate + exploration / (trials[2][f] + 1.0) ** 0.5)
+        out[i] = rate
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def _ranked(parents, rates, depths):  # pragma: no cover - compiled
+    """(order, reach): nodes by decreasing reach (the product of the rates on their path), then depth, then index."""
+    n = len(parents)
+    reach = np.empty(n)
+    for i in range(n):
+        p = parents[i]
+        reach[i] = rates[i] if p < 0 else reach[p] * rates[i]
+    by_depth = np.argsort(depths, kind="mergesort")  # stable: index order within a depth
+    order = by_depth[np.argsort(-reach[by_depth], kind="mergesort")]
+    return order, reach[order]
+
+
+@nb.njit(cache=True, nogil=True)
+def _learn(bins, parents, accepted, succ, trials, max_trials):  # pragma: no cover - compiled
+    """Count one trial per node whose parent was accepted (or is the root), in every level's bin, in node order."""
+    for i in range(len(parents)):
+        p = parents[i]
+        if p >= 0 and not accepted[p]:
+            continue
+        for level in range(3):
+            k = bins[level, i]
+            if accepted[i]:
+                succ[level][k] += 1.0
+            trials[level][k] += 1.0
+            if trials[level][k] > max_trials:  # forget slowly so the estimate follows the traffic
+                succ[level][k] *= 0.5
+                trials[level][k] *= 0.5
+
+
+_EMPTY_F = np.zeros(0, np.float64)
+
+
+def _as_arrays(parents: Sequence[int], scores: Sequence[float], global_counts: Sequence[float] | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.asarray(parents, np.int64), np.asarray(scores, np.float64),
+            np.asarray(global_counts, np.float64) if global_counts else _EMPTY_F)
+
 
 class AcceptanceModel:
     """Online estimate of P(node accepted | its parent accepted), from binned counts backed off over three levels.
@@ -244,6 +394,9 @@ class AcceptanceModel:
     A bin with few trials leans on the level above, so a depth never drafted yet starts from what shallower nodes
     of the same kind showed (one-node drafts teach the estimate of deeper ones: drafting cannot stay stuck at one
     node where deeper drafts would pay), and ``exploration`` adds optimism to rarely tried fine bins.
+
+    The counts live in dense arrays (one cell per bin) read and updated by compiled loops, so ranking a 48-node
+    draft and learning from its verification take microseconds.
     """
 
     def __init__(self, prior: float = 0.5, prior_strength: float = 2.0, backoff_strength: float = 4.0,
@@ -256,50 +409,57 @@ class AcceptanceModel:
         self.prior_strength = prior_strength
         self.backoff_strength = backoff_strength
         self.max_trials = max_trials
-        self._base: dict[tuple, list[float]] = {}  # key -> [successes, trials]
-        self._coarse: dict[tuple, list[float]] = {}
-        self._fine: dict[tuple, list[float]] = {}
-
-    @staticmethod
-    def keys(node: NodeFeatures, match_length: int, last_accepted: int) -> tuple[tuple, tuple, tuple]:
-        """The node's (base, coarse, fine) bins."""
-        return AcceptanceModel.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
-                                    last_accepted)
+        sizes = (_BASE_BINS, _BASE_BINS * _DEPTHS, _BASE_BINS * _DEPTHS * _FINE_PER_COARSE)
+        self._succ = tuple(np.zeros(n) for n in sizes)  # per level: successes per bin
+        self._trials = tuple(np.zeros(n) for n in sizes)  # per level: trials per bin
 
     @staticmethod
     def bins(share: float, from_outputs: bool, follow: int, depth: int, score: float, match_length: int,
-             last_accepted: int) -> tuple[tuple, tuple, tuple]:
-        """:meth:`keys` from a node's feature values (no :class:`NodeFeatures` made)."""
-        follow_bin = _bucket(follow, FOLLOW_EDGES) if from_outputs else -1
-        base = (_bucket(share, SHARE_EDGES), from_outputs, follow_bin)
-        coarse = base + (min(depth, 4),)
-        fine = coarse + (min(match_length, 4), _bucket(last_accepted, LAST_EDGES), _bucket(score, SCORE_EDGES))
-        return base, coarse, fine
+             last_accepted: int) -> tuple[int, int, int]:
+        """The (base, coarse, fine) bin indices of a node from its feature values."""
+        return tuple(int(b) for b in _bin_index(float(share), bool(from_outputs), float(follow), int(depth),
+                                                 float(score), int(match_length), float(last_accepted), _SHARE_E,
+                                                 _FOLLOW_E, _LAST_E, _SCORE_E))  # type: ignore[return-value]
 
-    @staticmethod
-    def _rate(table: dict, key: tuple, prior: float, strength: float) -> float:
-        succ, trials = table.get(key, (0.0, 0.0))
-        return (succ + strength * prior) / (trials + strength)
+    def node_bins(self, parents: np.ndarray, scores: np.ndarray, global_counts: np.ndarray, follow: int,
+                  match_length: int, last_accepted: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per draft node of one draft: bins ``[3, n]``, depths ``[n]`` and which nodes take the follow prior."""
+        return _node_bins(parents, scores, global_counts, float(follow), int(match_length), float(last_accepted),
+                          _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E)
+
+    def rates(self, bins: np.ndarray, repeat: np.ndarray) -> np.ndarray:
+        """P(accepted | parent accepted) of nodes with these bins (see :meth:`node_bins`)."""
+        return _rates(bins, repeat, self._succ, self._trials, self.prior, self.follow_prior, self.prior_strength,
+                      self.backoff_strength, self.exploration)
 
     def probability(self, node: NodeFeatures, match_length: int, last_accepted: int) -> float:
-        base, coarse, fine = self.keys(node, match_length, last_accepted)
-        prior = self.follow_prior if node.from_outputs and node.follow >= FOLLOW_EDGES[-1] else self.prior
-        rate = self._rate(self._base, base, prior, self.prior_strength)
-        rate = self._rate(self._coarse, coarse, rate, self.backoff_strength)
-        rate = self._rate(self._fine, fine, rate, self.backoff_strength)
-        if self.exploration:  # optimism for rarely tried bins, so a changed regime is noticed
-            trials = self._fine.get(fine, (0.0, 0.0))[1]
-            rate = min(1.0, rate + self.exploration / (trials + 1.0) ** 0.5)
-        return rate
+        """P(accepted | parent accepted) of one node."""
+        bins = np.array(self.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
+                                  last_accepted), np.int64).reshape(3, 1)
+        repeat = np.array([node.from_outputs and node.follow >= FOLLOW_EDGES[-1]])
+        return float(self.rates(bins, repeat)[0])
+
+    def learn(self, bins: np.ndarray, parents: np.ndarray, accepted: np.ndarray) -> None:
+        """Count the trials of one verified draft (``accepted``: a mask over its nodes)."""
+        _learn(bins, parents, accepted, self._succ, self._trials, self.max_trials)
 
     def observe(self, node: NodeFeatures, match_length: int, last_accepted: int, accepted: bool) -> None:
-        for table, key in zip((self._base, self._coarse, self._fine), self.keys(node, match_length, last_accepted)):
-            entry = table.setdefault(key, [0.0, 0.0])
-            entry[0] += float(accepted)
-            entry[1] += 1.0
-            if entry[1] > self.max_trials:  # forget slowly so the estimate follows the traffic
-                entry[0] *= 0.5
-                entry[1] *= 0.5
+        """Count one trial of one node."""
+        bins = np.array(self.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
+                                  last_accepted), np.int64).reshape(3, 1)
+        self.learn(bins, np.array([-1], np.int64), np.array([accepted]))
+
+    @property
+    def total_trials(self) -> float:
+        """Trials counted so far (base level; halved as the counts age)."""
+        return float(self._trials[0].sum())
+
+    def counts(self, node: NodeFeatures, match_length: int, last_accepted: int, level: int = 2
+               ) -> tuple[float, float]:
+        """(successes, trials) counted in the node's bin of ``level`` (0 base, 1 coarse: with depth, 2 fine)."""
+        k = self.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
+                      last_accepted)[level]
+        return float(self._succ[level][k]), float(self._trials[level][k])
 
 
 def node_features(parents: Sequence[int], scores: Sequence[float], global_counts: Sequence[float] | None = None,
@@ -369,20 +529,13 @@ class DraftBudget:
         """Every draft node with its estimated reach, most promising first (all reach 1.0 when not adaptive)."""
         if not self.adaptive:
             return Ranking(list(range(len(parents))), [1.0] * len(parents))
-        # the acceptance is computed once per bin (it depends on the node's fine bin only)
-        shares, depths, _, from_outputs, follows = feature_values(parents, scores, global_counts, follow)
+        if not parents:
+            return Ranking([], [])
         acceptance = self.acceptance
-        memo: dict[tuple, float] = {}
-        reach: list[float] = []  # P(node is on the accepted path)
-        for p, sc, out, share, depth, node_follow in zip(parents, scores, from_outputs, shares, depths, follows):
-            key = acceptance.bins(share, out, node_follow, depth, sc, match_length, last_accepted)[2]
-            rate = memo.get(key)
-            if rate is None:
-                feat = NodeFeatures(share=share, depth=depth, score=sc, from_outputs=out, follow=node_follow)
-                rate = memo[key] = acceptance.probability(feat, match_length, last_accepted)
-            reach.append(rate if p < 0 else reach[p] * rate)
-        order = sorted(range(len(parents)), key=lambda i: (-reach[i], depths[i], i))
-        return Ranking(order, [reach[i] for i in order])
+        par, sc, glob = _as_arrays(parents, scores, global_counts)
+        bins, depths, repeat = acceptance.node_bins(par, sc, glob, follow, match_length, last_accepted)
+        order, reach = _ranked(par, acceptance.rates(bins, repeat), depths)
+        return Ranking(order.tolist(), reach.tolist())
 
     def sizes(self, rankings: Sequence[Ranking], context: int = 0, max_nodes: int | None = None) -> list[int]:
         """How many ranked nodes each row of one pass verifies: one joint choice for the whole pass.
@@ -400,18 +553,15 @@ class DraftBudget:
         if not self.adaptive:
             return [min(top, n) for n in lengths]
         rows = len(rankings)
-        cost = self.cost_model.cost
-        best_n, best_rate = 0, rows / cost(1, context, rows)
-        cumulative = [0.0] * rows
-        for n in range(1, top + 1):
-            expected = 0.0
-            for b, ranking in enumerate(rankings):
-                if n <= lengths[b]:
-                    cumulative[b] += ranking.reach[n - 1]
-                expected += cumulative[b]
-            rate = (rows + expected) / cost(n + 1, context, rows)
-            if rate > best_rate:
-                best_n, best_rate = n, rate
+        expected = np.zeros(top + 1)  # [top + 1]: expected accepted tokens of the pass with n nodes per row
+        for ranking in rankings:
+            take = min(top, len(ranking.reach))
+            if take:
+                cumulative = np.cumsum(ranking.reach[:take])
+                expected[1:take + 1] += cumulative
+                expected[take + 1:] += cumulative[-1]
+        rate = (rows + expected) / self.cost_model.cost_row(top + 1, context, rows)
+        best_n = int(np.argmax(rate))  # the first best: fewer nodes on a tie
         return [min(best_n, n) for n in lengths]
 
     def select(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
@@ -437,8 +587,8 @@ class DraftBudget:
         """
         if not self.adaptive or not parents:
             return
-        features = node_features(parents, scores, global_counts, follow)
-        accepted_set = set(accepted)
-        for i, (p, feat) in enumerate(zip(parents, features)):
-            if p < 0 or p in accepted_set:
-                self.acceptance.observe(feat, match_length, last_accepted, i in accepted_set)
+        par, sc, glob = _as_arrays(parents, scores, global_counts)
+        bins, _, _ = self.acceptance.node_bins(par, sc, glob, follow, match_length, last_accepted)
+        taken = np.zeros(len(par), np.bool_)
+        taken[list(accepted)] = True
+        self.acceptance.learn(bins, par, taken)

@@ -291,7 +291,7 @@ def test_non_adaptive_returns_all_nodes_up_to_max():
     assert DraftBudget(STEEP, max_nodes=10, adaptive=False).select(wide, [1.0] * 5, 1, 0) == [0, 1, 2, 3, 4]
     # observing does not change a non-adaptive budget
     learn(budget, CHAIN, CHAIN_SCORES, [], times=10)
-    assert budget.acceptance._fine == {} and budget.acceptance._coarse == {}
+    assert budget.acceptance.total_trials == 0.0
 
 
 @st.composite
@@ -329,7 +329,7 @@ def test_observe_counts_only_nodes_whose_parent_was_accepted():
 
     def trials(i: int) -> tuple[float, float]:
         """(successes, trials) of node i's depth bin."""
-        return tuple(model._coarse.get(model.keys(feats[i], 2, 0)[1], (0.0, 0.0)))
+        return model.counts(feats[i], 2, 0, level=1)
 
     assert model.probability(feats[0], 2, 0) == pytest.approx(0.5)
     budget.observe(CHAIN, CHAIN_SCORES, 2, 0, [])  # node 0 rejected; nodes below it were never tried
@@ -369,8 +369,7 @@ def test_acceptance_model_estimate_and_forgetting():
     assert model.probability(node, 1, 0) == pytest.approx((8 + 4 * coarse_rate) / 12)
     for _ in range(3):
         model.observe(node, 1, 0, True)
-    _, _, fine = model.keys(node, 1, 0)
-    assert model._fine[fine][1] <= 10.0  # halved once it passed max_trials
+    assert model.counts(node, 1, 0)[1] <= 10.0  # halved once it passed max_trials
     # a node in another bin still sees only the prior, backed off through its coarse bin
     other = NodeFeatures(share=0.1, depth=3, score=1.0)
     assert model.probability(other, 1, 0) == pytest.approx(0.5)
@@ -436,3 +435,65 @@ def test_a_long_followed_past_output_starts_from_its_own_prior():
         model.observe(repeat, 2, 0, accepted=False)
     assert model.probability(repeat, 2, 0) < 0.3
     assert AcceptanceModel(prior=0.4).probability(repeat, 2, 0) == pytest.approx(0.4)  # default: the plain prior
+
+
+def _reference_rank(budget: DraftBudget, parents, scores, match_length, last_accepted, global_counts, follow):
+    """The ranking written out in plain Python, one node at a time (what the compiled kernels must equal)."""
+    feats = node_features(parents, scores, global_counts, follow)
+    reach: list[float] = []
+    for p, feat in zip(parents, feats):
+        rate = budget.acceptance.probability(feat, match_length, last_accepted)
+        reach.append(rate if p < 0 else reach[p] * rate)
+    order = sorted(range(len(parents)), key=lambda i: (-reach[i], feats[i].depth, i))
+    return order, [reach[i] for i in order]
+
+
+def _reference_sizes(budget: DraftBudget, rankings, context, limit):
+    """The joint size choice written out as a loop over node counts (scalar cost model calls)."""
+    top = min(limit, max(len(r.order) for r in rankings))
+    rows = len(rankings)
+    cost = budget.cost_model.cost
+    best_n, best_rate = 0, rows / cost(1, context, rows)
+    for n in range(1, top + 1):
+        expected = sum(sum(r.reach[:n]) for r in rankings)
+        rate = (rows + expected) / cost(n + 1, context, rows)
+        if rate > best_rate + 1e-12:
+            best_n, best_rate = n, rate
+    return best_n
+
+
+def _random_draft(rng: random.Random, size: int):
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, size)]
+    scores = [float(rng.choice([0, 1, 2, 3, 5, 9, 20])) for _ in range(size)]
+    global_counts = [float(rng.choice([0, 0, 1, 4])) for _ in range(size)]
+    return parents, scores, global_counts
+
+
+def test_compiled_ranking_and_sizes_equal_the_reference_loops():
+    """The budget's compiled ranking, learning and size choice equal plain Python loops over the same features, on
+    random drafts, after random verification outcomes, with a cost model over batches and contexts."""
+    rng = random.Random(7)
+    model = CostModel(((1, 0, CostCurve((1, 8, 64), (1.0, 1.6, 6.0))), (1, 512, CostCurve((1, 8, 64), (1.4, 2.2, 8.0))),
+                       (4, 0, CostCurve((1, 8, 64), (1.3, 3.0, 14.0)))))
+    budget = DraftBudget(model, max_nodes=32, acceptance=AcceptanceModel(prior=0.3, exploration=0.1, follow_prior=0.85))
+    for _ in range(300):
+        parents, scores, global_counts = _random_draft(rng, rng.randrange(1, 40))
+        match_length, last_accepted, follow = rng.randrange(0, 6), rng.randrange(0, 10), rng.choice([0, 0, 3, 17])
+        ranking = budget.rank(parents, scores, match_length, last_accepted, global_counts, follow)
+        order, reach = _reference_rank(budget, parents, scores, match_length, last_accepted, global_counts, follow)
+        assert ranking.order == order
+        assert ranking.reach == pytest.approx(reach, rel=1e-12)
+        rows = rng.choice([1, 1, 2, 3, 6])
+        rankings = [ranking] * rows
+        context, limit = rng.choice([0, 100, 700]), rng.choice([4, 16, 32])
+        assert budget.sizes(rankings, context, limit)[0] == min(len(parents), _reference_sizes(budget, rankings,
+                                                                                                  context, limit))
+        accepted, node = [], -1
+        while rng.random() < 0.7:
+            children = [i for i, p in enumerate(parents) if p == node]
+            if not children:
+                break
+            node = rng.choice(children)
+            accepted.append(node)
+        budget.observe(parents, scores, match_length, last_accepted, accepted, global_counts, follow)
+    assert budget.acceptance.total_trials > 300

@@ -4,6 +4,7 @@ here: eviction (tested on its own below) and ``append`` slices."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lookahead.store import DraftStore, StoreFileError, kernels
+from lookahead.store.segments import Segment
 from lookahead.trie import TokenTrie, TrieDelta
 
 VOCAB = 5
@@ -71,11 +73,12 @@ def apply(ops, store: DraftStore, trie: TokenTrie) -> None:
             trie.remove_source(op[1])
 
 
-def assert_same(store: DraftStore, trie: TokenTrie, contexts, k: int = 12) -> None:
+def assert_same(store: DraftStore, trie: TokenTrie, contexts, sizes=(2, 12)) -> None:
     for ctx in contexts:
         for rid in (None, "a", "b"):
-            assert store.draft(ctx, k, rid) == trie.draft(ctx, k, rid), (ctx, rid)
-            assert store.draft(ctx, k, rid).global_counts == trie.draft(ctx, k, rid).global_counts
+            for k in sizes:
+                assert store.draft(ctx, k, rid) == trie.draft(ctx, k, rid), (ctx, rid, k)
+                assert store.draft(ctx, k, rid).global_counts == trie.draft(ctx, k, rid).global_counts
         for n in range(1, len(ctx) + 1):
             assert store.count(ctx[-n:]) == trie.count(ctx[-n:])
 
@@ -83,11 +86,24 @@ def assert_same(store: DraftStore, trie: TokenTrie, contexts, k: int = 12) -> No
 contexts_st = st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5), min_size=1, max_size=6)
 
 
+@contextlib.contextmanager
+def hot_children(threshold: int):
+    """Segments built inside list every node with at least ``threshold`` children in their hot-node tables (1:
+    every node of depth 1..HOT_DEPTH, so drafts read them best-first; the default never triggers on 5 tokens)."""
+    before = kernels.HOT_CHILDREN
+    kernels.HOT_CHILDREN = threshold
+    try:
+        yield
+    finally:
+        kernels.HOT_CHILDREN = before
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(op_st, max_size=25), contexts_st, st.integers(1, 5), st.integers(1, 4))
-def test_drafts_equal_the_oracle_trie(ops, contexts, branch_length, max_query_length):
+@given(st.lists(op_st, max_size=25), contexts_st, st.integers(1, 5), st.integers(1, 4), st.sampled_from([1, 2, 24]))
+def test_drafts_equal_the_oracle_trie(ops, contexts, branch_length, max_query_length, hot):
     store, trie = pair(branch_length, max_query_length)
-    apply(ops, store, trie)
+    with hot_children(hot):
+        apply(ops, store, trie)
     assert_same(store, trie, contexts)
     assert store.sources() == trie.sources()
     for sid in store.sources():
@@ -263,3 +279,54 @@ def test_a_request_with_large_documents_drafts_from_them_while_and_after_they_ar
     assert store.documents_indexed("r")
     assert store.draft(ctx, 12, "r") == trie.draft(ctx, 12, "r")  # from the index
     assert store.draft(ctx, 12, "r").tokens[:4] == docs[1][504:508].tolist()
+
+
+def test_hot_node_tables_list_every_child_best_first():
+    """A segment's hot-node table holds, for every node of depth 1..HOT_DEPTH with enough children, exactly the
+    children the suffix array has (token, range), ordered by count then token."""
+    rng = np.random.default_rng(3)
+    tokens = np.concatenate([np.append(np.asarray(t, np.int32), -1) for t in
+                             (rng.zipf(1.6, 40).clip(max=30) for _ in range(60))]).astype(np.int32)
+    seg = Segment.build(tokens, np.zeros(1, np.int64), np.zeros(1, np.int64), 5)
+    assert seg.hot_idx is not None and seg.hot_kids is not None
+    with hot_children(2):
+        seg = Segment.build(tokens, np.zeros(1, np.int64), np.zeros(1, np.int64), 5)
+    keys, starts = seg.hot_idx
+    assert len(keys) > 10
+    for r in range(len(keys) - 1):
+        lo, m = int(keys[r]) // 16, int(keys[r]) % 16
+        prefix = tuple(tokens[seg.sa[lo]: seg.sa[lo] + m])
+        # brute force: every suffix with that prefix, grouped by its next token
+        expected: dict[int, int] = {}
+        for p in seg.sa:
+            if tuple(tokens[p: p + m]) == prefix and tokens[p + m] != kernels.SEP:
+                expected[int(tokens[p + m])] = expected.get(int(tokens[p + m]), 0) + 1
+        cols = range(int(starts[r]), int(starts[r + 1]))
+        assert {int(seg.hot_kids[0, c]): int(seg.hot_kids[2, c] - seg.hot_kids[1, c]) for c in cols} == expected
+        ranked = [int(seg.hot_kids[3, c]) for c in cols]
+        counts = [(-(int(seg.hot_kids[2, c] - seg.hot_kids[1, c])), int(seg.hot_kids[0, c])) for c in ranked]
+        assert counts == sorted(counts) and sorted(ranked) == list(cols)
+
+
+@pytest.mark.parametrize("hot", [2, 6])
+def test_hot_nodes_draft_best_first_exactly_like_the_oracle(hot):
+    """Many children per node (a Zipf vocabulary of 60 tokens), drafts of 1 to 24 nodes, deleted documents: the
+    best-first reading of hot-node lists stops early and still gives the oracle's drafts."""
+    rng = np.random.default_rng(hot)
+    store = DraftStore(branch_length=5, max_query_length=3, tail_tokens=400, background=False)
+    trie = TokenTrie(branch_length=5, max_query_length=3, node_budget=10**9)
+    with hot_children(hot):
+        for i in range(120):
+            toks = rng.zipf(1.4, int(rng.integers(5, 60))).clip(max=60).tolist()
+            if i % 10 == 3:
+                store.insert_source(f"d{i}", toks)
+                trie.insert_source(f"d{i}", toks)
+            else:
+                store.insert(toks)
+                trie.insert(toks)
+        for i in (3, 23, 53):
+            store.remove_source(f"d{i}")
+            trie.remove_source(f"d{i}")
+        store.flush()
+    contexts = [rng.zipf(1.4, int(rng.integers(1, 4))).clip(max=60).tolist() for _ in range(80)]
+    assert_same(store, trie, contexts, sizes=(1, 3, 8, 24))

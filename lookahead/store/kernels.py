@@ -333,22 +333,412 @@ def _children(toks_list, sa_list, dead_list, work, s, lo, hi, m, out_tok, out_lo
     return o
 
 
+# ---------------------------------------------------------------------------------------------- hot-node tables
+#
+# A node with many distinct children (a frequent token: every word that ever followed "the") costs a gallop per child
+# to enumerate from the suffix array, and a draft needs only its best few. A segment therefore keeps, for every node
+# of depth 1..HOT_DEPTH with at least HOT_CHILDREN children, the children's ranges in token order (the suffix
+# array's own order) and their order by raw count, so the best children come first and any child is found by a
+# binary search over a compact array (:func:`draft` merges these lists over the sources with the threshold
+# algorithm: it stops once no child not yet seen can reach the best ones).
+#
+# ``hot_idx`` (int64 ``[2, h + 1]``): row 0 the keys ``lo * 16 + m`` of the hot nodes (range start, depth) in
+# increasing order, row 1 the start of each node's children in ``hot_kids`` (the last column closes the last node).
+# ``hot_kids`` (int32 ``[5, c]``): token, range start, range end; row 3 the node's children by decreasing raw count
+# then token (absolute column indices), row 4 each child's place in that order (counted from the node's first).
+
+HOT_DEPTH = 15  # every depth a window reaches (width <= 16)
+HOT_CHILDREN = 24
+NO_HOT_IDX = np.full((2, 1), -1, np.int64)  # a source without hot nodes (linear sources, tiny segments)
+NO_HOT_KIDS = np.zeros((5, 0), np.int32)
+
+
 @nb.njit(**_JIT)
-def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_limit, width,
-          global_weight, local_weight, work, kids, node_ranges):  # pragma: no cover - compiled
+def _capped_lcp(tokens, sa, cap):  # pragma: no cover - compiled
+    """Per suffix-array index ``i > 0``: how many tokens (at most ``cap``, stopping at ``SEP``) the suffixes at
+    ``i - 1`` and ``i`` share."""
+    n = len(sa)
+    lcp = np.zeros(n, np.int8)
+    for i in range(1, n):
+        a = sa[i - 1]
+        b = sa[i]
+        k = 0
+        while k < cap and tokens[a + k] == tokens[b + k] and tokens[a + k] != SEP:
+            k += 1
+        lcp[i] = k
+    return lcp
+
+
+@nb.njit(**_JIT)
+def _node_end(lcp, lo, n, m):  # pragma: no cover - compiled
+    hi = lo + 1
+    while hi < n and lcp[hi] >= m:
+        hi += 1
+    return hi
+
+
+@nb.njit(**_JIT)
+def _full_node(tokens, sa, lo, m):  # pragma: no cover - compiled
+    """Whether the suffix at ``sa[lo]`` has ``m`` tokens before a ``SEP`` (its range is an n-gram node)."""
+    for k in range(m):
+        if tokens[sa[lo] + k] == SEP:
+            return False
+    return True
+
+
+@nb.njit(**_JIT)
+def hot_table(tokens, sa, max_depth, min_children):  # pragma: no cover - compiled
+    """The hot-node table (``hot_idx``, ``hot_kids``) of one segment: see the section comment above."""
+    n = len(sa)
+    lcp = _capped_lcp(tokens, sa, max_depth + 1)
+    count_nodes = 0
+    count_kids = 0
+    for fill in range(2):
+        if fill == 1:
+            keys = np.empty(count_nodes, np.int64)
+            starts = np.empty(count_nodes + 1, np.int64)
+            kids = np.empty((5, count_kids), np.int32)
+            count_nodes = 0
+            count_kids = 0
+        for m in range(1, max_depth + 1):
+            lo = 0
+            while lo < n:
+                hi = _node_end(lcp, lo, n, m)
+                if hi - lo >= min_children and _full_node(tokens, sa, lo, m):
+                    c = 0
+                    for i in range(lo, hi):
+                        if (i == lo or lcp[i] <= m) and tokens[sa[i] + m] != SEP:
+                            c += 1
+                    if c >= min_children:
+                        if fill == 1:
+                            keys[count_nodes] = lo * 16 + m
+                            starts[count_nodes] = count_kids
+                            first = count_kids
+                            i = lo
+                            while i < hi:
+                                j = _node_end(lcp, i, hi, m + 1)
+                                t = tokens[sa[i] + m]
+                                if t != SEP:
+                                    kids[0, count_kids] = t
+                                    kids[1, count_kids] = i
+                                    kids[2, count_kids] = j
+                                    count_kids += 1
+                                i = j
+                            raw = kids[2, first:count_kids] - kids[1, first:count_kids]
+                            by_count = np.argsort(-raw, kind="mergesort")  # stable: token order on a tie
+                            for r in range(len(by_count)):
+                                kids[3, first + r] = first + by_count[r]
+                                kids[4, first + by_count[r]] = r
+                        else:
+                            count_kids += c
+                        count_nodes += 1
+                lo = hi
+    order = np.argsort(keys, kind="mergesort")
+    hot_idx = np.empty((2, count_nodes + 1), np.int64)
+    for r in range(count_nodes):
+        hot_idx[0, r] = keys[order[r]]
+        hot_idx[1, r] = starts[order[r]]
+    hot_idx[0, count_nodes] = -1
+    hot_idx[1, count_nodes] = count_kids
+    # the children of the node at sorted position r end where the next node's begin in ``kids``: keep them in
+    # key order so that holds
+    if count_nodes > 1:
+        moved = np.empty_like(kids)
+        at = 0
+        for r in range(count_nodes):
+            s = starts[order[r]]
+            e = starts[order[r] + 1] if order[r] + 1 < count_nodes else count_kids
+            for j in range(s, e):
+                moved[0, at + j - s] = kids[0, j]
+                moved[1, at + j - s] = kids[1, j]
+                moved[2, at + j - s] = kids[2, j]
+                moved[3, at + j - s] = kids[3, j] - s + at
+                moved[4, at + j - s] = kids[4, j]
+            hot_idx[1, r] = at
+            at += e - s
+        kids = moved
+    return hot_idx, kids
+
+
+@nb.njit(**_JIT)
+def _hot_slice(hot_idx, lo, m):  # pragma: no cover - compiled
+    """(first, end) columns of the children of the node at ``lo`` of depth ``m`` in ``hot_kids``, or (-1, -1)."""
+    h = hot_idx.shape[1] - 1
+    if h <= 0 or m > HOT_DEPTH:
+        return -1, -1
+    key = lo * 16 + m
+    a = 0
+    b = h
+    while a < b:
+        mid = (a + b) >> 1
+        if hot_idx[0, mid] < key:
+            a = mid + 1
+        else:
+            b = mid
+    if a < h and hot_idx[0, a] == key:
+        return hot_idx[1, a], hot_idx[1, a + 1]
+    return -1, -1
+
+
+@nb.njit(**_JIT)
+def _hot_find(kids, first, end, token):  # pragma: no cover - compiled
+    """Column of the child with ``token`` among ``kids[:, first:end]`` (token order), or -1."""
+    a = first
+    b = end
+    while a < b:
+        mid = (a + b) >> 1
+        if kids[0, mid] < token:
+            a = mid + 1
+        else:
+            b = mid
+    if a < end and kids[0, a] == token:
+        return a
+    return -1
+
+
+@nb.njit(**_JIT)
+def _live(kids, col, dead):  # pragma: no cover - compiled
+    """Live occurrences of the hot child at column ``col``."""
+    lo = kids[1, col]
+    hi = kids[2, col]
+    c = hi - lo
+    if len(dead) > 0:
+        c -= dead[hi] - dead[lo]
+    return c
+
+
+@nb.njit(**_JIT)
+def _hot_counts(token, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global):
+    # pragma: no cover - compiled
+    """(global, local) live occurrences of ``token`` over the hot sources, and whether a list read it already (its
+    place in that list's count order is before the list's read position ``pos``)."""
+    g = 0.0
+    loc = 0.0
+    read = False
+    for h in range(nh):
+        s = hot_s[h]
+        kids = hot_kids_list[s]
+        col = _hot_find(kids, hot_a[h], hot_b[h], token)
+        if col >= 0:
+            if hot_a[h] + kids[4, col] < pos[h]:
+                read = True
+            c = _live(kids, col, dead_list[s])
+            if is_global[s]:
+                g += c
+            else:
+                loc += c
+    return g, loc, read
+
+
+@nb.njit(**_JIT)
+def _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top, k):
+    # pragma: no cover - compiled
+    """Score a child and keep it when positive (``top``: a min-heap of the best ``k`` scores); the new count."""
+    sc = global_weight * g
+    if loc > 0:
+        sc += local_weight * loc
+    if sc <= 0:
+        return nc
+    cand_tok[nc] = t
+    cand_score[nc] = sc
+    cand_glob[nc] = g
+    heapq.heappush(top, sc)
+    if len(top) > k:
+        heapq.heappop(top)
+    return nc + 1
+
+
+@nb.njit(**_JIT)
+def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is_global, work, cur_lo,
+                   cur_hi, m, k, skip, global_weight, local_weight, kids, cand_tok, cand_score, cand_glob, hot_s,
+                   hot_a, hot_b, n_lo, n_hi, pushed, sel_tok, sel_score, sel_glob):  # pragma: no cover - compiled
+    """The best ``k`` children (by score, then smaller token) of one node over every source: their tokens, scores
+    and global counts in ``sel_*`` (best first) and the per-source ranges of all but the first ``skip`` in rows
+    ``pushed...`` of ``n_lo``/``n_hi``. Returns how many, or -1 when a scratch array is too small.
+
+    Sources where the node is hot (:func:`hot_table`) are read best-first (the threshold algorithm): children are
+    taken from the heads of those lists, round-robin, until the ``k``-th best score found beats what any child not
+    yet seen could score; the other sources' children are all listed. ``kids`` ``[5, c]`` and ``cand_*`` ``[c]``
+    are scratch, ``hot_*`` ``[S]`` too."""
+    S = len(toks_list)
+    c_tok = kids[0]
+    c_lo = kids[1]
+    c_hi = kids[2]
+    c_cnt = kids[3]
+    c_src = kids[4]
+    cap = len(cand_tok)
+    nh = 0
+    o = 0
+    for s in range(S):
+        if weight[s] == 0.0 or cur_lo[s] >= cur_hi[s]:
+            continue
+        if len(sa_list[s]) > 0:
+            a, b = _hot_slice(hot_idx_list[s], cur_lo[s], m)
+            if a >= 0:
+                hot_s[nh] = s
+                hot_a[nh] = a
+                hot_b[nh] = b
+                nh += 1
+                continue
+        o0 = o
+        o = _children(toks_list, sa_list, dead_list, work, s, cur_lo[s], cur_hi[s], m, c_tok, c_lo, c_hi, c_cnt, o)
+        if o < 0:
+            return -1
+        for i in range(o0, o):
+            c_src[i] = s
+    order = np.argsort(c_tok[:o], kind="mergesort")
+    small = c_tok[:o][order]  # the listed children's tokens, sorted (one entry per source)
+    pos = hot_a[:nh].copy()  # per hot source: the next child to read, in count order
+    nc = 0
+    top = [0.0]  # min-heap of the best k scores so far
+    top.pop()
+    i = 0
+    while i < o:
+        t = small[i]
+        g, loc, _ = _hot_counts(t, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global)
+        j = i
+        while j < o and small[j] == t:
+            e = order[j]
+            if is_global[c_src[e]]:
+                g += c_cnt[e]
+            else:
+                loc += c_cnt[e]
+            j += 1
+        if nc >= cap:
+            return -1
+        nc = _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top, k)
+        i = j
+    while nh > 0:
+        bound = 0.0  # what a child not read yet can score at most
+        active = False
+        for h in range(nh):
+            if pos[h] < hot_b[h]:
+                active = True
+                hk = hot_kids_list[hot_s[h]]
+                col = hk[3, pos[h]]
+                bound += (global_weight if is_global[hot_s[h]] else local_weight) * (hk[2, col] - hk[1, col])
+        if not active or (len(top) >= k and top[0] > bound):
+            break
+        for h in range(nh):
+            if pos[h] >= hot_b[h]:
+                continue
+            hk = hot_kids_list[hot_s[h]]
+            t = np.int64(hk[0, hk[3, pos[h]]])
+            at = np.searchsorted(small, t)
+            if at < o and small[at] == t:
+                pos[h] += 1
+                continue  # listed already, with every source's count
+            g, loc, read = _hot_counts(t, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global)
+            pos[h] += 1
+            if read:
+                continue
+            if nc >= cap:
+                return -1
+            nc = _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top, k)
+    by_token = np.argsort(cand_tok[:nc], kind="mergesort")
+    best = by_token[np.argsort(-cand_score[:nc][by_token], kind="mergesort")][:k]
+    if pushed + len(best) - skip > n_lo.shape[0]:
+        return -1
+    for r in range(len(best)):
+        b = best[r]
+        t = cand_tok[b]
+        sel_tok[r] = t
+        sel_score[r] = cand_score[b]
+        sel_glob[r] = cand_glob[b]
+        if r < skip:
+            continue
+        row = pushed + r - skip
+        for s in range(S):
+            n_lo[row, s] = 0
+            n_hi[row, s] = 0
+        j = np.searchsorted(small, t)
+        while j < o and small[j] == t:
+            e = order[j]
+            n_lo[row, c_src[e]] = c_lo[e]
+            n_hi[row, c_src[e]] = c_hi[e]
+            j += 1
+        for h in range(nh):
+            s = hot_s[h]
+            hk = hot_kids_list[s]
+            col = _hot_find(hk, hot_a[h], hot_b[h], t)
+            if col >= 0 and _live(hk, col, dead_list[s]) > 0:
+                n_lo[row, s] = hk[1, col]
+                n_hi[row, s] = hk[2, col]
+    return len(best)
+
+
+@nb.njit(**_JIT)
+def _compare_at(toks, p, query, q0, q):  # pragma: no cover - compiled
+    """-1, 0 or 1: the suffix at ``p`` (its first ``q`` tokens) against ``query[q0:q0 + q]``."""
+    for d in range(q):
+        a = toks[p + d]
+        b = query[q0 + d]
+        if a != b:
+            return -1 if a < b else 1  # SEP (-1) sorts first, and ends the suffix
+    return 0
+
+
+@nb.njit(**_JIT)
+def pattern_range(toks, sa, query, q0, q):  # pragma: no cover - compiled
+    """The range of ``sa`` whose suffixes start with ``query[q0:q0 + q]`` (``q`` at most the sorted width): two
+    binary searches comparing the whole pattern (its tokens share a cache line)."""
+    lo = 0
+    hi = len(sa)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _compare_at(toks, sa[mid], query, q0, q) < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    start = lo
+    hi = len(sa)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _compare_at(toks, sa[mid], query, q0, q) <= 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return start, lo
+
+
+@nb.njit(**_JIT)
+def _longest_in(toks, sa, query, qmax):  # pragma: no cover - compiled
+    """The longest suffix length of ``query[:qmax]`` that occurs in a suffix-array source (binary search over the
+    length: a suffix occurs when a longer one does)."""
+    a = 0
+    b = qmax
+    while a < b:
+        q = (a + b + 1) >> 1
+        lo, hi = pattern_range(toks, sa, query, qmax - q, q)
+        if lo < hi:
+            a = q
+        else:
+            b = q - 1
+    return a
+
+
+FIRST_SIBLINGS = 4  # children pushed when a node is expanded; the rest when the last of them could be drafted
+
+
+@nb.njit(**_JIT)
+def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is_global, context, k, depth_limit,
+          width, global_weight, local_weight, work, kids, node_ranges):  # pragma: no cover - compiled
     """Best-first draft of at most ``k`` nodes after ``context`` (its last ``max_query_length`` tokens) over the
     sources; returns (tokens, parents, scores, global counts, match length) or ``match length -1`` when a work buffer
     was too small (the caller retries with larger ones).
 
-    Scratch space comes from the caller, so a call allocates next to nothing: ``work`` (int64, occurrence starts of
-    linear sources; its last element holds the used length), ``kids`` (int64 ``[5, c]``: the children of one node
-    over every source) and ``node_ranges`` (int64 ``[2, n, S]``: the pushed nodes' occurrence ranges, ``n`` at least
-    ``k * (k + 1)``).
+    Scratch space comes from the caller, so a call allocates little: ``work`` (int64, occurrence starts of linear
+    sources; its last element holds the used length), ``kids`` (int64 ``[5, c]``: the children of one node over
+    every source) and ``node_ranges`` (int64 ``[2, n, S]``: the pushed nodes' occurrence ranges, ``n`` at least
+    ``k * (k + 1) + 1``).
 
     A source with ``weight[s] == 0`` is skipped. The matched suffix is the longest one (at most ``width - 1``
     tokens, so its continuations fit a window) with a continuation of positive score; nodes are at most
-    ``min(depth_limit, width - q)`` deep. Among the children of one node only the best ``k`` by (score, smaller
-    token) can ever be drafted, so only they are pushed."""
+    ``min(depth_limit, width - q)`` deep. Children are ranked by (score, smaller token); a node's ``r``-th child can
+    be drafted only after its ``r - 1`` better siblings, so with ``n`` nodes drafted only the best ``k - n`` are
+    ever pushed, and only the best ``FIRST_SIBLINGS`` at first: a marker that sorts just before the next sibling
+    asks for the others when they could be next. Every node keeps the order key (score, depth, token, sequence
+    number) it would have had if all were pushed at once, so the draft is the same."""
     S = len(toks_list)
     qmax = min(len(context), width - 1)
     e_tok = np.empty(0, np.int64)
@@ -357,7 +747,9 @@ def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_li
         return e_tok, e_tok, e_f, e_f, 0
     query = context[len(context) - qmax:]
     cap = len(work)
-    # per source, the occurrences of each suffix length: SA ranges directly, linear ones as lists in work
+    # per source: the longest matched suffix (SA sources; ranges are found when that length is tried) or the
+    # occurrences of each suffix length (linear sources, as lists in work)
+    longest = np.zeros(S, np.int64)
     match_lo = np.zeros((qmax + 1, S), np.int64)
     match_hi = np.zeros((qmax + 1, S), np.int64)
     used = 0
@@ -367,12 +759,7 @@ def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_li
         toks = toks_list[s]
         sa = sa_list[s]
         if len(sa) > 0:
-            for q in range(1, qmax + 1):
-                lo, hi = sa_range(toks, sa, query, qmax - q, q)
-                match_lo[q, s] = lo
-                match_hi[q, s] = hi
-                if lo >= hi:
-                    break
+            longest[s] = _longest_in(toks, sa, query, qmax)
         else:
             ends, lens = _match_lengths(toks, query, qmax)
             for q in range(1, qmax + 1):
@@ -385,129 +772,112 @@ def draft(toks_list, sa_list, dead_list, weight, is_global, context, k, depth_li
                         used += 1
                 match_lo[q, s] = start
                 match_hi[q, s] = used
+                if used > start:
+                    longest[s] = q
     work[-1] = used
-    # children buffers (per node expansion)
-    c_tok = kids[0]
-    c_lo = kids[1]
-    c_hi = kids[2]
-    c_cnt = kids[3]
-    c_src = kids[4]
-    # pushed nodes: per source occurrence range
-    n_lo = node_ranges[0]
+    n_lo = node_ranges[0]  # [rows, S]: row 0 the matched node, then one row per pushed node
     n_hi = node_ranges[1]
     ncap = n_lo.shape[0]
     n_tok = np.empty(ncap, np.int64)
     n_depth = np.empty(ncap, np.int64)
-    n_parent = np.empty(ncap, np.int64)
+    n_out = np.empty(ncap, np.int64)  # the row's node's index in the draft (-1: the matched node)
+    n_par = np.empty(ncap, np.int64)  # the row's node's parent's index in the draft
+    n_seq = np.empty(ncap, np.int64)  # the first sequence number of the row's node's children
+    n_done = np.empty(ncap, np.int64)  # children of the row's node pushed so far (at least 1 once expanded)
+    n_need = np.empty(ncap, np.int64)  # how many of its children can ever be drafted
     n_score = np.empty(ncap, np.float64)
     n_glob = np.empty(ncap, np.float64)
     out_tok = np.empty(k, np.int64)
     out_par = np.empty(k, np.int64)
     out_score = np.empty(k, np.float64)
     out_glob = np.empty(k, np.float64)
+    sel_tok = np.empty(k, np.int64)
+    sel_score = np.empty(k, np.float64)
+    sel_glob = np.empty(k, np.float64)
+    cand_tok = np.empty(kids.shape[1], np.int64)
+    cand_score = np.empty(kids.shape[1], np.float64)
+    cand_glob = np.empty(kids.shape[1], np.float64)
+    hot_s = np.empty(S, np.int64)
+    hot_a = np.empty(S, np.int64)
+    hot_b = np.empty(S, np.int64)
     for q in range(qmax, 0, -1):
-        # the matched node: its occurrences per source
-        pushed = 0
+        if longest.max() < q:
+            continue
+        for s in range(S):
+            if len(sa_list[s]) > 0:
+                if longest[s] >= q:
+                    lo, hi = pattern_range(toks_list[s], sa_list[s], query, qmax - q, q)
+                else:
+                    lo, hi = 0, 0
+                n_lo[0, s] = lo
+                n_hi[0, s] = hi
+            else:
+                n_lo[0, s] = match_lo[q, s]
+                n_hi[0, s] = match_hi[q, s]
+        n_depth[0] = 0
+        n_out[0] = -1
+        n_done[0] = 0
+        pushed = 1
         heap = [(0.0, 0, 0, 0, 0)]
         heap.pop()
         seq = 0
-        n_out = 0
-        # expand node "root" (index -1) and then popped ones
-        cur_lo = match_lo[q]
-        cur_hi = match_hi[q]
-        cur_m = q
-        cur_depth = 0
-        cur_idx = -1
-        first = True
+        done = 0  # nodes drafted
+        row = 0  # the row whose (next) children are wanted
         while True:
-            if n_out < k and cur_depth < depth_limit and cur_m < width:
-                # children of the current node over every source
-                o = 0
-                for s in range(S):
-                    if weight[s] == 0.0 or cur_lo[s] >= cur_hi[s]:
-                        continue
-                    o0 = o
-                    o = _children(toks_list, sa_list, dead_list, work, s, cur_lo[s], cur_hi[s], cur_m,
-                                  c_tok, c_lo, c_hi, c_cnt, o)
-                    if o < 0:
+            if row >= 0:
+                depth = n_depth[row]
+                m = q + depth
+                first = n_done[row] == 0
+                if first:
+                    n_need[row] = k - done  # its r-th child needs r - 1 siblings and itself drafted
+                    n_seq[row] = seq
+                    seq += k  # child r keeps number n_seq + r however late it is pushed
+                # later: only the siblings drafted so far plus the nodes still to draft can be reached
+                need = n_need[row] if first else min(n_need[row], n_done[row] + k - done)
+                if need > n_done[row] and depth < depth_limit and m < width:
+                    want = min(need, FIRST_SIBLINGS) if first else need
+                    skip = n_done[row]
+                    u = _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight,
+                                       is_global, work, n_lo[row], n_hi[row], m, want, skip, global_weight,
+                                       local_weight, kids, cand_tok, cand_score, cand_glob, hot_s, hot_a, hot_b,
+                                       n_lo, n_hi, pushed, sel_tok, sel_score, sel_glob)
+                    if u < 0:
                         return e_tok, e_tok, e_f, e_f, -1
-                    for i in range(o0, o):
-                        c_src[i] = s
-                if o > 0:
-                    order = np.argsort(c_tok[:o], kind="mergesort")
-                    # combine entries of one token; score them
-                    u_first = np.empty(o, np.int64)
-                    u_score = np.empty(o, np.float64)
-                    u_glob = np.empty(o, np.float64)
-                    u = 0
-                    i = 0
-                    while i < o:
-                        t = c_tok[order[i]]
-                        g = 0.0
-                        loc = 0.0
-                        j = i
-                        while j < o and c_tok[order[j]] == t:
-                            e = order[j]
-                            if is_global[c_src[e]]:
-                                g += c_cnt[e]
-                            else:
-                                loc += c_cnt[e]
-                            j += 1
-                        sc = global_weight * g
-                        if loc > 0:
-                            sc += local_weight * loc
-                        if sc > 0:
-                            u_first[u] = i
-                            u_score[u] = sc
-                            u_glob[u] = g
-                            u += 1
-                        i = j
-                    if u > 0:
-                        # best k siblings by (score desc, token asc): stable sort of the token-sorted list
-                        best = np.argsort(-u_score[:u], kind="mergesort")[:k]
-                        for b in best:
-                            if pushed >= ncap:
-                                return e_tok, e_tok, e_f, e_f, -1
-                            i = u_first[b]
-                            t = c_tok[order[i]]
-                            for s in range(S):
-                                n_lo[pushed, s] = 0
-                                n_hi[pushed, s] = 0
-                            j = i
-                            while j < o and c_tok[order[j]] == t:
-                                e = order[j]
-                                n_lo[pushed, c_src[e]] = c_lo[e]
-                                n_hi[pushed, c_src[e]] = c_hi[e]
-                                j += 1
-                            n_tok[pushed] = t
-                            n_depth[pushed] = cur_depth + 1
-                            n_parent[pushed] = cur_idx
-                            n_score[pushed] = u_score[b]
-                            n_glob[pushed] = u_glob[b]
-                            heapq.heappush(heap, (-u_score[b], cur_depth + 1, t, seq, pushed))
-                            seq += 1
-                            pushed += 1
-            if first:
-                first = False
-                if pushed == 0:
-                    break  # no continuation with a positive score: try a shorter suffix
-            if len(heap) == 0 or n_out >= k:
+                    for r in range(skip, u):  # _best_children put child r's ranges in row pushed + r - skip
+                        n_tok[pushed] = sel_tok[r]
+                        n_depth[pushed] = depth + 1
+                        n_par[pushed] = n_out[row]
+                        n_done[pushed] = 0
+                        n_score[pushed] = sel_score[r]
+                        n_glob[pushed] = sel_glob[r]
+                        heapq.heappush(heap, (-sel_score[r], depth + 1, sel_tok[r], n_seq[row] + r, pushed))
+                        pushed += 1
+                    if first and u == want and want < need:  # more children may be wanted: a marker just
+                        # before the next one (any next child sorts after the last one pushed)
+                        heapq.heappush(heap, (-sel_score[u - 1], depth + 1, sel_tok[u - 1], n_seq[row] + u - 1,
+                                              -1 - row))
+                    n_done[row] = max(u, 1)
+                else:
+                    n_done[row] = max(n_done[row], 1)
+            if done == 0 and pushed == 1:
+                break  # no continuation with a positive score: try a shorter suffix
+            if len(heap) == 0 or done >= k:
                 break
             item = heapq.heappop(heap)
             node = item[4]
-            out_tok[n_out] = n_tok[node]
-            out_par[n_out] = n_parent[node]
-            out_score[n_out] = n_score[node]
-            out_glob[n_out] = n_glob[node]
-            cur_idx = n_out
-            n_out += 1
-            cur_lo = n_lo[node]
-            cur_hi = n_hi[node]
-            cur_depth = n_depth[node]
-            cur_m = q + cur_depth
-        if n_out > 0:
-            return out_tok[:n_out].copy(), out_par[:n_out].copy(), out_score[:n_out].copy(), \
-                out_glob[:n_out].copy(), q
+            if node < 0:
+                row = -1 - node  # a marker: that node's next children
+                continue
+            out_tok[done] = n_tok[node]
+            out_par[done] = n_par[node]
+            out_score[done] = n_score[node]
+            out_glob[done] = n_glob[node]
+            n_out[node] = done
+            done += 1
+            row = node
+        if done > 0:
+            return out_tok[:done].copy(), out_par[:done].copy(), out_score[:done].copy(), \
+                out_glob[:done].copy(), q
     return e_tok, e_tok, e_f, e_f, 0
 
 
@@ -539,8 +909,11 @@ def warm_up() -> None:
     is_global = np.zeros(slots, np.bool_)
     is_global[0] = True
     ctx = np.array([1, 2], np.int64)
-    draft(tl, sl, dl, weight, is_global, ctx, 4, 3, 3, 1.0, 1.0, np.empty(64, np.int64), np.empty((5, 64), np.int64),
-          np.empty((2, 21, slots), np.int64))
+    hot_idx, hot_kids = hot_table(toks, sa, HOT_DEPTH, 1)
+    hil = tuple([hot_idx] + [NO_HOT_IDX] * (slots - 1))
+    hkl = tuple([hot_kids] + [NO_HOT_KIDS] * (slots - 1))
+    draft(tl, sl, dl, hil, hkl, weight, is_global, ctx, 4, 3, 3, 1.0, 1.0, np.empty(64, np.int64),
+          np.empty((5, 64), np.int64), np.empty((2, 21, slots), np.int64))
     longest_suffix(tl, sl, dl, is_global, ctx, 2)
     count_occurrences(toks, sa, dead, ctx)
     _warm = True

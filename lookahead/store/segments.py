@@ -31,11 +31,23 @@ class Segment:
     uids: np.ndarray  # [e] int64
     dead_uids: set[int] = field(default_factory=set)
     dead: np.ndarray = field(default_factory=lambda: EMPTY)  # [m + 1] int32 or empty
+    width: int = 0  # tokens the suffix array is sorted by (0: unknown, no hot-node table)
+    hot_idx: np.ndarray | None = None  # [2, h + 1] int64: see kernels.hot_table (None: built here)
+    hot_kids: np.ndarray | None = None  # [5, c] int32
     _uids: set[int] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.hot_idx is None or self.hot_kids is None:
+            # children are sorted by token below nodes of depth < width only
+            depth = min(kernels.HOT_DEPTH, self.width - 1)
+            if depth > 0:
+                self.hot_idx, self.hot_kids = kernels.hot_table(self.tokens, self.sa, depth, kernels.HOT_CHILDREN)
+            else:
+                self.hot_idx, self.hot_kids = kernels.NO_HOT_IDX, kernels.NO_HOT_KIDS
 
     @classmethod
     def build(cls, tokens: np.ndarray, starts: np.ndarray, uids: np.ndarray, width: int) -> Segment:
-        return cls(tokens, kernels.build_suffix_array(tokens, width), starts, uids)
+        return cls(tokens, kernels.build_suffix_array(tokens, width), starts, uids, width=width)
 
     @property
     def num_tokens(self) -> int:
@@ -45,7 +57,8 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        return int(self.tokens.nbytes + self.sa.nbytes + self.dead.nbytes + self.starts.nbytes + self.uids.nbytes)
+        return int(self.tokens.nbytes + self.sa.nbytes + self.dead.nbytes + self.starts.nbytes + self.uids.nbytes
+                   + self.hot_idx.nbytes + self.hot_kids.nbytes)  # type: ignore[union-attr]
 
     def entry_slices(self) -> list[tuple[int, int, int]]:
         """(uid, start, end) of every entry (end: its SEP)."""
@@ -105,7 +118,7 @@ class Segment:
                 uids.append(uid)
         sa = kernels.keep_suffixes(self.sa, keep)
         return Segment(kernels.select(self.tokens, keep), sa, np.array(starts, np.int64),
-                       np.array(uids, np.int64))
+                       np.array(uids, np.int64), width=self.width)
 
 
 def merge_segments(a: Segment, b: Segment, width: int) -> Segment:
@@ -113,7 +126,7 @@ def merge_segments(a: Segment, b: Segment, width: int) -> Segment:
     a, b = a.compacted(), b.compacted()
     sa = kernels.merge_suffix_arrays(a.tokens, a.sa, b.tokens, b.sa, width)
     return Segment(kernels.concat(a.tokens, b.tokens), sa, np.concatenate([a.starts, b.starts + len(a.tokens)]),
-                   np.concatenate([a.uids, b.uids]))
+                   np.concatenate([a.uids, b.uids]), width=width)
 
 
 class Buffer:

@@ -40,7 +40,11 @@ from ..files import atomic_path
 from ..trie import JOURNAL_LIMIT, Draft, TrieDelta, check_delta, check_id
 from . import kernels
 from .journal import Journal
+from .kernels import NO_HOT_IDX, NO_HOT_KIDS
 from .segments import EMPTY, Buffer, Segment, merge_segments
+
+#: what a draft reads of one source: tokens, suffix array, dead prefix, hot-node index, hot-node children
+Slot = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 __all__ = ["DEFAULT_STORE_BYTES", "DraftStore", "StoreFileError"]
 
@@ -187,29 +191,31 @@ class DraftStore:
 
     # ------------------------------------------------------------------ sources one draft reads
 
-    def _global_slots(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        slots = [(s.tokens, s.sa, s.dead) for s in self._segments]
+    def _global_slots(self) -> list[Slot]:
+        slots = [(s.tokens, s.sa, s.dead, s.hot_idx, s.hot_kids) for s in self._segments]
         views = [b.view() for b in [*self._frozen, self._tail] if b.used]
         if len(slots) + len(views) > _GLOBAL_SLOTS and len(views) > 1:
             views = [np.concatenate(views)]  # the background sealing fell behind: one linear source for now
-        return slots + [(v, EMPTY, EMPTY) for v in views]
+        return slots + [(v, EMPTY, EMPTY, NO_HOT_IDX, NO_HOT_KIDS) for v in views]
 
-    def _local_slots(self, request_id: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _local_slots(self, request_id: str | None) -> list[Slot]:
         loc = self._locals.get(request_id) if request_id is not None else None
         if loc is None:
             return []
-        slots = []
+        slots: list[Slot] = []
         if loc.stream.used:
-            slots.append((loc.stream.view(), EMPTY, EMPTY))
+            slots.append((loc.stream.view(), EMPTY, EMPTY, NO_HOT_IDX, NO_HOT_KIDS))
         if loc.docs.used:
-            if loc.docs_index is not None:
-                slots.append((loc.docs_index.tokens, loc.docs_index.sa, EMPTY))
+            index = loc.docs_index
+            if index is not None:
+                slots.append((index.tokens, index.sa, EMPTY, index.hot_idx, index.hot_kids))
             else:
-                slots.append((loc.docs.view(), EMPTY, EMPTY))
+                slots.append((loc.docs.view(), EMPTY, EMPTY, NO_HOT_IDX, NO_HOT_KIDS))
         return slots
 
     def _pack(self, request_id: str | None, with_global: bool = True, with_local: bool = True):
-        """The kernels' arguments: SLOTS token arrays, suffix arrays and dead prefixes, weights, global flags."""
+        """The kernels' arguments: SLOTS token arrays, suffix arrays, dead prefixes, hot-node tables (index and
+        children), weights, global flags."""
         glob = self._global_slots() if with_global else []
         if len(glob) > _GLOBAL_SLOTS:  # compaction keeps segments fewer; never wait for it here
             raise RuntimeError(f"draft store: {len(glob)} segments, at most {_GLOBAL_SLOTS} can be read at once")
@@ -219,11 +225,13 @@ class DraftStore:
         toks = tuple([s[0] for s in slots] + [EMPTY] * pad)
         sas = tuple([s[1] for s in slots] + [EMPTY] * pad)
         deads = tuple([s[2] for s in slots] + [EMPTY] * pad)
+        hot_idx = tuple([s[3] for s in slots] + [NO_HOT_IDX] * pad)
+        hot_kids = tuple([s[4] for s in slots] + [NO_HOT_KIDS] * pad)
         weight = np.zeros(SLOTS)
         weight[: len(slots)] = 1.0
         is_global = np.zeros(SLOTS, np.bool_)
         is_global[: len(glob)] = True
-        return toks, sas, deads, weight, is_global
+        return toks, sas, deads, hot_idx, hot_kids, weight, is_global
 
     # ------------------------------------------------------------------ draft and counts
 
@@ -236,14 +244,14 @@ class DraftStore:
         if decoding_length <= 0 or depth_limit <= 0 or len(tail) == 0:
             return Draft([], [], [], 0)
         with self._lock:
-            toks, sas, deads, weight, is_global = self._pack(request_id)
+            toks, sas, deads, hot_idx, hot_kids, weight, is_global = self._pack(request_id)
             if request_id is None:
                 weight[~is_global] = 0.0
             local_weight = self.local_weight if request_id is not None else 0.0
             while True:
                 work, kids, ranges = self._scratch(decoding_length)
-                out = kernels.draft(toks, sas, deads, weight, is_global, tail, decoding_length, depth_limit,
-                                    self.width, self.global_weight, local_weight, work, kids, ranges)
+                out = kernels.draft(toks, sas, deads, hot_idx, hot_kids, weight, is_global, tail, decoding_length,
+                                    depth_limit, self.width, self.global_weight, local_weight, work, kids, ranges)
                 if out[4] >= 0:
                     break
                 self._scratch_scale *= 4  # a node with more children (or occurrences) than the scratch holds
@@ -268,7 +276,8 @@ class DraftStore:
         if len(query) == 0 or len(query) > self.width:
             return 0.0
         with self._lock:
-            toks, sas, deads, weight, is_global = self._pack(request_id, request_id is None, request_id is not None)
+            toks, sas, deads, _, _, weight, is_global = self._pack(request_id, request_id is None,
+                                                                   request_id is not None)
             return float(sum(kernels.count_occurrences(t, s, d, query) for t, s, d in zip(toks, sas, deads)
                              if len(t)))
 
@@ -279,7 +288,7 @@ class DraftStore:
         if len(ctx) == 0:
             return 0
         with self._lock:
-            toks, sas, deads, weight, is_global = self._pack(None, True, False)
+            toks, sas, deads, _, _, weight, is_global = self._pack(None, True, False)
             return int(kernels.longest_suffix(toks, sas, deads, is_global, ctx, len(ctx)))
 
     def source_count(self, tokens: Sequence[int], source_id: str) -> float:
@@ -691,9 +700,9 @@ class DraftStore:
         described = []
         for seg in segments:
             part = {}
-            for name in ("tokens", "sa", "starts", "uids"):
+            for name in ("tokens", "sa", "starts", "uids", "hot_idx", "hot_kids"):
                 part[name] = len(arrays)
-                arrays.append(getattr(seg, name))
+                arrays.append(getattr(seg, name).ravel())  # the hot tables as 1-D: rows are fixed (2 and 5)
             described.append(part)
         header["segments"] = described
         header["max_token"] = int(max((int(s.tokens.max()) for s in segments if len(s.tokens)), default=-1))
@@ -760,8 +769,9 @@ class DraftStore:
                         background=background)
             arrays = _read_arrays(buf, header["arrays"])
             applied = {str(k): int(v) for k, v in header["applied"].items()}
-            segments = [Segment(arrays[p["tokens"]], arrays[p["sa"]], arrays[p["starts"]], arrays[p["uids"]])
-                        for p in header["segments"]]
+            segments = [Segment(arrays[p["tokens"]], arrays[p["sa"]], arrays[p["starts"]], arrays[p["uids"]],
+                                width=store.width, hot_idx=_rows(arrays, p.get("hot_idx"), 2),
+                                hot_kids=_rows(arrays, p.get("hot_kids"), 5)) for p in header["segments"]]
             sources = {str(k): [int(u) for u in v] for k, v in header["sources"].items()}
             next_uid = int(header["next_uid"])
             max_token = int(header["max_token"])
@@ -790,6 +800,16 @@ class DraftStore:
 
 
 _ALIGN = 64
+
+
+def _rows(arrays: list[np.ndarray], index: int | None, rows: int) -> np.ndarray | None:
+    """A hot table saved flat, back in its ``rows`` rows (None: a file without one; the segment builds it)."""
+    if index is None:
+        return None
+    flat = arrays[index]
+    if len(flat) % rows:
+        raise ValueError(f"a hot-node table of {len(flat)} values cannot have {rows} rows")
+    return flat.reshape(rows, -1)
 
 
 def _write(f: Any, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
