@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/lookahead bench lookahead/bench/cases/rag_qa.jsonl --methods vanilla,pld,lookahead
+	$(BIN)/lookahead bench lookahead/bench/cases/rag_qa.jsonl --methods vanilla,pld,nodraft,lookahead
 
 cases: $(STAMP)
 	$(BIN)/python scripts/make_cases.py

@@ -130,6 +130,8 @@ def _bench_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if args.spec_bench and args.cases:
         raise ValueError("pass case files or --spec-bench, not both")
+    if args.spec_bench and args.limit:
+        raise ValueError("--limit caps case files; with --spec-bench use --questions-per-task")
     if args.spec_bench:
         return load_spec_bench(args.spec_bench, parse_categories(args.categories), args.questions_per_task,
                                args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)

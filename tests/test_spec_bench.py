@@ -234,6 +234,7 @@ def test_cli_spec_bench_prints_the_table_and_keeps_every_case(tiny_dir, tmp_path
     (["--spec-bench", "/nonexistent/question.jsonl"], "not found"),
     (["--spec-bench", str(QUESTIONS), "--categories", "chat"], "unknown Spec-Bench category chat"),
     (["rag_qa", "--spec-bench", str(QUESTIONS)], "not both"),
+    (["--spec-bench", str(QUESTIONS), "--limit", "2"], "--questions-per-task"),
     ([], "--spec-bench PATH"),
     (["rag_qa", "--categories", "rag"], "pass --spec-bench PATH"),
     (["--spec-bench", str(QUESTIONS), "--batch-size", "2"], "batch 1"),
