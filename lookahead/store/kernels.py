@@ -343,13 +343,14 @@ def _children(toks_list, sa_list, dead_list, work, s, lo, hi, m, out_tok, out_lo
 # algorithm: it stops once no child not yet seen can reach the best ones).
 #
 # ``hot_idx`` (int64 ``[2, h + 1]``): row 0 the keys ``lo * 16 + m`` of the hot nodes (range start, depth) in
-# increasing order, row 1 the start of each node's children in ``hot_kids`` (the last column closes the last node).
+# increasing order, row 1 the start of each node's children in ``hot_kids``; the last column holds the table's
+# threshold (row 0) and closes the last node (row 1).
 # ``hot_kids`` (int32 ``[5, c]``): token, range start, range end; row 3 the node's children by decreasing raw count
 # then token (absolute column indices), row 4 each child's place in that order (counted from the node's first).
 
 HOT_DEPTH = 15  # every depth a window reaches (width <= 16)
 HOT_CHILDREN = 24
-NO_HOT_IDX = np.full((2, 1), -1, np.int64)  # a source without hot nodes (linear sources, tiny segments)
+NO_HOT_IDX = np.zeros((2, 1), np.int64)  # a source without hot nodes (linear sources, tiny segments)
 NO_HOT_KIDS = np.zeros((5, 0), np.int32)
 
 
@@ -438,7 +439,7 @@ def hot_table(tokens, sa, max_depth, min_children):  # pragma: no cover - compil
     for r in range(count_nodes):
         hot_idx[0, r] = keys[order[r]]
         hot_idx[1, r] = starts[order[r]]
-    hot_idx[0, count_nodes] = -1
+    hot_idx[0, count_nodes] = min_children  # the sentinel column: smaller nodes are never hot
     hot_idx[1, count_nodes] = count_kids
     # the children of the node at sorted position r end where the next node's begin in ``kids``: keep them in
     # key order so that holds
@@ -461,10 +462,10 @@ def hot_table(tokens, sa, max_depth, min_children):  # pragma: no cover - compil
 
 
 @nb.njit(**_JIT)
-def _hot_slice(hot_idx, lo, m):  # pragma: no cover - compiled
-    """(first, end) columns of the children of the node at ``lo`` of depth ``m`` in ``hot_kids``, or (-1, -1)."""
+def _hot_slice(hot_idx, lo, hi, m):  # pragma: no cover - compiled
+    """(first, end) columns of the children of the node ``[lo, hi)`` of depth ``m`` in ``hot_kids``, or (-1, -1)."""
     h = hot_idx.shape[1] - 1
-    if h <= 0 or m > HOT_DEPTH:
+    if h <= 0 or m > HOT_DEPTH or hi - lo < hot_idx[0, h]:  # a node with fewer occurrences has fewer children
         return -1, -1
     key = lo * 16 + m
     a = 0
@@ -542,19 +543,23 @@ def _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score,
     cand_tok[nc] = t
     cand_score[nc] = sc
     cand_glob[nc] = g
-    heapq.heappush(top, sc)
-    if len(top) > k:
-        heapq.heappop(top)
+    if k > 0:
+        heapq.heappush(top, sc)
+        if len(top) > k:
+            heapq.heappop(top)
     return nc + 1
 
 
 @nb.njit(**_JIT)
 def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is_global, work, cur_lo,
-                   cur_hi, m, k, skip, global_weight, local_weight, kids, cand_tok, cand_score, cand_glob, hot_s,
-                   hot_a, hot_b, n_lo, n_hi, pushed, sel_tok, sel_score, sel_glob):  # pragma: no cover - compiled
+                   cur_hi, m, want, need, skip, global_weight, local_weight, kids, cand_tok, cand_score, cand_glob,
+                   hot_s, hot_a, hot_b, n_lo, n_hi, pushed, sel_tok, sel_score, sel_glob):
+    # pragma: no cover - compiled
     """The best ``k`` children (by score, then smaller token) of one node over every source: their tokens, scores
     and global counts in ``sel_*`` (best first) and the per-source ranges of all but the first ``skip`` in rows
-    ``pushed...`` of ``n_lo``/``n_hi``. Returns how many, or -1 when a scratch array is too small.
+    ``pushed...`` of ``n_lo``/``n_hi``. ``k`` is ``want`` where the node is hot in some source (its children are
+    read lazily), else ``need`` (they are all listed anyway). Returns (how many, or -1 when a scratch array is too
+    small; whether ``k`` was cut to ``want``).
 
     Sources where the node is hot (:func:`hot_table`) are read best-first (the threshold algorithm): children are
     taken from the heads of those lists, round-robin, until the ``k``-th best score found beats what any child not
@@ -573,7 +578,7 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
         if weight[s] == 0.0 or cur_lo[s] >= cur_hi[s]:
             continue
         if len(sa_list[s]) > 0:
-            a, b = _hot_slice(hot_idx_list[s], cur_lo[s], m)
+            a, b = _hot_slice(hot_idx_list[s], cur_lo[s], cur_hi[s], m)
             if a >= 0:
                 hot_s[nh] = s
                 hot_a[nh] = a
@@ -583,9 +588,11 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
         o0 = o
         o = _children(toks_list, sa_list, dead_list, work, s, cur_lo[s], cur_hi[s], m, c_tok, c_lo, c_hi, c_cnt, o)
         if o < 0:
-            return -1
+            return -1, False
         for i in range(o0, o):
             c_src[i] = s
+    k = want if nh > 0 else need
+    limited = nh > 0 and want < need
     order = np.argsort(c_tok[:o], kind="mergesort")
     small = c_tok[:o][order]  # the listed children's tokens, sorted (one entry per source)
     pos = hot_a[:nh].copy()  # per hot source: the next child to read, in count order
@@ -605,8 +612,9 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
                 loc += c_cnt[e]
             j += 1
         if nc >= cap:
-            return -1
-        nc = _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top, k)
+            return -1, False
+        nc = _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top,
+                            k if nh > 0 else 0)  # the best k scores matter to hot lists only
         i = j
     while nh > 0:
         bound = 0.0  # what a child not read yet can score at most
@@ -633,12 +641,12 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
             if read:
                 continue
             if nc >= cap:
-                return -1
+                return -1, False
             nc = _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top, k)
     by_token = np.argsort(cand_tok[:nc], kind="mergesort")
     best = by_token[np.argsort(-cand_score[:nc][by_token], kind="mergesort")][:k]
     if pushed + len(best) - skip > n_lo.shape[0]:
-        return -1
+        return -1, False
     for r in range(len(best)):
         b = best[r]
         t = cand_tok[b]
@@ -664,65 +672,15 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
             if col >= 0 and _live(hk, col, dead_list[s]) > 0:
                 n_lo[row, s] = hk[1, col]
                 n_hi[row, s] = hk[2, col]
-    return len(best)
+    return len(best), limited
 
 
-@nb.njit(**_JIT)
-def _compare_at(toks, p, query, q0, q):  # pragma: no cover - compiled
-    """-1, 0 or 1: the suffix at ``p`` (its first ``q`` tokens) against ``query[q0:q0 + q]``."""
-    for d in range(q):
-        a = toks[p + d]
-        b = query[q0 + d]
-        if a != b:
-            return -1 if a < b else 1  # SEP (-1) sorts first, and ends the suffix
-    return 0
-
-
-@nb.njit(**_JIT)
-def pattern_range(toks, sa, query, q0, q):  # pragma: no cover - compiled
-    """The range of ``sa`` whose suffixes start with ``query[q0:q0 + q]`` (``q`` at most the sorted width): two
-    binary searches comparing the whole pattern (its tokens share a cache line)."""
-    lo = 0
-    hi = len(sa)
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if _compare_at(toks, sa[mid], query, q0, q) < 0:
-            lo = mid + 1
-        else:
-            hi = mid
-    start = lo
-    hi = len(sa)
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if _compare_at(toks, sa[mid], query, q0, q) <= 0:
-            lo = mid + 1
-        else:
-            hi = mid
-    return start, lo
-
-
-@nb.njit(**_JIT)
-def _longest_in(toks, sa, query, qmax):  # pragma: no cover - compiled
-    """The longest suffix length of ``query[:qmax]`` that occurs in a suffix-array source (binary search over the
-    length: a suffix occurs when a longer one does)."""
-    a = 0
-    b = qmax
-    while a < b:
-        q = (a + b + 1) >> 1
-        lo, hi = pattern_range(toks, sa, query, qmax - q, q)
-        if lo < hi:
-            a = q
-        else:
-            b = q - 1
-    return a
-
-
-FIRST_SIBLINGS = 4  # children pushed when a node is expanded; the rest when the last of them could be drafted
+FIRST_SIBLINGS = 8  # children pushed when a node is expanded; the rest when the last of them could be drafted
 
 
 @nb.njit(**_JIT)
 def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is_global, context, k, depth_limit,
-          width, global_weight, local_weight, work, kids, node_ranges):  # pragma: no cover - compiled
+          width, global_weight, local_weight, work, kids, scores, node_ranges):  # pragma: no cover - compiled
     """Best-first draft of at most ``k`` nodes after ``context`` (its last ``max_query_length`` tokens) over the
     sources; returns (tokens, parents, scores, global counts, match length) or ``match length -1`` when a work buffer
     was too small (the caller retries with larger ones).
@@ -747,8 +705,7 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
         return e_tok, e_tok, e_f, e_f, 0
     query = context[len(context) - qmax:]
     cap = len(work)
-    # per source: the longest matched suffix (SA sources; ranges are found when that length is tried) or the
-    # occurrences of each suffix length (linear sources, as lists in work)
+    # per source, the occurrences of each suffix length: SA ranges directly, linear ones as lists in work
     longest = np.zeros(S, np.int64)
     match_lo = np.zeros((qmax + 1, S), np.int64)
     match_hi = np.zeros((qmax + 1, S), np.int64)
@@ -759,7 +716,13 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
         toks = toks_list[s]
         sa = sa_list[s]
         if len(sa) > 0:
-            longest[s] = _longest_in(toks, sa, query, qmax)
+            for q in range(1, qmax + 1):  # a suffix occurs only where a shorter one does
+                lo, hi = sa_range(toks, sa, query, qmax - q, q)
+                match_lo[q, s] = lo
+                match_hi[q, s] = hi
+                if lo >= hi:
+                    break
+                longest[s] = q
         else:
             ends, lens = _match_lengths(toks, query, qmax)
             for q in range(1, qmax + 1):
@@ -794,9 +757,9 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
     sel_tok = np.empty(k, np.int64)
     sel_score = np.empty(k, np.float64)
     sel_glob = np.empty(k, np.float64)
-    cand_tok = np.empty(kids.shape[1], np.int64)
-    cand_score = np.empty(kids.shape[1], np.float64)
-    cand_glob = np.empty(kids.shape[1], np.float64)
+    cand_tok = kids[5]  # the candidate children of one node (see _best_children)
+    cand_score = scores[0]
+    cand_glob = scores[1]
     hot_s = np.empty(S, np.int64)
     hot_a = np.empty(S, np.int64)
     hot_b = np.empty(S, np.int64)
@@ -804,16 +767,8 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
         if longest.max() < q:
             continue
         for s in range(S):
-            if len(sa_list[s]) > 0:
-                if longest[s] >= q:
-                    lo, hi = pattern_range(toks_list[s], sa_list[s], query, qmax - q, q)
-                else:
-                    lo, hi = 0, 0
-                n_lo[0, s] = lo
-                n_hi[0, s] = hi
-            else:
-                n_lo[0, s] = match_lo[q, s]
-                n_hi[0, s] = match_hi[q, s]
+            n_lo[0, s] = match_lo[q, s]
+            n_hi[0, s] = match_hi[q, s]
         n_depth[0] = 0
         n_out[0] = -1
         n_done[0] = 0
@@ -837,10 +792,11 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
                 if need > n_done[row] and depth < depth_limit and m < width:
                     want = min(need, FIRST_SIBLINGS) if first else need
                     skip = n_done[row]
-                    u = _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight,
-                                       is_global, work, n_lo[row], n_hi[row], m, want, skip, global_weight,
-                                       local_weight, kids, cand_tok, cand_score, cand_glob, hot_s, hot_a, hot_b,
-                                       n_lo, n_hi, pushed, sel_tok, sel_score, sel_glob)
+                    u, limited = _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight,
+                                                is_global, work, n_lo[row], n_hi[row], m, want, need, skip,
+                                                global_weight, local_weight, kids, cand_tok, cand_score, cand_glob,
+                                                hot_s, hot_a, hot_b, n_lo, n_hi, pushed, sel_tok, sel_score,
+                                                sel_glob)
                     if u < 0:
                         return e_tok, e_tok, e_f, e_f, -1
                     for r in range(skip, u):  # _best_children put child r's ranges in row pushed + r - skip
@@ -852,7 +808,7 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
                         n_glob[pushed] = sel_glob[r]
                         heapq.heappush(heap, (-sel_score[r], depth + 1, sel_tok[r], n_seq[row] + r, pushed))
                         pushed += 1
-                    if first and u == want and want < need:  # more children may be wanted: a marker just
+                    if first and limited and u == want:  # more children may be wanted: a marker just
                         # before the next one (any next child sorts after the last one pushed)
                         heapq.heappush(heap, (-sel_score[u - 1], depth + 1, sel_tok[u - 1], n_seq[row] + u - 1,
                                               -1 - row))
@@ -913,7 +869,7 @@ def warm_up() -> None:
     hil = tuple([hot_idx] + [NO_HOT_IDX] * (slots - 1))
     hkl = tuple([hot_kids] + [NO_HOT_KIDS] * (slots - 1))
     draft(tl, sl, dl, hil, hkl, weight, is_global, ctx, 4, 3, 3, 1.0, 1.0, np.empty(64, np.int64),
-          np.empty((5, 64), np.int64), np.empty((2, 21, slots), np.int64))
+          np.empty((6, 64), np.int64), np.empty((2, 64)), np.empty((2, 21, slots), np.int64))
     longest_suffix(tl, sl, dl, is_global, ctx, 2)
     count_occurrences(toks, sa, dead, ctx)
     _warm = True

@@ -151,7 +151,7 @@ class DraftStore:
         self._mapped: Any = None  # the memory map a loaded store reads
         self._scratch_scale = 1
         self._scratch_key: tuple[int, int] | None = None
-        self._scratch_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] = (EMPTY, EMPTY, EMPTY)
+        self._scratch_arrays: tuple[np.ndarray, ...] = (EMPTY, EMPTY, EMPTY, EMPTY)
 
     # ------------------------------------------------------------------ config and size
 
@@ -249,9 +249,10 @@ class DraftStore:
                 weight[~is_global] = 0.0
             local_weight = self.local_weight if request_id is not None else 0.0
             while True:
-                work, kids, ranges = self._scratch(decoding_length)
+                work, kids, scores, ranges = self._scratch(decoding_length)
                 out = kernels.draft(toks, sas, deads, hot_idx, hot_kids, weight, is_global, tail, decoding_length,
-                                    depth_limit, self.width, self.global_weight, local_weight, work, kids, ranges)
+                                    depth_limit, self.width, self.global_weight, local_weight, work, kids, scores,
+                                    ranges)
                 if out[4] >= 0:
                     break
                 self._scratch_scale *= 4  # a node with more children (or occurrences) than the scratch holds
@@ -260,12 +261,13 @@ class DraftStore:
             return Draft([], [], [], 0)
         return Draft(tokens.tolist(), parents.tolist(), scores.tolist(), int(q), global_counts.tolist())
 
-    def _scratch(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _scratch(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The draft kernel's scratch arrays for drafts of ``k`` nodes (made once, reused under the lock)."""
         key = (k, self._scratch_scale)
         if self._scratch_key != key:
             scale = self._scratch_scale
-            self._scratch_arrays = (np.empty(scale << 14, np.int64), np.empty((5, scale << 13), np.int64),
+            self._scratch_arrays = (np.empty(scale << 14, np.int64), np.empty((6, scale << 13), np.int64),
+                                    np.empty((2, scale << 13)),
                                     np.empty((2, min(k * (k + 1) + 1, scale << 12), SLOTS), np.int64))
             self._scratch_key = key
         return self._scratch_arrays
