@@ -378,6 +378,23 @@ def _learn(bins, parents, accepted, succ, trials, max_trials):  # pragma: no cov
 
 
 _EMPTY_F = np.zeros(0, np.float64)
+_warm = False
+
+
+def _warm_up() -> None:
+    """Compile (or load from numba's cache) the budget's loops now, so the first decode step does not."""
+    global _warm
+    if _warm:
+        return
+    parents, scores = np.array([-1, 0], np.int64), np.array([2.0, 1.0])
+    bins, depths, repeat = _node_bins(parents, scores, np.array([1.0, 0.0]), 3.0, 2, 1.0, _SHARE_E, _FOLLOW_E,
+                                      _LAST_E, _SCORE_E)
+    _node_bins(parents, scores, _EMPTY_F, 0.0, 0, 0.0, _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E)
+    sizes = (_BASE_BINS, _BASE_BINS * _DEPTHS, _BASE_BINS * _DEPTHS * _FINE_PER_COARSE)
+    succ, trials = tuple(np.zeros(n) for n in sizes), tuple(np.zeros(n) for n in sizes)
+    _ranked(parents, _rates(bins, repeat, succ, trials, 0.5, 0.5, 2.0, 4.0, 0.1), depths)
+    _learn(bins, parents, np.array([True, False]), succ, trials, 400.0)
+    _warm = True
 
 
 def _as_arrays(parents: Sequence[int], scores: Sequence[float], global_counts: Sequence[float] | None
@@ -401,14 +418,15 @@ class AcceptanceModel:
 
     def __init__(self, prior: float = 0.5, prior_strength: float = 2.0, backoff_strength: float = 4.0,
                  max_trials: float = 400.0, exploration: float = 0.0, follow_prior: float | None = None) -> None:
-        self.prior = prior
+        self.prior = float(prior)  # floats: the compiled loops take one signature
         #: the prior of nodes from past outputs whose context has followed one for 16+ tokens (a repeated answer):
         #: likely from the first one, so a new process or worker drafts a repeat deep at once
-        self.follow_prior = prior if follow_prior is None else follow_prior
-        self.exploration = exploration
-        self.prior_strength = prior_strength
-        self.backoff_strength = backoff_strength
-        self.max_trials = max_trials
+        self.follow_prior = self.prior if follow_prior is None else float(follow_prior)
+        self.exploration = float(exploration)
+        self.prior_strength = float(prior_strength)
+        self.backoff_strength = float(backoff_strength)
+        self.max_trials = float(max_trials)
+        _warm_up()
         sizes = (_BASE_BINS, _BASE_BINS * _DEPTHS, _BASE_BINS * _DEPTHS * _FINE_PER_COARSE)
         self._succ = tuple(np.zeros(n) for n in sizes)  # per level: successes per bin
         self._trials = tuple(np.zeros(n) for n in sizes)  # per level: trials per bin
