@@ -1,4 +1,4 @@
-"""What "lossless" means per dtype, checked (DESIGN.md section 8).
+"""What "lossless" means per dtype, checked (docs/architecture.md, "What lossless means per dtype").
 
 float32 promises token identity with HF ``generate``: any difference is a bug. In bfloat16 and float16 a tree pass
 runs other kernels than HF's one-token step (another matrix shape, masked attention), so two logits that tie within

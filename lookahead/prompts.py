@@ -31,8 +31,9 @@ def summary_messages(document: str) -> list[dict[str, str]]:
 
 
 def case_messages(case: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Messages for one benchmark case (DESIGN.md section 7 schema); a case that carries its chat ``messages`` (a
-    Spec-Bench turn, :func:`lookahead.bench.runner.turn_case`) is asked them as they are."""
+    """Messages for one benchmark case (as checked by ``lookahead.bench.cases.validate_case``); a case that carries
+    its chat ``messages`` (a Spec-Bench turn, :func:`lookahead.bench.runner.turn_case`) is asked them as they are;
+    the cases and what they measure: docs/benchmarks.md."""
     if case.get("messages"):
         return [dict(m) for m in case["messages"]]
     task = case.get("task")

@@ -1,4 +1,4 @@
-"""What lossless means per dtype (DESIGN.md section 8), tested in bfloat16 and float16 on CPU.
+"""What lossless means per dtype (docs/architecture.md), tested in bfloat16 and float16 on CPU.
 
 float32 promises token identity with HF greedy ``generate`` (tests/test_engine_tiny.py, tests/test_exact_default.py).
 In half precision a tree pass rounds differently from HF's one-token step, so two logits that tie within rounding

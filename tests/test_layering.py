@@ -1,4 +1,4 @@
-"""The package layering, enforced: which module may import which (see the README's architecture section).
+"""The package layering, enforced: which module may import which (see docs/architecture.md, "Layers").
 
 A module of the engine imports only modules of lower layers (applications also their own package's modules);
 no module imports a project module inside a function (command lines excepted: they load heavy modules lazily),

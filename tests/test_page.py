@@ -4,7 +4,7 @@ the stream names one) and shows tokens per step and speed. The highlighted spans
 the stream a reference server sends for the same request body.
 
 The slow test takes the screenshot on the real default model; ``LOOKAHEAD_PAGE_SCREENSHOT=docs/page.png`` keeps it
-there (the README's picture), otherwise it goes to a temporary folder.
+there (the picture docs/serving.md shows), otherwise it goes to a temporary folder.
 """
 
 from __future__ import annotations

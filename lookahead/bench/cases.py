@@ -1,4 +1,4 @@
-"""Benchmark case files: JSON Lines, one case per line (DESIGN.md section 7)."""
+"""Benchmark case files: JSON Lines, one case per line, checked by :func:`validate_case` (docs/benchmarks.md)."""
 
 from __future__ import annotations
 

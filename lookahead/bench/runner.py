@@ -384,8 +384,9 @@ class BenchRunner:
                 self.classify(r, reference, asked[r.method])  # type: ignore[arg-type]
 
     def classify(self, result: CaseResult, reference: CaseResult, case: dict[str, Any]) -> None:
-        """Mark a result that differs from its reference as a near-tie or a hard mismatch (DESIGN.md section 8):
-        one teacher-forced pass of the model over the prompt and the reference's prefix."""
+        """Mark a result that differs from its reference as a near-tie or a hard mismatch (docs/architecture.md,
+        "What lossless means per dtype"): one teacher-forced pass of the model over the prompt and the reference's
+        prefix."""
         if result.method not in CLASSIFIED:
             result.mismatch = HARD
             return

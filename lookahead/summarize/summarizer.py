@@ -41,7 +41,7 @@ class Summarizer:
         chunk_tokens: longest text (in tokens) summarized in one request.
         baseline: also run plain HF greedy ``generate`` on every request, to measure the speedup and check that
             the outputs are identical (doubles the time); in half precision an output that is not is classified as
-            a near-tie or a hard mismatch (README: what lossless means per dtype).
+            a near-tie or a hard mismatch (docs/architecture.md: what lossless means per dtype).
     """
 
     def __init__(self, generator: LookaheadGenerator, max_new_tokens: int = 160, chunk_tokens: int = 1024,
