@@ -224,6 +224,10 @@ BAD_REQUESTS = [
     ("/v1/documents", {"documents": ["ok", ""]}, "documents[1] is empty"),
     ("/v1/documents", {"docs": ["x"]}, "unknown field 'docs'"),
     ("/v1/documents", [1, 2], "invalid 'documents.0'"),
+    ("/v1/documents", b'{"documents": ["fine", "bad \\ud800 text"]}', "not valid Unicode at documents[1]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "documents": ["d"], '
+                             b'"document_ids": ["\\udc00"]}', "not valid Unicode at document_ids[0]"),
+    ("/v1/completions", b'{"prompt": "x\\ud83d"}', "lone surrogate \\ud83d"),
 ]
 
 
@@ -589,3 +593,22 @@ def test_cli_wires_tenant_options(monkeypatch, tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one or the other
         cli.main(["serve", "--tenant-header", "x-tenant", "--tenant-keys", str(keys)])
+
+
+def test_page_is_served_with_security_headers(client):
+    """The page runs only its own inline script and style (their hashes in the policy), talks only to this
+    server, and cannot be framed."""
+    import base64
+    import hashlib
+    import re
+
+    r = client.get("/")
+    assert r.status_code == 200
+    policy = r.headers["content-security-policy"]
+    for tag in ("script", "style"):
+        (block,) = re.findall(rf"<{tag}>(.*?)</{tag}>", r.text, flags=re.S)
+        digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+        assert f"{tag}-src 'sha256-{digest}'" in policy
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+    assert " style=" not in r.text  # an inline style attribute would be blocked by the policy

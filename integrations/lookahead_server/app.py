@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI-compatible completions and chat completions over a :class:`Scheduler`.
 
-Decisions that differ from OpenAI's API (also in the README):
+Decisions that differ from OpenAI's API (also in docs/serving.md):
 
 - ``temperature`` absent (or 0) means greedy decoding, not OpenAI's default of 1: greedy answers are lossless copies
   of plain greedy decoding and are what trie drafts speed up most. ``temperature > 0`` samples (lossless sampling)
@@ -19,9 +19,12 @@ Decisions that differ from OpenAI's API (also in the README):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -399,6 +402,26 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+
+def _inline_hashes(page: str, tag: str) -> list[str]:
+    """CSP source expressions (``'sha256-...'``) of every inline ``<tag>`` block of ``page``."""
+    hashes = []
+    for block in re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S):
+        digest = base64.b64encode(hashlib.sha256(block.encode("utf-8")).digest()).decode("ascii")
+        hashes.append(f"'sha256-{digest}'")
+    return hashes
+
+
+def page_security_headers(page: str) -> dict[str, str]:
+    """Headers that keep the page's own script and style the only ones it runs (a Content-Security-Policy naming
+    their hashes), its requests to this server, and the page out of other sites' frames."""
+    policy = "; ".join([
+        "default-src 'none'", f"script-src {' '.join(_inline_hashes(page, 'script'))}",
+        f"style-src {' '.join(_inline_hashes(page, 'style'))}", "connect-src 'self'", "img-src 'self' data:",
+        "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'"])
+    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer"}
+
 def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = None,
                scheduler_factory: SchedulerFactory | None = None,
                on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None) -> FastAPI:
@@ -471,10 +494,11 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
 
     api = APIRouter(dependencies=[Depends(authorize)])
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    page_headers = {"Cache-Control": "no-cache", **page_security_headers(page)}
 
     @app.get("/")
     async def index() -> Response:
-        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health() -> Response:

@@ -109,7 +109,7 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
                             f"send JSON encoded as UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
                        ) from None
@@ -117,3 +117,33 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+    bad = _invalid_text(data, "")
+    if bad is not None:
+        where, char = bad
+        raise ApiError(400, f"the request body holds text that is not valid Unicode at {where or 'the top level'}: "
+                            f"a lone surrogate \\u{ord(char):04x} (a \\ud800-\\udfff escape not part of a "
+                            f"pair); send valid text", param=where or None)
+    return data
+
+
+def _invalid_text(value: Any, where: str) -> tuple[str, str] | None:
+    """(path, character) of the first string (or key) in parsed JSON holding a lone surrogate, or None."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path, item[exc.start]
+        elif isinstance(item, dict):
+            for key, child in reversed(list(item.items())):
+                name = f"{path}.{key}" if path else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return (path or "a key"), key[exc.start]
+                stack.append((child, name))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item))))
+    return None
