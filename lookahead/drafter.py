@@ -303,7 +303,10 @@ class Drafter:
 
     def seed(self, upto: int | None = None) -> None:
         """Count the prompt's windows that start before position ``upto`` (None: all of them), and the documents
-        once the whole prompt is counted. Seeding a long prompt slice by slice leaves the same counts as at once."""
+        once the whole prompt is counted. Seeding a long prompt slice by slice leaves the same counts as at once.
+        Nothing is counted when the config drafts nothing (``decoding_length`` 0: the engine alone)."""
+        if self.config.decoding_length <= 0:
+            return
         t0 = time.perf_counter()
         prompt = self.prompt_ids
         end = len(prompt) if upto is None else min(upto, len(prompt))
@@ -321,7 +324,7 @@ class Drafter:
 
     def extend(self, generated: Sequence[int]) -> None:
         """Count the output tokens not counted yet (``generated`` is the whole output so far)."""
-        if len(generated) <= self.learned:
+        if len(generated) <= self.learned or self.config.decoding_length <= 0:
             return
         t0 = time.perf_counter()
         tail = self.config.branch_length  # only the last branch_length counted tokens matter to the trie
@@ -342,6 +345,9 @@ class Drafter:
         if self.budget is None:
             raise RuntimeError("this drafter has no draft budget: it cannot propose")
         config = self.config
+        last = (list(after[-1:]) or list(generated[-1:]) or self.prompt_ids[-1:] or [0])[0]
+        if config.decoding_length <= 0:  # the engine alone: no store work at all
+            return Candidates(last, Draft([], [], [], 0), Ranking([], []), last_accepted, 0)
         t0 = time.perf_counter()
         width = max(config.max_query_length, config.branch_length + 1)
         context = (self.prompt_ids[-width:] + list(generated[-width:]) + list(after))[-width:]  # tails only

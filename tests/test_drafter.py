@@ -149,3 +149,18 @@ def test_the_best_path_is_not_drafted_on_when_only_a_shorter_suffix_matches():
     drafter = Drafter(new_trie(config), RecordingBudget(), config, request_id="r1")
     drafter.start([5, 8, 1, 2, 3, 4, 5], (), 100)  # the text ends after [4, 5]; after [5] alone comes 8
     assert drafter.propose([1, 2]).tokens == [2, 3, 4, 5]
+
+
+def test_a_config_that_drafts_nothing_does_no_store_work():
+    """``decoding_length=0`` (the bench's nodraft: the engine alone) seeds, counts and drafts nothing, and its
+    proposals are the root alone."""
+    config = LookaheadConfig(decoding_length=0, learn_outputs=False)
+    store = new_trie(config)
+    drafter = Drafter(store, DraftBudget(CostCurve((1, 64), (1.0, 1.0)), 0), config)
+    drafter.start([5, 6, 7, 5, 6], documents=[[1, 2, 3, 1, 2]])
+    drafter.extend([7, 5, 6])
+    proposal = drafter.propose([7, 5, 6])
+    assert proposal.tokens == [6] and proposal.parents == [-1]
+    assert store.num_tokens() == 0 and store.live_requests() == []
+    drafter.finish([7, 5, 6])
+    assert store.num_tokens() == 0
