@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .files import CACHE_ENV, atomic_directory, cache_dir
 
@@ -193,7 +194,9 @@ def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
 
 def _convert_gguf(source: Path, out_dir: Path) -> None:
     """Dequantize the GGUF file ``source`` to float32 and save model and tokenizer as safetensors in ``out_dir``."""
-    model = AutoModelForCausalLM.from_pretrained(source.parent, dtype=torch.float32, **_gguf_kwargs(source.name))
+    with quiet_weight_loading():
+        model = AutoModelForCausalLM.from_pretrained(source.parent, dtype=torch.float32,
+                                                     **_gguf_kwargs(source.name))
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     _drop_gguf_quantizer(model)
     model.save_pretrained(out_dir)
@@ -271,13 +274,27 @@ def _not_found(name: str, detail: str) -> ModelLoadError:
     )
 
 
+@contextlib.contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """Within this block transformers prints no "Loading weights" progress bar (our own bars stay); the setting is
+    restored after."""
+    enabled_before = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled_before:
+            hf_logging.enable_progress_bar()
+
+
 def _load_pretrained(
     location: str | Path, name: str, dtype: torch.dtype, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
-        )
+        with quiet_weight_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
+            )
         tokenizer_kwargs = {key: value for key, value in kwargs.items()
                             if key not in ("quantization_config", "device_map")}
         tokenizer = AutoTokenizer.from_pretrained(location, **tokenizer_kwargs)

@@ -70,9 +70,14 @@ def _hide_default_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_default_model_loads_and_generates(converted_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_model_loads_and_generates(converted_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capfd: pytest.CaptureFixture[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
     monkeypatch.setenv(CACHE_ENV, str(converted_cache))
     model, tokenizer = load_model(device="cpu")
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' bar is quiet; others' bars are not off
+    assert hf_logging.is_progress_bar_enabled()
     assert not model.training
     assert model.dtype == torch.float32
     assert model.device.type == "cpu"
