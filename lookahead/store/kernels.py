@@ -348,7 +348,7 @@ def _children(toks_list, sa_list, dead_list, work, s, lo, hi, m, out_tok, out_lo
 # ``hot_kids`` (int32 ``[5, c]``): token, range start, range end; row 3 the node's children by decreasing raw count
 # then token (absolute column indices), row 4 each child's place in that order (counted from the node's first).
 
-HOT_DEPTH = 15  # every depth a window reaches (width <= 16)
+HOT_DEPTH = 8  # nodes deeper than this rarely have many children (whitespace runs); at most 15 (keys)
 HOT_CHILDREN = 24
 NO_HOT_IDX = np.zeros((2, 1), np.int64)  # a source without hot nodes (linear sources, tiny segments)
 NO_HOT_KIDS = np.zeros((5, 0), np.int32)
