@@ -598,9 +598,12 @@ class DraftStore:
                     i = next(i for i, s in enumerate(self._segments) if s is a)
                     self._segments[i: i + (2 if b is not None else 1)] = [done]
                     done.mark_dead(self._dead)
-                    held = {int(u) for s in self._segments for u in s.uids} | \
-                        {u for buf in [*self._frozen, self._tail] for u in buf.uids}
-                    self._dead &= held
+                    if self._dead:  # forget tombstones of entries no longer held anywhere (vectorised: the lock
+                        # is held, and a Python loop over every uid of a large store would stall a decode step)
+                        held = np.concatenate([seg.uids for seg in self._segments] +
+                                              [np.asarray(buf.uids, np.int64) for buf in [*self._frozen, self._tail]])
+                        dead = np.fromiter(self._dead, np.int64, len(self._dead))
+                        self._dead = set(dead[np.isin(dead, held)].tolist())
 
     def _pick_job(self) -> tuple[Segment, Segment | None] | None:
         """The next compaction: two adjacent segments to merge, or one to rewrite without its dead entries."""
