@@ -19,7 +19,7 @@ class LookaheadConfig:
             draft store is bounded by ``store_bytes``.
         decay: factor the oracle trie applies to global counts when it is over its node budget.
         store_bytes: memory of the draft store's past answers and documents (:class:`lookahead.store.DraftStore`);
-            past it the oldest entries are evicted whole (the default remembers about 14M tokens).
+            past it the oldest entries are evicted whole (the default remembers about 10M tokens).
         local_weight: weight of request-local counts (prompt, documents) in draft scores.
         global_weight: weight of global counts (past outputs) in draft scores.
         adaptive: pick the draft size each step from the cost model; False always drafts ``decoding_length`` nodes.

@@ -170,9 +170,9 @@ def test_suffix_array_sorts_windows_within_sequences():
 def test_eviction_drops_the_oldest_answers_whole():
     store = DraftStore(branch_length=4, max_query_length=2, store_bytes=1 << 16, tail_tokens=64, background=False)
     per_answer = 100
-    for i in range(200):  # 20k tokens at 9 bytes: over the 64 KiB budget
+    for i in range(200):  # 20k tokens at 13 bytes: over the 64 KiB budget
         store.insert([1000 + i] + [i % 7] * (per_answer - 1))
-    assert store.num_tokens() * 9 <= 1 << 16
+    assert store.num_tokens() * 13 <= 1 << 16
     assert store.count([1000]) == 0 and store.count([1199]) == 1  # the oldest went, the newest stayed
     assert store.num_tokens() % per_answer == 0  # whole answers only
 

@@ -53,13 +53,13 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "lookahead-store"
 FORMAT_VERSION = 1
 MAGIC = b"LKSTORE\x01"
-DEFAULT_STORE_BYTES = 128 << 20  # 128 MiB: about 14M remembered tokens
+DEFAULT_STORE_BYTES = 128 << 20  # 128 MiB: about 10M remembered tokens
 SLOTS = kernels.SLOTS  # sources one draft reads: global segments and buffers, then the request's two buffers
 _GLOBAL_SLOTS = SLOTS - 2
 _MERGE_RATIO = 4  # merge the newest segment into the one before while that one is at most this many times larger
 _BACKLOG = 16  # full tails that may wait for the background sealing before inserts seal them themselves
 _LINEAR_DOCS = 32_768  # a request's documents past this many tokens get a suffix array of their own
-_BYTES_PER_TOKEN = 9  # token + suffix-array entry + the entry's separator, amortised
+_BYTES_PER_TOKEN = 13  # token + suffix-array entry + separator + busy-node tables (~3.5), amortised
 
 
 class StoreFileError(ValueError):
