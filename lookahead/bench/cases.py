@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,23 @@ def validate_case(case: Any, where: str) -> dict[str, Any]:
     return {**case, "documents": docs, "max_new_tokens": tokens}
 
 
-def load_cases(name_or_path: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read and validate a case file; ``limit`` keeps the first cases only."""
-    path = resolve_case_file(name_or_path)
-    cases = []
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """(``path:line``, parsed value) of every non-blank line of a JSON Lines file; a line that is not JSON is a
+    ``ValueError`` naming it."""
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                raw = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            cases.append(validate_case(raw, where))
+
+def load_cases(name_or_path: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read and validate a case file; ``limit`` keeps the first cases only."""
+    path = resolve_case_file(name_or_path)
+    cases = [validate_case(raw, where) for where, raw in json_lines(path)]
     if not cases:
         raise ValueError(f"{path}: no cases")
     ids = [c["id"] for c in cases]

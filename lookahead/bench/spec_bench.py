@@ -12,12 +12,13 @@ case's ``documents`` (provenance per passage; the drafter already counts them as
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Any
+
+from .cases import json_lines
 
 #: Spec-Bench's tasks in its leaderboard's column order, with the column headings
 TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
@@ -58,20 +59,12 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"Spec-Bench question file {str(path)!r} not found; pass your copy of Spec-Bench's "
                                 "data/spec_bench/question.jsonl (github.com/hemingkx/Spec-Bench)")
     questions, seen = [], set()
-    with source.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{source}:{number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            question = check_question(raw, where)
-            if question["question_id"] in seen:
-                raise ValueError(f"{where}: duplicate question_id {question['question_id']!r}")
-            seen.add(question["question_id"])
-            questions.append(question)
+    for where, raw in json_lines(source):
+        question = check_question(raw, where)
+        if question["question_id"] in seen:
+            raise ValueError(f"{where}: duplicate question_id {question['question_id']!r}")
+        seen.add(question["question_id"])
+        questions.append(question)
     if not questions:
         raise ValueError(f"{source}: no questions")
     return questions
