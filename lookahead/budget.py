@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numba as nb
 import numpy as np
@@ -78,19 +78,9 @@ MODEL_FORMAT = "lookahead-cost-model"
 MODEL_VERSION = 1
 
 
-def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Piecewise-linear ``y(x)``: flat below the first point, extended with the last (non-negative) slope above."""
-    if len(xs) == 1 or x <= xs[0]:
-        return ys[0]
-    for a, b, ya, yb in zip(xs, xs[1:], ys, ys[1:]):
-        if x <= b:
-            return ya + (yb - ya) * (x - a) / (b - a)
-    a, b, ya, yb = xs[-2], xs[-1], ys[-2], ys[-1]
-    return yb + max(yb - ya, 0.0) * (x - b) / (b - a)
-
-
-def _interpolate_rows(x: float, xs: Sequence[float], ys: Sequence[np.ndarray]) -> np.ndarray:
-    """:func:`_interpolate` with arrays for ``ys`` (element-wise, the same arithmetic)."""
+def _interpolate(x: float, xs: Sequence[float], ys: Sequence[Any]) -> Any:
+    """Piecewise-linear ``y(x)``: flat below the first point, extended with the last (non-negative) slope above;
+    ``ys`` are floats or arrays (element-wise, the same arithmetic)."""
     if len(xs) == 1 or x <= xs[0]:
         return ys[0]
     for a, b, ya, yb in zip(xs, xs[1:], ys, ys[1:]):
@@ -158,11 +148,11 @@ class CostModel:
         batches = self.batches
         if batch >= batches[-1]:
             return self._row_at_batch(batches[-1], count, context, batch)
-        return _interpolate_rows(batch, batches, [self._row_at_batch(b, count, context, b) for b in batches])
+        return _interpolate(batch, batches, [self._row_at_batch(b, count, context, b) for b in batches])
 
     def _row_at_batch(self, measured: int, count: int, context: float, batch: int) -> np.ndarray:
         contexts, _ = self._by_batch[measured]
-        return _interpolate_rows(context, contexts, self._curve_rows(measured, count, batch))
+        return _interpolate(context, contexts, self._curve_rows(measured, count, batch))
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019 - models are few, frozen and hashable; asked every step
     def _curve_rows(self, measured: int, count: int, batch: int) -> list[np.ndarray]:
@@ -450,10 +440,14 @@ class AcceptanceModel:
         return _rates(bins, repeat, self._succ, self._trials, self.prior, self.follow_prior, self.prior_strength,
                       self.backoff_strength, self.exploration)
 
+    def node_column(self, node: NodeFeatures, match_length: int, last_accepted: int) -> np.ndarray:
+        """One node's bins as a ``[3, 1]`` column (the shape :meth:`rates` and :meth:`learn` take)."""
+        return np.array(self.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
+                                  last_accepted), np.int64).reshape(3, 1)
+
     def probability(self, node: NodeFeatures, match_length: int, last_accepted: int) -> float:
         """P(accepted | parent accepted) of one node."""
-        bins = np.array(self.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
-                                  last_accepted), np.int64).reshape(3, 1)
+        bins = self.node_column(node, match_length, last_accepted)
         repeat = np.array([node.from_outputs and node.follow >= FOLLOW_EDGES[-1]])
         return float(self.rates(bins, repeat)[0])
 
@@ -463,9 +457,7 @@ class AcceptanceModel:
 
     def observe(self, node: NodeFeatures, match_length: int, last_accepted: int, accepted: bool) -> None:
         """Count one trial of one node."""
-        bins = np.array(self.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
-                                  last_accepted), np.int64).reshape(3, 1)
-        self.learn(bins, np.array([-1], np.int64), np.array([accepted]))
+        self.learn(self.node_column(node, match_length, last_accepted), np.array([-1], np.int64), np.array([accepted]))
 
     @property
     def total_trials(self) -> float:
@@ -475,8 +467,7 @@ class AcceptanceModel:
     def counts(self, node: NodeFeatures, match_length: int, last_accepted: int, level: int = 2
                ) -> tuple[float, float]:
         """(successes, trials) counted in the node's bin of ``level`` (0 base, 1 coarse: with depth, 2 fine)."""
-        k = self.bins(node.share, node.from_outputs, node.follow, node.depth, node.score, match_length,
-                      last_accepted)[level]
+        k = int(self.node_column(node, match_length, last_accepted)[level, 0])
         return float(self._succ[level][k]), float(self._trials[level][k])
 
 

@@ -462,39 +462,37 @@ def hot_table(tokens, sa, max_depth, min_children):  # pragma: no cover - compil
 
 
 @nb.njit(**_JIT)
+def _find_in_row(table, row, first, end, value):  # pragma: no cover - compiled
+    """Column of ``value`` in ``table[row, first:end]`` (increasing), or -1: a binary search."""
+    a = first
+    b = end
+    while a < b:
+        mid = (a + b) >> 1
+        if table[row, mid] < value:
+            a = mid + 1
+        else:
+            b = mid
+    if a < end and table[row, a] == value:
+        return a
+    return -1
+
+
+@nb.njit(**_JIT)
 def _hot_slice(hot_idx, lo, hi, m):  # pragma: no cover - compiled
     """(first, end) columns of the children of the node ``[lo, hi)`` of depth ``m`` in ``hot_kids``, or (-1, -1)."""
     h = hot_idx.shape[1] - 1
     if h <= 0 or m > HOT_DEPTH or hi - lo < hot_idx[0, h]:  # a node with fewer occurrences has fewer children
         return -1, -1
-    key = lo * 16 + m
-    a = 0
-    b = h
-    while a < b:
-        mid = (a + b) >> 1
-        if hot_idx[0, mid] < key:
-            a = mid + 1
-        else:
-            b = mid
-    if a < h and hot_idx[0, a] == key:
-        return hot_idx[1, a], hot_idx[1, a + 1]
-    return -1, -1
+    a = _find_in_row(hot_idx, 0, 0, h, lo * 16 + m)
+    if a < 0:
+        return -1, -1
+    return hot_idx[1, a], hot_idx[1, a + 1]
 
 
 @nb.njit(**_JIT)
 def _hot_find(kids, first, end, token):  # pragma: no cover - compiled
     """Column of the child with ``token`` among ``kids[:, first:end]`` (token order), or -1."""
-    a = first
-    b = end
-    while a < b:
-        mid = (a + b) >> 1
-        if kids[0, mid] < token:
-            a = mid + 1
-        else:
-            b = mid
-    if a < end and kids[0, a] == token:
-        return a
-    return -1
+    return _find_in_row(kids, 0, first, end, token)
 
 
 @nb.njit(**_JIT)
