@@ -1,9 +1,11 @@
 """What lossless means per dtype (docs/architecture.md), tested in bfloat16 and float16 on CPU.
 
-float32 promises token identity with HF greedy ``generate`` (tests/test_engine_tiny.py, tests/test_exact_default.py).
-In half precision a tree pass rounds differently from HF's one-token step, so two logits that tie within rounding
-can swap. What must hold there, and is checked here on tiny random Llama and Qwen2 models over many short prompts
-(random ones, repetitive ones, and ones whose continuation the trie already knows, so long drafts are verified):
+float32 promises token identity with HF greedy ``generate`` up to ties of float32 rounding (tests/test_engine_tiny.py,
+tests/test_exact_default.py); the same classifier names them, with float32's epsilon, and a broken tree mask is
+still hard there. In half precision a tree pass rounds differently from HF's one-token step, so two logits that tie
+within rounding can swap. What must hold there, and is checked here on tiny random Llama and Qwen2 models over many
+short prompts (random ones, repetitive ones, and ones whose continuation the trie already knows, so long drafts are
+verified):
 
 (a) wherever the output differs from HF greedy on the same half-precision model, the prefixes before are equal and
     the difference starts at a near-tie (``lookahead.agreement.classify``);
@@ -172,18 +174,46 @@ def test_position_logits_are_the_teacher_forced_next_token_logits():
     torch.testing.assert_close(agreement.position_logits(model, prompt, tokens, last=2), rows[-2:])
 
 
-def test_float32_differences_are_always_hard_even_at_a_tie():
-    """float32 promises identity: a swap of the top-2 tokens is hard there, however small their gap."""
+def test_float32_differences_are_hard_beyond_float32_rounding():
+    """In float32 a top-2 swap is hard unless its gap is within float32's rounding of the row."""
     model = make_model("llama", 0)
     prompt = random_prompt(5, 10)
     reference = hf_greedy(model, prompt, 8)
     assert agreement.classify(model, prompt, reference, reference).kind == IDENTICAL
-    runner_up = int(agreement.position_logits(model, prompt, reference[:4], last=1)[0].topk(2).indices[1])
+    row = agreement.position_logits(model, prompt, reference[:4], last=1)[0]
+    runner_up = int(row.topk(2).indices[1])
     verdict = agreement.classify(model, prompt, reference[:3] + [runner_up], reference)
+    assert verdict.tolerance == pytest.approx(float(agreement.rounding_tolerance(row, torch.float32)))
+    assert verdict.top2_gap > verdict.tolerance  # a random model's top-2 are far apart beside float32's rounding
     assert verdict.kind == HARD and verdict.position == 3 and not verdict.ok
     assert verdict.output_token == runner_up and verdict.reference_token == reference[3]
     assert verdict.gap == pytest.approx(verdict.top2_gap)  # the runner-up: its gap is the top-2 gap
     assert agreement.classify(model, prompt, reference[:3], reference).kind == HARD  # stopped early
+
+
+@pytest.mark.parametrize(("gap", "kind"), [(5.7e-6, NEAR_TIE), (2.0e-5, NEAR_TIE), (3.0e-5, HARD), (1e-3, HARD)])
+def test_float32_swap_within_float32_rounding_is_a_near_tie(monkeypatch, gap, kind):
+    """edit-010: float32 parts from HF where the top-2 logits (about 22) are 5.7e-6 apart, against a tolerance of
+    8 * eps(float32) * 22 = 2.1e-5; the same classifier as half precision names that a near-tie, and a gap beyond
+    the tolerance stays hard."""
+    model = make_model("llama", 0)
+    assert model.dtype == torch.float32
+    prompt, reference = random_prompt(5, 10), [7, 8, 9]
+    row = torch.full((model.config.vocab_size,), -3.0)
+    row[9], row[11] = 22.0, 22.0 - gap  # the reference's token and the output's, the top 2
+
+    def logits(model, prompt_ids, tokens, last=None):
+        assert list(tokens) == reference and last == 1
+        return row[None]
+
+    monkeypatch.setattr(agreement, "position_logits", logits)
+    verdict = agreement.classify(model, prompt, [7, 8, 11], reference)
+    assert verdict.tolerance == pytest.approx(agreement.TOLERANCE_EPS * torch.finfo(torch.float32).eps * 22.0)
+    assert verdict.tolerance == pytest.approx(2.1e-5, rel=0.01)
+    assert verdict.kind == kind and verdict.gap == pytest.approx(gap, rel=0.2) and verdict.dtype == "float32"
+    assert verdict.ok == (kind == NEAR_TIE)
+    worst = agreement.classify(model, prompt, [7, 8, 0], reference)  # a token far below the top is never a tie
+    assert worst.kind == HARD
 
 
 def test_a_top2_swap_is_a_near_tie_in_half_precision_only_within_the_tolerance():
@@ -243,6 +273,25 @@ def test_a_broken_tree_mask_is_caught(arch, dtype_name, capsys):
     assert sum(caught) >= 0.8 * len(differing), f"caught {sum(caught)} of {len(differing)}"
     assert sum(v.kind == HARD for _, v in differing) > len(differing) // 2
     report(capsys, f"{arch} {dtype_name}, broken tree mask", verdicts)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_broken_tree_mask_is_hard_in_float32(arch, capsys):
+    """float32 names ties by the same classifier, with float32's epsilon: a broken tree mask is still hard there.
+    The healthy float32 engine is identical to HF on every prompt; the broken one differs on many, and every
+    difference is hard (its gap is far beyond float32's rounding) or leaves a token beyond rounding later."""
+    model = make_model(arch, 0)
+    assert all(output == reference for _, output, reference, _ in decode_all(model))
+    runs = decode_all(model, broken=True)
+    verdicts = [agreement.classify(model, prompt, output, reference) for prompt, output, reference, _ in runs]
+    differing = [(run, v) for run, v in zip(runs, verdicts) if v.kind != IDENTICAL]
+    assert len(differing) >= N_PROMPTS // 3
+    assert all(v.tolerance is None or v.tolerance < 1e-4 for _, v in differing)
+    caught = [verdict.kind == HARD or not agreement.worst_margin(model, prompt, output).within
+              for (prompt, output, _, _), verdict in differing]
+    assert all(caught), f"caught {sum(caught)} of {len(differing)}"
+    assert sum(v.kind == HARD for _, v in differing) >= 0.9 * len(differing)
+    report(capsys, f"{arch} float32, broken tree mask", verdicts)
 
 
 # ---------------------------------------------------------------------------------------------------- applications

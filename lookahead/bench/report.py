@@ -239,7 +239,7 @@ def format_own_baselines(rows: Sequence[dict[str, Any]], mismatches: bool = Fals
 
 def exactness_messages(results: Sequence[CaseResult], dtype: str) -> tuple[list[str], bool]:
     """Lines that say which outputs differ from their reference, and whether the run failed: only hard mismatches
-    fail (in float32 every mismatch is hard; in half precision a near-tie is what the dtype allows,
+    fail (a near-tie, two logits equal within the dtype's rounding, is what every dtype allows;
     docs/architecture.md)."""
     hard = [r for r in results if r.exact is False and r.mismatch != NEAR_TIE]
     ties = [f"{r.case_id}/{r.method}" for r in results if r.exact is False and r.mismatch == NEAR_TIE]

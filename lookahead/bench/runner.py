@@ -81,7 +81,7 @@ class CaseResult:
     token_ids: list[int] = field(repr=False)
     turn: int | None = None  # a conversation's turn (1-based; Spec-Bench); None for a case of one prompt
     exact: bool | None = None  # token-for-token equal to vanilla (None when vanilla was not run)
-    mismatch: str | None = None  # when not exact: "near-tie" or "hard" (lookahead.agreement; always hard in float32)
+    mismatch: str | None = None  # when not exact: "near-tie" or "hard" (lookahead.agreement, with the dtype's epsilon)
     verdict: dict[str, Any] | None = field(default=None, repr=False)  # where and by how much (agreement.Verdict)
     trie_seconds: float = 0.0
     draft_tokens: int = 0
