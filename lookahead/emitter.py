@@ -63,3 +63,9 @@ class Emitter:
         delta = full[len(self.text):max(end, len(self.text))]
         self.text += delta
         return run, delta
+
+    def settle(self, tokens: Sequence[int]) -> tuple[str, str]:
+        """The text and finish reason of a whole output decoded elsewhere (a plain-HF baseline): the text cut before
+        a stop string; an output that ends without EOS or a stop string ends by ``"length"``."""
+        self.push(tokens)
+        return self._cut(self._decode()), self.finish or "length"

@@ -8,9 +8,9 @@ single request), drafting through its own :class:`~lookahead.drafter.Drafter`.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -21,7 +21,7 @@ from .batch import Batch
 from .budget import CostCurve, CostModel, DraftBudget, cached_cost_curve, cost_cache_key
 from .config import LookaheadConfig
 from .drafter import Drafter, DraftSource, new_trie
-from .inputs import InputEncoder, check_positive_int, is_prompt_list
+from .inputs import InputEncoder, RequestOptions, check_positive_int, is_prompt_list
 from .outputs import GenerationResult, GenerationStats, Message, Prompt, Request, StreamChunk, collect_chunks
 from .runner import (
     SUPPORTED_ARCHITECTURES,
@@ -33,13 +33,10 @@ from .runner import (
     measure_cost_model,
     time_tree_passes,
 )
-from .sampling import SamplingParams
-from .store import DraftStore
-from .trie import TokenTrie
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "SUPPORTED_ATTENTION", "GenerationResult", "GenerationStats", "LookaheadGenerator",
-    "Message", "Prompt", "Request", "StreamChunk", "check_model", "collect_chunks",
+    "Message", "Prompt", "Request", "RequestOptions", "StreamChunk", "check_model", "collect_chunks",
 ]
 
 
@@ -142,31 +139,17 @@ class LookaheadGenerator:
         """Token ids of a prompt: a string, chat messages (rendered with the chat template) or token ids."""
         return self.inputs.encode(prompt)
 
-    def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
-                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
-                sampling: SamplingParams | None = None, prediction: str | Sequence[int] | None = None,
-                trie: DraftSource | None = None, document_names: Sequence[str | None] | None = None) -> Request:
+    def prepare(self, prompt: Prompt, options: RequestOptions | None = None, **keywords: Any) -> Request:
         """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong.
 
-        ``prediction``: the expected output (text or token ids), drafted first; ``trie``: the trie this request
-        drafts from and learns into (None: :attr:`trie`, read when the request starts); ``document_names``: an id
-        per document for the result's provenance (see :class:`~lookahead.provenance.DocumentUse`)."""
-        if trie is not None and not isinstance(trie, (DraftStore, TokenTrie)):
-            raise TypeError(f"trie must be a lookahead.store.DraftStore (or the oracle lookahead.trie.TokenTrie) or "
-                            f"None, got {type(trie).__name__}")
-        return self.inputs.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                   documents=documents, sampling=sampling, prediction=prediction, trie=trie,
-                                   document_names=document_names)
+        ``options`` (or keywords replacing its fields, as in :meth:`generate`) say what the request asks for; see
+        :class:`~lookahead.inputs.RequestOptions`."""
+        return self.inputs.prepare(prompt, options, **keywords)
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompt: Prompt | Sequence[Prompt], *, max_new_tokens: int = 128,
-                 eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
-                 documents: Sequence[str] | None = None, do_sample: bool = False, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                 seed: int | None = None, batch_size: int = 1, show_progress: bool = False,
-                 prediction: str | Sequence[int] | Sequence[str | Sequence[int] | None] | None = None,
-                 trie: DraftSource | None = None, document_names: Sequence[str | None] | None = None,
+    def generate(self, prompt: Prompt | Sequence[Prompt], options: RequestOptions | None = None, *,
+                 batch_size: int = 1, show_progress: bool = False, **keywords: Any
                  ) -> GenerationResult | list[GenerationResult]:
         """Lookahead decoding of one prompt, or of a list of prompts (returns a list then).
 
@@ -175,52 +158,38 @@ class LookaheadGenerator:
 
         Args:
             prompt: a string, chat messages, token ids, or a list of those.
-            max_new_tokens: most new tokens (>= 1), as in HF ``generate``.
-            eos_token_id: token id(s) that end generation; default from the model's generation config.
-            stop: strings that end generation; the returned text is cut before the first one.
-            documents: texts whose tokens seed this request's local trie (retrieved documents).
-            do_sample, temperature, top_k, top_p, repetition_penalty: as in HF ``generate``; unset values come
-                from the model's generation config.
-            seed: seeds the sampler of this request (each prompt of a list gets ``seed + index``).
+            options: what each request asks for (:class:`~lookahead.inputs.RequestOptions`); ``keywords`` replace
+                its fields. They are, as in HF ``generate`` where HF has them: ``max_new_tokens`` (>= 1),
+                ``eos_token_id`` (default from the model's generation config), ``stop`` (strings that end
+                generation; the text is cut before the first one), ``documents`` (texts whose tokens seed this
+                request's local trie), ``document_names`` (an id per document, naming them in
+                ``stats.provenance``), ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``
+                (unset values come from the model's generation config), ``seed`` (each prompt of a list gets
+                ``seed + index``), ``prediction`` (the expected output, a text or token ids, drafted first; for a
+                list of prompts a list of one per prompt, None items allowed; output never depends on it) and
+                ``trie`` (the trie this request drafts from and learns into; None: :attr:`trie`).
             batch_size: for a list of prompts, how many are decoded together in each forward pass.
             show_progress: a progress bar over a list of prompts.
-            prediction: the expected output (a text or token ids; for a list of prompts, a list of one per prompt,
-                None items allowed), drafted first: an edit's original text. Output never depends on it.
-            trie: the trie this request drafts from and learns into (None: :attr:`trie`).
-            document_names: an id per document, naming them in ``stats.provenance``.
         """
-        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
-        shared = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop, documents=documents,
-                      trie=trie, document_names=document_names)
         if not is_prompt_list(prompt):
-            request = self.prepare(prompt, sampling=sampling, prediction=prediction, **shared)  # type: ignore[arg-type]
-            return collect_chunks(self.run(request))
+            return collect_chunks(self.run(self.prepare(prompt, options, **keywords)))  # type: ignore[arg-type]
         check_positive_int("batch_size", batch_size)
-        predictions = per_prompt_predictions(prediction, len(prompt))  # type: ignore[arg-type]
+        predictions = per_prompt_predictions(keywords.pop("prediction", None), len(prompt))  # type: ignore[arg-type]
+        shared = RequestOptions.of(options, **keywords)
+        seed = shared.sampling.seed
         requests = [
-            self.prepare(p, sampling=sampling if seed is None else dataclasses.replace(sampling, seed=seed + i),
-                         prediction=predictions[i], **shared)  # type: ignore[arg-type]
+            self.prepare(p, shared, prediction=predictions[i],
+                         **({} if seed is None else {"seed": seed + i}))  # type: ignore[arg-type]
             for i, p in enumerate(prompt)  # type: ignore[arg-type]
         ]
         return self.run_many(requests, batch_size, show_progress)
 
-    def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
-               stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
-               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               repetition_penalty: float | None = None, seed: int | None = None,
-               prediction: str | Sequence[int] | None = None, trie: DraftSource | None = None,
-               document_names: Sequence[str | None] | None = None) -> Iterator[StreamChunk]:
+    def stream(self, prompt: Prompt, options: RequestOptions | None = None, **keywords: Any) -> Iterator[StreamChunk]:
         """Yield every accepted run of tokens as it is verified. The last chunk carries the finish reason and stats.
 
-        Arguments (as in :meth:`generate`) are checked right away, when ``stream`` is called, before any model work.
+        Options (as in :meth:`generate`) are checked right away, when ``stream`` is called, before any model work.
         """
-        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
-        request = self.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                               documents=documents, sampling=sampling, prediction=prediction, trie=trie,
-                               document_names=document_names)
-        return self.run(request)
+        return self.run(self.prepare(prompt, options, **keywords))
 
     def new_batch(self) -> Batch:
         """An empty batch of rows decoded together (see :class:`lookahead.batch.Batch`)."""

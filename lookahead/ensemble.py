@@ -25,6 +25,7 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -33,7 +34,7 @@ from .budget import CostCurve, DraftBudget, cached_cost_curve, cost_cache_key, d
 from .config import LookaheadConfig
 from .drafter import Drafter, DraftSource, new_trie
 from .emitter import Emitter
-from .inputs import InputEncoder
+from .inputs import InputEncoder, RequestOptions
 from .kvcache import compact_cache
 from .outputs import GenerationResult, GenerationStats, Prompt, Request, StreamChunk, collect_chunks
 from .runner import ModelRunner, check_model, cost_grid, time_tree_passes
@@ -247,36 +248,23 @@ class EnsembleGenerator:
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
-                 stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> GenerationResult:
-        """Speculative ensemble decoding of one prompt (same keywords as :meth:`LookaheadGenerator.generate`)."""
-        return collect_chunks(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                    documents=documents, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed))
+    def generate(self, prompt: Prompt, options: RequestOptions | None = None, **keywords: Any) -> GenerationResult:
+        """Speculative ensemble decoding of one prompt (options as in :meth:`LookaheadGenerator.generate`)."""
+        return collect_chunks(self.stream(prompt, options, **keywords))
 
-    def generate_plain(self, prompt: Prompt, *, max_new_tokens: int = 128,
-                       eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
-                       do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
-                       top_p: float | None = None, seed: int | None = None) -> GenerationResult:
+    def generate_plain(self, prompt: Prompt, options: RequestOptions | None = None, **keywords: Any
+                       ) -> GenerationResult:
         """Plain ensemble decoding, the reference: one forward pass per model per token, the choice from r."""
-        return collect_chunks(self.stream(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed, speculative=False))
+        return collect_chunks(self.stream(prompt, options, speculative=False, **keywords))
 
-    def stream(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
-               stop: Sequence[str] | None = None, documents: Sequence[str] | None = None, do_sample: bool = False,
-               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, speculative: bool = True) -> Iterator[StreamChunk]:
-        """Yield every accepted run of tokens; arguments are checked right away, before any model work.
+    def stream(self, prompt: Prompt, options: RequestOptions | None = None, *, speculative: bool = True,
+               **keywords: Any) -> Iterator[StreamChunk]:
+        """Yield every accepted run of tokens; options are checked right away, before any model work.
 
         An ensemble has no single generation config: unset sampling settings are neutral, not a model's defaults.
         """
-        params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        request = self.inputs.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                                      documents=documents)
-        chooser = TokenChooser(params.resolved(None), device=self.device)
+        request = self.inputs.prepare(prompt, options, **keywords)
+        chooser = TokenChooser(request.options.sampling.resolved(None), device=self.device)
         emitter = Emitter(self.tokenizer, request.eos, request.stop, request.max_new_tokens)
         if speculative:
             return self._run(request, emitter, chooser)

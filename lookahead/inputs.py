@@ -1,10 +1,13 @@
-"""From what a caller passes to a validated :class:`~lookahead.outputs.Request`: prompt encoding, EOS defaults,
-and the one set of argument checks every decoder uses (clear errors, before any model work)."""
+"""From what a caller passes to a validated :class:`~lookahead.outputs.Request`: one :class:`RequestOptions` per
+request (the one set of argument checks every decoder and adapter uses: clear errors, before any model work), prompt
+encoding, and the EOS and pad ids every decoder and every plain-HF baseline stop at."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .outputs import Prompt, Request
 from .sampling import SamplingParams
+from .store import DraftStore
+from .trie import TokenTrie
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -54,6 +59,117 @@ def check_document_names(names: Sequence[str | None] | None, count: int) -> tupl
         if name is not None and not isinstance(name, str):
             raise TypeError(f"document_names[{i}] must be a string or None, got {type(name).__name__}")
     return tuple(names)
+
+
+def check_trie(trie: Any) -> None:
+    """A TypeError unless ``trie`` is None, a :class:`~lookahead.store.DraftStore` or the oracle TokenTrie."""
+    if trie is not None and not isinstance(trie, (DraftStore, TokenTrie)):
+        raise TypeError(f"trie must be a lookahead.store.DraftStore (or the oracle lookahead.trie.TokenTrie) or "
+                        f"None, got {type(trie).__name__}")
+
+
+#: the keywords that set fields of :class:`~lookahead.sampling.SamplingParams` (``do_sample``, ``temperature``, ...)
+SAMPLING_KEYWORDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What one request asks for besides its prompt, checked once on construction (ValueError / TypeError).
+
+    Every entry point (``LookaheadGenerator.generate`` / ``stream`` / ``prepare``, ``Scheduler.submit``, the
+    adapters) takes one of these or builds it from its keywords with :meth:`of`, and the prepared
+    :class:`~lookahead.outputs.Request` carries it as ``options``: a new per-request option is one field here and
+    its check in ``__post_init__``.
+
+    Attributes:
+        max_new_tokens: most new tokens (>= 1), as in HF ``generate``.
+        eos_token_id: token id(s) that end generation (None: the model's generation config, else the tokenizer's).
+        stop: strings that end generation; the text is cut before the first one.
+        documents: texts whose tokens seed the request-local trie (retrieved documents).
+        document_names: an id (or None) per document, naming them in the result's provenance (None: none named).
+        sampling: how tokens are chosen; unset fields come from the model's generation config.
+        prediction: the expected output (a text or token ids), drafted first; output never depends on it.
+        trie: the :class:`~lookahead.store.DraftStore` the request drafts from and learns into (None: the
+            generator's own).
+    """
+
+    max_new_tokens: int = 128
+    eos_token_id: int | tuple[int, ...] | None = None
+    stop: tuple[str, ...] = ()
+    documents: tuple[str, ...] = ()
+    document_names: tuple[str | None, ...] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prediction: str | Sequence[int] | None = None
+    trie: Any = None
+
+    def __post_init__(self) -> None:
+        check_trie(self.trie)
+        check_positive_int("max_new_tokens", self.max_new_tokens)
+        self._set("stop", check_stop(self.stop))
+        if self.sampling is None:
+            self._set("sampling", SamplingParams())
+        elif not isinstance(self.sampling, SamplingParams):
+            raise TypeError(f"sampling must be a lookahead.sampling.SamplingParams, got "
+                            f"{type(self.sampling).__name__}")
+        self._set("documents", tuple(check_documents(self.documents)))
+        if self.document_names is not None:
+            self._set("document_names", check_document_names(self.document_names, len(self.documents)))
+        if self.eos_token_id is not None and not isinstance(self.eos_token_id, int):
+            self._set("eos_token_id", tuple(int(t) for t in self.eos_token_id))
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # normalising a frozen instance while it is built
+
+    @property
+    def names(self) -> tuple[str | None, ...]:
+        """One name (or None) per document."""
+        return self.document_names if self.document_names is not None else (None,) * len(self.documents)
+
+    @classmethod
+    def of(cls, options: RequestOptions | None = None, **keywords: Any) -> RequestOptions:
+        """``options`` (None: the defaults) with ``keywords`` replacing its fields; the sampling keywords
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``) replace fields of
+        its ``sampling``. An unknown keyword is a TypeError naming the ones a request takes."""
+        if options is not None and not isinstance(options, RequestOptions):
+            raise TypeError(f"options must be a lookahead.inputs.RequestOptions, got {type(options).__name__}")
+        base = options if options is not None else cls()
+        unknown = sorted(set(keywords) - set(SAMPLING_KEYWORDS) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unexpected request option(s) {', '.join(unknown)}; a request takes "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))} and {', '.join(SAMPLING_KEYWORDS)}")
+        sampling = {k: keywords.pop(k) for k in SAMPLING_KEYWORDS if k in keywords}
+        if sampling:
+            keywords["sampling"] = dataclasses.replace(keywords.get("sampling") or base.sampling, **sampling)
+        if options is None:  # one validation pass
+            return cls(**keywords)
+        return dataclasses.replace(base, **keywords) if keywords else base
+
+
+def eos_token_ids(eos_token_id: int | Sequence[int] | None, generation_config: Any,
+                  tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The EOS ids in their configured order: the given id(s), else the generation config's, else the tokenizer's
+    (none known: empty)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int):
+        return (eos_token_id,)
+    return tuple(int(t) for t in eos_token_id)
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The EOS ids (in their configured order) and the pad id a request stops and pads with."""
+
+    eos: tuple[int, ...]
+    pad: int | None  # the given pad id, else the first EOS id (None: neither is known)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """``eos_token_id`` and ``pad_token_id`` for :mod:`lookahead.reference` (None: HF's own defaults)."""
+        return {"eos_token_id": list(self.eos) or None, "pad_token_id": self.pad}
 
 
 def prompt_texts(prompt: Prompt) -> list[str]:
@@ -154,50 +270,43 @@ class InputEncoder:
 
     def eos_ids(self, eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
         """The EOS set: the given id(s), else the model's generation config, else the tokenizer's."""
-        if eos_token_id is None:
-            eos_token_id = getattr(self.generation_config, "eos_token_id", None)
-            if eos_token_id is None:
-                eos_token_id = self.tokenizer.eos_token_id
-        if eos_token_id is None:
-            return frozenset()
-        if isinstance(eos_token_id, int):
-            return frozenset({eos_token_id})
-        return frozenset(int(t) for t in eos_token_id)
+        return frozenset(eos_token_ids(eos_token_id, self.generation_config, self.tokenizer))
 
-    def prepare(self, prompt: Prompt, *, max_new_tokens: int = 128, eos_token_id: int | Sequence[int] | None = None,
-                stop: Sequence[str] | None = None, documents: Sequence[str] | None = None,
-                sampling: SamplingParams | None = None, prediction: str | Sequence[int] | None = None,
-                trie: Any = None, document_names: Sequence[str | None] | None = None) -> Request:
+    def special_ids(self, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None
+                    ) -> SpecialIds:
+        """The EOS ids (as :meth:`eos_ids`, in order) and the pad id (``pad_token_id``, else the first EOS id) a
+        request stops and pads with: the one place plain-HF baselines take them from."""
+        eos = eos_token_ids(eos_token_id, self.generation_config, self.tokenizer)
+        return SpecialIds(eos, pad_token_id if pad_token_id is not None else (eos[0] if eos else None))
+
+    def prepare(self, prompt: Prompt, options: RequestOptions | None = None, **keywords: Any) -> Request:
         """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong.
 
-        ``prediction`` (a text or token ids) is what the output is expected to be, mostly: it is drafted first (an
-        edit's original text). ``trie`` (a :class:`~lookahead.trie.TokenTrie`) is the trie this request drafts
-        from instead of the generator's. ``document_names`` name the documents in the result's provenance.
+        ``options`` (or the ``keywords`` of :meth:`RequestOptions.of`, replacing its fields) say what the request
+        asks for; the returned request carries them as ``options``.
 
         ``documents`` are all kept in the request's ``documents``; ``document_ids`` (what seeds the request-local
         trie) leaves out those whose text occurs verbatim in the prompt (a string prompt, a chat message's content,
         or the decoded text of a prompt of token ids), whose windows the prompt's insertion counts already: a RAG
         prompt that quotes its retrieved documents and also passes them as ``documents=`` inserts each once.
         """
-        check_positive_int("max_new_tokens", max_new_tokens)
-        stops = check_stop(stop)
-        if sampling is not None and not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a lookahead.sampling.SamplingParams, got {type(sampling).__name__}")
-        docs = check_documents(documents)
-        names = check_document_names(document_names, len(docs))
-        prediction_ids = self.encode_prediction(prediction)
+        options = RequestOptions.of(options, **keywords)
+        prediction_ids = self.encode_prediction(options.prediction)
         prompt_ids = self.encode(prompt)
+        max_new_tokens = options.max_new_tokens
         if self.max_context is not None:
             if len(prompt_ids) >= self.max_context:
                 raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context} "
                                  "tokens")
             max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
+        docs = options.documents
         sources = tuple(tuple(self.encode_document(d)) for d in docs)
-        resolved = (sampling or SamplingParams()).resolved(self.generation_config)
         return Request(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                       eos=self.eos_ids(eos_token_id), stop=stops, documents=tuple(docs), sampling=resolved,
+                       eos=self.eos_ids(options.eos_token_id), stop=options.stop, documents=docs,
+                       sampling=options.sampling.resolved(self.generation_config),
                        document_ids=self.document_ids(docs, prompt, prompt_ids, sources),
-                       prediction_ids=prediction_ids, trie=trie, source_ids=sources, source_names=names)
+                       prediction_ids=prediction_ids, trie=options.trie, source_ids=sources,
+                       source_names=options.names, options=options)
 
     def document_ids(self, documents: Sequence[str], prompt: Prompt, prompt_ids: Sequence[int],
                      encoded: Sequence[tuple[int, ...]] | None = None) -> tuple[tuple[int, ...], ...]:

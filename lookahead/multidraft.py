@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,7 +33,7 @@ from .config import LookaheadConfig
 from .drafter import Drafter, DraftSource, Proposal
 from .emitter import Emitter
 from .engine import LookaheadGenerator
-from .inputs import check_positive_int
+from .inputs import RequestOptions, check_positive_int
 from .kvcache import compact_cache
 from .outputs import Prompt
 from .runner import ModelRunner
@@ -217,16 +218,15 @@ class MultiDraftGenerator:
     def trie(self) -> DraftSource:
         return self.generator.trie
 
-    def generate(self, prompt: Prompt, *, k: int = 3, method: str = "tree", max_new_tokens: int = 64,
-                 eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
-                 documents: Sequence[str] | None = None, alpha: float = 0.54, horizon: int = 10,
-                 expansion: int = 3) -> MultiDraftResult:
+    def generate(self, prompt: Prompt, options: RequestOptions | None = None, *, k: int = 3, method: str = "tree",
+                 alpha: float = 0.54, horizon: int = 10, expansion: int = 3, **keywords: Any) -> MultiDraftResult:
         """``k`` distinct completions of ``prompt``.
 
         Args:
             k: number of completions (>= 1); fewer come back only when the model has fewer distinct ones.
             method: ``"tree"`` (completion 0 is the greedy output) or ``"superposed"``.
-            max_new_tokens, eos_token_id, stop, documents: as in :meth:`LookaheadGenerator.generate`.
+            options, keywords: as in :meth:`LookaheadGenerator.generate` (``max_new_tokens`` defaults to 64 here;
+                ``eos_token_id``, ``stop`` and ``documents`` apply, sampling keywords do not).
             alpha: superposed: weight of the trie n-gram model in ``p_model^(1-alpha) * p_ngram^alpha``.
             horizon: superposed: tokens between two resets.
             expansion: superposed: each completion's ``expansion * k`` most likely next tokens are scored.
@@ -240,8 +240,9 @@ class MultiDraftGenerator:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
         gen = self.generator
         # positions: prompt + depth in the block, so max_new_tokens is capped by the context as in generate
-        request = gen.prepare(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, stop=stop,
-                              documents=documents)
+        if options is None:
+            keywords.setdefault("max_new_tokens", 64)
+        request = gen.prepare(prompt, options, **keywords)
         prompt_ids = request.prompt_ids
         emitter = Emitter(self.tokenizer, request.eos, request.stop, request.max_new_tokens)
         budget = gen.budget if method == "tree" else None  # measured (or read) before the clock starts

@@ -35,6 +35,7 @@ class Request:
     trie: Any = None  # a lookahead.trie.TokenTrie this request drafts from (None: the generator's own trie)
     source_ids: tuple[tuple[int, ...], ...] = ()  # token ids of every document, in order (for provenance)
     source_names: tuple[str | None, ...] = ()  # an id per document (None: known by its index), for provenance
+    options: Any = None  # the lookahead.inputs.RequestOptions it was prepared from (as asked: not capped, unresolved)
 
 
 @dataclass
@@ -82,8 +83,9 @@ class GenerationResult:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos", "stop" (a stop string), or "length"
+    finish_reason: str  # "eos", "stop" (a stop string), "length", or "error" (a fault ended it: see ``error``)
     stats: GenerationStats
+    error: str | None = None  # with finish_reason "error": what went wrong (the text is cut short there)
 
 
 @dataclass
@@ -96,6 +98,8 @@ class StreamChunk:
     finish_reason: str | None = None
     stats: GenerationStats | None = None  # set on the last chunk
     source: str | None = None  # the document its accepted draft tokens were copied from (its id, or doc:<index>)
+    error: str | None = None  # with finish_reason "error": what failed (the request ends without its answer)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)  # the fault itself
 
 
 def collect_chunks(chunks: Iterable[StreamChunk]) -> GenerationResult:
@@ -104,4 +108,4 @@ def collect_chunks(chunks: Iterable[StreamChunk]) -> GenerationResult:
     last = items[-1]
     assert last.stats is not None and last.finish_reason is not None
     return GenerationResult(text="".join(c.text for c in items), token_ids=[t for c in items for t in c.token_ids],
-                            finish_reason=last.finish_reason, stats=last.stats)
+                            finish_reason=last.finish_reason, stats=last.stats, error=last.error)

@@ -18,15 +18,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .drafter import DraftSource
+from .inputs import RequestOptions
 from .outputs import GenerationResult, Prompt, Request, StreamChunk, collect_chunks
-from .sampling import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import LookaheadGenerator
@@ -241,19 +240,14 @@ class Scheduler:
                 f"x {self.kv_bytes_per_token} bytes per token), more than max_kv_bytes={self.max_kv_bytes} allows "
                 f"even alone; shorten the prompt or lower max_new_tokens")
 
-    def submit(self, prompt: Prompt, *, max_new_tokens: int = 128, stop: Sequence[str] | None = None,
-               documents: Sequence[str] | None = None, sampling: SamplingParams | None = None,
-               eos_token_id: int | Sequence[int] | None = None, prediction: str | Sequence[int] | None = None,
-               trie: DraftSource | None = None, document_names: Sequence[str | None] | None = None) -> RequestHandle:
+    def submit(self, prompt: Prompt, options: RequestOptions | None = None, **keywords: Any) -> RequestHandle:
         """Validate and enqueue one request. Raises ValueError/TypeError for bad input or a request whose KV cache
         exceeds ``max_kv_bytes`` alone (nothing is queued), QueueFullError when the queue is full,
-        SchedulerClosedError after :meth:`close`. ``prediction``, ``trie`` and ``document_names`` are as in
+        SchedulerClosedError after :meth:`close`. ``options`` (or keywords replacing its fields) as in
         :meth:`LookaheadGenerator.prepare` (``trie``: a tenant's own trie)."""
         if self._closed.is_set():
             raise SchedulerClosedError("the scheduler is shut down")
-        request = self.generator.prepare(prompt, max_new_tokens=max_new_tokens, stop=stop, documents=documents,
-                                         sampling=sampling, eos_token_id=eos_token_id, prediction=prediction,
-                                         trie=trie, document_names=document_names)
+        request = self.generator.prepare(prompt, options, **keywords)
         need = self.kv_bytes_needed(request)
         self._check_fits(request, need)
         handle = RequestHandle(request.request_id, len(request.prompt_ids))

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
-from lookahead.inputs import InputEncoder, in_prompt, prompt_texts
+from lookahead.inputs import InputEncoder, RequestOptions, in_prompt, prompt_texts
 from lookahead.prompts import rag_messages
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
@@ -39,6 +39,48 @@ def encoder(chat_tok: PreTrainedTokenizerFast) -> InputEncoder:
 
 def ids(encoder: InputEncoder, text: str) -> tuple[int, ...]:
     return tuple(encoder.encode_document(text))
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+
+def test_request_options_are_normalised_and_checked_once():
+    options = RequestOptions(max_new_tokens=5, stop=["x"], documents=["a", "b"], eos_token_id=[3, 1])
+    assert options.stop == ("x",) and options.documents == ("a", "b") and options.eos_token_id == (3, 1)
+    assert options.names == (None, None)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        RequestOptions(max_new_tokens=0)
+    with pytest.raises(TypeError, match="stop must be a list of strings"):
+        RequestOptions(stop="x")
+    with pytest.raises(ValueError, match="give one per document"):
+        RequestOptions(documents=["a"], document_names=["n", "m"])
+    with pytest.raises(TypeError, match="trie must be"):
+        RequestOptions(trie=object())
+
+
+def test_request_options_of_keywords_replace_fields_and_sampling_fields():
+    base = RequestOptions(max_new_tokens=7, stop=("x",))
+    options = RequestOptions.of(base, max_new_tokens=9, temperature=0.5, do_sample=True)
+    assert (options.max_new_tokens, options.stop) == (9, ("x",))
+    assert options.sampling.do_sample and options.sampling.temperature == 0.5
+    assert RequestOptions.of(base) is base and base.max_new_tokens == 7  # frozen: the base is untouched
+    with pytest.raises(TypeError, match="unexpected request option.*max_tokens"):
+        RequestOptions.of(max_tokens=3)
+
+
+def test_prepare_takes_options_or_keywords_alike(encoder: InputEncoder):
+    options = RequestOptions(max_new_tokens=4, stop=("z",), documents=(NARWHAL,))
+    by_options = encoder.prepare("a prompt", options)
+    by_keywords = encoder.prepare("a prompt", max_new_tokens=4, stop=["z"], documents=[NARWHAL])
+    assert by_options.options is options and by_keywords.options == options
+    assert (by_options.max_new_tokens, by_options.stop, by_options.document_ids) == (
+        by_keywords.max_new_tokens, by_keywords.stop, by_keywords.document_ids)
+
+
+def test_special_ids_keep_the_configured_eos_order_and_pad_with_the_first(encoder: InputEncoder):
+    special = encoder.special_ids([7, 2])
+    assert special.eos == (7, 2) and special.pad == 7 and encoder.eos_ids([7, 2]) == {2, 7}
+    assert encoder.special_ids(5, pad_token_id=0).generate_kwargs() == {"eos_token_id": [5], "pad_token_id": 0}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -19,7 +19,9 @@ import torch
 
 from lookahead import reference
 from lookahead.config import LookaheadConfig
+from lookahead.emitter import Emitter
 from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
+from lookahead.inputs import RequestOptions
 from lookahead.models import load_model
 from lookahead.multidraft import MultiDraftGenerator, MultiDraftResult
 
@@ -120,15 +122,16 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
 
     The lock is released when the generator finishes or is closed (a consumer that stops early).
     """
+    options = RequestOptions.of(max_new_tokens=max_new_tokens, stop=stop, documents=documents or None,
+                                prediction=prediction, **dict(sampling or {}))
     generator = handle.generator
     handle.lock.acquire()
     try:
         if not use_lookahead:
-            yield _plain_generate(handle, prompt, max_new_tokens=max_new_tokens, stop=stop, sampling=sampling)
+            yield _plain_generate(handle, prompt, options)
             return
         prompt_ids = generator.encode(prompt)
-        for chunk in generator.stream(prompt_ids, max_new_tokens=max_new_tokens, stop=list(stop or []) or None,
-                                      documents=documents or None, prediction=prediction, **dict(sampling or {})):
+        for chunk in generator.stream(prompt_ids, options):
             yield _piece(chunk, len(prompt_ids))
     finally:
         handle.lock.release()
@@ -137,57 +140,43 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
 def generate_n(handle: EngineHandle, prompt: Any, *, n: int, max_new_tokens: int, stop: Sequence[str] | None,
                documents: Sequence[str]) -> MultiDraftResult:
     """``n`` distinct completions under the handle's lock (multidraft tree method: the first is the greedy output)."""
+    options = RequestOptions.of(max_new_tokens=max_new_tokens, stop=stop, documents=documents or None)
     with handle.lock:
-        return MultiDraftGenerator(generator=handle.generator).generate(
-            prompt, k=n, max_new_tokens=max_new_tokens, stop=list(stop or []) or None, documents=documents or None)
+        return MultiDraftGenerator(generator=handle.generator).generate(prompt, options, k=n)
 
 
 def _piece(chunk: StreamChunk, prompt_tokens: int) -> Piece:
     return Piece(chunk.text, list(chunk.token_ids), chunk.accepted, chunk.finish_reason, chunk.stats, prompt_tokens)
 
 
-def _plain_generate(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
-                    sampling: Mapping[str, Any] | None = None) -> Piece:
+def _plain_generate(handle: EngineHandle, prompt: Any, options: RequestOptions) -> Piece:
     """Plain Hugging Face ``generate`` (no drafts): the baseline the lookahead path must match exactly in float32
     (greedy; in half precision up to the first near-tie), or match in distribution and, with the same seed, token
     for token (sampling).
 
-    Stops like the engine does: at EOS, after ``max_new_tokens``, or as soon as the decoded text contains a stop
-    string (the text is cut before it).
+    Stops like the engine does (its :class:`~lookahead.emitter.Emitter` says where and why): at EOS, after
+    ``max_new_tokens``, or as soon as the decoded text contains a stop string (the text is cut before it).
     """
     generator = handle.generator
     model, tokenizer = generator.model, generator.tokenizer
     prompt_ids = generator.encode(prompt)
-    stops = [s for s in (stop or []) if s]
-    n_prompt = len(prompt_ids)
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
-    options = dict(sampling or {})
-    seed = options.pop("seed", None)
-    do_sample = options.pop("do_sample", False)
-    decode = dict(eos_token_id=eos, pad_token_id=pad, stop=stops, tokenizer=tokenizer, **options)
+    special = generator.inputs.special_ids(options.eos_token_id)
+    params = options.sampling
+    chosen = {name: getattr(params, name) for name in ("temperature", "top_k", "top_p", "repetition_penalty")
+              if getattr(params, name) is not None}
+    decode = dict(stop=options.stop, tokenizer=tokenizer, **special.generate_kwargs(), **chosen)
     start = time.perf_counter()
-    if do_sample:
+    if params.do_sample:
         # HF draws from the global generator: seeded here, restored afterwards
         with torch.random.fork_rng(devices=[] if model.device.type == "cpu" else [model.device]):
-            token_ids = reference.sample(model, prompt_ids, max_new_tokens, seed=seed, **decode)
+            token_ids = reference.sample(model, prompt_ids, options.max_new_tokens, seed=params.seed, **decode)
     else:
-        token_ids = reference.greedy(model, prompt_ids, max_new_tokens, **decode)
+        token_ids = reference.greedy(model, prompt_ids, options.max_new_tokens, **decode)
     seconds = time.perf_counter() - start
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-    text = tokenizer.decode(token_ids, skip_special_tokens=True)
-    found = [p for p in (text.find(s) for s in stops) if p >= 0]
-    if found:
-        finish, text = "stop", text[: min(found)]
-    elif token_ids and token_ids[-1] in eos_ids:
-        finish = "eos"
-    else:
-        finish = "length"
-    stats = GenerationStats(prompt_tokens=n_prompt, new_tokens=len(token_ids), steps=len(token_ids),
+    text, finish = Emitter(tokenizer, special.eos, options.stop, options.max_new_tokens).settle(token_ids)
+    stats = GenerationStats(prompt_tokens=len(prompt_ids), new_tokens=len(token_ids), steps=len(token_ids),
                             time_total=seconds)
-    return Piece(text, token_ids, 0, finish, stats, n_prompt)
+    return Piece(text, token_ids, 0, finish, stats, len(prompt_ids))
 
 
 def drafting_metadata(stats: GenerationStats) -> dict[str, Any]:

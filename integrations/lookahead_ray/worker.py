@@ -64,9 +64,9 @@ class GenerateWorker:
     def plain(self, prompt: Prompt, max_new_tokens: int = 128) -> dict[str, Any]:
         """Plain HF greedy ``generate`` of the same prompt (the vanilla baseline): token ids and seconds."""
         prompt_ids = self.generator.encode(prompt)
-        eos = self.generator.model.generation_config.eos_token_id
+        special = self.generator.inputs.special_ids()
         start = time.perf_counter()
-        ids = greedy(self.generator.model, prompt_ids, max_new_tokens, eos_token_id=eos)
+        ids = greedy(self.generator.model, prompt_ids, max_new_tokens, **special.generate_kwargs())
         return {"token_ids": list(ids), "seconds": time.perf_counter() - start}
 
     def sync_now(self) -> bool:

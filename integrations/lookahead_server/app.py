@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
+from lookahead.inputs import RequestOptions
 from lookahead.sampling import SamplingParams
 from lookahead.scheduler import OutOfMemoryRequestError, QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
 from lookahead.store import DraftStore
@@ -290,10 +291,11 @@ class _Service:
             raise ApiError(400, str(error), param="messages" if isinstance(prompt, list) else "prompt") from None
         max_tokens = self._max_tokens(requested, len(prompt_ids), param)
         try:
-            handle = self.scheduler.submit(prompt_ids, max_new_tokens=max_tokens, stop=body.stop_list() or None,
-                                           documents=body.documents, sampling=self.sampling(body),
-                                           trie=trie if tenant is not None else None,
-                                           prediction=body.prediction_text, document_names=body.document_ids)
+            options = RequestOptions(max_new_tokens=max_tokens, stop=body.stop_list() or (),
+                                     documents=body.documents or (), sampling=self.sampling(body),
+                                     trie=trie if tenant is not None else None, prediction=body.prediction_text,
+                                     document_names=body.document_ids)
+            handle = self.scheduler.submit(prompt_ids, options)
         except QueueFullError as error:
             raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"}) from None
         except SchedulerClosedError as error:
