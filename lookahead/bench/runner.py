@@ -192,8 +192,7 @@ class BenchRunner:
         self.model = model
         self.tokenizer = tokenizer
         self.generator = generator
-        eos = model.generation_config.eos_token_id
-        self.eos = eos if eos is not None else tokenizer.eos_token_id
+        self.special = generator.inputs.special_ids()  # the EOS and pad ids the engine stops at
         self.counter = PassCounter(model.get_decoder())
         self.first_pass = FirstPassTimer(model, generator.device)
         self.ensemble_settings = ensemble or EnsembleSettings()
@@ -260,7 +259,7 @@ class BenchRunner:
         start = time.perf_counter()
         if method in ("vanilla", "pld"):
             self.first_pass.arm(start)
-            tokens = reference.greedy(self.model, ids, limit, eos_token_id=self.eos,
+            tokens = reference.greedy(self.model, ids, limit, **self.special.generate_kwargs(),
                                       prompt_lookup_num_tokens=PLD_TOKENS if method == "pld" else None)
             prefill = self.first_pass.disarm()
         elif method in ENGINE_METHODS:
@@ -275,7 +274,8 @@ class BenchRunner:
             prefill = result.stats.time_prefill
         elif method in ("multidraft", "superposed", "k-sampling"):
             if method == "k-sampling":
-                outputs = [reference.sample(self.model, ids, limit, seed=self.seed + i, eos_token_id=self.eos,
+                outputs = [reference.sample(self.model, ids, limit, seed=self.seed + i,
+                                            **self.special.generate_kwargs(),
                                             with_logprob=True) for i in range(self.k)]
             else:
                 drafts = self.multidraft.generate(ids, k=self.k, max_new_tokens=limit,

@@ -85,9 +85,9 @@ class Summarizer:
         estimate = s.time_prefill + max(0, s.new_tokens - 1) * self._one_pass_seconds()
         stats = RequestStats(kind, s.prompt_tokens, s.new_tokens, s.steps, s.time_total, estimate)
         if self.baseline:
-            eos = generator.model.generation_config.eos_token_id
+            special = generator.inputs.special_ids()  # the EOS and pad ids the engine stops at
             start = time.perf_counter()
-            plain = greedy(generator.model, prompt_ids, self.max_new_tokens, eos_token_id=eos)
+            plain = greedy(generator.model, prompt_ids, self.max_new_tokens, **special.generate_kwargs())
             stats.baseline_seconds = time.perf_counter() - start
             stats.exact = plain == result.token_ids
             if not stats.exact:
