@@ -13,29 +13,50 @@ its KV cache into the batch cache. Every later step reads top to bottom:
 
 A row whose request ends leaves the batch in the same step (its output is learned by the trie);
 :meth:`Batch.remove` drops one early (a cancelled request). A single request is a batch of one.
+
+A fault costs one row. Every allocation of a step either belongs to one row (its prefill, drafting, acceptance,
+learning, emitting, joining) or is all or nothing (the shared tree pass, the cache compactions), and state is
+committed only after it succeeded. A row whose own work raises ends with ``finish_reason`` "error" and a message
+(never a shorter answer that looks complete) and leaves the batch; the other rows go on exactly as before. A shared
+pass that raises leaves every row as before the step; out of memory, the newest row is failed and the others retry
+at the next step, any other error fails every row of that pass.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from .drafter import Drafter, Proposal
+from .budget import Ranking
+from .drafter import Candidates, Drafter, Proposal
 from .emitter import Emitter
-from .kvcache import append_rows, cache_length, crop, select_rows
+from .kvcache import append_rows, cache_length, crop, keep_rows_in_place, select_rows
 from .outputs import GenerationStats, Request, StreamChunk
 from .provenance import Attribution
 from .runner import ModelRunner, RowLayout
 from .sampling import TokenChooser
 from .tree import build_tree
+from .trie import Draft
 from .verify import Acceptance, greedy_accept, walk_accept
+
+log = logging.getLogger(__name__)
 
 #: makes the drafter of a request from its request id and its own trie (None: the engine's current trie; the engine
 #: binds its budget and config): ``new_drafter(request_id, trie=request.trie)``
 DrafterFactory = Callable[..., Drafter]
+#: one event of a step: the row's key and its chunk
+Event = tuple[Hashable, StreamChunk]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory (``torch.OutOfMemoryError`` or a RuntimeError saying
+    "out of memory", as some backends raise)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
 def count_prediction(stats: GenerationStats, proposal: Proposal, path: Sequence[int]) -> None:
@@ -68,6 +89,7 @@ class Row:
         self.cache: DynamicCache | None = None  # the row's own cache while it is prefilled, before it joins
         self.prefilled = 0  # prompt tokens in ``cache``
         self.slice_seconds = 0.0  # how long its last prefill slice took
+        self.failed = False  # a fault ended it (its error chunk is out); it leaves the batch at the end of the step
 
     @property
     def ready(self) -> bool:
@@ -80,7 +102,7 @@ class Row:
 
     def close(self) -> None:
         """Release the row's request-local trie counts; learn its output if it ended normally."""
-        self.drafter.finish(self.emitter.generated if self.emitter.finish is not None else None)
+        self.drafter.finish(self.emitter.generated if self.emitter.finish is not None and not self.failed else None)
         self.stats.time_trie = self.drafter.trie_seconds
 
 
@@ -100,12 +122,13 @@ class Batch:
         self.cache: DynamicCache | None = None
         self.step_seconds = 0.0  # recent wall time of one decoding step (moving average)
         self.prefill_credit = 0.0  # seconds of long-prompt prefill the decoding rows can give up now
+        self.failed: list[Event] = []  # error chunks of rows that failed outside a step, for the next step
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.new)
+        return len(self.rows) + len(self.new) + len(self.failed)
 
     def keys(self) -> list[Hashable]:
-        return [row.key for row in self.rows + self.new]
+        return [row.key for row in self.rows + self.new] + [key for key, _ in self.failed]
 
     # ------------------------------------------------------------------ membership
 
@@ -122,7 +145,8 @@ class Batch:
         """Drop a row (a cancelled request, or one that already finished: then nothing happens)."""
         for row in [row for row in self.new if row.key == key]:
             self.new.remove(row)
-            row.close()
+            row.cache = None
+            self._close(row)
         for index, row in enumerate(self.rows):
             if row.key == key:
                 self._drop_rows([index])
@@ -131,19 +155,52 @@ class Batch:
     def close(self) -> None:
         """Drop every row (releases their request-local trie counts)."""
         for row in self.new + self.rows:
+            self._close(row)
+        self.rows, self.new, self.cache, self.failed = [], [], None, []
+
+    def _close(self, row: Row) -> None:
+        """Close a leaving row; its answer is out already, so a failure to learn it is only logged."""
+        try:
             row.close()
-        self.rows, self.new, self.cache = [], [], None
+        except Exception:  # noqa: BLE001 - the row has ended either way
+            log.exception("row %r: releasing or learning its output failed", row.key)
+
+    def _fail(self, row: Row, error: BaseException, during: str) -> Event:
+        """End ``row`` with finish_reason "error" (it leaves the batch at the end of the step)."""
+        row.failed = True
+        log.warning("row %r failed while %s: %s: %s", row.key, during, type(error).__name__, error)
+        row.stats.new_tokens = len(row.emitter.generated)
+        row.stats.time_total = time.perf_counter() - row.start
+        message = f"generation failed while {during} ({type(error).__name__}: {error})"
+        return row.key, StreamChunk([], "", 0, "error", stats=row.stats, error=message, exception=error)
 
     def _drop_rows(self, indices: Sequence[int]) -> None:
+        """Close rows ``indices`` and shrink the batch cache to the others. The leaving rows are closed first, so
+        they complete whatever happens to the cache; if it cannot be shrunk even in place, the rows left in it
+        fail (their error chunks go out with the next step)."""
         dropped = set(indices)
         for i in sorted(dropped):
-            self.rows[i].close()
+            self._close(self.rows[i])
         keep = [i for i in range(len(self.rows)) if i not in dropped]
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self.cache = None
-        elif dropped:
-            select_rows(self.cache, keep, max(row.length for row in self.rows))
+            return
+        if not dropped:
+            return
+        length = max(row.length for row in self.rows)
+        try:
+            select_rows(self.cache, keep, length)
+        except Exception as error:  # noqa: BLE001 - all or nothing: the cache is as it was
+            log.warning("shrinking the batch cache failed (%s: %s); compacting it in place", type(error).__name__,
+                        error)
+            try:
+                keep_rows_in_place(self.cache, keep, length)
+            except Exception as error:  # noqa: BLE001 - the cache may be half moved: no row in it can go on
+                self.failed += [self._fail(row, error, "shrinking the batch cache") for row in self.rows]
+                for row in self.rows:
+                    self._close(row)
+                self.rows, self.cache = [], None
 
     # ------------------------------------------------------------------ one step
 
@@ -153,23 +210,25 @@ class Batch:
         Returns one ``(key, chunk)`` per row that produced tokens; a chunk with a ``finish_reason`` ends its row,
         which has already left the batch. Queued rows join at the end of the step whose prefill completed them.
 
-        A step that raises (an out-of-memory error, say) leaves every row as it was before the step, so the
-        caller can drop a row (:meth:`remove`) and step again.
+        A fault ends the row(s) it belongs to with a chunk whose ``finish_reason`` is "error" (and ``error`` says
+        what failed); see the module's docstring. Only a KeyboardInterrupt and the like propagate.
         """
-        self._prefill_queued()
-        events = self._decode() if self.rows else []
+        events, self.failed = self.failed, []
+        events += self._prefill_queued()
+        if self.rows:
+            events += self._decode()
         ready = [row for row in self.new if row.ready]
         if ready:
-            self._join(ready)
-            events += [(row.key, self._emit(row, [row.pending], 0)) for row in ready]
-        finished = [i for i, row in enumerate(self.rows) if row.emitter.finish is not None]
-        if finished:
-            self._drop_rows(finished)
+            events += self._join(ready)
+        ended = [i for i, row in enumerate(self.rows) if row.failed or row.emitter.finish is not None]
+        if ended:
+            self._drop_rows(ended)
+            events, self.failed = events + self.failed, []
         return events
 
     # ------------------------------------------------------------------ joining
 
-    def _prefill_queued(self) -> None:
+    def _prefill_queued(self) -> list[Event]:
         """Advance the prefill of queued rows.
 
         With no row decoding, every queued row is prefilled whole. Otherwise a prompt of at most
@@ -178,31 +237,47 @@ class Batch:
         order, one slice per step at most, and only as far as a time credit allows: each decoding step adds
         ``prefill_share`` of its own duration, and a slice runs once the credit covers it (its cost from the
         cost model, then as last timed). The decoding rows then slow down by about ``prefill_share`` while a
-        long prompt joins, instead of stalling for its whole prefill."""
+        long prompt joins, instead of stalling for its whole prefill. A row whose prefill fails leaves the batch
+        with an error chunk (returned)."""
+        events: list[Event] = []
         if not self.new:
-            return
+            return events
         if not self.rows:
-            for row in self.new:
-                self._prefill(row, len(row.request.prompt_ids))
-            return
+            for row in list(self.new):
+                self._try_prefill(row, len(row.request.prompt_ids), events)
+            return events
         long_rows = []
-        for row in self.new:
+        for row in list(self.new):
             if row.prefilled == 0 and len(row.request.prompt_ids) <= self.prefill_chunk:
-                self._prefill(row, len(row.request.prompt_ids))
+                self._try_prefill(row, len(row.request.prompt_ids), events)
             elif not row.ready:
                 long_rows.append(row)
         if not long_rows:
             self.prefill_credit = 0.0
-            return
+            return events
         row = long_rows[0]
         estimate = row.slice_seconds or self._slice_estimate(row)
         self.prefill_credit = min(self.prefill_credit + self.prefill_share * self.step_seconds,
                                   max(estimate, self.step_seconds))
         if self.prefill_credit >= estimate:  # at most one slice per step: no step stalls for several
             t0 = time.perf_counter()
-            self._prefill(row, row.prefilled + self.prefill_chunk)
-            row.slice_seconds = time.perf_counter() - t0
-            self.prefill_credit -= row.slice_seconds
+            if self._try_prefill(row, row.prefilled + self.prefill_chunk, events):
+                row.slice_seconds = time.perf_counter() - t0
+                self.prefill_credit -= row.slice_seconds
+        return events
+
+    def _try_prefill(self, row: Row, upto: int, events: list[Event]) -> bool:
+        """:meth:`_prefill`; if it raises, the row leaves the batch (its own cache is dropped) with an error chunk
+        added to ``events``. Returns whether it succeeded."""
+        try:
+            self._prefill(row, upto)
+        except Exception as error:  # noqa: BLE001 - the fault belongs to this row alone
+            self.new.remove(row)
+            row.cache = None
+            events.append(self._fail(row, error, "prefilling the prompt"))
+            self._close(row)
+            return False
+        return True
 
     def _slice_estimate(self, row: Row) -> float:
         """Seconds of the row's next prefill slice before one was timed: the recent step time, scaled by what the
@@ -238,19 +313,47 @@ class Batch:
         row.stats.time_forward = row.stats.time_prefill
         row.stats.time_trie = row.drafter.trie_seconds
 
-    def _join(self, rows: Sequence[Row]) -> None:
-        """Move prefilled rows' caches into the batch cache (one concatenation); they decode from the next step."""
-        caches = [row.cache for row in rows]
-        if self.cache is None:
-            self.cache, caches = caches[0], caches[1:]
-        if caches:
-            append_rows(self.cache, *caches)
-        for row in rows:
+    def _join(self, rows: Sequence[Row]) -> list[Event]:
+        """Move prefilled rows' caches into the batch cache (one concatenation) and emit their first tokens; they
+        decode from the next step. If the concatenation fails, each row is tried alone, and a row that still does
+        not fit leaves with an error chunk: the rows already in the batch are untouched either way."""
+        events: list[Event] = []
+        joined, failed = list(rows), []
+        try:
+            self._append(rows)
+        except Exception as error:  # noqa: BLE001 - all or nothing: the batch cache is as it was
+            joined, failed = [], [(rows[0], error)] if len(rows) == 1 else []
+            for row in rows if len(rows) > 1 else ():
+                try:
+                    self._append([row])
+                    joined.append(row)
+                except Exception as alone:  # noqa: BLE001 - the fault belongs to this row alone
+                    failed.append((row, alone))
+        for row, error in failed:
+            self.new.remove(row)
+            row.cache = None
+            events.append(self._fail(row, error, "joining the batch"))
+            self._close(row)
+        for row in joined:
             row.cache = None
             row.length = len(row.request.prompt_ids)
             self.new.remove(row)
             self.rows.append(row)
             row.stats.steps = 1
+            events.append(self._emit_or_fail(row, [row.pending], 0))
+        return events
+
+    def _append(self, rows: Sequence[Row]) -> None:
+        """Concatenate the rows' own caches onto the batch cache: all or nothing (see :func:`append_rows`)."""
+        caches = [row.cache for row in rows]
+        assert all(cache is not None for cache in caches)
+        if self.cache is not None:
+            append_rows(self.cache, *caches)
+            return
+        first, rest = caches[0], caches[1:]
+        if rest:
+            append_rows(first, *rest)
+        self.cache = first
 
     def _choose_first(self, row: Row, hidden: torch.Tensor) -> int:
         """The token chosen after the prompt, from the last prompt position's hidden state [1, d]."""
@@ -258,11 +361,16 @@ class Batch:
             return int(self.runner.greedy_tokens(hidden)[0])
         return row.chooser(self.runner.logits(hidden)[0], row.history())
 
-    def _decode(self) -> list[tuple[Hashable, StreamChunk]]:
+    def _decode(self) -> list[Event]:
+        """Propose, verify, accept, compact, learn and emit for every row (one tree pass); see :meth:`step`."""
         rows, runner = self.rows, self.runner
+        events: list[Event] = []
         trie_before = [row.drafter.trie_seconds for row in rows]
         t0 = time.perf_counter()
-        proposals = self._propose()
+        try:
+            proposals = self._propose(events)
+        except Exception as error:  # noqa: BLE001 - the joint budget choice: nothing is committed yet
+            return events + self._pass_failed(error, "sizing the drafts")
         t1 = time.perf_counter()
         layout = RowLayout(tuple(row.length for row in rows), cache_length(self.cache))
         try:
@@ -270,18 +378,30 @@ class Batch:
                 trees = [build_tree(p.tokens, p.parents) for p in proposals]  # on the host: one upload
                 with runner.kernels():
                     hidden = runner.tree_pass(self.cache, trees, layout)  # [B, N, d]
-                acceptances = self._accept(proposals, hidden)
+                acceptances = self._accept(proposals, hidden, events)
                 lengths = runner.compact(self.cache, layout, [[0] + a.path for a in acceptances])
-        except BaseException:
+        except Exception as error:  # noqa: BLE001 - the shared pass: every row as before it, then a policy
             crop(self.cache, layout.tree_start)  # every layer as before the pass (stale tails are masked anyway)
+            return events + self._pass_failed(error, "verifying the drafts (the tree pass)")
+        except BaseException:
+            crop(self.cache, layout.tree_start)
             raise
         t2 = time.perf_counter()
         for row, proposal, acceptance, length in zip(rows, proposals, acceptances, lengths):
-            row.drafter.observe(proposal, acceptance.path)
-            row.length, row.pending, row.last_accepted = length, acceptance.bonus, len(acceptance.path)
-        events = [(row.key, self._emit(row, a.tokens, len(a.path))) for row, a in zip(rows, acceptances)]
+            row.length = length  # what the cache holds now, failed or not
+            if row.failed:
+                continue
+            row.pending, row.last_accepted = acceptance.bonus, len(acceptance.path)
+            try:
+                row.drafter.observe(proposal, acceptance.path)
+            except Exception as error:  # noqa: BLE001 - the fault belongs to this row alone
+                events.append(self._fail(row, error, "learning from the accepted draft"))
+                continue
+            events.append(self._emit_or_fail(row, acceptance.tokens, len(acceptance.path)))
         t3 = time.perf_counter()
         for row, proposal, acceptance, trie0 in zip(rows, proposals, acceptances, trie_before):
+            if row.failed:
+                continue
             stats = row.stats
             trie_step = row.drafter.trie_seconds - trie0
             stats.steps += 1
@@ -294,37 +414,66 @@ class Batch:
         self.step_seconds = t3 - t0 if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * (t3 - t0)
         return events
 
-    def _propose(self) -> list[Proposal]:
-        """Count every row's new output in its trie, draft, and size all drafts with one joint budget choice."""
+    def _pass_failed(self, error: BaseException, during: str) -> list[Event]:
+        """A step's shared work failed (every row is as before it): out of memory with several rows, the newest
+        row fails and the others retry at the next step; otherwise every row of the pass fails."""
+        live = [row for row in self.rows if not row.failed]
+        if is_out_of_memory(error) and len(live) > 1:
+            return [self._fail(live[-1], error, f"{during}: out of device memory with {len(live)} rows decoding "
+                                                f"together; the newest was stopped so that the others go on")]
+        return [self._fail(row, error, during) for row in live]
+
+    def _propose(self, events: list[Event]) -> list[Proposal]:
+        """Count every row's new output in its trie, draft, and size all drafts with one joint budget choice. A
+        row whose drafting fails gets an error chunk (added to ``events``) and a tree of its root alone."""
         found = []
         for row in self.rows:
-            generated = row.emitter.generated
-            row.drafter.extend(generated)
-            found.append(row.drafter.candidates(generated, last_accepted=row.last_accepted))
+            try:
+                generated = row.emitter.generated
+                row.drafter.extend(generated)
+                found.append(row.drafter.candidates(generated, last_accepted=row.last_accepted))
+            except Exception as error:  # noqa: BLE001 - the fault belongs to this row alone
+                events.append(self._fail(row, error, "drafting"))
+                found.append(Candidates(row.pending, Draft([], [], [], 0), Ranking([], []), row.last_accepted, 0))
         budget = self.rows[0].drafter.budget
         assert budget is not None
         counts = budget.sizes([f.ranking for f in found], context=cache_length(self.cache), max_nodes=self.max_nodes)
-        return [Drafter.proposal(f, n) for f, n in zip(found, counts)]
+        return [Drafter.proposal(f, 0 if row.failed else n) for row, f, n in zip(self.rows, found, counts)]
 
-    def _accept(self, proposals: Sequence[Proposal], hidden: torch.Tensor) -> list[Acceptance]:
-        """Walk every row's verified tree; ``hidden`` [B, N, d] holds the nodes' last hidden states."""
+    def _accept(self, proposals: Sequence[Proposal], hidden: torch.Tensor, events: list[Event]
+                ) -> list[Acceptance]:
+        """Walk every row's verified tree; ``hidden`` [B, N, d] holds the nodes' last hidden states. A row whose
+        walk fails (or that failed before) accepts nothing and gets an error chunk (added to ``events``)."""
         rows = self.rows
-        greedy = [b for b, row in enumerate(rows) if row.chooser.plain_greedy]
+        greedy = [b for b, row in enumerate(rows) if row.chooser.plain_greedy and not row.failed]
         predictions: dict[int, list[int]] = {}
         if greedy:  # one head product for every greedy row
             argmax = self.runner.greedy_tokens(hidden[greedy].flatten(0, 1)).view(len(greedy), -1)  # [b, N]
             predictions = {b: row[:proposals[b].size] for b, row in zip(greedy, argmax.tolist())}
         acceptances = []
         for b, (row, proposal) in enumerate(zip(rows, proposals)):
-            if b in predictions:
-                acceptances.append(greedy_accept(proposal.tokens, proposal.parents, predictions[b]))
-                continue
-            logits = self.runner.logits(hidden[b, :proposal.size])  # [n, V]
-            history = row.history()
-            acceptances.append(walk_accept(proposal.tokens, proposal.parents,
-                                           lambda node, path, logits=logits, row=row, history=history:
-                                           row.chooser(logits[node], history + path)))
+            try:
+                if row.failed:
+                    acceptances.append(Acceptance([], [], row.pending))
+                elif b in predictions:
+                    acceptances.append(greedy_accept(proposal.tokens, proposal.parents, predictions[b]))
+                else:
+                    logits = self.runner.logits(hidden[b, :proposal.size])  # [n, V]
+                    history = row.history()
+                    acceptances.append(walk_accept(proposal.tokens, proposal.parents,
+                                                   lambda node, path, logits=logits, row=row, history=history:
+                                                   row.chooser(logits[node], history + path)))
+            except Exception as error:  # noqa: BLE001 - the fault belongs to this row alone
+                events.append(self._fail(row, error, "accepting the draft"))
+                acceptances.append(Acceptance([], [], row.pending))
         return acceptances
+
+    def _emit_or_fail(self, row: Row, tokens: list[int], accepted: int) -> Event:
+        """:meth:`_emit`, or the row's error chunk if emitting raises."""
+        try:
+            return row.key, self._emit(row, tokens, accepted)
+        except Exception as error:  # noqa: BLE001 - the fault belongs to this row alone
+            return self._fail(row, error, "emitting the accepted tokens")
 
     def _emit(self, row: Row, tokens: list[int], accepted: int) -> StreamChunk:
         start = len(row.emitter.generated)

@@ -70,21 +70,49 @@ def replicated(cache: DynamicCache, rows: int) -> DynamicCache:
 
 def append_rows(cache: DynamicCache, *others: DynamicCache) -> None:
     """Append the batch rows of every cache in ``others`` to ``cache`` (in place, one concatenation per layer and
-    K/V), padding the shorter ones with zeros at the end."""
+    K/V), padding the shorter ones with zeros at the end.
+
+    All or nothing: every layer's new tensors are allocated before any layer is replaced, so an out-of-memory
+    error leaves ``cache`` as it was."""
     length = max(cache_length(c) for c in (cache, *others))
+    joined = []
     for layer, *extras in zip(cache.layers, *(other.layers for other in others)):
+        pair = []
         for name in ("keys", "values"):
             parts = [getattr(part, name) for part in (layer, *extras)]  # each [batch, heads, seq, head_dim]
             padded = [torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[-2])) for p in parts]
-            setattr(layer, name, torch.cat(padded, dim=0))
+            pair.append(torch.cat(padded, dim=0))
+        joined.append(pair)
+    for layer, (keys, values) in zip(cache.layers, joined):
+        layer.keys, layer.values = keys, values
 
 
 def select_rows(cache: DynamicCache, rows: Sequence[int], length: int) -> None:
-    """Keep batch rows ``rows`` (in this order) and the first ``length`` positions, in place."""
+    """Keep batch rows ``rows`` (in this order) and the first ``length`` positions, in place.
+
+    All or nothing: every layer's new tensors are allocated before any layer is replaced (see
+    :func:`keep_rows_in_place` for a way that allocates nothing)."""
     index = torch.tensor(list(rows), dtype=torch.long, device=cache.layers[0].keys.device)  # [k]
+    kept = [(layer.keys.index_select(0, index)[..., :length, :], layer.values.index_select(0, index)[..., :length, :])
+            for layer in cache.layers]
+    for layer, (keys, values) in zip(cache.layers, kept):
+        layer.keys, layer.values = keys, values
+
+
+def keep_rows_in_place(cache: DynamicCache, rows: Sequence[int], length: int) -> None:
+    """Like :func:`select_rows` for increasing ``rows``, without allocating: row ``rows[i]`` is copied onto row
+    ``i`` (never onto a row still to be read, as ``rows[i] >= i``) and every layer becomes a view of its first
+    ``len(rows)`` rows. The dropped rows' memory is freed when the next tree pass concatenates new positions."""
+    rows = list(rows)
+    if any(b <= a for a, b in zip(rows, rows[1:])):
+        raise ValueError(f"rows must be increasing, got {rows}")
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[..., :length, :]
-        layer.values = layer.values.index_select(0, index)[..., :length, :]
+        for name in ("keys", "values"):
+            states = getattr(layer, name)  # [batch, heads, seq, head_dim]
+            for target, source in enumerate(rows):
+                if target != source:
+                    states[target].copy_(states[source])
+            setattr(layer, name, states[:len(rows), ..., :length, :])
 
 
 def compact_rows(cache: DynamicCache, tree_start: int, lengths: Sequence[int], keeps: Sequence[Sequence[int]]

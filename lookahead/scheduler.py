@@ -8,7 +8,8 @@ which frees its batch slot at the next step.
 Admission is by count (``max_batch_size``) and by KV-cache bytes (``max_kv_bytes``): each admitted request reserves
 the cache its longest possible sequence needs (:func:`kv_cache_bytes_per_token`), and the queue's head waits (FIFO)
 until the reservations of the running requests leave room for it. When a step runs out of device memory anyway, the
-newest request leaves the batch with :class:`OutOfMemoryRequestError` and the others go on decoding.
+newest request leaves the batch with :class:`OutOfMemoryRequestError` and the others go on decoding. Any other fault
+of a row (a chunk with ``finish_reason`` "error") ends that request with its error; the others go on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .batch import is_out_of_memory
 from .inputs import RequestOptions
 from .outputs import GenerationResult, Prompt, Request, StreamChunk, collect_chunks
 
@@ -46,11 +48,8 @@ class OutOfMemoryRequestError(RuntimeError):
     """The request was evicted: the device ran out of memory decoding it with the others (retry it; HTTP 503)."""
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the device running out of memory (``torch.OutOfMemoryError`` or a RuntimeError saying
-    "out of memory", as some backends raise)."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+class RequestFailedError(RuntimeError):
+    """A fault ended this request (and only this one) before its answer was complete (HTTP 500)."""
 
 
 def _config_int(config: Any, name: str) -> int | None:
@@ -361,12 +360,39 @@ class Scheduler:
         finally:
             self.stats.busy_seconds += time.perf_counter() - t0
         self.stats.decoding_steps += 1
+        emptied = False
         for handle, chunk in events:
             self.stats.tokens_generated += len(chunk.token_ids)
+            if chunk.finish_reason == "error":  # a fault ended this row alone (the batch has dropped it)
+                emptied = self._row_failed(batch, handle, chunk, emptied)
+                continue
             handle._put(chunk)
             if chunk.finish_reason is not None:
                 self._finished(handle)  # the batch has already dropped the finished row
                 self._admission_held = False
+
+    def _row_failed(self, batch: Any, handle: RequestHandle, chunk: StreamChunk, emptied: bool) -> bool:
+        """End the request of a row the batch failed: out of memory with :class:`OutOfMemoryRequestError` (the
+        allocator's cached blocks freed once per step, admission held until a row leaves), any other fault with its
+        own exception (or :class:`RequestFailedError`). Returns whether the cache was emptied."""
+        error = chunk.exception
+        if error is None or not isinstance(error, Exception):
+            error = RequestFailedError(chunk.error or "generation failed")
+        if not is_out_of_memory(error):
+            self._finished(handle, error=error)
+            return emptied
+        if not emptied and torch.device(self.generator.device).type == "cuda":
+            torch.cuda.empty_cache()
+        others = f"together with the {len(batch)} other request(s) being decoded" if len(batch) else "even alone"
+        evicted = OutOfMemoryRequestError(
+            f"out of device memory: this request did not fit in device memory {others} and was stopped; it may be "
+            f"retried ({chunk.error})")
+        evicted.__cause__ = error
+        with self._count_lock:
+            self.stats.requests_out_of_memory += 1
+        self._finished(handle, error=evicted)
+        self._admission_held = len(batch) > 0
+        return True
 
     def _evict_newest(self, batch: Any, error: BaseException) -> None:
         """After a step ran out of device memory (and left the batch as it was): fail the newest request, free the
