@@ -106,13 +106,14 @@ def keep_rows_in_place(cache: DynamicCache, rows: Sequence[int], length: int) ->
     rows = list(rows)
     if any(b <= a for a, b in zip(rows, rows[1:])):
         raise ValueError(f"rows must be increasing, got {rows}")
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            states = getattr(layer, name)  # [batch, heads, seq, head_dim]
-            for target, source in enumerate(rows):
-                if target != source:
-                    states[target].copy_(states[source])
-            setattr(layer, name, states[:len(rows), ..., :length, :])
+    with torch.inference_mode():  # the caches' tensors are inference tensors: updated in place only in this mode
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)  # [batch, heads, seq, head_dim]
+                for target, source in enumerate(rows):
+                    if target != source:
+                        states[target].copy_(states[source])
+                setattr(layer, name, states[:len(rows), ..., :length, :])
 
 
 def compact_rows(cache: DynamicCache, tree_start: int, lengths: Sequence[int], keeps: Sequence[Sequence[int]]

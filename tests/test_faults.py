@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt, tiny_config
 from fastapi.testclient import TestClient
-from lookahead_server import ServeSettings, create_app
+from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.cli import add_parser
 from prometheus_client.parser import text_string_to_metric_families
 from serve_utils import LiveServer, new_generator, slow_factory, sse_events, wait_until
 
+import lookahead.batch
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.scheduler import (
@@ -325,3 +326,298 @@ def test_client_that_hangs_up_before_the_answer_is_cancelled(endpoint):
         metrics = {s.name: s.value for f in text_string_to_metric_families(app.state.service.metrics.render().decode())
                    for s in f.samples if s.labels.get("outcome") == "cancelled"}
         assert metrics == {"lookahead_scheduler_requests_total": 1}
+
+
+# ---------------------------------------------------------------------------------------------------- fault injection
+# Every allocation point of a step, faulted once: the row it belongs to ends with finish_reason "error" and a message,
+# every other row's output equals plain greedy decoding, and the batch cache always holds exactly the rows decoding.
+
+#: the rows of the injection runs: key -> (prompt index, max_new_tokens, step it is added at). Row 2 finishes early
+#: (a drop while the others decode); row 3 joins while the others decode.
+ROWS = {0: (0, N, 0), 1: (1, N, 0), 2: (2, 6, 0), 3: (3, N, 2)}
+
+
+class Fault:
+    """One injected fault: ``fire(keys)`` raises ``error`` once and records the keys of the rows it belongs to."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.hit: list[set[Any]] = []
+
+    def fire(self, keys: Any) -> None:
+        self.hit.append(set(keys))
+        raise self.error
+
+    @property
+    def armed(self) -> bool:
+        return not self.hit
+
+
+def _oom() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+def _inject_prefill(gen, batch, prompts, fault, monkeypatch) -> None:
+    original = gen.runner.prefill
+
+    def prefill(cache, token_ids, start=0):
+        if fault.armed and list(token_ids) == prompts[3]:  # row 3's prefill, while rows 0-2 decode
+            fault.fire([3])
+        return original(cache, token_ids, start)
+
+    monkeypatch.setattr(gen.runner, "prefill", prefill)
+
+
+def _inject_tree_pass(gen, batch, prompts, fault, monkeypatch) -> None:
+    original = gen.runner.tree_pass
+
+    def tree_pass(cache, trees, layout):
+        hidden = original(cache, trees, layout)  # the cache has grown by every layer's tree block: then it fails
+        if fault.armed and len(trees) == 4:
+            oom = isinstance(fault.error, torch.OutOfMemoryError)
+            fault.fire([batch.rows[-1].key] if oom else [row.key for row in batch.rows])  # OOM: the newest row
+        return hidden
+
+    monkeypatch.setattr(gen.runner, "tree_pass", tree_pass)
+
+
+def _inject_accept(gen, batch, prompts, fault, monkeypatch) -> None:
+    calls = {"n": 0}
+    original = lookahead.batch.greedy_accept
+
+    def greedy_accept(tokens, parents, predictions):
+        calls["n"] += 1
+        if fault.armed and calls["n"] == 5:  # the second step's second row: row 1
+            fault.fire([batch.rows[1].key])
+        return original(tokens, parents, predictions)
+
+    monkeypatch.setattr(lookahead.batch, "greedy_accept", greedy_accept)
+
+
+def _inject_compaction(gen, batch, prompts, fault, monkeypatch) -> None:
+    original = gen.runner.compact
+
+    def compact(cache, layout, keeps):
+        lengths = original(cache, layout, keeps)  # every row's accepted nodes moved, the cache cropped: then it fails
+        if fault.armed and len(keeps) == 3:
+            fault.fire([batch.rows[-1].key])  # out of memory in a shared pass: the newest row
+        return lengths
+
+    monkeypatch.setattr(gen.runner, "compact", compact)
+
+
+def _inject_join(gen, batch, prompts, fault, monkeypatch) -> None:
+    original = lookahead.batch.append_rows
+
+    def append_rows(cache, *others):
+        if not (fault.armed and batch.rows):  # the first rows join an empty batch; row 3 joins a running one
+            return original(cache, *others)
+        cat, calls = torch.cat, {"n": 0}
+
+        def failing_cat(*args, **kwargs):  # the third concatenation: layer 0 done, layer 1 half done
+            calls["n"] += 1
+            if calls["n"] == 3:
+                fault.fire([row.key for row in batch.new if row.ready])
+            return cat(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "cat", failing_cat)
+        try:
+            return original(cache, *others)
+        finally:
+            monkeypatch.setattr(torch, "cat", cat)
+
+    monkeypatch.setattr(lookahead.batch, "append_rows", append_rows)
+
+
+def _inject_drop(gen, batch, prompts, fault, monkeypatch, in_place_too: bool = False) -> None:
+    select, in_place = lookahead.batch.select_rows, lookahead.batch.keep_rows_in_place
+
+    def select_rows(cache, rows, length):
+        if fault.armed:
+            fault.hit.append(set())  # the finishing row still completes: nobody fails
+            raise fault.error
+        return select(cache, rows, length)
+
+    def keep_rows_in_place(cache, rows, length):
+        if in_place_too and len(fault.hit) == 1:
+            with torch.inference_mode():  # half moved, then it fails: no row in it can go on
+                cache.layers[0].keys[0].copy_(cache.layers[0].keys[rows[0]])
+            fault.fire([row.key for row in batch.rows])
+        return in_place(cache, rows, length)
+
+    monkeypatch.setattr(lookahead.batch, "select_rows", select_rows)
+    monkeypatch.setattr(lookahead.batch, "keep_rows_in_place", keep_rows_in_place)
+
+
+def _inject_learn_step(gen, batch, prompts, fault, monkeypatch) -> None:
+    """The budget learning from row 0's accepted draft (at its third step)."""
+    row = next(row for row in batch.new if row.key == 0)
+    original, calls = row.drafter.observe, {"n": 0}
+
+    def observe(proposal, accepted):
+        calls["n"] += 1
+        if fault.armed and calls["n"] == 3:
+            fault.fire([0])
+        return original(proposal, accepted)
+
+    monkeypatch.setattr(row.drafter, "observe", observe)
+
+
+def _inject_learn_output(gen, batch, prompts, fault, monkeypatch) -> None:
+    """The trie learning row 2's finished output as it leaves: it still completes."""
+    original = gen.trie.insert
+
+    def insert(tokens, *args, **kwargs):
+        if fault.armed and kwargs.get("request_id") is None:
+            fault.hit.append(set())
+            raise fault.error
+        return original(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(gen.trie, "insert", insert)
+
+
+def _inject_drafting(gen, batch, prompts, fault, monkeypatch) -> None:
+    row = next(row for row in batch.new if row.key == 1)
+    original, calls = row.drafter.candidates, {"n": 0}
+
+    def candidates(*args, **kwargs):
+        calls["n"] += 1
+        if fault.armed and calls["n"] == 2:
+            fault.fire([1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(row.drafter, "candidates", candidates)
+
+
+def _inject_emit(gen, batch, prompts, fault, monkeypatch) -> None:
+    row = next(row for row in batch.new if row.key == 0)
+    original, calls = row.emitter.push, {"n": 0}
+
+    def push(tokens):
+        calls["n"] += 1
+        if fault.armed and calls["n"] == 3:
+            fault.fire([0])
+        return original(tokens)
+
+    monkeypatch.setattr(row.emitter, "push", push)
+
+
+FAULT_POINTS = {
+    "prefill": (_inject_prefill, _oom),
+    "tree pass (OOM)": (_inject_tree_pass, _oom),
+    "tree pass (other error)": (_inject_tree_pass, lambda: ValueError("broken kernel (injected)")),
+    "accept": (_inject_accept, lambda: RuntimeError("CUDA error: out of memory (injected)")),
+    "compaction": (_inject_compaction, _oom),
+    "join": (_inject_join, _oom),
+    "drop": (_inject_drop, _oom),
+    "drop, in place too": (lambda *a: _inject_drop(*a, in_place_too=True), _oom),
+    "learn (budget)": (_inject_learn_step, lambda: RuntimeError("budget broke (injected)")),
+    "learn (output)": (_inject_learn_output, _oom),
+    "drafting": (_inject_drafting, _oom),
+    "emit": (_inject_emit, lambda: UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")),
+}
+
+
+@pytest.fixture(scope="module")
+def injection_setup() -> tuple[list[list[int]], list[list[int]]]:
+    return full_length_prompts(make_generator(), 4)
+
+
+@pytest.mark.parametrize("point", list(FAULT_POINTS))
+def test_a_fault_costs_only_its_row(point, injection_setup, monkeypatch):
+    """Each allocation point of a step (prefill, tree pass, accept, compaction, join, drop, learn; drafting and
+    emitting too), faulted once while four rows decode: the rows it belongs to end with finish_reason "error" and a
+    message, no row ends short without one, every other row equals plain greedy decoding, and the batch cache holds
+    exactly the rows decoding after every step (nothing of a failed or finished row is kept)."""
+    prompts, refs = injection_setup
+    gen = make_generator()
+    batch = gen.new_batch()
+    install, make_error = FAULT_POINTS[point]
+    fault = Fault(make_error())
+    tokens: dict[int, list[int]] = {key: [] for key in ROWS}
+    last: dict[int, Any] = {}
+    for step in range(200):
+        for key, (index, max_new, at) in ROWS.items():
+            if at == step:
+                batch.add(gen.prepare(prompts[index], max_new_tokens=max_new), key)
+        if step == 0:
+            install(gen, batch, prompts, fault, monkeypatch)
+        for key, chunk in batch.step():
+            assert key not in last, f"row {key} got a chunk after its last one"
+            tokens[key].extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                last[key] = chunk
+        held = 0 if batch.cache is None else batch.cache.layers[0].keys.shape[0]
+        assert held == len(batch.rows), f"step {step}: the cache holds {held} rows for {len(batch.rows)} decoding"
+        if not len(batch) and step >= 2:
+            break
+    assert len(fault.hit) == 1 + (point == "drop, in place too"), f"{point}: the fault fired {len(fault.hit)} times"
+    failed = set().union(*fault.hit)
+    assert bool(failed) == (point not in ("drop", "learn (output)"))  # a finishing row completes whatever fails
+    assert set(last) == set(ROWS)
+    for key, (index, max_new, _) in ROWS.items():
+        expected = refs[index][:max_new]
+        if key in failed:
+            assert last[key].finish_reason == "error" and last[key].error, (point, key)
+            assert "generation failed" in last[key].error and type(fault.error).__name__ in last[key].error
+            assert tokens[key] == expected[:len(tokens[key])], f"{point}: failed row {key} was corrupted"
+        else:  # exact, and never short without an error
+            assert last[key].finish_reason == "length" and last[key].error is None, (point, key, last[key])
+            assert tokens[key] == expected, f"{point}: row {key} is not exact after the fault"
+    assert batch.cache is None and not batch.rows and not batch.new
+    assert gen.trie.live_requests() == []  # every row's request-local counts were released
+
+
+@pytest.mark.parametrize("point", ["join", "drop", "accept"])
+def test_a_row_fault_fails_only_its_request_in_the_scheduler(point, injection_setup, monkeypatch):
+    """Through the scheduler: the faulting request's handle raises with the message, the others are exact, and
+    every KV reservation is released."""
+    prompts, refs = injection_setup
+    gen = make_generator()
+    install, make_error = FAULT_POINTS[point]
+    fault = Fault(make_error())
+    recorder = Recorder(gen)
+    batches: list[Any] = []
+    new_batch = gen.new_batch
+
+    def installed_batch() -> Any:
+        batch = new_batch()
+        batches.append(batch)
+        monkeypatch.setattr(batch, "add", _installing_add(batch, gen, prompts, fault, monkeypatch, install))
+        return batch
+
+    gen.new_batch = installed_batch  # type: ignore[method-assign]
+    scheduler = Scheduler(gen, max_batch_size=4)
+    handles = {key: scheduler.submit(prompts[index], max_new_tokens=max_new)
+               for key, (index, max_new, at) in ROWS.items() if at == 0}
+    recorder.gate.set()
+    wait_until(lambda: len(recorder.steps) >= 2, 10, "two steps")
+    handles[3] = scheduler.submit(prompts[ROWS[3][0]], max_new_tokens=N)
+    failed: set[Any] = set()
+    for key, handle in handles.items():
+        index, max_new, _ = ROWS[key]
+        try:
+            result = handle.result()
+        except Exception as error:  # noqa: BLE001 - checked below
+            failed.add(key)
+            assert "generation failed" in str(error) or isinstance(error, OutOfMemoryRequestError), error
+            continue
+        assert result.finish_reason == "length" and result.token_ids == refs[index][:max_new], (point, key)
+    scheduler.close()
+    assert len(fault.hit) == 1 and len(failed) == len(set().union(*fault.hit))
+    stats = scheduler.stats
+    assert stats.kv_bytes_reserved == 0 and stats.requests_failed == len(failed)
+    assert stats.requests_finished == len(ROWS) - len(failed) and gen.trie.live_requests() == []
+
+
+def _installing_add(batch, gen, prompts, fault, monkeypatch, install):
+    """``batch.add`` that installs the fault once its first request was added (hooks on rows find row 0 there)."""
+    add = batch.add
+
+    def added(request, key):
+        add(request, key)
+        if len(batch.new) == 1 and not getattr(batch, "_fault_installed", False):
+            batch._fault_installed = True
+            install(gen, batch, prompts, fault, monkeypatch)
+
+    return added
