@@ -13,6 +13,9 @@ import pytest
 import torch
 from conftest import FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt, tiny_config
 from fastapi.testclient import TestClient
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_lookahead import LookaheadLLM
+from langchain_lookahead._engine import LookaheadGenerationError
 from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.cli import add_parser
 from prometheus_client.parser import text_string_to_metric_families
@@ -621,3 +624,83 @@ def _installing_add(batch, gen, prompts, fault, monkeypatch, install):
             install(gen, batch, prompts, fault, monkeypatch)
 
     return added
+
+
+def _second_drafter_fails(gen: LookaheadGenerator, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The second request's drafter raises at its second draft (a fault of that row alone)."""
+    made: list[Any] = []
+    original = gen.new_drafter
+
+    def new_drafter(*args: Any, **kwargs: Any) -> Any:
+        drafter = original(*args, **kwargs)
+        made.append(drafter)
+        if len(made) == 2:
+            candidates, calls = drafter.candidates, {"n": 0}
+
+            def failing(*a: Any, **k: Any) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise RuntimeError("the draft store broke (injected)")
+                return candidates(*a, **k)
+
+            drafter.candidates = failing
+        return drafter
+
+    monkeypatch.setattr(gen, "new_drafter", new_drafter)
+    return made
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_a_row_fault_is_an_error_to_its_client_only(stream, monkeypatch):
+    """Two clients decoded together; the second one's row faults: it gets an error (500 or an error event, never a
+    short answer with a normal finish_reason), the first its whole answer."""
+    gen = new_generator()
+    _second_drafter_fails(gen, monkeypatch)
+    results: dict[str, Any] = {}
+    with TestClient(create_app(gen, ServeSettings(max_batch_size=2))) as client:
+        scheduler = client.app.state.service.scheduler  # type: ignore[attr-defined]
+
+        def post(name: str, body: dict[str, Any]) -> None:
+            results[name] = client.post("/v1/completions", json=body)
+
+        first = threading.Thread(target=post, args=("ok", {"prompt": "Tell me about tries.", "max_tokens": 48}))
+        first.start()
+        wait_until(lambda: scheduler.stats.tokens_generated > 0, 10, "the first request to start")
+        post("faulty", {"prompt": "And about drafts?", "max_tokens": 48, "stream": stream})
+        first.join(30)
+    ok = results["ok"]
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["finish_reason"] == "length" and ok.json()["usage"]["completion_tokens"] == 48
+    faulty = results["faulty"]
+    if stream:
+        assert faulty.status_code == 200
+        events = sse_events(faulty.text)
+        assert "[DONE]" not in events and all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+        error = events[-1]["error"]
+    else:
+        assert faulty.status_code == 500
+        error = faulty.json()["error"]
+    assert "the draft store broke (injected)" in error["message"]
+    assert scheduler.stats.requests_failed == 1 and scheduler.stats.kv_bytes_reserved == 0
+
+
+class ErrorCallbacks(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.seen: list[BaseException] = []
+
+    def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+        self.seen.append(error)
+
+
+@pytest.mark.parametrize("how", ["invoke", "stream"])
+def test_langchain_raises_the_fault_instead_of_a_short_answer(how, monkeypatch):
+    """A fault of the LangChain adapter's row is an exception (and on_llm_error), never a shorter text."""
+    gen = make_generator()
+    llm = LookaheadLLM(generator=gen, chat_template=False, max_new_tokens=N)
+    errors = ErrorCallbacks()
+    fired = inject(gen, monkeypatch, ValueError("broken kernel (injected)"))
+    config: Any = {"callbacks": [errors]}
+    with pytest.raises(LookaheadGenerationError, match="broken kernel"):
+        llm.invoke("the cat sat", config=config) if how == "invoke" else list(llm.stream("the cat sat", config=config))
+    assert fired == [1] and len(errors.seen) == 1
+    assert len(llm.invoke("the cat sat")) > 0  # serving goes on

@@ -99,6 +99,11 @@ def check_documents(documents: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- generation
 
 
+class LookaheadGenerationError(RuntimeError):
+    """A fault ended the generation before its answer was complete (the engine's finish_reason "error"); the
+    message says what failed. Raised instead of returning a shorter answer that would look complete."""
+
+
 @dataclass
 class Piece:
     """One accepted run of tokens as the LangChain classes see it (engine chunk or the baseline's single piece)."""
@@ -120,7 +125,8 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
     ``seed``); empty or None decodes greedily. ``prediction`` (the expected output) is drafted first; the plain
     baseline drafts nothing and ignores it.
 
-    The lock is released when the generator finishes or is closed (a consumer that stops early).
+    The lock is released when the generator finishes or is closed (a consumer that stops early). A fault that ends
+    the generation (finish_reason "error") raises :class:`LookaheadGenerationError` after the pieces before it.
     """
     options = RequestOptions.of(max_new_tokens=max_new_tokens, stop=stop, documents=documents or None,
                                 prediction=prediction, **dict(sampling or {}))
@@ -146,6 +152,8 @@ def generate_n(handle: EngineHandle, prompt: Any, *, n: int, max_new_tokens: int
 
 
 def _piece(chunk: StreamChunk, prompt_tokens: int) -> Piece:
+    if chunk.finish_reason == "error":
+        raise LookaheadGenerationError(chunk.error or "generation failed")
     return Piece(chunk.text, list(chunk.token_ids), chunk.accepted, chunk.finish_reason, chunk.stats, prompt_tokens)
 
 
