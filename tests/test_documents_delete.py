@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_lookahead import FAISSVectorStore, LookaheadLLM
-from lookahead_server import ServeSettings, create_app
+from lookahead_server.app import ServeSettings, create_app
 from serve_utils import new_generator
 
 from lookahead.engine import LookaheadGenerator

@@ -1,13 +1,16 @@
 """The package layering, enforced: which module may import which (see docs/architecture.md, "Layers").
 
 A module of the engine imports only modules of lower layers (applications also their own package's modules);
-no module imports a project module inside a function (command lines excepted: they load heavy modules lazily),
-and no module imports another module's private name.
+no module imports a project module inside a function (command lines excepted: they load heavy modules lazily) or
+by an ``importlib`` string, no module imports another module's private name, and the packages' dependencies (static
+imports, imports inside functions, ``importlib`` strings and entry points) have no cycle.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable, Mapping
+from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
@@ -28,9 +31,10 @@ LAYERS: list[set[str]] = [
     {"bench", "summarize"},  # applications: packages over the engine
     {"cli"},
 ]
-#: a command line's lazy loading, and a package that loads its optional dependency (FastAPI) on first use
-LAZY_IMPORTS_ALLOWED = {"lookahead/cli.py", "integrations/lookahead_server/cli.py",
-                        "integrations/lookahead_server/__init__.py"}
+#: a command line's lazy loading (its heavy modules, only when a command runs)
+LAZY_IMPORTS_ALLOWED = {"lookahead/cli.py", "integrations/lookahead_server/cli.py"}
+#: the calls that import a module named by a string
+DYNAMIC_IMPORTS = {"import_module", "__import__"}
 
 
 def layer_of(module: str) -> int:
@@ -65,6 +69,94 @@ def imported_modules(path: Path) -> list[tuple[int, bool, str, list[str]]]:
         elif isinstance(node, ast.Import):
             found.extend((node.lineno, id(node) in in_function, a.name, []) for a in node.names)
     return found
+
+
+def string_imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every ``importlib.import_module("name")`` / ``__import__("name")`` of a literal name, as (line, name)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args or not isinstance(node.args[0], ast.Constant):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name in DYNAMIC_IMPORTS and isinstance(node.args[0].value, str):
+            found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def string_constants(tree: ast.AST) -> set[str]:
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def unit_of(module: str) -> str | None:
+    """The unit a module belongs to in the dependency graph: a layer of the engine (``lookahead.summarize``) or an
+    integration package (``lookahead_ray``); None for modules outside the project."""
+    parts = module.split(".")
+    if parts[0] == "lookahead":
+        return "lookahead" if len(parts) == 1 else f"lookahead.{parts[1]}"
+    return parts[0] if parts[0] in PROJECT_PACKAGES else None
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[1:] if parts[0] == "integrations" else parts)
+
+
+def project_entry_points() -> dict[str, dict[str, str]]:
+    """The entry points ``pyproject.toml`` declares, as installed (``pip install -e .`` registers them), but the
+    console scripts: group -> {name: "module:attr"}."""
+    groups: dict[str, dict[str, str]] = {}
+    for ep in distribution("lookahead-rag").entry_points:
+        if ep.group != "console_scripts":
+            groups.setdefault(ep.group, {})[ep.name] = ep.value
+    return groups
+
+
+def dependency_graph(entry_points: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, set[str]]:
+    """Unit -> the units it depends on, through static imports, imports inside functions, ``importlib`` strings and
+    entry points (``group -> {name: "module:attr"}``; default: the installed project's, :func:`project_entry_points`).
+    An entry point makes its plugin depend on the unit that loads its group (the one whose source names the group):
+    the loader never names the plugin."""
+    if entry_points is None:
+        entry_points = project_entry_points()
+    graph: dict[str, set[str]] = {}
+    loaders: dict[str, set[str]] = {}
+    for path in source_files("lookahead", "integrations"):
+        own = unit_of(module_name(path))
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        targets = [m for _, _, m, _ in imported_modules(path)] + [m for _, m in string_imports(tree)]
+        graph.setdefault(own, set()).update(u for u in map(unit_of, targets) if u not in (None, own))
+        for group in string_constants(tree) & set(entry_points):
+            loaders.setdefault(group, set()).add(own)
+    for group, plugins in entry_points.items():
+        for value in plugins.values():
+            plugin = unit_of(value.split(":")[0])
+            if plugin is not None:
+                graph.setdefault(plugin, set()).update(loaders.get(group, set()) - {plugin})
+    return graph
+
+
+def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str]:
+    """A cycle of ``graph`` as its nodes, the first repeated at the end; empty when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return []
 
 
 def test_engine_modules_import_only_lower_layers():
@@ -102,6 +194,39 @@ def test_no_function_local_imports_of_project_modules():
             if local and module.split(".")[0] in PROJECT_PACKAGES:
                 wrong.append(f"{name}:{line} imports {module} inside a function")
     assert wrong == []
+
+
+def test_no_project_module_is_imported_by_an_importlib_string():
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {module} by a string"
+             for path in source_files("lookahead", "integrations")
+             for line, module in string_imports(ast.parse(path.read_text(encoding="utf-8")))
+             if unit_of(module) is not None]
+    assert wrong == []
+
+
+def test_the_package_dependencies_have_no_cycle():
+    assert find_cycle(dependency_graph()) == []
+
+
+def test_every_entry_point_group_has_a_loader_in_the_project():
+    groups = project_entry_points()
+    assert {"lookahead.commands", "lookahead.summarize.runners", "lookahead_server.runners"} <= set(groups)
+    named = set().union(*(string_constants(ast.parse(p.read_text(encoding="utf-8")))
+                          for p in source_files("lookahead", "integrations")))
+    assert sorted(set(groups) - named) == []
+
+
+def test_a_cycle_through_an_importlib_string_or_an_entry_point_is_caught():
+    assert string_imports(ast.parse("import importlib\nimportlib.import_module('lookahead_ray.commands')")) == [
+        (2, "lookahead_ray.commands")]
+    graph = dependency_graph()
+    assert "lookahead.summarize" in graph["lookahead_ray"]  # the plugin depends on the command it runs for
+    graph["lookahead.summarize"].add("lookahead_ray")  # what loading lookahead_ray.commands by name would add
+    assert find_cycle(graph)
+    # the engine registering a command: the CLI, which loads the group, imports the engine
+    plugin = dependency_graph({"lookahead.commands": {"hook": "lookahead.engine:add_parser"}})
+    assert "lookahead.cli" in plugin["lookahead.engine"] and find_cycle(plugin)
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
 def test_no_module_imports_another_modules_private_names():

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import FLAT_CURVE, make_model
 from fastapi.testclient import TestClient
-from lookahead_server import ServeSettings, create_app
+from lookahead_server.app import ServeSettings, create_app
 from playwright.sync_api import Browser, Page, sync_playwright
 from serve_utils import LiveServer, chat_tokenizer, sse_events
 

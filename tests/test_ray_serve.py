@@ -8,18 +8,19 @@ import asyncio
 import socket
 import time
 from dataclasses import replace
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import httpx
 import pytest
 from lookahead_ray.hub import start_hub, stop_hub, trie_config
 from lookahead_ray.serve import REPLICA_HEADER, run_serve
-from lookahead_server import cli as serve_cli
 from lookahead_server.app import ServeSettings
 from lookahead_server.loadgen import Job, run_load
 from ray import serve
 from ray_utils import local_ray, save_tiny_model, tiny_spec
 
+from lookahead import argtypes
 from lookahead.cli import main
 
 PROMPTS = ["the cat sat on", "a trie of past answers", "ray serve replicas", "one model each",
@@ -105,6 +106,7 @@ def test_a_tenants_answer_drafts_on_the_other_replica_for_that_tenant_only(serve
 
 
 def test_serve_cli_without_ray_installed_says_how(monkeypatch, capsys, tmp_path: Path):
-    monkeypatch.setattr(serve_cli, "RAY_MODULE", "no_such_module_for_lookahead_ray")
+    missing = EntryPoint("ray", "no_such_module_for_lookahead_ray:run", "any")  # registered, not importable
+    monkeypatch.setattr(argtypes, "entry_points", lambda group: [missing])
     assert main(["serve", "--ray", "--model", str(tmp_path / "never-loaded")]) == 2
     assert "pip install 'lookahead-rag[ray]'" in capsys.readouterr().err

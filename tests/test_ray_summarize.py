@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from dataclasses import replace
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,9 @@ from lookahead_ray.hub import start_hub, stop_hub, trie_config
 from lookahead_ray.summarize import PoolOptions, SummarizeOptions, summarize_documents
 from ray_utils import local_ray, save_tiny_model, tiny_spec
 
+from lookahead import argtypes
 from lookahead.cli import main
 from lookahead.summarize import Summarizer, collect_documents
-from lookahead.summarize import command as summarize_command
 from lookahead.summarize import summarize_documents as summarize_locally
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -102,7 +103,8 @@ def test_a_worker_killed_mid_run_loses_nothing_and_duplicates_nothing(model_dir,
 
 
 def test_summarize_ray_without_ray_installed_says_how(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(summarize_command, "RAY_MODULE", "no_such_module_for_lookahead_ray")
+    missing = EntryPoint("ray", "no_such_module_for_lookahead_ray:run", "any")  # registered, not importable
+    monkeypatch.setattr(argtypes, "entry_points", lambda group: [missing])
     docs = corpus(tmp_path / "docs", 1)
     assert main(["summarize", str(docs), "--out", str(tmp_path / "out"), "--ray"]) == 2
     assert "pip install 'lookahead-rag[ray]'" in capsys.readouterr().err

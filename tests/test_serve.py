@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from lookahead_server import ServeSettings, create_app
+from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.persistence import TrieFileError, TrieStore
 from prometheus_client.parser import text_string_to_metric_families
 from serve_utils import LiveServer, new_generator, slow_factory, sse_events, stream_text, wait_until

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from lookahead_server import ServeSettings, create_app
+from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.loadgen import Job, run_load
 from serve_utils import LiveServer, new_generator
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from lookahead_server import ServeSettings, create_app
+from lookahead_server.app import ServeSettings, create_app
 from serve_utils import LiveServer, chat_tokenizer, new_generator, sse_events
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from conftest import FLAT_CURVE, make_model
 from fastapi.testclient import TestClient
-from lookahead_server import ServeSettings, create_app
+from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.tenants import Access, read_tenant_keys, tenant_trie_path
 from serve_utils import chat_tokenizer
 

@@ -7,7 +7,6 @@ finds it without importing this package by name.
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import logging
 import os
@@ -15,47 +14,26 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lookahead.argtypes import non_negative_float, positive_int
+from lookahead.argtypes import (
+    RunnerUnavailable,
+    add_ray_options,
+    load_runner,
+    non_negative_float,
+    port,
+    positive_float,
+    positive_int,
+)
 
 INSTALL_HINT = "pip install 'lookahead-rag[serve]'"
-RAY_INSTALL_HINT = "pip install 'lookahead-rag[ray]'"
-RAY_MODULE = "lookahead_ray.commands"  # runs --ray
+#: the entry point group whose ``ray`` runner (``run(args, settings) -> exit status``) runs ``--ray``: the
+#: lookahead_ray integration registers it (``pip install 'lookahead-rag[ray]'``)
+RUNNERS = "lookahead_server.runners"
 _NEEDED = {"fastapi": "fastapi", "uvicorn": "uvicorn", "prometheus_client": "prometheus-client"}
 
 
 def missing_dependencies() -> list[str]:
     """Distribution names of the serve extra that are not installed."""
     return [dist for module, dist in _NEEDED.items() if importlib.util.find_spec(module) is None]
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is in 0..65535, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of GiB > 0, got {text!r}")
-    return value
 
 
 def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],
@@ -66,14 +44,14 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                                         "/v1/models, /v1/documents, /health, /metrics. Requests without a "
                                         "temperature (or with 0) are answered greedily.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                              "(default: $LOOKAHEAD_API_KEY; prefer the variable: arguments show in ps)")
     parser.add_argument("--trie", default=None, metavar="PATH",
                         help="load the shared trie from PATH at start, save it there periodically and at shutdown "
                              "(.gz: compressed); a corrupt file is moved to PATH.corrupt-<time>")
-    parser.add_argument("--trie-save-interval", type=_seconds, default=300.0, metavar="SECONDS",
+    parser.add_argument("--trie-save-interval", type=non_negative_float, default=300.0, metavar="SECONDS",
                         help="seconds between trie saves when it changed (0: only at shutdown; default 300)")
     tenants = parser.add_mutually_exclusive_group()
     tenants.add_argument("--tenant-header", default=None, metavar="NAME",
@@ -85,7 +63,7 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="most requests decoded together")
     parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="most requests waiting for a batch slot; more get HTTP 429")
-    parser.add_argument("--max-kv-gib", type=_gib, default=None, metavar="GIB",
+    parser.add_argument("--max-kv-gib", type=positive_float, default=None, metavar="GIB",
                         help="most KV cache (GiB) the running requests may reserve together; each reserves "
                              "(prompt + max_tokens + decoding length + 1) tokens' worth and waits in the queue until "
                              "it fits (default: 90%% of the free GPU memory at start; no limit on CPU)")
@@ -102,29 +80,19 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
 
 
 def _add_ray_args(parser: argparse.ArgumentParser) -> None:
-    """``--ray`` and its options (run by :mod:`lookahead_ray`, imported only when ``--ray`` is given)."""
-    ray = parser.add_argument_group(f"on Ray ({RAY_INSTALL_HINT})")
-    ray.add_argument("--ray", action="store_true",
-                     help="serve as a Ray Serve deployment: --replicas replicas with a model and scheduler each, "
-                          "sharing one trie (--trie persists it)")
-    ray.add_argument("--replicas", type=positive_int, default=2, help="replicas (default 2)")
-    ray.add_argument("--address", default=None,
-                     help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default: start a local one)")
-    ray.add_argument("--cpus-per-replica", type=positive_int, default=1,
-                     help="CPUs (and torch threads) per replica (default 1)")
-    ray.add_argument("--gpus-per-replica", type=non_negative_float, default=0.0, help="GPUs per replica (default 0)")
-    ray.add_argument("--no-trie-sharing", action="store_true",
-                     help="no trie hub: each replica learns from its own answers only")
+    """``--ray`` and its options (run by the runner registered in :data:`RUNNERS`)."""
+    add_ray_options(parser, "replica", "serve as a Ray Serve deployment: --replicas replicas with a model and "
+                                       "scheduler each, sharing one trie (--trie persists it)", "answers")
 
 
 def _serve_on_ray(args: argparse.Namespace, settings: Any) -> int:
     """Run the deployment, or say how to install Ray."""
     try:
-        commands = importlib.import_module(RAY_MODULE)
-    except ImportError as exc:
-        print(f"error: lookahead serve --ray needs Ray ({exc}): {RAY_INSTALL_HINT}", file=sys.stderr)
+        run = load_runner(RUNNERS, "ray", "lookahead serve --ray")
+    except RunnerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    return int(commands.serve_on_ray(args, settings))
+    return int(run(args, settings))
 
 
 def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tuple]) -> int:

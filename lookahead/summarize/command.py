@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import non_negative_float, positive_int
+from ..argtypes import RunnerUnavailable, add_ray_options, load_runner, non_negative_float, positive_int
 from .discovery import SourceDocument, SummarizeError, collect_documents
 from .names import REPORT_NAME
 from .records import finished_names
@@ -17,8 +16,9 @@ from .report import SummaryRun
 from .run import summarize_documents
 from .summarizer import Summarizer
 
-RAY_MODULE = "lookahead_ray.commands"  # the integration that runs --ray (pip install 'lookahead-rag[ray]')
-RAY_INSTALL_HINT = "pip install 'lookahead-rag[ray]'"
+#: the entry point group whose ``ray`` runner (``run(args, documents) -> SummaryRun``) runs ``--ray``: the
+#: lookahead_ray integration registers it (``pip install 'lookahead-rag[ray]'``)
+RUNNERS = "lookahead.summarize.runners"
 
 
 def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None],
@@ -44,21 +44,11 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
 
 
 def _add_ray_args(parser: argparse.ArgumentParser) -> None:
-    """``--ray`` and its options (the work runs in :mod:`lookahead_ray`, imported only when ``--ray`` is given)."""
-    ray = parser.add_argument_group(f"on Ray ({RAY_INSTALL_HINT})")
-    ray.add_argument("--ray", action="store_true",
-                     help="summarize on a Ray actor pool: a model per worker, one shared trie, same output files")
-    ray.add_argument("--address", default=None,
-                     help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001; default: start a local one)")
-    ray.add_argument("--workers", type=positive_int, default=2, help="workers, each with its own model (default 2)")
-    ray.add_argument("--cpus-per-worker", type=positive_int, default=1,
-                     help="CPUs (and torch threads) per worker (default 1)")
-    ray.add_argument("--gpus-per-worker", type=non_negative_float, default=0.0,
-                     help="GPUs per worker (default 0; a fraction shares a GPU)")
+    """``--ray`` and its options (the work runs in the runner registered in :data:`RUNNERS`)."""
+    ray = add_ray_options(parser, "worker", "summarize on a Ray actor pool: a model per worker, one shared trie, "
+                                            "same output files", "summaries")
     ray.add_argument("--worker-batch-size", type=positive_int, default=1,
                      help="documents each worker decodes together (default 1)")
-    ray.add_argument("--no-trie-sharing", action="store_true",
-                     help="no trie hub: each worker learns from its own summaries only")
     ray.add_argument("--trie", default=None, metavar="PATH",
                      help="the hub loads its trie from PATH at start and saves it there (atomically)")
     ray.add_argument("--trie-save-interval", type=non_negative_float, default=60.0, metavar="SECONDS",
@@ -68,10 +58,10 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
 def _run_on_ray(args: argparse.Namespace, documents: list[SourceDocument]) -> SummaryRun:
     """The run on Ray, or a clear error when the ray extra is missing."""
     try:
-        commands = importlib.import_module(RAY_MODULE)
-    except ImportError as exc:
-        raise SummarizeError(f"--ray needs Ray ({exc}): {RAY_INSTALL_HINT}") from None
-    return commands.summarize_on_ray(args, documents)
+        run = load_runner(RUNNERS, "ray", "--ray")
+    except RunnerUnavailable as exc:
+        raise SummarizeError(str(exc)) from None
+    return run(args, documents)
 
 
 def cmd_summarize(args: argparse.Namespace, build: Callable[[argparse.Namespace], tuple]) -> int:
