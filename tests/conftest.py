@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import random
 import string
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from lookahead import reference
 from lookahead.budget import CostCurve
+from lookahead.config import LookaheadConfig
+from lookahead.engine import LookaheadGenerator
 
 EOS_ID = 0
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
@@ -119,6 +123,50 @@ def hf_greedy(model: PreTrainedModel, prompt_ids: Sequence[int], max_new_tokens:
 def random_prompt(seed: int, length: int = 12) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB_SIZE, (length,), generator=generator).tolist()
+
+
+def make_generator(arch: str = "llama", seed: int = 0, config: LookaheadConfig | None = None, *,
+                   model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerFast | None = None,
+                   cost_curve: CostCurve = FLAT_CURVE, **knobs) -> LookaheadGenerator:
+    """A generator with a trie of its own over a tiny model (``model``, default ``make_model(arch, seed)``) and the
+    tiny tokenizer (or ``tokenizer``), with ``config`` (or the :class:`LookaheadConfig` of ``knobs``) and a flat cost
+    curve: drafting always pays, so the tiny model drafts whatever the trie offers."""
+    if config is None:
+        config = LookaheadConfig(**knobs)
+    elif knobs:
+        config = config.with_updates(**knobs)
+    return LookaheadGenerator(model if model is not None else make_model(arch, seed), tokenizer or make_tokenizer(),
+                              config, cost_curve=cost_curve)
+
+
+def other_token(token: int, delta: int = 5) -> int:
+    """Another non-EOS token id than ``token`` (``delta`` apart, wrapping around the vocabulary)."""
+    return (token - 1 + delta) % (VOCAB_SIZE - 1) + 1
+
+
+def wrong_copies(ref: Sequence[int], seed: int) -> list[list[int]]:
+    """Partly wrong copies of ``ref``: a changed token, a changed tail and a random tail."""
+    rng = random.Random(seed)
+    changed = list(ref)
+    k = len(changed) // 3
+    changed[k] = other_token(changed[k], 7)
+    cut = 2 * len(ref) // 3
+    tail = list(ref[:cut]) + [other_token(t, 3) for t in ref[cut:]]
+    random_tail = list(ref[:5]) + [rng.randrange(1, VOCAB_SIZE) for _ in range(len(ref) - 5)]
+    return [changed, tail, random_tail]
+
+
+def seed_trie(owner: Any, ref: Sequence[int], seed: int, right: bool = True) -> None:
+    """Seed ``owner.trie`` with the true continuation ``ref`` once and wrong ones twice (so wrong branches often
+    rank first): :func:`wrong_copies`, or with ``right=False`` no true one and copies wrong at every token."""
+    if right:
+        owner.trie.insert(list(ref))
+        wrong = wrong_copies(ref, seed)
+    else:
+        wrong = [[other_token(t, 5 + i) for t in ref] for i in range(3)]
+    for copy in wrong:
+        owner.trie.insert(copy)
+        owner.trie.insert(copy)
 
 
 @pytest.fixture(scope="session")

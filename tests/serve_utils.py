@@ -11,10 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import FLAT_CURVE, make_model, make_tokenizer
+from conftest import make_generator, make_tokenizer
 from lookahead_server.background import BackgroundServer
 
-from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.scheduler import Scheduler
 
@@ -32,7 +31,7 @@ def chat_tokenizer() -> Any:
 
 def new_generator(seed: int = 0) -> LookaheadGenerator:
     """A fresh tiny llama generator (own trie) with a flat cost curve."""
-    return LookaheadGenerator(make_model("llama", seed), chat_tokenizer(), LookaheadConfig(), cost_curve=FLAT_CURVE)
+    return make_generator(seed=seed, tokenizer=chat_tokenizer())
 
 
 class _Proxy:

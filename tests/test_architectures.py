@@ -16,6 +16,7 @@ from conftest import (
     MORE_ARCHITECTURES,
     VOCAB_SIZE,
     hf_greedy,
+    make_generator,
     make_model,
     make_tokenizer,
     random_prompt,
@@ -32,10 +33,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 NAMES = tuple(MORE_ARCHITECTURES)
 N = 20  # new tokens per run
-
-
-def make_generator(name: str) -> LookaheadGenerator:
-    return LookaheadGenerator(make_model(name), make_tokenizer(), cost_curve=FLAT_CURVE)
 
 
 def prompts() -> list[list[int]]:

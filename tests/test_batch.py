@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS_ID, FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt
+from conftest import EOS_ID, hf_greedy, make_generator, random_prompt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.kvcache import append_rows, cache_length, compact_rows, select_rows
 from lookahead.sampling import SamplingParams
 from lookahead.tree import batch_inputs, build_tree
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def make_generator(arch: str = "llama", seed: int = 0, **knobs) -> LookaheadGenerator:
-    return LookaheadGenerator(make_model(arch, seed), make_tokenizer(), LookaheadConfig(**knobs),
-                              cost_curve=FLAT_CURVE)
 
 
 def run_batch(gen: LookaheadGenerator, requests, remove_after: dict[int, int] | None = None) -> dict[int, list[int]]:

@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from conftest import FLAT_CURVE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -233,7 +234,6 @@ def test_cost_cache_key_is_stable_and_distinct():
 
 # ---------------------------------------------------------------------------------------------------- budget
 
-FLAT = CostCurve((1, 64), (1.0, 1.0))
 STEEP = CostCurve((1, 64), (1.0, 64.0))  # c(n) = n: a pass costs what n plain steps do
 # c(2) = 1.5: one draft node pays only if it is accepted with probability above 0.5 (the prior)
 SLOPED = CostCurve((1, 2, 64), (1.0, 1.5, 32.5))
@@ -256,21 +256,21 @@ def test_steep_curve_never_drafts():
 
 
 def test_flat_curve_drafts_everything_worth_anything():
-    budget = DraftBudget(FLAT, max_nodes=16)
+    budget = DraftBudget(FLAT_CURVE, max_nodes=16)
     assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == [0, 1, 2, 3]
     learn(budget, CHAIN, CHAIN_SCORES, [0, 1, 2, 3], times=50)
     assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == [0, 1, 2, 3]
 
 
 def test_max_nodes_caps_the_selection():
-    budget = DraftBudget(FLAT, max_nodes=2)
+    budget = DraftBudget(FLAT_CURVE, max_nodes=2)
     assert budget.select(CHAIN, CHAIN_SCORES, 2, 0) == [0, 1]
-    assert DraftBudget(FLAT, max_nodes=0).select(CHAIN, CHAIN_SCORES, 2, 0) == []
+    assert DraftBudget(FLAT_CURVE, max_nodes=0).select(CHAIN, CHAIN_SCORES, 2, 0) == []
 
 
 def test_empty_draft_selects_nothing():
-    assert DraftBudget(FLAT, max_nodes=8).select([], [], 0, 0) == []
-    assert DraftBudget(FLAT, max_nodes=8, adaptive=False).select([], [], 0, 0) == []
+    assert DraftBudget(FLAT_CURVE, max_nodes=8).select([], [], 0, 0) == []
+    assert DraftBudget(FLAT_CURVE, max_nodes=8, adaptive=False).select([], [], 0, 0) == []
 
 
 def test_budget_learns_when_drafting_pays():
@@ -303,7 +303,7 @@ def drafts(draw):
 
 
 @settings(max_examples=100, deadline=None)
-@given(drafts(), st.integers(min_value=0, max_value=10_000), st.sampled_from([FLAT, SLOPED, STEEP]),
+@given(drafts(), st.integers(min_value=0, max_value=10_000), st.sampled_from([FLAT_CURVE, SLOPED, STEEP]),
        st.integers(min_value=1, max_value=20))
 def test_select_keeps_parents_before_children(draft, seed, curve, max_nodes):
     parents, scores = draft
@@ -323,7 +323,7 @@ def test_select_keeps_parents_before_children(draft, seed, curve, max_nodes):
 
 
 def test_observe_counts_only_nodes_whose_parent_was_accepted():
-    budget = DraftBudget(FLAT, max_nodes=8, acceptance=AcceptanceModel(prior=0.5))
+    budget = DraftBudget(FLAT_CURVE, max_nodes=8, acceptance=AcceptanceModel(prior=0.5))
     feats = node_features(CHAIN, CHAIN_SCORES)
     model = budget.acceptance
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EOS_ID, FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt
+from conftest import EOS_ID, FLAT_CURVE, hf_greedy, make_generator, make_model, make_tokenizer, random_prompt
 from lookahead_server.loadgen import Job, Outcome
 
 from lookahead import agreement
@@ -70,10 +70,6 @@ def prompts(count: int = N_PROMPTS) -> list[list[int]]:
     return out
 
 
-def new_generator(model: torch.nn.Module) -> LookaheadGenerator:
-    return LookaheadGenerator(model, make_tokenizer(), LookaheadConfig(), cost_curve=FLAT_CURVE)
-
-
 @functools.cache
 def chat_tokenizer():
     tokenizer = copy.deepcopy(make_tokenizer())
@@ -89,7 +85,7 @@ def decode_all(model: torch.nn.Module, broken: bool = False
     Every third prompt first teaches the trie HF's own continuation, so long drafts are verified in tree passes.
     ``broken``: the engine's tree passes let every node see every other node of the tree (siblings, later nodes).
     """
-    generator = new_generator(model)
+    generator = make_generator(model=model)
     runs = []
     for index, prompt in enumerate(prompts()):
         reference = hf_greedy(model, prompt, NEW_TOKENS)
@@ -313,7 +309,7 @@ def test_bench_classifies_what_is_not_exact_and_fails_only_on_hard():
     (tie_prompt, tie_out, tie_ref), (hard_prompt, hard_out, hard_ref) = near_tie_and_hard_runs()
     cases = {"tie": (tie_prompt, tie_out, tie_ref), "hard": (hard_prompt, hard_out, hard_ref),
              "same": (tie_prompt, tie_ref, tie_ref)}
-    runner = BenchRunner(model, make_tokenizer(), new_generator(model))
+    runner = BenchRunner(model, make_tokenizer(), make_generator(model=model))
     runner.prompt_ids = lambda case: cases[case["id"]][0]
 
     def run_method(method, case, round_index):
@@ -350,11 +346,11 @@ def test_bench_classifies_what_is_not_exact_and_fails_only_on_hard():
 
 def test_batching_bench_classifies_rows():
     (prompt, output, reference), (hard_prompt, hard_out, hard_ref) = near_tie_and_hard_runs()
-    half = new_generator(half_model("llama", "bfloat16"))
+    half = make_generator(model=half_model("llama", "bfloat16"))
     assert batching.mismatch_kind(half, prompt, reference, reference) is None
     assert batching.mismatch_kind(half, prompt, output, reference) == NEAR_TIE
     assert batching.mismatch_kind(half, hard_prompt, hard_out, hard_ref) == HARD
-    assert batching.mismatch_kind(new_generator(make_model("llama", 0)), prompt, output, reference) == HARD
+    assert batching.mismatch_kind(make_generator(model=make_model("llama", 0)), prompt, output, reference) == HARD
     result = batching.ThroughputResult("lookahead-batch", 4, 3, 30, 1.0, exact=1, near_tie=1, hard=1)
     assert "| 1/3 |" in batching.format_throughput([result])
     assert "| exact | near-tie | hard |" in batching.format_throughput([result], mismatches=True)
@@ -389,7 +385,7 @@ def test_load_test_check_classifies_answers(monkeypatch):
     load_test = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load_test)
     for model, count in ((half_model("llama", "bfloat16"), N_PROMPTS), (make_model("llama", 0), 6)):
-        generator = new_generator(model)
+        generator = make_generator(model=model)
         decode = functools.partial(generator.tokenizer.decode, skip_special_tokens=True)
         chosen = prompts(count)
         monkeypatch.setattr(generator, "encode", lambda messages: prompts()[int(messages[0]["content"])])

@@ -7,8 +7,6 @@ the output must still be identical token for token.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from conftest import (
@@ -17,9 +15,11 @@ from conftest import (
     FLAT_CURVE,
     VOCAB_SIZE,
     hf_greedy,
+    make_generator,
     make_model,
     make_tokenizer,
     random_prompt,
+    seed_trie,
     tiny_config,
 )
 from hypothesis import HealthCheck, given, settings
@@ -35,37 +35,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 N = 32  # new tokens per exactness run
 SEEDS = (0, 1, 2)
 CONFIGS = {"adaptive": LookaheadConfig(), "fixed": LookaheadConfig(adaptive=False)}
-
-
-def make_generator(arch: str = "llama", seed: int = 0, config: LookaheadConfig | None = None,
-                   cost_curve: CostCurve = FLAT_CURVE, model=None) -> LookaheadGenerator:
-    return LookaheadGenerator(model if model is not None else make_model(arch, seed), make_tokenizer(),
-                              config or LookaheadConfig(), cost_curve=cost_curve)
-
-
-def _shift(token: int, delta: int) -> int:
-    """Another non-EOS token id."""
-    return (token - 1 + delta) % (VOCAB_SIZE - 1) + 1
-
-
-def mutants(ref: list[int], seed: int) -> list[list[int]]:
-    """Partly wrong copies of ``ref``: a changed token, a changed tail and a random tail."""
-    rng = random.Random(seed)
-    a = list(ref)
-    k = len(a) // 3
-    a[k] = _shift(a[k], 7)
-    cut = 2 * len(ref) // 3
-    b = ref[:cut] + [_shift(t, 3) for t in ref[cut:]]
-    c = ref[:5] + [rng.randrange(1, VOCAB_SIZE) for _ in range(len(ref) - 5)]
-    return [a, b, c]
-
-
-def seed_trie(gen: LookaheadGenerator, ref: list[int], seed: int) -> None:
-    """Insert the true continuation once and the wrong ones twice (so wrong branches often rank first)."""
-    gen.trie.insert(ref)
-    for wrong in mutants(ref, seed):
-        gen.trie.insert(wrong)
-        gen.trie.insert(wrong)
 
 
 def check_stats(result: GenerationResult, prompt_len: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from conftest import (
@@ -14,6 +12,7 @@ from conftest import (
     make_tokenizer,
     random_prompt,
     save_chat_model,
+    seed_trie,
     tiny_config,
 )
 from transformers import AutoModelForCausalLM
@@ -49,25 +48,6 @@ def reference(models, prompt: list[int], n: int, rule: EnsembleRule) -> list[int
             if token == EOS_ID:
                 break
     return out
-
-
-def _shift(token: int, delta: int) -> int:
-    return (token - 1 + delta) % (VOCAB_SIZE - 1) + 1
-
-
-def seed_trie(gen: EnsembleGenerator, ref: list[int], seed: int, right: bool = True) -> None:
-    """The true continuation once (unless ``right`` is False) and partly or wholly wrong copies twice."""
-    rng = random.Random(seed)
-    wrong = [list(ref), ref[: len(ref) // 2] + [_shift(t, 3) for t in ref[len(ref) // 2:]],
-             [rng.randrange(1, VOCAB_SIZE) for _ in ref]]
-    wrong[0][len(ref) // 3] = _shift(wrong[0][len(ref) // 3], 7)
-    if not right:
-        wrong = [[_shift(t, 5 + i) for t in ref] for i in range(3)]  # every drafted token is wrong
-    else:
-        gen.trie.insert(ref)
-    for w in wrong:
-        gen.trie.insert(w)
-        gen.trie.insert(w)
 
 
 ENSEMBLES = {

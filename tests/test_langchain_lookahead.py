@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import FLAT_CURVE
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
@@ -21,13 +22,11 @@ from langchain_lookahead import ChatLookahead, FAISSVectorStore, LookaheadLLM, L
 from langchain_lookahead._engine import _ENGINES, DocumentRouter
 from pydantic import ValidationError
 
-from lookahead.budget import CostCurve
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.models import ModelLoadError
 from lookahead.outputs import Request
 
-FLAT = CostCurve((1, 64), (1.0, 1.0))  # drafting always pays: the tiny model drafts whatever the trie offers
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant> {% endif %}")
 PROMPT = "the cat sat on the mat and the cat ate the rat; "
@@ -35,14 +34,14 @@ PROMPT = "the cat sat on the mat and the cat ate the rat; "
 
 @pytest.fixture(scope="module")
 def gen(tiny_model, tok, single_thread) -> LookaheadGenerator:
-    return LookaheadGenerator(tiny_model("llama"), tok, LookaheadConfig(), cost_curve=FLAT)
+    return LookaheadGenerator(tiny_model("llama"), tok, LookaheadConfig(), cost_curve=FLAT_CURVE)
 
 
 @pytest.fixture(scope="module")
 def chat_gen(tiny_model, tok, single_thread) -> LookaheadGenerator:
     tokenizer = copy.deepcopy(tok)
     tokenizer.chat_template = TEMPLATE
-    return LookaheadGenerator(tiny_model("llama"), tokenizer, LookaheadConfig(), cost_curve=FLAT)
+    return LookaheadGenerator(tiny_model("llama"), tokenizer, LookaheadConfig(), cost_curve=FLAT_CURVE)
 
 
 @pytest.fixture

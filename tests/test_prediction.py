@@ -5,7 +5,17 @@ plain greedy decoding token for token, and the accepted/rejected prediction coun
 from __future__ import annotations
 
 import pytest
-from conftest import EOS_ID, FLAT_CURVE, VOCAB_SIZE, hf_greedy, make_model, make_tokenizer, random_prompt
+from conftest import (
+    EOS_ID,
+    FLAT_CURVE,
+    VOCAB_SIZE,
+    hf_greedy,
+    make_generator,
+    make_model,
+    make_tokenizer,
+    other_token,
+    random_prompt,
+)
 
 from lookahead.budget import CostCurve, Ranking
 from lookahead.config import LookaheadConfig
@@ -26,17 +36,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 N = 40
 #: a CPU-like curve: a pass of 48 nodes costs 2.5 plain passes, so a wrong prediction must be priced down
 STEEP_CURVE = CostCurve((1, 4, 16, 64), (1.0, 1.1, 1.5, 3.0))
-
-
-def make_generator(arch: str = "llama", seed: int = 0, adaptive: bool = True, curve: CostCurve = FLAT_CURVE
-                   ) -> LookaheadGenerator:
-    config = LookaheadConfig(adaptive=adaptive, learn_outputs=False)
-    return LookaheadGenerator(make_model(arch, seed), make_tokenizer(), config, cost_curve=curve)
-
-
-def other(token: int, delta: int = 5) -> int:
-    """Another non-EOS token id."""
-    return (token - 1 + delta) % (VOCAB_SIZE - 1) + 1
 
 
 # ---------------------------------------------------------------------------------------------------- alignment
@@ -125,11 +124,11 @@ def predictions(ref: list[int]) -> dict[str, list[int]]:
     third = len(ref) // 3
     return {
         "right": list(ref),
-        "partly": ref[:third] + [other(t) for t in ref[third:2 * third]] + ref[2 * third:],
+        "partly": ref[:third] + [other_token(t) for t in ref[third:2 * third]] + ref[2 * third:],
         "shifted": ref[4:],
         "deletion": ref[:third] + ref[third + 3:],
-        "insertion": ref[:third] + [other(ref[third], 9), other(ref[third], 11)] + ref[third:],
-        "wrong": [other(t, 3) for t in ref],
+        "insertion": ref[:third] + [other_token(ref[third], 9), other_token(ref[third], 11)] + ref[third:],
+        "wrong": [other_token(t, 3) for t in ref],
     }
 
 
@@ -139,7 +138,7 @@ def predictions(ref: list[int]) -> dict[str, list[int]]:
 def test_output_with_a_prediction_equals_greedy(arch, seed, adaptive, curve):
     prompt = random_prompt(200 + seed)
     ref = hf_greedy(make_model(arch, seed), prompt, N)
-    gen = make_generator(arch, seed, adaptive, curve)
+    gen = make_generator(arch, seed, adaptive=adaptive, learn_outputs=False, cost_curve=curve)
     for name, prediction in predictions(ref).items():
         result = gen.generate(prompt, max_new_tokens=N, eos_token_id=EOS_ID, prediction=prediction)
         assert result.token_ids == ref, name
@@ -157,7 +156,7 @@ def test_a_right_prediction_decodes_in_one_step_and_a_text_prediction_works():
     prompt = random_prompt(210)
     ref = hf_greedy(make_model("llama", 0), prompt, N)
     assert len(ref) == N
-    gen = make_generator()
+    gen = make_generator(learn_outputs=False)
     result = gen.generate(prompt, max_new_tokens=N, prediction=ref)
     assert result.stats.steps == 2 and result.stats.accepted_lengths == [N - 1]
     text = make_tokenizer().decode(ref)
@@ -169,8 +168,8 @@ def test_a_right_prediction_decodes_in_one_step_and_a_text_prediction_works():
 def test_a_wrong_prediction_counts_rejected_tokens():
     prompt = random_prompt(211)
     ref = hf_greedy(make_model("llama", 0), prompt, N)
-    gen = make_generator(adaptive=False)
-    wrong = [ref[0]] + [other(t, 3) for t in ref[1:]]
+    gen = make_generator(adaptive=False, learn_outputs=False)
+    wrong = [ref[0]] + [other_token(t, 3) for t in ref[1:]]
     result = gen.generate(prompt, max_new_tokens=N, prediction=wrong)
     assert result.token_ids == ref
     assert result.stats.accepted_prediction_tokens == 0
@@ -179,12 +178,12 @@ def test_a_wrong_prediction_counts_rejected_tokens():
 
 def test_sampled_output_does_not_depend_on_the_prediction():
     prompt = random_prompt(212)
-    gen = make_generator()
+    gen = make_generator(learn_outputs=False)
     plain = gen.generate(prompt, max_new_tokens=N, do_sample=True, temperature=0.8, seed=7)
     guided = gen.generate(prompt, max_new_tokens=N, do_sample=True, temperature=0.8, seed=7,
                           prediction=plain.token_ids)
     wrong = gen.generate(prompt, max_new_tokens=N, do_sample=True, temperature=0.8, seed=7,
-                         prediction=[other(t) for t in plain.token_ids])
+                         prediction=[other_token(t) for t in plain.token_ids])
     assert guided.token_ids == wrong.token_ids == plain.token_ids
     assert guided.stats.accepted_prediction_tokens > 0
 
@@ -193,7 +192,7 @@ def test_a_batch_takes_one_prediction_per_prompt():
     model = make_model("llama", 0)
     prompts = [random_prompt(220 + i) for i in range(3)]
     refs = [hf_greedy(model, p, N) for p in prompts]
-    gen = make_generator()
+    gen = make_generator(learn_outputs=False)
     results = gen.generate(prompts, max_new_tokens=N, batch_size=3, prediction=[refs[0], None, refs[2][5:]])
     assert [r.token_ids for r in results] == refs
     assert results[0].stats.accepted_prediction_tokens == len(refs[0]) - 1
@@ -207,12 +206,13 @@ def test_a_batch_takes_one_prediction_per_prompt():
 ])
 def test_bad_predictions_are_clear_errors(prediction, error, match):
     with pytest.raises(error, match=match):
-        make_generator().generate(random_prompt(1), max_new_tokens=2, prediction=prediction)
+        make_generator(learn_outputs=False).generate(random_prompt(1), max_new_tokens=2, prediction=prediction)
 
 
 def test_a_list_of_prompts_needs_a_list_of_predictions():
     with pytest.raises(ValueError, match="a list of 2 predictions"):
-        make_generator().generate([random_prompt(1), random_prompt(2)], max_new_tokens=2, prediction="abc")
+        make_generator(learn_outputs=False).generate([random_prompt(1), random_prompt(2)], max_new_tokens=2,
+                                                     prediction="abc")
 
 
 # ---------------------------------------------------------------------------------------------------- trie=

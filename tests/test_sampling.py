@@ -13,12 +13,11 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import EOS_ID, FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt
+from conftest import EOS_ID, hf_greedy, make_generator, random_prompt
 from scipy.stats import chisquare
 
 import lookahead.batch
 from lookahead import reference
-from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.sampling import SamplingParams, TokenChooser
 from lookahead.verify import Acceptance, children_index
@@ -34,10 +33,6 @@ SETTINGS = {
     "top_p": dict(temperature=0.1, top_p=0.6),
     "repetition_penalty+top_k": dict(temperature=0.15, top_k=5, repetition_penalty=1.8),
 }
-
-
-def make_generator(seed: int = 0) -> LookaheadGenerator:
-    return LookaheadGenerator(make_model("llama", seed), make_tokenizer(), LookaheadConfig(), cost_curve=FLAT_CURVE)
 
 
 def step_distribution(model, prefix: list[int], params: SamplingParams) -> dict[int, float]:

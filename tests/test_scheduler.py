@@ -7,22 +7,16 @@ import threading
 import time
 
 import pytest
-from conftest import FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt
+from conftest import hf_greedy, make_generator, random_prompt
 
-from lookahead.config import LookaheadConfig
-from lookahead.engine import LookaheadGenerator
 from lookahead.sampling import SamplingParams
 from lookahead.scheduler import QueueFullError, Scheduler, SchedulerClosedError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_generator() -> LookaheadGenerator:
-    return LookaheadGenerator(make_model("llama", 2), make_tokenizer(), LookaheadConfig(), cost_curve=FLAT_CURVE)
-
-
 def test_concurrent_requests_are_batched_and_exact():
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts = [random_prompt(seed, 6 + seed % 5) for seed in range(12)]
     refs = [hf_greedy(gen.model, p, 16) for p in prompts]
     scheduler = Scheduler(gen, max_batch_size=4, max_queue=32)
@@ -46,7 +40,7 @@ def test_concurrent_requests_are_batched_and_exact():
 
 
 def test_async_iteration_and_sampling():
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompt = random_prompt(3, 10)
     alone = gen.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.5, seed=5).token_ids
     scheduler = Scheduler(gen)
@@ -61,7 +55,7 @@ def test_async_iteration_and_sampling():
 
 
 def test_bad_requests_are_refused_before_queueing():
-    gen = make_generator()
+    gen = make_generator(seed=2)
     scheduler = Scheduler(gen, max_queue=1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         scheduler.submit("abc", max_new_tokens=0)
@@ -72,7 +66,7 @@ def test_bad_requests_are_refused_before_queueing():
 
 
 def test_full_queue_raises_and_cancel_frees_the_slot():
-    gen = make_generator()
+    gen = make_generator(seed=2)
     gate = threading.Event()
     original = gen.new_batch
 
@@ -107,7 +101,7 @@ def test_full_queue_raises_and_cancel_frees_the_slot():
 
 
 def test_closed_scheduler_refuses():
-    scheduler = Scheduler(make_generator())
+    scheduler = Scheduler(make_generator(seed=2))
     scheduler.close()
     with pytest.raises(SchedulerClosedError):
         scheduler.submit("abc", max_new_tokens=2)
@@ -115,12 +109,12 @@ def test_closed_scheduler_refuses():
 
 def test_bad_sizes():
     with pytest.raises(ValueError, match="max_batch_size"):
-        Scheduler(make_generator(), max_batch_size=0)
+        Scheduler(make_generator(seed=2), max_batch_size=0)
 
 
 def test_many_async_readers_hold_no_threads():
     """More concurrent ``async for`` readers than executor threads: every one still gets its whole answer."""
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts = [random_prompt(100 + i, 7) for i in range(20)]
     refs = [hf_greedy(gen.model, p, 10) for p in prompts]
     scheduler = Scheduler(gen, max_batch_size=4, max_queue=32)

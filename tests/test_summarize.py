@@ -7,28 +7,31 @@ test runs the real default model on two short documents.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from conftest import FLAT_CURVE
 
-from lookahead.budget import CostCurve
 from lookahead.cli import main
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.summarize import (
+    SourceDocument,
     SummarizeError,
     Summarizer,
     atomic_write_text,
     collect_documents,
+    discovery,
     split_text,
     summarize_documents,
 )
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant> {% endif %}")
-FLAT = CostCurve((1, 64), (1.0, 1.0))
 TEXTS = {
     "a.txt": "the cat sat on the mat. the cat ate the rat.\n\nthe dog sat on the log.",
     "b.md": "a quick brown fox jumps over the lazy dog. " * 3,
@@ -53,7 +56,7 @@ def chat_tok(tok):
 
 @pytest.fixture(scope="module")
 def gen(tiny_model, chat_tok, single_thread) -> LookaheadGenerator:
-    return LookaheadGenerator(tiny_model("llama"), chat_tok, LookaheadConfig(), cost_curve=FLAT)
+    return LookaheadGenerator(tiny_model("llama"), chat_tok, LookaheadConfig(), cost_curve=FLAT_CURVE)
 
 
 @pytest.fixture(scope="module")
@@ -101,21 +104,125 @@ def test_bad_inputs_are_clear_errors(tmp_path, monkeypatch):
         collect_documents([tmp_path / "only-blank.txt"], warn=lambda _: None)
     locked = tmp_path / "locked.txt"
     locked.write_text("fine text")
-    real = Path.read_bytes
+    real = Path.open
 
-    def deny(self: Path) -> bytes:
+    def deny(self: Path, *args, **kwargs):
         if self.name == "locked.txt":
             raise PermissionError(13, "Permission denied")
-        return real(self)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(Path, "open", deny)  # the tests run as root here: permissions alone would not deny it
     with pytest.raises(SummarizeError, match="cannot read"):
         collect_documents([locked])
+    skipped_locked: list[str] = []
+    with pytest.raises(SummarizeError, match="no text documents"):
+        collect_documents([locked], skip_invalid=True, warn=skipped_locked.append)
+    assert len(skipped_locked) == 1 and "cannot read" in skipped_locked[0]
     good = write_docs(tmp_path / "mixed", {"ok.txt": "some text"})
     (good / "img.bin").write_bytes(b"\x00\x00")
     skipped: list[str] = []
     assert [d.name for d in collect_documents([good], skip_invalid=True, warn=skipped.append)] == ["ok.txt"]
     assert skipped and "binary" in skipped[0]
+
+
+def test_a_folder_is_searched_without_leaving_it(tmp_path):
+    """A link out of the folder is skipped with a warning (``follow_symlinks`` follows it); links inside it are
+    followed; a broken link and a link loop are skipped with a warning."""
+    root = write_docs(tmp_path / "docs")
+    outside = write_docs(tmp_path / "outside", {"secret.txt": "not for summaries", "more/deep.txt": "deeper"})
+    (root / "leak.txt").symlink_to(outside / "secret.txt")
+    (root / "leakdir").symlink_to(outside / "more", target_is_directory=True)
+    (root / "alias.txt").symlink_to(root / "a.txt")  # inside: kept
+    (root / "broken.txt").symlink_to(tmp_path / "gone.txt")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    warnings: list[str] = []
+    docs = collect_documents([root], warn=warnings.append)
+    assert [d.name for d in docs] == ["a.txt", "alias.txt", "b.md", "sub__c.txt"]
+    assert len(warnings) == 4
+    for name in ("leak.txt", "leakdir"):
+        assert any(f"{root / name}: a symbolic link to" in w and "--follow-symlinks" in w for w in warnings)
+    assert any("broken.txt: a broken symbolic link" in w for w in warnings)
+    assert any("loop: the folder" in w and "searched already" in w for w in warnings)
+    warnings.clear()
+    followed = collect_documents([root], warn=warnings.append, follow_symlinks=True)
+    assert [d.name for d in followed] == ["a.txt", "alias.txt", "b.md", "leak.txt", "leakdir__deep.txt", "sub__c.txt"]
+    assert followed[3].read() == "not for summaries" and len(warnings) == 2  # the broken link and the loop
+
+
+def test_an_unreadable_folder_or_link_is_a_warning(tmp_path, monkeypatch):
+    root = write_docs(tmp_path / "docs", {"a.txt": "text a", "locked/b.txt": "text b", "open/c.txt": "text c"})
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # the tests run as root here: permissions alone would not deny it
+    warnings: list[str] = []
+    assert [d.name for d in collect_documents([root], warn=warnings.append)] == ["a.txt", "open__c.txt"]
+    assert warnings == [f"skipping the folder {root / 'locked'}: cannot read it (Permission denied)"]
+
+
+def test_documents_are_read_one_at_a_time(tmp_path, monkeypatch):
+    """Finding documents holds none of them (memory bounded by a read block, not by the folder), and a run reads
+    each one when it summarizes it."""
+    big = "a line of text that is summarized later.\n" * 100_000  # 4.1 MB each
+    root = write_docs(tmp_path / "docs", {f"{i}.txt": big + str(i) for i in range(4)})
+    tracemalloc.start()
+    try:
+        docs = collect_documents([root])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(docs) == 4 and all(d.text is None for d in docs)
+    assert peak < 3 * 2**20 < len(big), f"finding 16 MB of documents peaked at {peak / 2**20:.1f} MiB"
+    assert docs[0].sha256 == hashlib.sha256((big + "0").encode()).hexdigest()
+    events: list[str] = []
+    read = SourceDocument.read
+
+    def logged_read(self):
+        events.append(f"read {self.name}")
+        return read(self)
+
+    class Fake:
+        _pass_seconds = None
+
+        def settings(self):
+            return {"fake": True}
+
+        def summarize(self, text):
+            events.append(f"summarize {text[-1]}")
+            return "summary", 1, []
+
+    monkeypatch.setattr(SourceDocument, "read", logged_read)
+    summarize_documents(docs, tmp_path / "out", Fake(), progress=False)  # type: ignore[arg-type]
+    assert events == [e for i in range(4) for e in (f"read {i}.txt", f"summarize {i}")]
+
+
+def test_a_document_that_changes_after_it_was_found_is_recorded_as_read(tmp_path):
+    root = write_docs(tmp_path / "docs", {"a.txt": "first text"})
+    doc = collect_documents([root])[0]
+    (root / "a.txt").write_text("second text", encoding="utf-8")
+    assert doc.read() == "second text" and doc.sha256 == hashlib.sha256(b"second text").hexdigest()
+    (root / "a.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(SummarizeError, match="not a UTF-8 text file .* at byte 3"):
+        doc.read()
+
+
+def test_utf8_is_checked_across_read_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(discovery, "READ_BLOCK", 4)
+    (tmp_path / "ok.txt").write_text("caf\u00e9 \u00fcber \u4e2d\u6587", encoding="utf-8")  # characters split by blocks
+    assert collect_documents([tmp_path / "ok.txt"])[0].read() == "caf\u00e9 \u00fcber \u4e2d\u6587"
+    (tmp_path / "bad.txt").write_bytes(b"abcdefg\xe9xyz")
+    with pytest.raises(SummarizeError, match="not a UTF-8 text file .* at byte 7"):
+        collect_documents([tmp_path / "bad.txt"])
+    (tmp_path / "cut.txt").write_bytes(b"abcdef\xe4\xb8")  # ends inside a character
+    with pytest.raises(SummarizeError, match="not a UTF-8 text file .* at byte 6"):
+        collect_documents([tmp_path / "cut.txt"])
+    (tmp_path / "late-nul.txt").write_bytes(b"text" * 10 + b"\x00")
+    with pytest.raises(SummarizeError, match="binary"):
+        collect_documents([tmp_path / "late-nul.txt"])
 
 
 def test_split_text_respects_the_token_limit(chat_tok):
@@ -255,3 +362,15 @@ def test_cli_on_the_default_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "outputs identical" in printed
     assert all((out / f"{n}.summary.txt").read_text().strip() for n in ("dedent.txt", "heap.txt"))
+
+
+def test_cli_follow_symlinks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_docs(tmp_path / "outside", {"secret.txt": "text outside"})
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "link.txt").symlink_to(tmp_path / "outside" / "secret.txt")
+    assert main(["summarize", str(tmp_path / "docs")]) == 2
+    err = capsys.readouterr().err
+    assert "a symbolic link to" in err and "--follow-symlinks" in err and "holds no files" in err
+    assert main(["summarize", str(tmp_path / "docs"), "--follow-symlinks", "--model", "./no/such/model"]) == 2
+    assert "not found" in capsys.readouterr().err  # past the input checks: the link was followed
