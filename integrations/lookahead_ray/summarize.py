@@ -116,7 +116,10 @@ class SummarizeWorker:
 
 def documents_dataset(documents: Sequence[SourceDocument]) -> ray.data.Dataset:
     """The documents as a Ray Dataset (columns ``path``, ``name``, ``text``, ``sha256``), one block each."""
-    rows = [{"path": str(d.path), "name": d.name, "text": d.text, "sha256": d.sha256} for d in documents]
+    rows = []
+    for d in documents:  # read first: read() sets sha256 to what was read
+        text = d.read()
+        rows.append({"path": str(d.path), "name": d.name, "text": text, "sha256": d.sha256})
     return ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
 
 

@@ -36,6 +36,9 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                              "(fails on a hard mismatch; a near-tie in half precision is reported)")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip unreadable or binary files with a warning instead of stopping")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="follow symbolic links that point outside a folder given (default: skip them with a "
+                             "warning)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_ray_args(parser)
     add_model_args(parser)
@@ -68,7 +71,8 @@ def cmd_summarize(args: argparse.Namespace, build: Callable[[argparse.Namespace]
     """Run ``lookahead summarize``: check the inputs first (before loading a model), then summarize."""
     if args.chunk_tokens < 16:
         raise SummarizeError(f"--chunk-tokens must be at least 16, got {args.chunk_tokens}")
-    documents = collect_documents(args.paths, args.out, skip_invalid=args.skip_invalid)
+    documents = collect_documents(args.paths, args.out, skip_invalid=args.skip_invalid,
+                                  follow_symlinks=args.follow_symlinks)
     if getattr(args, "ray", False):
         try:
             run = _run_on_ray(args, documents)

@@ -51,7 +51,7 @@ def summarize_document(doc: SourceDocument, out: Path, summarizer: Summarizer, s
     done = finished(doc, out, settings)
     if done is not None:
         return done
-    summary, chunks, requests = summarizer.summarize(doc.text)
+    summary, chunks, requests = summarizer.summarize(doc.read())  # the one document held now
     path = summary_path(out, doc.name)
     atomic_write_text(path, summary + "\n")
     write_record(out, doc, settings, chunks, requests)  # last: the record marks the summary finished

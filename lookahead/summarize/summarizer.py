@@ -81,6 +81,8 @@ class Summarizer:
         prompt_ids = generator.encode(messages)
         result: GenerationResult = generator.generate(prompt_ids, max_new_tokens=self.max_new_tokens,
                                                       documents=list(documents) if documents else None)
+        if result.finish_reason == "error":  # a fault: never write a summary cut short
+            raise RuntimeError(f"the {kind} request failed: {result.error}")
         s = result.stats
         estimate = s.time_prefill + max(0, s.new_tokens - 1) * self._one_pass_seconds()
         stats = RequestStats(kind, s.prompt_tokens, s.new_tokens, s.steps, s.time_total, estimate)
