@@ -67,6 +67,11 @@ JOURNAL_LIMIT = 1 << 20  # default journal_limit: tokens (plus _ENTRY_COST per e
 _ENTRY_COST = 16  # what one journal entry costs against journal_limit besides its tokens
 _RESIDUE = 1e-9  # a count left by remove_source below this fraction of what was taken is rounding: it becomes 0
 OPS = ("insert", "source", "append", "remove")  # journal entry kinds, see JournalEntry
+#: the largest seq or journal position a delta may name (2**53 - 1: exact in JSON and JavaScript); a trie that
+#: learned a million entries a second would reach it after 285 years
+MAX_SEQ = 2**53 - 1
+#: token ids a trie can hold (int32 arrays in the draft store)
+MAX_TOKEN_ID = 2**31 - 2
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,8 @@ class JournalEntry:
     def __post_init__(self) -> None:
         where = "journal entry"
         check_id(where, "origin", self.origin)
-        check_int(where, "seq", self.seq, 1)
+        if check_int(where, "seq", self.seq, 1) > MAX_SEQ:
+            raise ValueError(f"{where}: seq must be <= {MAX_SEQ}, got {self.seq} (no trie makes that many entries)")
         if self.op not in OPS:
             raise ValueError(f"{where}: op must be one of {', '.join(OPS)}, got {self.op!r}")
         if self.op == "insert":
@@ -213,7 +219,9 @@ class TrieDelta:
     """Journal entries a trie exported (:meth:`TokenTrie.export_delta`), to :meth:`TokenTrie.merge` elsewhere.
 
     ``origin`` and ``branch_length`` are the exporting trie's, ``entries`` its journal from position ``since`` on,
-    ``version`` its journal position at export: the ``since`` of the next export.
+    ``version`` its journal position at export: the ``since`` of the next export. ``tokenizer`` and ``vocab_size``
+    say what its token ids mean (the exporting store's fingerprint, :class:`lookahead.store.Fingerprint`; None:
+    unknown), so a receiver of another tokenizer refuses it.
     """
 
     origin: str
@@ -221,12 +229,19 @@ class TrieDelta:
     since: int
     version: int
     entries: tuple[JournalEntry, ...] = ()
+    tokenizer: str | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         check_id("trie delta", "origin", self.origin)
         check_int("trie delta", "branch_length", self.branch_length, 1)
         since = check_int("trie delta", "since", self.since, 0)
-        check_int("trie delta", f"version (>= since {since})", self.version, since)
+        if check_int("trie delta", f"version (>= since {since})", self.version, since) > MAX_SEQ:
+            raise ValueError(f"trie delta: version must be <= {MAX_SEQ}, got {self.version}")
+        if self.tokenizer is not None:
+            check_id("trie delta", "tokenizer", self.tokenizer)
+        if self.vocab_size is not None:
+            check_int("trie delta", "vocab_size", self.vocab_size, 1)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -234,11 +249,13 @@ class TrieDelta:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (lists, ints and strings), e.g. to send through Ray or HTTP."""
         return {"format": DELTA_FORMAT, "origin": self.origin, "branch_length": self.branch_length,
-                "since": self.since, "version": self.version, "entries": [e.to_dict() for e in self.entries]}
+                "since": self.since, "version": self.version, "entries": [e.to_dict() for e in self.entries],
+                "tokenizer": self.tokenizer, "vocab_size": self.vocab_size}
 
     @classmethod
     def from_dict(cls, data: object) -> TrieDelta:
-        """Inverse of :meth:`to_dict`; raises ValueError (naming the bad part) for anything else."""
+        """Inverse of :meth:`to_dict` (a dict without ``tokenizer`` and ``vocab_size``, from older code: unknown);
+        raises ValueError (naming the bad part) for anything else."""
         if not isinstance(data, dict) or data.get("format") != DELTA_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"trie delta: format is {found!r}, expected {DELTA_FORMAT!r}")
@@ -252,17 +269,43 @@ class TrieDelta:
             except ValueError as e:
                 raise ValueError(f"trie delta: entry {i}: {e}") from e
         return cls(data.get("origin"), data.get("branch_length"),  # type: ignore[arg-type]
-                   data.get("since"), data.get("version"), tuple(parsed))  # type: ignore[arg-type]
+                   data.get("since"), data.get("version"), tuple(parsed),  # type: ignore[arg-type]
+                   data.get("tokenizer"), data.get("vocab_size"))  # type: ignore[arg-type]
 
 
-def check_delta(delta: object, branch_length: int, what: str) -> None:
-    """Refuse what cannot be merged into a ``what`` of ``branch_length``: not a :class:`TrieDelta` (TypeError), or
-    windows of another length (ValueError)."""
+def check_delta(delta: object, branch_length: int, what: str, tokenizer: str | None = None,
+                vocab_size: int | None = None) -> None:
+    """Refuse what cannot be merged into a ``what`` of ``branch_length`` (and, when known, of ``tokenizer`` with
+    ``vocab_size`` token ids): not a :class:`TrieDelta` (TypeError); windows of another length, another tokenizer
+    or vocabulary, token ids outside the vocabulary (``vocab_size``, else the delta's own) or impossible seqs
+    (ValueError naming the cause). Checked before any entry is replayed: a refused delta changes nothing."""
     if not isinstance(delta, TrieDelta):
         raise TypeError(f"merge takes a TrieDelta (TrieDelta.from_dict for a dict), got {type(delta).__name__}")
     if delta.branch_length != branch_length:
         raise ValueError(f"merge: the delta's windows are {delta.branch_length + 1} tokens (branch_length "
                          f"{delta.branch_length}), this {what}'s {branch_length + 1}: they cannot be replayed")
+    if tokenizer is not None and delta.tokenizer is not None and delta.tokenizer != tokenizer:
+        raise ValueError(f"merge: the delta was made with tokenizer {delta.tokenizer}, this {what} holds ids of "
+                         f"tokenizer {tokenizer}: the same ids mean other text")
+    if vocab_size is not None and delta.vocab_size is not None and delta.vocab_size != vocab_size:
+        raise ValueError(f"merge: the delta's vocabulary has {delta.vocab_size} token ids, this {what}'s "
+                         f"{vocab_size}: it was made by another tokenizer")
+    limit = min(vocab_size or MAX_TOKEN_ID + 1, delta.vocab_size or MAX_TOKEN_ID + 1)
+    last: dict[str, int] = {}
+    for i, entry in enumerate(delta.entries):
+        where = f"merge: entry {i} (origin {entry.origin!r}, seq {entry.seq})"
+        if entry.tokens:
+            low, high = min(entry.tokens), max(entry.tokens)
+            if low < 0 or high >= limit:
+                raise ValueError(f"{where} holds token id {low if low < 0 else high}; token ids must be in "
+                                 f"0..{limit - 1} (the vocabulary's size is {limit})")
+        if entry.seq <= last.get(entry.origin, 0):
+            raise ValueError(f"{where} comes after seq {last[entry.origin]} of the same origin: the seqs of one "
+                             f"origin must grow")
+        last[entry.origin] = entry.seq
+        if entry.origin == delta.origin and entry.seq > delta.version:
+            raise ValueError(f"{where} is impossible: a trie's own seq counts its own entries, which never outnumber "
+                             f"its journal's entries (version {delta.version})")
 
 
 class _Node:

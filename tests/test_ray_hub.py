@@ -119,7 +119,8 @@ def test_the_hub_saves_atomically_and_a_restart_is_warm(tmp_path):
     a.trie.insert([1, 2, 3, 4, 5])
     TrieSync(a, InProcessHub(first), interval=60).sync_now()
     assert first.close() and path.is_file() and first.close() is False  # unchanged: not written again
-    assert [p.name for p in path.parent.iterdir()] == ["trie.json.gz"]  # no temporary file left
+    # no temporary file left (the lock file stays: removing it would race with a process taking it)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["trie.json.gz", "trie.json.gz.lock"]
     second = TrieHubState(CONFIG, path)
     assert second.stats()["loaded_nodes"] == len(first.trie) and second.trie.count([1, 2, 3]) == 1.0
     fresh = worker()
@@ -150,7 +151,8 @@ def test_a_tenants_trie_is_shared_with_that_tenants_tries_only_and_saved_to_its_
     assert state.stats()["tenants"] == {"a": len(state.trie_of("a")), "b": len(state.trie_of("b"))}
     assert state.close()
     # each tenant's file next to the global one (which did not change: not written)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trie.tenant-a.json.gz", "trie.tenant-b.json.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trie.json.gz.lock", "trie.tenant-a.json.gz",
+                                                          "trie.tenant-b.json.gz"]
     restarted = TrieHubState(CONFIG, path, save_interval=0)
     late = worker()
     TrieSync(late, InProcessHub(restarted, "a"), interval=60).start()  # a new replica of tenant a starts warm

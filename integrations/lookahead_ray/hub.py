@@ -10,6 +10,12 @@ does) and saves it atomically every ``save_interval`` seconds when it changed, a
 Tenants (``lookahead serve --tenant-header`` / ``--tenant-keys``): a call naming a ``tenant`` syncs that tenant's
 trie instead of the global one, made on its first use (loaded from its file next to ``path``, as ``lookahead serve``
 names it), so a tenant's past answers and documents reach every replica and no other tenant.
+
+The hub checks what it is sent and refuses, with :class:`HubRefusedError` naming the cause: a worker whose trie has
+another ``branch_length`` or ``max_query_length``, or ids of another tokenizer (its fingerprint; the first worker
+that sends one binds a hub that has none); token ids outside the vocabulary; entries of another origin than the
+worker's; and impossible seqs (past the worker's journal version, or more entries than the worker can have made
+since its last push). One hub process holds its ``path`` (a lock file, as ``lookahead serve --trie``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from lookahead_server.tenants import check_tenant, tenant_trie_path
 
 from lookahead.config import LookaheadConfig
 from lookahead.drafter import new_trie
-from lookahead.store import DraftStore
+from lookahead.store import DraftStore, Fingerprint
+from lookahead.store.store import SHAPING
 from lookahead.trie import TrieDelta
 
 log = logging.getLogger("lookahead_ray")
@@ -37,6 +44,11 @@ log = logging.getLogger("lookahead_ray")
 HUB_NAME = "lookahead-trie-hub"
 NAMESPACE = "lookahead"
 HUB_ORIGIN = "hub"
+
+
+class HubRefusedError(ValueError):
+    """The hub answered and refused a sync or snapshot: the message names the cause (another config or tokenizer,
+    token ids outside the vocabulary, impossible seqs). Retrying does not help; the worker's setup must change."""
 
 
 @dataclass
@@ -49,6 +61,8 @@ class WorkerRecord:
     syncs: int = 0
     merged: int = 0  # entries of its pushes the hub took in
     last_seen: float = 0.0
+    version: int | None = None  # journal version of its last push with entries (None: none yet)
+    seq: int = 0  # the highest seq of its own entries at that push
 
 
 def trie_config(config: LookaheadConfig) -> dict[str, Any]:
@@ -60,20 +74,26 @@ class TrieHubState:
     """The body of the hub actor (a plain class: usable, and testable, without Ray).
 
     Args:
-        config: constructor arguments of the shared trie (:func:`trie_config`); ignored when ``path`` holds a trie.
-        path: load the trie from this file at start and save it there (None: in memory only).
+        config: constructor arguments of the shared trie (:func:`trie_config`); a file at ``path`` with another
+            ``branch_length`` or ``max_query_length`` is refused.
+        path: load the trie from this file at start and save it there (None: in memory only); the hub holds its
+            lock until :meth:`close`.
         save_interval: seconds between saves when the trie changed (0: only at :meth:`close`).
+        fingerprint: the tokenizer the workers use (None: the file's, else the first worker's that sends one).
     """
 
     def __init__(self, config: dict[str, Any] | None = None, path: str | os.PathLike[str] | None = None,
-                 save_interval: float = 60.0) -> None:
+                 save_interval: float = 60.0, fingerprint: Fingerprint | None = None) -> None:
         if save_interval < 0:
             raise ValueError(f"save_interval must be >= 0 seconds, got {save_interval!r}")
         self.instance = uuid.uuid4().hex  # a restarted hub has another: workers then pull from version 0
         self.path = None if path is None else os.fspath(path)
-        self.store = TrieStore(path) if path is not None else None
+        shape = {k: v for k, v in (config or {}).items() if k in SHAPING}
+        self.store = TrieStore(path, fingerprint, shape) if path is not None else None
         loaded = self.store.load() if self.store is not None else None
         self.trie = loaded if loaded is not None else DraftStore(**{**(config or {}), "origin": HUB_ORIGIN})
+        if fingerprint is not None:
+            self.trie.bind(fingerprint)
         self.loaded_nodes = len(loaded) if loaded is not None else 0
         self.tenant_tries: dict[str, DraftStore] = {}  # tenant -> its trie, made on first use
         self.workers: dict[str, WorkerRecord] = {}
@@ -97,13 +117,20 @@ class TrieHubState:
             if trie is None:
                 store = self._tenant_store(check_tenant(tenant, "trie hub"))
                 loaded = store.load() if store is not None else None
-                trie = loaded if loaded is not None else DraftStore(**{**self.trie.config(), "origin": HUB_ORIGIN})
+                if loaded is None:
+                    loaded = DraftStore(**{**self.trie.config(), "origin": HUB_ORIGIN})
+                    if self.trie.fingerprint is not None:
+                        loaded.bind(self.trie.fingerprint)
+                trie = loaded
                 self.tenant_tries[tenant] = trie
                 self._saved_versions[tenant] = trie.version
             return trie
 
     def _tenant_store(self, tenant: str) -> TrieStore | None:
-        return None if self.path is None else TrieStore(tenant_trie_path(self.path, tenant))
+        if self.path is None:
+            return None  # the global path's lock guards the tenants' files next to it
+        return TrieStore(tenant_trie_path(self.path, tenant), self.trie.fingerprint,
+                         {name: getattr(self.trie, name) for name in SHAPING}, lock=False)
 
     def sync(self, delta: dict[str, Any] | None, since: int, worker: dict[str, Any], tenant: str | None = None
              ) -> dict[str, Any]:
@@ -113,11 +140,22 @@ class TrieHubState:
         The reply holds ``hub`` (this hub's instance id), ``merged`` (entries of ``delta`` taken in), ``version``
         and ``delta`` (a :class:`~lookahead.trie.TrieDelta` as a dict, without the worker's own entries), or
         ``delta`` None and ``behind`` True when the entries past ``since`` are no longer kept (the worker then goes
-        on from ``version``).
+        on from ``version``). Raises :class:`HubRefusedError` (naming the cause) for a worker or delta that does not
+        fit this hub (see the module's doc); nothing of a refused delta is merged.
         """
         trie = self.trie_of(tenant)
-        merged = trie.merge(TrieDelta.from_dict(delta)) if delta else 0
-        origin = self._record(worker, merged)
+        origin = str(worker.get("origin", "?"))
+        try:
+            self._admit(trie, worker)
+            pushed = TrieDelta.from_dict(delta) if delta else None
+            if pushed is not None:
+                self._check_pushed(pushed, origin)
+            merged = trie.merge(pushed) if pushed is not None else 0
+        except (TypeError, ValueError) as error:
+            log.error("trie hub: refused a sync of worker %s (pid %s on %s): %s", origin, worker.get("pid"),
+                      worker.get("host"), error)
+            raise HubRefusedError(f"the trie hub refused worker {origin}: {error}") from None
+        self._record(worker, merged, pushed)
         reply: dict[str, Any] = {"hub": self.instance, "merged": merged, "behind": False}
         try:
             out = trie.export_delta(since=since)
@@ -134,8 +172,52 @@ class TrieHubState:
         worker's warm start: ``hub`` (instance id) and ``data``."""
         return {"hub": self.instance, "data": self.trie_of(tenant).to_bytes()}
 
-    def _record(self, worker: dict[str, Any], merged: int) -> str:
-        """Note a worker's sync; returns its origin."""
+    def _admit(self, trie: DraftStore, worker: dict[str, Any]) -> None:
+        """Refuse a worker whose trie has another shape or tokenizer than ``trie`` (ValueError naming both); bind
+        a trie without a fingerprint to the worker's."""
+        config = worker.get("config") or {}
+        for name in SHAPING:
+            if name in config and config[name] != getattr(trie, name):
+                raise ValueError(f"the worker's trie has {name}={config[name]}, the hub's {name}={getattr(trie, name)}"
+                                 f": their windows cannot be merged. Start every worker with the hub's settings (or "
+                                 f"a hub with the workers')")
+        theirs = Fingerprint.from_dict(worker.get("fingerprint"))
+        if theirs is None:
+            return
+        if trie.fingerprint is None:
+            trie.bind(theirs)  # the first worker that says which tokenizer it uses; raises if the trie cannot be
+            return
+        if trie.fingerprint.conflict(theirs) is not None:
+            raise ValueError(f"the worker's token ids are of {theirs.describe()}, the hub's trie holds ids of "
+                             f"{trie.fingerprint.describe()}: the same ids would mean other text")
+
+    def _check_pushed(self, delta: TrieDelta, origin: str) -> None:
+        """Refuse a push that is not the worker's own entries, or whose seqs it cannot have made (ValueError)."""
+        if delta.origin != origin:
+            raise ValueError(f"the delta's origin is {delta.origin!r}, the worker's {origin!r}")
+        seqs = []
+        for i, entry in enumerate(delta.entries):
+            if entry.origin != origin:
+                raise ValueError(f"entry {i} has origin {entry.origin!r}: a worker pushes only its own entries "
+                                 f"({origin!r})")
+            seqs.append(entry.seq)
+        with self._lock:
+            record = self.workers.get(origin)
+            last_version, last_seq = (None, 0) if record is None else (record.version, record.seq)
+        if last_version is None or not seqs:
+            return
+        if delta.version < last_version:
+            raise ValueError(f"the delta's version {delta.version} is below the worker's last push "
+                             f"({last_version}): a journal never shrinks")
+        most = last_seq + delta.version - last_version  # one own entry at most per journal entry since
+        if max(seqs) > most:
+            raise ValueError(f"seq {max(seqs)} is impossible: the worker's last push (journal version "
+                             f"{last_version}) ended at seq {last_seq}, and {delta.version - last_version} journal "
+                             f"entries later it can have made at most seq {most}")
+
+    def _record(self, worker: dict[str, Any], merged: int, pushed: TrieDelta | None = None) -> str:
+        """Note a worker's sync (and the journal version and last seq of a push with entries); returns its
+        origin."""
         origin = str(worker.get("origin", "?"))
         with self._lock:
             record = self.workers.setdefault(origin, WorkerRecord(origin))
@@ -144,6 +226,9 @@ class TrieHubState:
             record.syncs += 1
             record.merged += merged
             record.last_seen = time.time()
+            if pushed is not None and len(pushed):
+                record.version = max(record.version or 0, pushed.version)
+                record.seq = max([record.seq, *(e.seq for e in pushed.entries)])
         return origin
 
     def stats(self) -> dict[str, Any]:
@@ -187,9 +272,14 @@ class TrieHubState:
             self.save()
 
     def close(self) -> bool:
-        """Stop the periodic saves and save one last time (when changed); True when that save wrote the file."""
+        """Stop the periodic saves, save one last time (when changed) and release the path's lock; True when that
+        save wrote the file."""
         self._closed.set()
-        return self.save()
+        try:
+            return self.save()
+        finally:
+            if self.store is not None:
+                self.store.close()
 
 
 def _hub_actor_class() -> Any:
@@ -230,6 +320,11 @@ def stop_hub(handle: Any, timeout: float = 120.0) -> bool:
     return saved
 
 
-def worker_identity(origin: str) -> dict[str, Any]:
-    """How a worker introduces itself to the hub."""
-    return {"origin": origin, "pid": os.getpid(), "host": socket.gethostname()}
+def worker_identity(origin: str, trie: DraftStore | None = None) -> dict[str, Any]:
+    """How a worker introduces itself to the hub: its trie's origin, process and host, and (given ``trie``) the
+    config that shapes its trie and the fingerprint of its tokenizer (None: unknown)."""
+    identity: dict[str, Any] = {"origin": origin, "pid": os.getpid(), "host": socket.gethostname()}
+    if trie is not None:
+        identity["config"] = {name: getattr(trie, name) for name in SHAPING}
+        identity["fingerprint"] = None if trie.fingerprint is None else trie.fingerprint.to_dict()
+    return identity

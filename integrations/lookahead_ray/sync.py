@@ -7,7 +7,11 @@ entries since its last successful push, sends them, and merges the hub's entries
 Merging is idempotent, so a retried push changes nothing. The trie is thread-safe, so syncing while the worker
 decodes only holds the trie's lock for the merge. If the hub is unreachable the worker logs it once and keeps decoding
 with what it has; syncing resumes when the hub answers again (a restarted hub, with another instance id, is pulled
-from its current version).
+from its current version). A hub that answers with a refusal (:class:`~lookahead_ray.hub.HubRefusedError`: another
+``branch_length``, another tokenizer, ...) is logged as an error naming the cause, not as unreachable.
+
+The worker's trie is bound to its tokenizer's fingerprint (when the owner has a ``tokenizer`` and a ``model``), and
+the worker sends it, with its trie's shaping config, at every sync.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from typing import Any, Protocol
 
 import ray
 
-from lookahead.store import DraftStore
+from lookahead.store import DraftStore, tokenizer_fingerprint
+from lookahead.store.store import SHAPING
 from lookahead.trie import TrieDelta
 
-from .hub import worker_identity
+from .hub import HubRefusedError, worker_identity
 
 log = logging.getLogger("lookahead_ray")
 
@@ -74,6 +79,7 @@ class SyncStats:
     failures: int = 0
     missed: int = 0  # times the hub no longer had the entries past our version (we went on from its version)
     hub_reachable: bool | None = None  # None: never tried
+    refused: str | None = None  # why the hub refused the last sync (None: it did not)
 
 
 class TrieSync:
@@ -124,10 +130,28 @@ class TrieSync:
             self._thread.start()
         return self
 
+    def _bind(self, trie: DraftStore) -> None:
+        """Bind ``trie`` to the owner's tokenizer (when it has one and the trie is not bound yet)."""
+        tokenizer, model = getattr(self.owner, "tokenizer", None), getattr(self.owner, "model", None)
+        if trie.fingerprint is None and tokenizer is not None and model is not None:
+            trie.bind(tokenizer_fingerprint(tokenizer, int(model.config.vocab_size)))
+
     def _take_snapshot(self) -> None:
         assert self.hub is not None
+        local = self.owner.trie
+        self._bind(local)
         reply = self.hub.snapshot()
         replica = replica_trie(reply["data"])
+        for name in SHAPING:
+            if getattr(replica, name) != getattr(local, name):
+                raise HubRefusedError(f"the hub's trie has {name}={getattr(replica, name)}, this worker's "
+                                      f"{name}={getattr(local, name)}: their windows cannot be merged. Start every "
+                                      f"worker with the hub's settings")
+        if local.fingerprint is not None:
+            try:
+                replica.bind(local.fingerprint)
+            except ValueError as error:
+                raise HubRefusedError(f"the hub's trie does not fit this worker's tokenizer: {error}") from None
         with self._lock:
             self.owner.trie = replica
             self._trie, self._hub_instance = replica, reply["hub"]
@@ -147,13 +171,15 @@ class TrieSync:
             if trie is not self._trie:  # the owner got another trie: start over
                 self._trie, self._pushed, self._hub_version, self._hub_instance = trie, 0, 0, None
             try:
+                self._bind(trie)
                 self._exchange(trie)
             except Exception as error:  # noqa: BLE001 - any failure of the hub leaves the worker decoding alone
                 self._failed(error)
                 return False
-            if self.stats.hub_reachable is False:
+            if self.stats.hub_reachable is False or self.stats.refused is not None:
                 log.warning("trie hub reachable again: sharing resumed")
             self.stats.hub_reachable = True
+            self.stats.refused = None
             return True
 
     def _exchange(self, trie: DraftStore) -> None:
@@ -163,7 +189,7 @@ class TrieSync:
         except ValueError:  # the journal dropped entries before we pushed them (journal_limit): go on from here
             self._pushed = trie.version
             delta = own_entries(trie.export_delta(since=self._pushed), trie.origin)
-        worker = worker_identity(trie.origin)
+        worker = worker_identity(trie.origin, trie)
         reply = self.hub.sync(delta.to_dict() if len(delta) else None, self._hub_version, worker)
         self._pushed = delta.version
         trie.trim_journal(delta.version)  # the hub has them: the local journal need not keep them
@@ -183,6 +209,14 @@ class TrieSync:
 
     def _failed(self, error: BaseException) -> None:
         self.stats.failures += 1
+        refusal = _refusal(error)
+        if refusal is not None:  # the hub answered: it is reachable, and this worker does not fit it
+            if self.stats.refused != refusal:
+                log.error("trie hub refused this worker: %s. It keeps decoding with its own trie, unshared, and "
+                          "retries every %.0fs", refusal, self.interval)
+            self.stats.refused = refusal
+            self.stats.hub_reachable = True
+            return
         if self.stats.hub_reachable is not False:
             log.warning("trie hub unreachable (%s: %s): this worker keeps decoding with its own trie and retries "
                         "every %.0fs", type(error).__name__, error, self.interval)
@@ -196,3 +230,11 @@ class TrieSync:
             self._thread = None
         if flush:
             self.sync_now()
+
+
+def _refusal(error: BaseException) -> str | None:
+    """The hub's reason when ``error`` is its refusal (raised here, or by the hub actor and passed on by Ray)."""
+    for candidate in (error, getattr(error, "cause", None)):
+        if isinstance(candidate, HubRefusedError):
+            return str(candidate.args[0]) if candidate.args else str(candidate)
+    return None

@@ -49,7 +49,7 @@ from lookahead.store import DraftStore
 from .documents import check_document_id, delete_document, document_ids, insert_documents
 from .errors import ApiError, describe_validation_error, parse_json, validate_body
 from .metrics import ServerMetrics
-from .persistence import TrieStore
+from .persistence import TrieStore, engine_identity
 from .schemas import ChatCompletionRequest, CompletionRequest, DocumentsRequest, as_documents_body
 from .tenants import Access, TenantTries
 
@@ -145,7 +145,7 @@ class _Service:
         self.factory = factory
         self.scheduler: Scheduler | None = None
         self.pool: ThreadPoolExecutor | None = None
-        self.store = TrieStore(settings.trie_path) if settings.trie_path else None
+        self.store = TrieStore(settings.trie_path, *engine_identity(generator)) if settings.trie_path else None
         self.access = settings.access()
         self.tenants = TenantTries(generator, settings.trie_path, settings.max_tenants, on_load=self._warn_config,
                                    on_new=on_new_tenant)
@@ -186,6 +186,7 @@ class _Service:
             self.scheduler.close()
         if self.store is not None:
             self.save(force=True)
+            self.store.close()  # another process may write the path from now on
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 

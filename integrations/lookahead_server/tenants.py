@@ -25,7 +25,7 @@ from lookahead.engine import LookaheadGenerator
 from lookahead.store import DraftStore
 
 from .errors import ApiError
-from .persistence import TrieStore
+from .persistence import TrieFileError, TrieStore, engine_identity
 
 log = logging.getLogger("lookahead_server")
 
@@ -173,7 +173,10 @@ class TenantTries:
 
     def _load(self, tenant: str) -> DraftStore:
         store = self.store(tenant)
-        trie = store.load() if store is not None else None
+        try:
+            trie = store.load() if store is not None else None
+        except TrieFileError as error:  # another tokenizer's or config's file: left in place, never read
+            raise ApiError(500, f"tenant {tenant!r}: {error}", code="trie_file_refused") from None
         if trie is None:
             return self.generator.empty_trie()
         if self.on_load is not None:
@@ -185,7 +188,9 @@ class TenantTries:
         if self.trie_path is None:
             return None
         if tenant not in self._stores:
-            self._stores[tenant] = TrieStore(tenant_trie_path(self.trie_path, tenant))
+            # the global path's lock (held by the server) guards the tenants' files next to it
+            self._stores[tenant] = TrieStore(tenant_trie_path(self.trie_path, tenant),
+                                             *engine_identity(self.generator), lock=False)
         return self._stores[tenant]
 
     def tenants(self) -> list[str]:

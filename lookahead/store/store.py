@@ -17,8 +17,10 @@ oldest first, once the store passes ``store_bytes``); a slice inserted with ``ap
 
 Deleting (:meth:`DraftStore.remove_source`, eviction) marks entries dead at once (their counts are gone from the next
 draft on) and a background compaction drops their tokens. :meth:`DraftStore.save` writes one file of raw arrays
-(fsync, rename); :meth:`DraftStore.load` maps it (copy-on-write), in time that does not grow with its size, so
-processes on one machine share its pages. Journal entries and deltas (:class:`lookahead.trie.TrieDelta`) are the
+(fsync, rename); :meth:`DraftStore.load` maps it (copy-on-write), so processes on one machine share its pages,
+and checks it: the tokenizer's :class:`~lookahead.store.identity.Fingerprint` and the config that shapes drafts
+against the reader's (:class:`StoreMismatchError` naming both), every token id against the vocabulary (one pass over
+the tokens, not the suffix arrays). Journal entries and deltas (:class:`lookahead.trie.TrieDelta`) are the
 oracle trie's, so stores and tries merge each other's deltas.
 """
 
@@ -37,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from ..files import atomic_path
-from ..trie import JOURNAL_LIMIT, Draft, TrieDelta, check_delta, check_id
+from ..trie import JOURNAL_LIMIT, MAX_TOKEN_ID, Draft, TrieDelta, check_delta, check_id
 from . import kernels
+from .identity import Fingerprint
 from .journal import Journal
 from .kernels import NO_HOT_IDX, NO_HOT_KIDS
 from .segments import EMPTY, Buffer, Segment, merge_segments
@@ -46,7 +49,7 @@ from .segments import EMPTY, Buffer, Segment, merge_segments
 #: what a draft reads of one source: tokens, suffix array, dead prefix, hot-node index, hot-node children
 Slot = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-__all__ = ["DEFAULT_STORE_BYTES", "DraftStore", "StoreFileError"]
+__all__ = ["DEFAULT_STORE_BYTES", "DraftStore", "StoreFileError", "StoreMismatchError"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,14 @@ _BYTES_PER_TOKEN = 13  # token + suffix-array entry + separator + busy-node tabl
 
 class StoreFileError(ValueError):
     """A store file that cannot be read: corrupt, truncated, foreign or from another version."""
+
+
+class StoreMismatchError(StoreFileError):
+    """A sound store file made for another tokenizer, vocabulary or config than the reader's (the message names
+    both): not corrupt, so never moved aside, but never read as this engine's either."""
+
+#: the config values that shape what a store holds and drafts; a file with others is refused
+SHAPING = ("branch_length", "max_query_length")
 
 
 class _Local:
@@ -147,7 +158,8 @@ class DraftStore:
         self._worker_lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._closed = False
-        self.meta: dict[str, Any] = {}  # saved with the store (e.g. the tokenizer that wrote it)
+        self.meta: dict[str, Any] = {}  # saved with the store
+        self.fingerprint: Fingerprint | None = None  # what its token ids mean (None: unknown); see bind
         self._mapped: Any = None  # the memory map a loaded store reads
         self._scratch_scale = 1
         self._scratch_key: tuple[int, int] | None = None
@@ -646,7 +658,12 @@ class DraftStore:
         """The journal entries at positions ``>= since`` as a :class:`lookahead.trie.TrieDelta` (see
         :meth:`lookahead.trie.TokenTrie.export_delta`)."""
         with self._lock:
-            return self._journal.export(since, self.branch_length)
+            delta = self._journal.export(since, self.branch_length)
+        fp = self.fingerprint
+        if fp is None:
+            return delta
+        return TrieDelta(delta.origin, delta.branch_length, delta.since, delta.version, delta.entries, fp.tokenizer,
+                         fp.vocab_size)
 
     def trim_journal(self, upto: int) -> None:
         """Forget the journal entries before position ``upto``."""
@@ -655,8 +672,11 @@ class DraftStore:
 
     def merge(self, delta: TrieDelta) -> int:
         """Replay the entries of ``delta`` this store has not applied yet (per origin, by ``seq``); return how many
-        were applied. Raises ValueError for a delta of another ``branch_length``."""
-        check_delta(delta, self.branch_length, "store")
+        were applied. Raises ValueError (before applying anything) for a delta of another ``branch_length``,
+        tokenizer or vocabulary, with token ids outside the vocabulary or impossible seqs
+        (:func:`lookahead.trie.check_delta`)."""
+        fp = self.fingerprint
+        check_delta(delta, self.branch_length, "store", fp and fp.tokenizer, fp and fp.vocab_size)
         applied = 0
         for entry in delta.entries:
             with self._lock:
@@ -688,6 +708,28 @@ class DraftStore:
 
     # ------------------------------------------------------------------ files
 
+    def token_range(self) -> tuple[int, int] | None:
+        """The smallest and largest token id of the global entries (None: none held)."""
+        with self._lock:
+            arrays = [s.tokens for s in self._segments] + [b.view() for b in [*self._frozen, self._tail] if b.used]
+        return _token_range(arrays)
+
+    def bind(self, fingerprint: Fingerprint) -> None:
+        """Say what this store's ids mean (saved with it, sent with its deltas). Raises
+        :class:`StoreMismatchError` when it is bound to another tokenizer or vocabulary, or holds ids outside
+        ``fingerprint``'s vocabulary."""
+        if self.fingerprint == fingerprint:
+            return
+        why = fingerprint.conflict(self.fingerprint)
+        if why is not None:
+            raise StoreMismatchError(f"this store holds ids of {self.fingerprint.describe()}; "  # type: ignore[union-attr]
+                                     f"it cannot be used with {fingerprint.describe()}")
+        span = self.token_range()
+        if span is not None and span[1] >= fingerprint.vocab_size:
+            raise StoreMismatchError(f"this store holds token id {span[1]}, past the vocabulary of "
+                                     f"{fingerprint.describe()} (ids 0..{fingerprint.vocab_size - 1})")
+        self.fingerprint = fingerprint
+
     def _snapshot(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The header and the arrays of a file holding this store's global entries (as one list of segments)."""
         with self._lock:
@@ -695,6 +737,7 @@ class DraftStore:
             buffers = [b for b in [*self._frozen, self._tail] if b.used]
             header: dict[str, Any] = {
                 "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config(), "meta": dict(self.meta),
+                "fingerprint": None if self.fingerprint is None else self.fingerprint.to_dict(),
                 "origin": self.origin, "applied": dict(sorted(self._journal.applied.items())),
                 "journal_version": self._journal.version, "next_uid": self._next_uid,
                 "sources": {sid: list(u) for sid, u in sorted(self._sources.items())},
@@ -730,10 +773,16 @@ class DraftStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], journal_limit: int = JOURNAL_LIMIT, background: bool = True,
-             vocab_size: int | None = None) -> DraftStore:
-        """Open a store file written by :meth:`save`: its arrays are memory-mapped copy-on-write, so opening takes
-        the same time at any size and processes share the pages. Raises :class:`StoreFileError` for a file that is
-        not one (or has token ids at or past ``vocab_size``)."""
+             vocab_size: int | None = None, expect: Fingerprint | None = None,
+             config: dict[str, Any] | None = None) -> DraftStore:
+        """Open a store file written by :meth:`save`: its arrays are memory-mapped copy-on-write, so processes share
+        the pages (opening reads the tokens once, to check them).
+
+        Raises :class:`StoreFileError` for a file that is not one, or holds token ids below 0 or at or past the
+        vocabulary (``vocab_size``, else ``expect``'s, else the file's own); :class:`StoreMismatchError` for a file
+        written for another tokenizer or vocabulary than ``expect`` or with other :data:`SHAPING` values than
+        ``config``. A file without a fingerprint (written before they were saved) loads with a warning, as
+        ``expect``'s."""
         path = os.fspath(path)
         try:
             mapped = np.memmap(path, dtype=np.uint8, mode="c")
@@ -741,21 +790,25 @@ class DraftStore:
             if os.path.exists(path) and os.path.getsize(path) == 0:
                 raise StoreFileError(f"{path!r} is empty: not a {FORMAT_NAME} file") from e
             raise
-        store = cls._from_buffer(mapped, f"{path!r}", journal_limit, background, vocab_size)
+        store = cls._from_buffer(mapped, f"{path!r}", journal_limit, background, vocab_size, expect=expect,
+                                 config=config)
         store._mapped = mapped
         return store
 
     @classmethod
     def from_bytes(cls, data: bytes, new_origin: bool = False, journal_limit: int = JOURNAL_LIMIT,
-                   background: bool = True, vocab_size: int | None = None) -> DraftStore:
+                   background: bool = True, vocab_size: int | None = None, expect: Fingerprint | None = None,
+                   config: dict[str, Any] | None = None) -> DraftStore:
         """A store from :meth:`to_bytes`; ``new_origin``: under an origin of its own (a replica of a hub), what it
-        holds counted as applied."""
+        holds counted as applied. Checked as :meth:`load` checks a file."""
         buf = np.frombuffer(bytearray(data), dtype=np.uint8)
-        return cls._from_buffer(buf, "store bytes", journal_limit, background, vocab_size, new_origin)
+        return cls._from_buffer(buf, "store bytes", journal_limit, background, vocab_size, new_origin, expect,
+                                config)
 
     @classmethod
     def _from_buffer(cls, buf: np.ndarray, where: str, journal_limit: int, background: bool,
-                     vocab_size: int | None, new_origin: bool = False) -> DraftStore:
+                     vocab_size: int | None, new_origin: bool = False, expect: Fingerprint | None = None,
+                     config: dict[str, Any] | None = None) -> DraftStore:
         bad = f"{where} is not a valid {FORMAT_NAME} file"
         if len(buf) < 16 or bytes(buf[:8]) != MAGIC:
             raise StoreFileError(f"{bad}: it does not start with the store's magic bytes")
@@ -769,8 +822,17 @@ class DraftStore:
         if header.get("version") != FORMAT_VERSION:
             raise StoreFileError(f"{bad}: version {header.get('version')!r}, this code reads {FORMAT_VERSION}")
         try:
-            config = dict(header["config"])
-            store = cls(**config, origin=None if new_origin else header["origin"], journal_limit=journal_limit,
+            written = dict(header["config"])
+            found = Fingerprint.from_dict(header.get("fingerprint"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreFileError(f"{bad}: {type(e).__name__}: {e}") from e
+        _check_shape(where, written, config)
+        if expect is not None and expect.conflict(found) is not None:
+            raise StoreMismatchError(f"{where} was written for {found.describe()}, this engine's is "  # type: ignore[union-attr]
+                                     f"{expect.describe()}: its token ids would mean other text. Use the "
+                                     f"tokenizer that wrote it, or another file")
+        try:
+            store = cls(**written, origin=None if new_origin else header["origin"], journal_limit=journal_limit,
                         background=background)
             arrays = _read_arrays(buf, header["arrays"])
             applied = {str(k): int(v) for k, v in header["applied"].items()}
@@ -779,15 +841,23 @@ class DraftStore:
                                 hot_kids=_rows(arrays, p.get("hot_kids"), 5)) for p in header["segments"]]
             sources = {str(k): [int(u) for u in v] for k, v in header["sources"].items()}
             next_uid = int(header["next_uid"])
-            max_token = int(header["max_token"])
+            int(header["max_token"])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise StoreFileError(f"{bad}: {type(e).__name__}: {e}") from e
-        if vocab_size is not None and max_token >= vocab_size:
-            raise StoreFileError(f"{bad} for this tokenizer: it holds token id {max_token}, the vocabulary has "
-                                 f"{vocab_size} (written by another tokenizer?)")
         for seg in segments:
             if len(seg.tokens) and seg.tokens[-1] != kernels.SEP or len(seg.starts) != len(seg.uids):
                 raise StoreFileError(f"{bad}: a segment is truncated")
+        limit = vocab_size or (expect or found or Fingerprint(None, MAX_TOKEN_ID + 1)).vocab_size
+        span = _token_range([seg.tokens for seg in segments])  # the real ids, not the header's word for them
+        if span is not None and (span[0] < 0 or span[1] >= limit):
+            token = span[0] if span[0] < 0 else span[1]
+            raise StoreFileError(f"{bad} for this vocabulary: it holds token id {token}, the vocabulary has {limit} "
+                                 f"(ids 0..{limit - 1}; written by another tokenizer?)")
+        if expect is not None and found is None:
+            log.warning("%s has no tokenizer fingerprint (written by an older version): loaded as unknown, its ids "
+                        "checked against the vocabulary (%d); it is saved with %s from now on", where, limit,
+                        expect.describe())
+        store.fingerprint = expect or found
         store.meta = dict(header.get("meta") or {})
         if new_origin:
             applied[header["origin"]] = max(applied.get(header["origin"], 0), 0)
@@ -805,6 +875,36 @@ class DraftStore:
 
 
 _ALIGN = 64
+
+
+def _token_range(arrays: list[np.ndarray]) -> tuple[int, int] | None:
+    """The smallest and largest token id in token arrays (separators left out; None: no tokens)."""
+    low, high = None, None
+    for arr in arrays:
+        if not len(arr):
+            continue
+        top = int(arr.max())
+        if top == kernels.SEP:
+            continue
+        bottom = int(arr.min())
+        if bottom == kernels.SEP:  # a separator: the smallest id is the smallest value above it
+            rest = arr[arr != kernels.SEP]
+            bottom = int(rest.min())
+        low = bottom if low is None else min(low, bottom)
+        high = top if high is None else max(high, top)
+    return None if low is None else (low, high)  # type: ignore[return-value]
+
+
+def _check_shape(where: str, written: dict[str, Any], config: dict[str, Any] | None) -> None:
+    """Refuse a file whose :data:`SHAPING` config differs from the reader's ``config`` (naming both)."""
+    if config is None:
+        return
+    differ = [name for name in SHAPING if name in config and written.get(name) != config[name]]
+    if differ:
+        theirs = ", ".join(f"{n}={written.get(n)}" for n in differ)
+        ours = ", ".join(f"{n}={config[n]}" for n in differ)
+        raise StoreMismatchError(f"{where} was written with {theirs}, this engine uses {ours}: its drafts would be "
+                                 f"shaped otherwise. Use the same settings, or another file")
 
 
 def _rows(arrays: list[np.ndarray], index: int | None, rows: int) -> np.ndarray | None:
