@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import ray
 
-from lookahead.store import DraftStore, tokenizer_fingerprint
+from lookahead.store import DraftStore, Fingerprint, tokenizer_fingerprint
 from lookahead.store.store import SHAPING
 from lookahead.trie import TrieDelta
 
@@ -106,6 +106,7 @@ class TrieSync:
         self._pushed = 0  # local journal position already pushed
         self._hub_version = 0  # hub version already pulled
         self._hub_instance: str | None = None
+        self._fingerprint: Fingerprint | None = None  # the owner's tokenizer's, once computed
         self._lock = threading.Lock()  # one sync at a time (thread and sync_now)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,10 +132,17 @@ class TrieSync:
         return self
 
     def _bind(self, trie: DraftStore) -> None:
-        """Bind ``trie`` to the owner's tokenizer (when it has one and the trie is not bound yet)."""
+        """Bind ``trie`` to the owner's tokenizer (when it has one and the trie is not bound yet); a trie that does
+        not fit it is a :class:`HubRefusedError` (logged with its cause, never as an unreachable hub)."""
         tokenizer, model = getattr(self.owner, "tokenizer", None), getattr(self.owner, "model", None)
-        if trie.fingerprint is None and tokenizer is not None and model is not None:
-            trie.bind(tokenizer_fingerprint(tokenizer, int(model.config.vocab_size)))
+        if trie.fingerprint is not None or tokenizer is None or model is None:
+            return
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(tokenizer, int(model.config.vocab_size))
+        try:
+            trie.bind(self._fingerprint)
+        except ValueError as error:
+            raise HubRefusedError(f"this worker's trie does not fit its own tokenizer: {error}") from None
 
     def _take_snapshot(self) -> None:
         assert self.hub is not None
