@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .argtypes import positive_int
+from .bench.leakage import add_parser as add_leakage_parser
 from .bench.store_bench import add_parsers as add_store_parsers
 from .config import LookaheadConfig
 from .models import AUTO_DTYPE, DTYPE_CHOICES, ModelLoadError, load_model
@@ -279,6 +280,7 @@ CORE_COMMANDS: dict[str, AddParser] = {
     "bench": add_bench_parser,
     "summarize": add_summarize_parser,
     "bench-store": add_store_parsers,  # and store (stats)
+    "bench-leakage": add_leakage_parser,
 }
 
 

@@ -40,7 +40,7 @@ def test_help_lists_core_and_plugin_commands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "{generate,bench,summarize,bench-store,store,serve}" in out and "OpenAI-compatible HTTP server" in out
+    assert "{generate,bench,summarize,bench-store,store,bench-leakage,serve}" in out and "OpenAI-compatible HTTP server" in out
 
 
 def broken(monkeypatch, *extra: EntryPoint) -> None:
@@ -56,7 +56,7 @@ def test_a_plugin_that_fails_to_import_is_reported_in_its_place(monkeypatch, cap
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "{generate,bench,summarize,bench-store,store,broken,serve}" in out and "unavailable" in out
+    assert "{generate,bench,summarize,bench-store,store,bench-leakage,broken,serve}" in out and "unavailable" in out
     for argv in (["broken"], ["broken", "--port", "8000", "x"]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err

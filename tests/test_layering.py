@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
      "reference", "agreement", "provenance"},
     {"trie", "budget", "outputs", "models"},
     {"store"},  # the draft store: drafts like the trie (its oracle) and shares its Draft and delta types
-    {"inputs", "drafter", "runner"},
+    {"inputs", "drafter", "runner", "pacing"},
     {"batch"},
     {"engine"},
     {"ensemble", "multidraft", "scheduler"},
