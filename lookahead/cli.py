@@ -32,7 +32,8 @@ Build = Callable[[argparse.Namespace], tuple]
 AddParser = Callable[[Any, AddModelArgs, Build], argparse.ArgumentParser]
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model options every command shares (``--model``, ``--dtype``, ``--device`` and the drafting knobs)."""
     parser.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), an HF model id, a local dir or a .gguf file")
     parser.add_argument("--dtype", default=AUTO_DTYPE, choices=DTYPE_CHOICES,
@@ -340,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookahead", description="Lossless trie-drafted decoding for RAG.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_parser in CORE_COMMANDS.values():
-        add_parser(sub, _add_model_args, _build)
+        add_parser(sub, add_model_args, _build)
     for ep in plugin_commands():
-        add_plugin_parser(sub, ep, _add_model_args, _build)
+        add_plugin_parser(sub, ep, add_model_args, _build)
     return parser
 
 

@@ -144,7 +144,7 @@ def test_one_resource_object_one_device_and_incremental_adds(gpu_faiss):
         gpu.add_texts(texts(10, start), ids=texts(10, start))
         gpu.similarity_search("document number 3", k=4)
     assert len(gpu_faiss.clones) == 1 and len(gpu_faiss.resources) == 1  # never re-cloned on a write
-    assert replica.added == 30 and replica.ntotal == gpu._index.ntotal == 50
+    assert replica.added == 30 and replica.ntotal == len(gpu) == 50
     assert gpu_faiss.gpu_searches == [4, 4, 4, 4]
 
 

@@ -450,7 +450,7 @@ def test_cli_dtype_defaults_to_auto_and_build_names_the_loaded_dtype(monkeypatch
     from lookahead import cli, engine
 
     parser = argparse.ArgumentParser()
-    cli._add_model_args(parser)
+    cli.add_model_args(parser)
     args = parser.parse_args([])
     assert args.dtype == "auto"
     assert parser.parse_args(["--dtype", "float32"]).dtype == "float32"
