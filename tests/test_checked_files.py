@@ -19,6 +19,7 @@ from lookahead_ray.hub import HubRefusedError, TrieHubState
 from lookahead_ray.sync import TrieSync
 from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.persistence import TrieFileError, TrieStore
+from lookahead_server.tenants import tenant_trie_path
 from serve_utils import new_generator
 
 from lookahead.config import LookaheadConfig
@@ -243,6 +244,19 @@ def test_a_trie_file_of_another_tokenizer_or_config_stops_the_server_naming_both
     assert all(text in str(refused.value) for text in expected), refused.value
     assert path.read_bytes() == before and not list(tmp_path.glob("*.corrupt-*"))  # left where it was
     TrieStore(path).check()  # the lock was released
+
+
+def test_a_tenants_file_of_another_tokenizer_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "trie.bin"
+    saved(tenant_trie_path(path, "a"), [1, 2, 3, 4], other_fingerprint(), **ENGINE)
+    settings = ServeSettings(trie_path=str(path), trie_save_interval=0, tenant_header="X-Tenant")
+    with TestClient(create_app(new_generator(), settings)) as c:
+        body = {"prompt": "abc", "max_tokens": 2}
+        refused = c.post("/v1/completions", json=body, headers={"X-Tenant": "a"})
+        assert refused.status_code == 500 and refused.json()["error"]["code"] == "trie_file_refused"
+        message = refused.json()["error"]["message"]
+        assert "tenant 'a'" in message and other_fingerprint().tokenizer in message and FP.tokenizer in message
+        assert c.post("/v1/completions", json=body, headers={"X-Tenant": "b"}).status_code == 200
 
 
 def test_the_servers_file_says_which_tokenizer_wrote_it(tmp_path):
