@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FLAT_CURVE, hf_greedy, make_model, make_tokenizer, random_prompt, tiny_config
+from conftest import hf_greedy, make_generator, random_prompt, tiny_config
 from fastapi.testclient import TestClient
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_lookahead import LookaheadLLM
@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve_utils import LiveServer, new_generator, slow_factory, sse_events, wait_until
 
 import lookahead.batch
-from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.scheduler import (
     CUDA_KV_SHARE,
@@ -36,10 +35,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 N = 16
 BYTES_PER_TOKEN = 2 * 2 * 16 * 2 * 4  # the tiny llama: 2 layers x 2 KV heads x head dim 16 x (K, V) x float32
-
-
-def make_generator() -> LookaheadGenerator:
-    return LookaheadGenerator(make_model("llama", 2), make_tokenizer(), LookaheadConfig(), cost_curve=FLAT_CURVE)
 
 
 def full_length_prompts(gen: LookaheadGenerator, count: int, length: int = 8
@@ -107,7 +102,7 @@ def test_kv_cache_bytes_per_token():
 def test_kv_limit_admits_what_fits_fifo_and_exactly():
     """Room for two big requests and a small one: the third big one waits until one ends, and the small one behind
     it waits too (FIFO) although it would fit."""
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts, refs = full_length_prompts(gen, 3)
     small = prompts[2][:4]
     small_ref = hf_greedy(gen.model, small, 4)
@@ -133,7 +128,7 @@ def test_kv_limit_admits_what_fits_fifo_and_exactly():
 
 
 def test_request_too_big_for_the_kv_limit_is_refused_at_submit():
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompt = random_prompt(1, 10)
     scheduler = Scheduler(gen, max_kv_bytes=need(gen, prompt) - 1)
     with pytest.raises(ValueError, match=rf"needs {need(gen, prompt)} bytes of KV cache .*10 prompt tokens \+ "
@@ -147,7 +142,7 @@ def test_request_too_big_for_the_kv_limit_is_refused_at_submit():
 
 
 def test_cpu_default_has_no_kv_limit():
-    scheduler = Scheduler(make_generator())
+    scheduler = Scheduler(make_generator(seed=2))
     assert scheduler.max_kv_bytes is None
     scheduler.close()
 
@@ -175,7 +170,7 @@ def inject(gen: LookaheadGenerator, monkeypatch: pytest.MonkeyPatch, error: Base
 def test_out_of_memory_evicts_the_newest_row_and_the_others_are_exact(monkeypatch):
     """Three rows, then a step runs out of memory: the newest leaves with OutOfMemoryRequestError, the other two
     finish exactly, and the waiting fourth request joins only once one of them has left."""
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts, refs = full_length_prompts(gen, 4)
     fired = inject(gen, monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), rows=3)
     recorder = Recorder(gen)
@@ -203,7 +198,7 @@ def test_out_of_memory_evicts_the_newest_row_and_the_others_are_exact(monkeypatc
 
 
 def test_out_of_memory_of_a_single_row_fails_it_and_serving_goes_on(monkeypatch):
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts, refs = full_length_prompts(gen, 1)
     fired = inject(gen, monkeypatch, RuntimeError("CUDA error: out of memory"))
     scheduler = Scheduler(gen)
@@ -216,7 +211,7 @@ def test_out_of_memory_of_a_single_row_fails_it_and_serving_goes_on(monkeypatch)
 
 def test_on_cuda_the_default_limit_is_most_of_the_free_memory_and_oom_empties_the_cache(monkeypatch):
     """The CUDA paths, with the device faked (the model stays on the CPU): this machine may have no GPU."""
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts, refs = full_length_prompts(gen, 1)
     free = 3 * 2**30
     emptied: list[bool] = []
@@ -234,7 +229,7 @@ def test_on_cuda_the_default_limit_is_most_of_the_free_memory_and_oom_empties_th
 
 
 def test_other_errors_fail_the_whole_batch(monkeypatch):
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts, _ = full_length_prompts(gen, 2)
     inject(gen, monkeypatch, ValueError("broken kernel"), rows=2)
     recorder = Recorder(gen)
@@ -523,7 +518,7 @@ FAULT_POINTS = {
 
 @pytest.fixture(scope="module")
 def injection_setup() -> tuple[list[list[int]], list[list[int]]]:
-    return full_length_prompts(make_generator(), 4)
+    return full_length_prompts(make_generator(seed=2), 4)
 
 
 @pytest.mark.parametrize("point", list(FAULT_POINTS))
@@ -533,7 +528,7 @@ def test_a_fault_costs_only_its_row(point, injection_setup, monkeypatch):
     message, no row ends short without one, every other row equals plain greedy decoding, and the batch cache holds
     exactly the rows decoding after every step (nothing of a failed or finished row is kept)."""
     prompts, refs = injection_setup
-    gen = make_generator()
+    gen = make_generator(seed=2)
     batch = gen.new_batch()
     install, make_error = FAULT_POINTS[point]
     fault = Fault(make_error())
@@ -576,7 +571,7 @@ def test_a_row_fault_fails_only_its_request_in_the_scheduler(point, injection_se
     """Through the scheduler: the faulting request's handle raises with the message, the others are exact, and
     every KV reservation is released."""
     prompts, refs = injection_setup
-    gen = make_generator()
+    gen = make_generator(seed=2)
     install, make_error = FAULT_POINTS[point]
     fault = Fault(make_error())
     recorder = Recorder(gen)
@@ -695,12 +690,12 @@ class ErrorCallbacks(BaseCallbackHandler):
 @pytest.mark.parametrize("how", ["invoke", "stream"])
 def test_langchain_raises_the_fault_instead_of_a_short_answer(how, monkeypatch):
     """A fault of the LangChain adapter's row is an exception (and on_llm_error), never a shorter text."""
-    gen = make_generator()
+    gen = make_generator(seed=2)
     llm = LookaheadLLM(generator=gen, chat_template=False, max_new_tokens=N)
     errors = ErrorCallbacks()
     fired = inject(gen, monkeypatch, ValueError("broken kernel (injected)"))
     config: Any = {"callbacks": [errors]}
-    with pytest.raises(LookaheadGenerationError, match="broken kernel"):
+    with pytest.raises(ValueError, match="broken kernel"):  # the engine raises the fault itself
         llm.invoke("the cat sat", config=config) if how == "invoke" else list(llm.stream("the cat sat", config=config))
     assert fired == [1] and len(errors.seen) == 1
     assert len(llm.invoke("the cat sat")) > 0  # serving goes on
