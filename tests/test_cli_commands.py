@@ -40,7 +40,8 @@ def test_help_lists_core_and_plugin_commands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "{generate,bench,summarize,bench-store,store,bench-leakage,serve}" in out and "OpenAI-compatible HTTP server" in out
+    assert "{generate,bench,summarize,bench-store,store,bench-leakage,serve}" in out
+    assert "OpenAI-compatible HTTP server" in out
 
 
 def broken(monkeypatch, *extra: EntryPoint) -> None:

@@ -42,6 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
 from lookahead.inputs import RequestOptions
+from lookahead.pacing import StreamChunking, apace
 from lookahead.sampling import SamplingParams
 from lookahead.scheduler import OutOfMemoryRequestError, QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
 from lookahead.store import DraftStore
@@ -86,6 +87,10 @@ class ServeSettings:
         tenant_keys: API key -> tenant (``--tenant-keys FILE``, read with :func:`tenants.read_tenant_keys`); each
             listed key is accepted and decides the tenant. Not together with ``tenant_header``.
         max_tenants: most tenants whose tries are held; requests of a new tenant past it get 403.
+        stream_chunk: how streamed answers are cut (:class:`~lookahead.pacing.StreamChunking`): ``"run"`` (one
+            chunk per accepted run, the fastest), ``"token"`` or ``"fixed:N"`` (N tokens per chunk at a steady
+            cadence: chunk sizes and times no longer tell how much was drafted). None (default): ``"token"`` when
+            requests have tenants, else ``"run"``.
     """
 
     model_name: str = "default"
@@ -103,6 +108,7 @@ class ServeSettings:
     tenant_header: str | None = None
     tenant_keys: dict[str, str] | None = None
     max_tenants: int = 64
+    stream_chunk: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "max_tenants"):
@@ -119,6 +125,13 @@ class ServeSettings:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty")
         self.access()  # checks the tenant options
+        self.chunking()  # checks stream_chunk
+
+    def chunking(self) -> StreamChunking:
+        """How streamed answers are cut; with tenants and no choice made, paced tokens (drafting hidden)."""
+        if self.stream_chunk is None:
+            return StreamChunking.parse("token" if self.tenant_header or self.tenant_keys else "run")
+        return StreamChunking.parse(self.stream_chunk)
 
     def access(self) -> Access:
         """Who may call, and the tenant of each request."""
@@ -498,6 +511,7 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
     api = APIRouter(dependencies=[Depends(authorize)])
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
     page_headers = {"Cache-Control": "no-cache", **page_security_headers(page)}
+    chunking = settings.chunking()
 
     @app.get("/")
     async def index() -> Response:
@@ -637,7 +651,9 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
                 first = piece("")
                 first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                 yield _sse(first)
-            async for chunk in service.chunks(handle, request):
+            paced = apace(service.chunks(handle, request), chunking, service.generator.tokenizer,
+                          body.stop_list() or ())
+            async for chunk in paced:
                 chunks.append(chunk)
                 if chunk.text:
                     yield _sse(piece(chunk.text, chunk=chunk))

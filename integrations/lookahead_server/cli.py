@@ -60,6 +60,11 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     tenants.add_argument("--tenant-keys", default=None, metavar="FILE",
                          help="file of 'API-KEY TENANT' lines (# comments): each listed key is accepted and decides "
                               "the request's tenant, which drafts from a trie of its own")
+    parser.add_argument("--stream-chunk", default=None, metavar="{run,token,fixed:N}",
+                        help="how streamed answers are cut: 'run' (one chunk per accepted run, fastest; chunk sizes "
+                             "and times show how much was drafted), 'token' or 'fixed:N' (N tokens per chunk at a "
+                             "steady cadence, hiding it; clients see the speed of decoding without drafts). Default: "
+                             "token with --tenant-header/--tenant-keys, else run")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="most requests decoded together")
     parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="most requests waiting for a batch slot; more get HTTP 429")
@@ -126,7 +131,7 @@ def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tu
             max_kv_bytes=None if args.max_kv_gib is None else max(1, int(args.max_kv_gib * 2**30)),
             default_max_tokens=args.default_max_tokens,
             max_body_bytes=args.max_body_mb * 2**20, trie_path=args.trie, trie_save_interval=args.trie_save_interval,
-            tenant_header=args.tenant_header, tenant_keys=tenant_keys,
+            tenant_header=args.tenant_header, tenant_keys=tenant_keys, stream_chunk=args.stream_chunk,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
