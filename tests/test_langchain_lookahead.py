@@ -192,6 +192,26 @@ def test_stream_callbacks_concatenate_to_invoke(llm):
     assert "".join(recorder.tokens) == expected and len(recorder.tokens) > 1
 
 
+def test_stream_chunk_token_paces_streams_one_token_a_chunk(gen, chat_gen):
+    llm = LookaheadLLM(generator=gen, chat_template=False, max_new_tokens=40, stream_chunk="token")
+    expected = llm.invoke(PROMPT)
+    for _ in range(2):  # the second time the answer drafts from the store: still one token a chunk
+        recorder = Recorder()
+        assert "".join(llm.stream(PROMPT, config={"callbacks": [recorder]})) == expected
+        infos = [c.generation_info for c in recorder.chunks]
+        assert [len(i["token_ids"]) for i in infos] == [1] * len(infos)
+        assert all(i["accepted"] == 0 for i in infos)
+    assert sum(infos[-1]["stats"]["accepted_lengths"]) > 0
+    chat = ChatLookahead(generator=chat_gen, max_tokens=30, stream_chunk="fixed:3")
+    reply = chat.invoke([HumanMessage("the cat sat")]).content
+    pieces = list(chat.stream([HumanMessage("the cat sat")]))
+    assert "".join(p.content for p in pieces) == reply
+    sizes = [p.usage_metadata["output_tokens"] for p in pieces]
+    assert sizes[:-1] == [3] * (len(sizes) - 1) and 0 <= sizes[-1] <= 3
+    with pytest.raises(ValidationError, match="'run'.*'token'.*'fixed:N'"):
+        LookaheadLLM(generator=gen, stream_chunk="tokens")
+
+
 def test_async_and_batch(llm):
     prompts = [PROMPT, "a quick brown fox jumps over the lazy dog. a quick "]
     expected = [llm.invoke(p) for p in prompts]

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from lookahead.config import LookaheadConfig
 from lookahead.inputs import check_positive_int, check_stop
+from lookahead.pacing import StreamChunking
 from lookahead.sampling import SamplingParams
 
 from ._engine import DocumentRouter, EngineHandle, check_documents, get_engine, register_engine
@@ -67,6 +68,10 @@ class LookaheadParams(BaseModel):
     """False runs plain Hugging Face greedy ``generate`` on the same model: the baseline for A/B comparisons."""
     streaming: bool = False
     """Accepted for LangChain compatibility: ``invoke`` then goes through the streaming path."""
+    stream_chunk: str = "run"
+    """How ``stream`` cuts an answer (:class:`lookahead.pacing.StreamChunking`): ``"run"`` (one chunk per accepted
+    run, the fastest), ``"token"`` or ``"fixed:N"`` (N tokens per chunk at a steady cadence, so chunk sizes and times
+    do not tell how much was drafted). Only streams are paced (``invoke`` too with ``streaming=True``)."""
     generator: Any = Field(default=None, exclude=True)
     """A prebuilt :class:`lookahead.engine.LookaheadGenerator` (then nothing is loaded)."""
 
@@ -80,6 +85,11 @@ class LookaheadParams(BaseModel):
         if value not in allowed:
             raise ValueError(f"dtype must be one of {', '.join(allowed)}, got {value!r}")
         return value
+
+    @field_validator("stream_chunk")
+    @classmethod
+    def _known_chunking(cls, value: str) -> str:
+        return str(StreamChunking.parse(value))  # a clear ValueError naming the allowed forms
 
     @field_validator("stop")
     @classmethod

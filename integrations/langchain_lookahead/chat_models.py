@@ -106,14 +106,16 @@ class ChatLookahead(LookaheadParams, BaseChatModel):
         return params
 
     def _pieces(self, messages: list[BaseMessage], stop: list[str] | None,
-                run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any]) -> Iterator[Piece]:
+                run_manager: CallbackManagerForLLMRun | None, kwargs: dict[str, Any], paced: bool = False
+                ) -> Iterator[Piece]:
         chat = to_chat_messages(messages)
         parent = run_manager.parent_run_id if run_manager else None
         prompt_text = "\n".join(m["content"] for m in chat)
         handle, limit, stops, documents = self._request(stop, kwargs, parent, prompt_text)
         yield from stream_pieces(handle, chat, max_new_tokens=limit, stop=stops, documents=documents,
                                  use_lookahead=self.use_lookahead, sampling=self.sampling(kwargs),
-                                 prediction=kwargs.get("prediction"))
+                                 prediction=kwargs.get("prediction"),
+                                 chunking=kwargs.get("stream_chunk", self.stream_chunk) if paced else None)
 
     def _metadata(self, piece: Piece, kwargs: dict[str, Any]) -> dict[str, Any]:
         data: dict[str, Any] = {"model_name": kwargs.get("model") or self.model_name,
@@ -165,7 +167,7 @@ class ChatLookahead(LookaheadParams, BaseChatModel):
         if self._completions(kwargs) > 1:
             raise ValueError("streaming yields one reply: call invoke/generate for n > 1")
         # LangChain's stream() reports each chunk to run_manager.on_llm_new_token itself.
-        for piece in self._pieces(messages, stop, run_manager, kwargs):
+        for piece in self._pieces(messages, stop, run_manager, kwargs, paced=True):
             last = piece.finish_reason is not None
             message = AIMessageChunk(
                 content=piece.text,

@@ -53,12 +53,13 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
         return [{"role": "user", "content": prompt}] if use_template else prompt
 
     def _pieces(self, prompt: str, stop: list[str] | None, run_manager: CallbackManagerForLLMRun | None,
-                kwargs: dict[str, Any]) -> Iterator[tuple[Piece, GenerationChunk]]:
+                kwargs: dict[str, Any], paced: bool = False) -> Iterator[tuple[Piece, GenerationChunk]]:
         parent = run_manager.parent_run_id if run_manager else None
         handle, limit, stops, documents = self._request(stop, kwargs, parent, prompt)
         for piece in stream_pieces(handle, self._prompt(prompt, handle.tokenizer), max_new_tokens=limit, stop=stops,
                                    documents=documents, use_lookahead=self.use_lookahead,
-                                   sampling=self.sampling(kwargs), prediction=kwargs.get("prediction")):
+                                   sampling=self.sampling(kwargs), prediction=kwargs.get("prediction"),
+                                   chunking=kwargs.get("stream_chunk", self.stream_chunk) if paced else None):
             info: dict[str, Any] = {"accepted": piece.accepted, "token_ids": piece.token_ids}
             if piece.finish_reason is not None:
                 info["finish_reason"] = piece.finish_reason
@@ -113,5 +114,5 @@ class LookaheadLLM(LookaheadParams, BaseLLM):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         if self._completions(kwargs) > 1:
             raise ValueError("streaming yields one completion: call invoke/generate for n > 1")
-        for _, chunk in self._pieces(prompt, stop, run_manager, kwargs):
+        for _, chunk in self._pieces(prompt, stop, run_manager, kwargs, paced=True):
             yield chunk
