@@ -143,6 +143,7 @@ class Batch:
 
     def remove(self, key: Hashable) -> None:
         """Drop a row (a cancelled request, or one that already finished: then nothing happens)."""
+        self.failed = [(k, chunk) for k, chunk in self.failed if k != key]  # its error chunk is not needed now
         for row in [row for row in self.new if row.key == key]:
             self.new.remove(row)
             row.cache = None

@@ -156,6 +156,9 @@ class LookaheadGenerator:
         In float32, greedy output equals HF ``generate(do_sample=False)`` token for token; sampled output is drawn
         from exactly the distribution HF sampling uses (sample-then-match), reproducibly with ``seed``.
 
+        A fault (out of memory, say) raises for one prompt; for a list, the prompt it belongs to gets a result with
+        ``finish_reason`` "error" and its ``error``, and the others are decoded as if it had not happened.
+
         Args:
             prompt: a string, chat messages, token ids, or a list of those.
             options: what each request asks for (:class:`~lookahead.inputs.RequestOptions`); ``keywords`` replace
@@ -198,12 +201,15 @@ class LookaheadGenerator:
                      prefill_chunk=self.config.prefill_chunk, prefill_share=self.config.prefill_share)
 
     def run(self, request: Request) -> Iterator[StreamChunk]:
-        """Decode one prepared request as a batch of one, yielding its chunks."""
+        """Decode one prepared request as a batch of one, yielding its chunks; a fault that ends it is raised
+        (the exception itself), never a shorter answer."""
         batch = self.new_batch()
         batch.add(request, key=0)
         try:
             while len(batch):
                 for _, chunk in batch.step():
+                    if chunk.finish_reason == "error":
+                        raise chunk.exception or RuntimeError(chunk.error)
                     yield chunk
         finally:
             batch.close()

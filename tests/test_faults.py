@@ -15,7 +15,6 @@ from conftest import hf_greedy, make_generator, random_prompt, tiny_config
 from fastapi.testclient import TestClient
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_lookahead import LookaheadLLM
-from langchain_lookahead._engine import LookaheadGenerationError
 from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.cli import add_parser
 from prometheus_client.parser import text_string_to_metric_families
@@ -699,3 +698,17 @@ def test_langchain_raises_the_fault_instead_of_a_short_answer(how, monkeypatch):
         llm.invoke("the cat sat", config=config) if how == "invoke" else list(llm.stream("the cat sat", config=config))
     assert fired == [1] and len(errors.seen) == 1
     assert len(llm.invoke("the cat sat")) > 0  # serving goes on
+
+
+def test_a_list_of_prompts_gets_an_error_result_for_the_faulting_one(monkeypatch):
+    """``generate`` over a list: the prompt whose row faults gets finish_reason "error" and its error, the others
+    their exact answers (a single prompt raises the fault: see the LangChain test above)."""
+    gen = make_generator()
+    prompts, refs = full_length_prompts(gen, 3)
+    _second_drafter_fails(gen, monkeypatch)
+    results = gen.generate(prompts, max_new_tokens=N, batch_size=3)
+    assert [r.finish_reason for r in results] == ["length", "error", "length"]
+    assert results[1].error is not None and "the draft store broke (injected)" in results[1].error
+    assert results[0].token_ids == refs[0] and results[2].token_ids == refs[2]
+    assert results[1].token_ids == refs[1][:len(results[1].token_ids)]
+    assert gen.trie.live_requests() == []

@@ -24,7 +24,6 @@ from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
 from lookahead.inputs import RequestOptions
 from lookahead.models import load_model
 from lookahead.multidraft import MultiDraftGenerator, MultiDraftResult
-from lookahead.pacing import pace
 
 __all__ = ["EngineHandle", "DocumentRouter", "get_engine", "register_engine", "clear_engines", "check_documents"]
 
@@ -100,11 +99,6 @@ def check_documents(documents: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-class LookaheadGenerationError(RuntimeError):
-    """A fault ended the generation before its answer was complete (the engine's finish_reason "error"); the
-    message says what failed. Raised instead of returning a shorter answer that would look complete."""
-
-
 @dataclass
 class Piece:
     """One accepted run of tokens as the LangChain classes see it (engine chunk or the baseline's single piece)."""
@@ -119,16 +113,15 @@ class Piece:
 
 def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
                   documents: Sequence[str], use_lookahead: bool = True, sampling: Mapping[str, Any] | None = None,
-                  prediction: str | Sequence[int] | None = None, chunking: str | None = None) -> Iterator[Piece]:
-    """Generate under the handle's lock, yielding one piece per accepted run (lookahead) or one piece (baseline);
-    ``chunking`` (``token``, ``fixed:N``) re-cuts and paces the pieces (:func:`lookahead.pacing.pace`).
+                  prediction: str | Sequence[int] | None = None) -> Iterator[Piece]:
+    """Generate under the handle's lock, yielding one piece per accepted run (lookahead) or one piece (baseline).
 
     ``sampling`` holds the engine's sampling keywords (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
     ``seed``); empty or None decodes greedily. ``prediction`` (the expected output) is drafted first; the plain
     baseline drafts nothing and ignores it.
 
     The lock is released when the generator finishes or is closed (a consumer that stops early). A fault that ends
-    the generation (finish_reason "error") raises :class:`LookaheadGenerationError` after the pieces before it.
+    the generation is raised by the engine after the pieces before it (never a shorter answer).
     """
     options = RequestOptions.of(max_new_tokens=max_new_tokens, stop=stop, documents=documents or None,
                                 prediction=prediction, **dict(sampling or {}))
@@ -139,7 +132,7 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
             yield _plain_generate(handle, prompt, options)
             return
         prompt_ids = generator.encode(prompt)
-        for chunk in pace(generator.stream(prompt_ids, options), chunking, generator.tokenizer, stop or ()):
+        for chunk in generator.stream(prompt_ids, options):
             yield _piece(chunk, len(prompt_ids))
     finally:
         handle.lock.release()
@@ -154,8 +147,6 @@ def generate_n(handle: EngineHandle, prompt: Any, *, n: int, max_new_tokens: int
 
 
 def _piece(chunk: StreamChunk, prompt_tokens: int) -> Piece:
-    if chunk.finish_reason == "error":
-        raise LookaheadGenerationError(chunk.error or "generation failed")
     return Piece(chunk.text, list(chunk.token_ids), chunk.accepted, chunk.finish_reason, chunk.stats, prompt_tokens)
 
 
