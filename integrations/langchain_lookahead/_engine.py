@@ -24,6 +24,7 @@ from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
 from lookahead.inputs import RequestOptions
 from lookahead.models import load_model
 from lookahead.multidraft import MultiDraftGenerator, MultiDraftResult
+from lookahead.pacing import pace
 
 __all__ = ["EngineHandle", "DocumentRouter", "get_engine", "register_engine", "clear_engines", "check_documents"]
 
@@ -113,8 +114,9 @@ class Piece:
 
 def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, stop: Sequence[str] | None,
                   documents: Sequence[str], use_lookahead: bool = True, sampling: Mapping[str, Any] | None = None,
-                  prediction: str | Sequence[int] | None = None) -> Iterator[Piece]:
-    """Generate under the handle's lock, yielding one piece per accepted run (lookahead) or one piece (baseline).
+                  prediction: str | Sequence[int] | None = None, chunking: str | None = None) -> Iterator[Piece]:
+    """Generate under the handle's lock, yielding one piece per accepted run (lookahead) or one piece (baseline);
+    ``chunking`` (``token``, ``fixed:N``) re-cuts and paces the pieces (:func:`lookahead.pacing.pace`).
 
     ``sampling`` holds the engine's sampling keywords (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
     ``seed``); empty or None decodes greedily. ``prediction`` (the expected output) is drafted first; the plain
@@ -132,7 +134,7 @@ def stream_pieces(handle: EngineHandle, prompt: Any, *, max_new_tokens: int, sto
             yield _plain_generate(handle, prompt, options)
             return
         prompt_ids = generator.encode(prompt)
-        for chunk in generator.stream(prompt_ids, options):
+        for chunk in pace(generator.stream(prompt_ids, options), chunking, generator.tokenizer, stop or ()):
             yield _piece(chunk, len(prompt_ids))
     finally:
         handle.lock.release()
