@@ -407,7 +407,7 @@ def _inject_join(gen, batch, prompts, fault, monkeypatch) -> None:
     original = lookahead.batch.append_rows
 
     def append_rows(cache, *others):
-        if not (fault.armed and batch.rows):  # the first rows join an empty batch; row 3 joins a running one
+        if not (fault.armed and batch.rows and len(others) == 1):  # one row joining a running batch
             return original(cache, *others)
         cat, calls = torch.cat, {"n": 0}
 
@@ -703,7 +703,7 @@ def test_langchain_raises_the_fault_instead_of_a_short_answer(how, monkeypatch):
 def test_a_list_of_prompts_gets_an_error_result_for_the_faulting_one(monkeypatch):
     """``generate`` over a list: the prompt whose row faults gets finish_reason "error" and its error, the others
     their exact answers (a single prompt raises the fault: see the LangChain test above)."""
-    gen = make_generator()
+    gen = make_generator(seed=2)
     prompts, refs = full_length_prompts(gen, 3)
     _second_drafter_fails(gen, monkeypatch)
     results = gen.generate(prompts, max_new_tokens=N, batch_size=3)
@@ -712,3 +712,41 @@ def test_a_list_of_prompts_gets_an_error_result_for_the_faulting_one(monkeypatch
     assert results[0].token_ids == refs[0] and results[2].token_ids == refs[2]
     assert results[1].token_ids == refs[1][:len(results[1].token_ids)]
     assert gen.trie.live_requests() == []
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_rows_joining_together_are_retried_alone(persistent, injection_setup, monkeypatch):
+    """Two rows join a running batch in one concatenation that fails: each is tried alone; a row that still does
+    not fit fails alone, the other joins, and every other row is exact."""
+    prompts, refs = injection_setup
+    gen = make_generator(seed=2)
+    batch = gen.new_batch()
+    batch.add(gen.prepare(prompts[0], max_new_tokens=N), 0)
+    original = lookahead.batch.append_rows
+    calls: list[int] = []
+
+    def append_rows(cache, *others):
+        calls.append(len(others))
+        if len(others) == 2 or (persistent and batch.new[-1].cache in others and batch.rows):
+            raise _oom()
+        return original(cache, *others)
+
+    monkeypatch.setattr(lookahead.batch, "append_rows", append_rows)
+    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    last: dict[int, Any] = {}
+    for step in range(100):
+        if step == 1:
+            for key in (1, 2):
+                batch.add(gen.prepare(prompts[key], max_new_tokens=N), key)
+        for key, chunk in batch.step():
+            tokens[key].extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                last[key] = chunk
+        if not len(batch):
+            break
+    assert calls[:3] == [2, 1, 1]  # together, then each alone
+    assert {key: chunk.finish_reason for key, chunk in last.items()} == \
+        {0: "length", 1: "length", 2: "error" if persistent else "length"}
+    assert tokens[0] == refs[0] and tokens[1] == refs[1]
+    assert tokens[2] == (refs[2][:0] if persistent else refs[2])
+    assert batch.cache is None and gen.trie.live_requests() == []
