@@ -46,7 +46,7 @@ from .verify import Acceptance, greedy_accept, walk_accept
 log = logging.getLogger(__name__)
 
 #: makes the drafter of a request from its request id and its own trie (None: the engine's current trie; the engine
-#: binds its budget and config): ``new_drafter(request_id, trie=request.trie)``
+#: binds its budget and config): ``new_drafter(request_id, trie=request.trie, budget=None)``
 DrafterFactory = Callable[..., Drafter]
 #: one event of a step: the row's key and its chunk
 Event = tuple[Hashable, StreamChunk]
@@ -138,7 +138,8 @@ class Batch:
             raise ValueError(f"key {key!r} is already in this batch")
         emitter = Emitter(self.tokenizer, request.eos, request.stop, request.max_new_tokens)
         chooser = TokenChooser(request.sampling, device=self.runner.device)
-        drafter = self.new_drafter(request.request_id, trie=request.trie)
+        budget = request.options.budget if request.options is not None else None
+        drafter = self.new_drafter(request.request_id, trie=request.trie, budget=budget)
         self.new.append(Row(key, request, emitter, drafter, chooser))
 
     def remove(self, key: Hashable) -> None:

@@ -129,9 +129,12 @@ class LookaheadGenerator:
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)
 
-    def new_drafter(self, request_id: str | None = None, trie: DraftSource | None = None) -> Drafter:
-        """A drafter for one request over ``trie`` (None: this generator's current trie) and this budget."""
-        return Drafter(trie if trie is not None else self.trie, self.budget, self.config, request_id)
+    def new_drafter(self, request_id: str | None = None, trie: DraftSource | None = None,
+                    budget: DraftBudget | None = None) -> Drafter:
+        """A drafter for one request over ``trie`` (None: this generator's current trie) and ``budget`` (None: this
+        generator's)."""
+        return Drafter(trie if trie is not None else self.trie, budget if budget is not None else self.budget,
+                       self.config, request_id)
 
     # ------------------------------------------------------------------ inputs
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .budget import DraftBudget
 from .outputs import Prompt, Request
 from .sampling import SamplingParams
 from .store import DraftStore
@@ -91,6 +92,9 @@ class RequestOptions:
         prediction: the expected output (a text or token ids), drafted first; output never depends on it.
         trie: the :class:`~lookahead.store.DraftStore` the request drafts from and learns into (None: the
             generator's own).
+        budget: the :class:`~lookahead.budget.DraftBudget` that ranks its drafts and learns from them (None: the
+            generator's; a tenant's own keeps its acceptance statistics apart; every budget of a batch must share
+            the generator's cost model).
     """
 
     max_new_tokens: int = 128
@@ -101,9 +105,12 @@ class RequestOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prediction: str | Sequence[int] | None = None
     trie: Any = None
+    budget: Any = None
 
     def __post_init__(self) -> None:
         check_trie(self.trie)
+        if self.budget is not None and not isinstance(self.budget, DraftBudget):
+            raise TypeError(f"budget must be a lookahead.budget.DraftBudget or None, got {type(self.budget).__name__}")
         check_positive_int("max_new_tokens", self.max_new_tokens)
         self._set("stop", check_stop(self.stop))
         if self.sampling is None:

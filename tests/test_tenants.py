@@ -4,6 +4,8 @@ header or by the API key; tenant tries persist next to the global one."""
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from lookahead_server.app import ServeSettings, create_app
 from lookahead_server.tenants import Access, read_tenant_keys, tenant_trie_path
 from serve_utils import chat_tokenizer
 
+from lookahead.budget import CostCurve
 from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.store import DraftStore
@@ -207,3 +210,104 @@ def test_tenant_options_are_checked(tmp_path):
         with pytest.raises(ValueError, match=fragment):
             read_tenant_keys(bad)
     assert Access().tenant({HEADER.lower(): "a"}) is None  # no tenant options: no tenants
+
+
+# ---------------------------------------------------------------------------------------------------- slots, locks,
+# budgets and what each caller sees
+
+
+def doc_ids_of(c: TestClient, tenant: str) -> list[str]:
+    r = c.get("/v1/documents", headers={HEADER: tenant})
+    assert r.status_code == 200, r.text
+    return [d["id"] for d in r.json()["data"]]
+
+
+def test_idle_tenants_are_unloaded_to_their_files_and_come_back(tmp_path):
+    path = tmp_path / "trie.bin"
+    settings = ServeSettings(trie_path=str(path), trie_save_interval=0, tenant_header=HEADER, max_tenants=2)
+    with TestClient(create_app(fixed_generator(), settings)) as c:
+        for name in ("a", "b", "c", "d"):
+            r = c.post("/v1/documents", json={"documents": [f"notes of {name}: tries and drafts"], "ids": [f"{name}1"]},
+                       headers={HEADER: name})
+            assert r.status_code == 200, r.text
+            ask(c, name)
+            assert len(service(c).tenants.tenants()) <= 2
+        assert service(c).tenants.tenants() == ["c", "d"]  # the least recently used went to their files
+        assert tenant_trie_path(path, "a").exists() and tenant_trie_path(path, "b").exists()
+        assert doc_ids_of(c, "a") == ["a1"]  # read from its file, without taking a slot
+        assert service(c).tenants.tenants() == ["c", "d"]
+        assert drafting(ask(c, "a")) == plain_rounds()[WARM]  # loaded back: its past answer drafts again
+        assert doc_ids_of(c, "a") == ["a1"] and "a" in service(c).tenants.tenants()
+
+
+def test_read_only_requests_take_no_tenant_slot():
+    with TestClient(create_app(fixed_generator(), ServeSettings(tenant_header=HEADER, max_tenants=1))) as c:
+        for name in ("r1", "r2", "r3"):
+            assert doc_ids_of(c, name) == []
+        assert service(c).tenants.tenants() == []
+        ask(c, "w")  # the one slot is still free for a tenant that generates
+        assert service(c).tenants.tenants() == ["w"]
+
+
+def test_a_slow_tenant_load_never_delays_another_tenant():
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def on_new(name: str, trie: DraftStore) -> DraftStore:
+        if name == "slow":
+            entered.set()
+            gate.wait(30)  # a hub snapshot that takes its time
+        return trie
+
+    app = create_app(fixed_generator(), ServeSettings(tenant_header=HEADER), on_new_tenant=on_new)
+    with TestClient(app) as c:
+        slow = threading.Thread(target=lambda: ask(c, "slow"))
+        slow.start()
+        try:
+            assert entered.wait(30)
+            t0 = time.perf_counter()
+            ask(c, "fast")  # another tenant's first request, while slow's load is stuck
+            assert time.perf_counter() - t0 < 20 and not gate.is_set()
+        finally:
+            gate.set()
+            slow.join(60)
+        assert service(c).tenants.tenants() == ["fast", "slow"]
+
+
+def adaptive_generator() -> LookaheadGenerator:
+    """Adaptive drafts over a cost curve where size matters: draft sizes follow what the budget has learned."""
+    curve = CostCurve((1, 2, 4, 8, 16, 32, 64), (1.0, 1.05, 1.2, 1.6, 2.4, 4.0, 7.5))
+    return LookaheadGenerator(make_model("llama"), chat_tokenizer(), LookaheadConfig(), cost_curve=curve)
+
+
+def test_each_tenant_has_a_draft_budget_of_its_own():
+    other = {"prompt": "Once upon a time the drafts", "max_tokens": N}
+    with TestClient(create_app(adaptive_generator(), ServeSettings(tenant_header=HEADER))) as c:
+        alone = ask(c, "b")["lookahead"]["draft_tokens"]
+    with TestClient(create_app(adaptive_generator(), ServeSettings(tenant_header=HEADER))) as c:
+        for _ in range(3):  # tenant a's traffic teaches a's budget
+            assert c.post("/v1/completions", json=other, headers={HEADER: "a"}).status_code == 200
+        tenants = service(c).tenants
+        assert tenants.budget("a").acceptance.total_trials > 0
+        assert tenants.budget("b").acceptance.total_trials == 0
+        assert tenants.budget("a") is not service(c).generator.budget
+        assert ask(c, "b")["lookahead"]["draft_tokens"] == alone  # b drafts as if a had never come
+
+
+def test_a_tenant_key_sees_its_own_metrics_and_health_hides_internals(tmp_path):
+    settings = ServeSettings(api_key="admin", tenant_keys={"key-a": "alpha", "key-b": "beta"})
+    with TestClient(create_app(fixed_generator(), settings)) as c:
+        ask(c, Authorization="Bearer key-a")
+        alpha = c.get("/metrics", headers={"Authorization": "Bearer key-a"}).text
+        beta = c.get("/metrics", headers={"Authorization": "Bearer key-b"}).text
+        admin = c.get("/metrics", headers={"Authorization": "Bearer admin"}).text
+        assert 'lookahead_tenant_completions_total{finish_reason="length",tenant="alpha"} 1.0' in alpha
+        assert "alpha" not in beta and "lookahead_http_requests" not in alpha + beta
+        assert "lookahead_http_requests" in admin
+        assert c.get("/health").json() == {"status": "ok"}
+        assert c.get("/health", headers={"Authorization": "Bearer key-a"}).json() == {"status": "ok"}
+        assert "queued" in c.get("/health", headers={"Authorization": "Bearer admin"}).json()
+    with TestClient(create_app(fixed_generator(), ServeSettings(tenant_header=HEADER))) as c:
+        assert c.get("/health").json() == {"status": "ok"}  # tenants, no key: nobody sees the internals
+    with TestClient(create_app(fixed_generator(), ServeSettings())) as c:
+        assert "trie_nodes" in c.get("/health").json()  # a server open to all: as before

@@ -49,7 +49,7 @@ from lookahead.store import DraftStore
 
 from .documents import check_document_id, delete_document, document_ids, insert_documents
 from .errors import ApiError, describe_validation_error, parse_json, validate_body
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, TenantMetrics
 from .persistence import TrieStore, engine_identity
 from .schemas import ChatCompletionRequest, CompletionRequest, DocumentsRequest, as_documents_body
 from .tenants import Access, TenantTries
@@ -86,7 +86,8 @@ class ServeSettings:
             only behind a gateway that sets it.
         tenant_keys: API key -> tenant (``--tenant-keys FILE``, read with :func:`tenants.read_tenant_keys`); each
             listed key is accepted and decides the tenant. Not together with ``tenant_header``.
-        max_tenants: most tenants whose tries are held; requests of a new tenant past it get 403.
+        max_tenants: most tenants whose tries are held (``--max-tenants``); with ``trie_path`` the least recently used
+            idle one is saved and unloaded to make room, without it a new tenant past the limit gets 403.
         stream_chunk: how streamed answers are cut (:class:`~lookahead.pacing.StreamChunking`): ``"run"`` (one
             chunk per accepted run, the fastest), ``"token"`` or ``"fixed:N"`` (N tokens per chunk at a steady
             cadence: chunk sizes and times no longer tell how much was drafted). None (default): ``"token"`` when
@@ -161,9 +162,10 @@ class _Service:
         self.store = TrieStore(settings.trie_path, *engine_identity(generator)) if settings.trie_path else None
         self.access = settings.access()
         self.tenants = TenantTries(generator, settings.trie_path, settings.max_tenants, on_load=self._warn_config,
-                                   on_new=on_new_tenant)
+                                   on_new=on_new_tenant, on_unload=self._keep if settings.trie_path else None)
         self.metrics = ServerMetrics(lambda: (self.generator, self.scheduler))
-        self.handles: set[RequestHandle] = set()
+        self.handles: dict[RequestHandle, str | None] = {}  # running requests and their tenants
+        self._tenant_metrics: dict[str, TenantMetrics] = {}
         self.created = int(time.time())
         self.documents_inserted = 0
         self._save_lock = threading.Lock()  # one save at a time
@@ -222,10 +224,25 @@ class _Service:
                 if not force and changes == self._saved.get(tenant, 0):
                     continue
                 store = self.store if tenant is None else self.tenants.store(tenant)
-                if store is not None and self._save_one(store, self.tenants.get(tenant)):
+                trie = self.tenants.peek(tenant)  # None: unloaded meanwhile (saved then)
+                if store is not None and trie is not None and self._save_one(store, trie):
                     self._saved[tenant] = changes
                     wrote = True
         return wrote
+
+    def _keep(self, tenant: str, trie: DraftStore) -> bool:
+        """Save a tenant's trie before it is unloaded (to make room for another); False when it could not be."""
+        store = self.tenants.store(tenant)
+        if store is None:
+            return False
+        with self._save_lock:
+            with self._changes_lock:
+                changes = self._changes.get(tenant, 0)
+            if not self._save_one(store, trie):
+                return False
+            self._saved[tenant] = changes
+        trie.close()
+        return True
 
     def _save_one(self, store: TrieStore, trie: DraftStore) -> bool:
         try:
@@ -298,7 +315,17 @@ class _Service:
                      tenant: str | None) -> tuple[RequestHandle, int]:
         if self.scheduler is None:
             raise ApiError(503, "the server is starting or shutting down; retry shortly")
-        trie = self.tenants.get(tenant)  # before any work: a tenant past max_tenants is refused
+        trie = self.tenants.hold(tenant)  # before any work: a tenant that cannot be held is refused
+        try:
+            handle, prompt_tokens = self._submit_held(prompt, body, requested, param, tenant, trie)
+        except BaseException:
+            self.tenants.release(tenant)
+            raise
+        self.handles[handle] = tenant
+        return handle, prompt_tokens
+
+    def _submit_held(self, prompt: Any, body: GenerationBody, requested: int | None, param: str,
+                     tenant: str | None, trie: DraftStore) -> tuple[RequestHandle, int]:
         try:
             prompt_ids = self.generator.encode(prompt)
         except (ValueError, TypeError) as error:
@@ -308,6 +335,7 @@ class _Service:
             options = RequestOptions(max_new_tokens=max_tokens, stop=body.stop_list() or (),
                                      documents=body.documents or (), sampling=self.sampling(body),
                                      trie=trie if tenant is not None else None, prediction=body.prediction_text,
+                                     budget=self.tenants.budget(tenant) if tenant is not None else None,
                                      document_names=body.document_ids)
             handle = self.scheduler.submit(prompt_ids, options)
         except QueueFullError as error:
@@ -316,7 +344,6 @@ class _Service:
             raise ApiError(503, f"{error}; retry shortly") from None
         except (ValueError, TypeError) as error:
             raise ApiError(400, str(error)) from None
-        self.handles.add(handle)
         return handle, len(prompt_ids)
 
     async def submit(self, prompt: Any, body: GenerationBody, requested: int | None, param: str,
@@ -350,9 +377,18 @@ class _Service:
                 return
             yield item
 
+    def tenant_metrics(self, tenant: str) -> TenantMetrics:
+        """``tenant``'s own figures (what its requests see at /metrics)."""
+        with self._changes_lock:
+            found = self._tenant_metrics.get(tenant)
+            if found is None:
+                found = self._tenant_metrics[tenant] = TenantMetrics(tenant)
+            return found
+
     def release(self, handle: RequestHandle) -> None:
         handle.cancel()  # a no-op for a finished request; frees the slot of an abandoned one
-        self.handles.discard(handle)
+        if handle in self.handles:
+            self.tenants.release(self.handles.pop(handle))
 
     def finished(self, endpoint: str, handle: RequestHandle, chunks: list[StreamChunk], started: float,
                  tenant: str | None) -> tuple[str, GenerationStats]:
@@ -361,6 +397,8 @@ class _Service:
             raise RuntimeError("the generation ended without a finish reason")
         self.metrics.observe_finished(endpoint, handle.prompt_tokens, last.stats, last.finish_reason,
                                       time.perf_counter() - started)
+        if tenant is not None:
+            self.tenant_metrics(tenant).observe_finished(handle.prompt_tokens, last.stats, last.finish_reason)
         self.touch(tenant)  # its answer was learned
         return last.finish_reason, last.stats
 
@@ -518,18 +556,25 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
         return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        """Up or starting, for anyone; the queue and the default trie's size only with the server's key (or on a
+        server open to all)."""
         scheduler = service.scheduler
         if scheduler is None:
             return JSONResponse({"status": "starting"}, status_code=503)
+        if not service.access.sees_internals(request.headers):
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": settings.model_name, "queued": scheduler.queued,
                              "active": scheduler.active, "trie_nodes": len(service.generator.trie)})
 
     @api.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        """Server-wide figures; a tenant's request sees its own tenant's only."""
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        who = tenant(request)
+        text = service.metrics.render() if who is None else service.tenant_metrics(who).render()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
     async def models() -> Response:
@@ -540,22 +585,33 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
     async def documents(request: Request) -> Response:
         body = validate_body(DocumentsRequest, as_documents_body(await service.read_body(request)))
         who = tenant(request)
-        trie = await asyncio.to_thread(service.tenants.get, who)  # a tenant's first use may read its file
-        tokens = await asyncio.to_thread(insert_documents, trie, service.generator.tokenizer, body.documents,
-                                         body.ids)
+
+        def insert() -> tuple[int, int]:
+            with service.tenants.using(who) as trie:  # a tenant's first use may read its file
+                return insert_documents(trie, service.generator.tokenizer, body.documents, body.ids), len(trie)
+
+        tokens, size = await asyncio.to_thread(insert)
         service.touch(who)
         service.documents_inserted += len(body.documents)
         service.metrics.documents.inc(len(body.documents))
         service.metrics.document_tokens.inc(tokens)
+        if who is not None:
+            service.tenant_metrics(who).observe_documents(len(body.documents), tokens)
         answer: dict[str, Any] = {"object": "documents.insert", "documents": len(body.documents), "tokens": tokens,
-                                  "trie_nodes": len(trie)}
+                                  "trie_nodes": size}
         if body.ids is not None:
             answer["ids"] = body.ids
         return JSONResponse(answer)
 
     @api.get("/v1/documents")
     async def list_documents(request: Request) -> Response:
-        ids = document_ids(await asyncio.to_thread(service.tenants.get, tenant(request)))
+        who = tenant(request)
+
+        def listed() -> list[str]:
+            with service.tenants.reading(who) as trie:  # takes no tenant slot: read from its file if not held
+                return document_ids(trie) if trie is not None else []
+
+        ids = await asyncio.to_thread(listed)
         return JSONResponse({"object": "list", "data": [{"id": i, "object": "document"} for i in ids]})
 
     @api.delete("/v1/documents/{doc_id}")
@@ -565,15 +621,19 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
         except ValueError as error:
             raise ApiError(400, str(error), param="id") from None
         who = tenant(request)
-        trie = await asyncio.to_thread(service.tenants.get, who)
-        removed = await asyncio.to_thread(delete_document, trie, doc_id)
+
+        def remove() -> tuple[int | None, int]:
+            with service.tenants.using(who) as trie:
+                return delete_document(trie, doc_id), len(trie)
+
+        removed, size = await asyncio.to_thread(remove)
         if removed is None:
             raise ApiError(404, f"no document with id {doc_id!r}: never sent to /v1/documents with that id, already "
                                 f"deleted, or pruned from the trie (GET /v1/documents lists the ids held)",
                            param="id", code="document_not_found")
         service.touch(who)
         return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True, "removed": removed,
-                             "trie_nodes": len(trie)})
+                             "trie_nodes": size})
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:

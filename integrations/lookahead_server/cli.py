@@ -60,6 +60,10 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     tenants.add_argument("--tenant-keys", default=None, metavar="FILE",
                          help="file of 'API-KEY TENANT' lines (# comments): each listed key is accepted and decides "
                               "the request's tenant, which drafts from a trie of its own")
+    parser.add_argument("--max-tenants", type=positive_int, default=64, metavar="N",
+                        help="most tenant tries held in memory (default 64); with --trie the least recently used "
+                             "idle tenant is saved to its file and unloaded to make room, without --trie a new "
+                             "tenant past N is refused (403)")
     parser.add_argument("--stream-chunk", default=None, metavar="{run,token,fixed:N}",
                         help="how streamed answers are cut: 'run' (one chunk per accepted run, fastest; chunk sizes "
                              "and times show how much was drafted), 'token' or 'fixed:N' (N tokens per chunk at a "
@@ -132,6 +136,7 @@ def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tu
             default_max_tokens=args.default_max_tokens,
             max_body_bytes=args.max_body_mb * 2**20, trie_path=args.trie, trie_save_interval=args.trie_save_interval,
             tenant_header=args.tenant_header, tenant_keys=tenant_keys, stream_chunk=args.stream_chunk,
+            max_tenants=args.max_tenants,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

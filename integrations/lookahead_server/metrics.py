@@ -114,3 +114,35 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("lookahead_tokens_per_second", "generated tokens per second of decoding work "
                                 "(all requests of a batch together)",
                                 value=stats.tokens_generated / busy if busy else 0.0)
+
+
+class TenantMetrics:
+    """One tenant's own figures, all that ``/metrics`` shows a request of that tenant: its finished generations,
+    tokens and documents (the server-wide figures, other tenants' included, need the server's key)."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.finished = Counter("lookahead_tenant_completions", "this tenant's finished generations by finish reason",
+                                ["tenant", "finish_reason"], registry=r)
+        self.prompt_tokens = Counter("lookahead_tenant_prompt_tokens", "prompt tokens of this tenant's finished "
+                                     "requests", ["tenant"], registry=r)
+        self.completion_tokens = Counter("lookahead_tenant_completion_tokens", "tokens generated for this tenant",
+                                         ["tenant"], registry=r)
+        self.documents = Counter("lookahead_tenant_documents_inserted", "documents this tenant inserted through "
+                                 "/v1/documents", ["tenant"], registry=r)
+        self.document_tokens = Counter("lookahead_tenant_document_tokens_inserted", "tokens of those documents",
+                                       ["tenant"], registry=r)
+
+    def observe_finished(self, prompt_tokens: int, stats: Any, finish_reason: str) -> None:
+        self.finished.labels(self.tenant, finish_reason).inc()
+        self.prompt_tokens.labels(self.tenant).inc(prompt_tokens)
+        self.completion_tokens.labels(self.tenant).inc(stats.new_tokens)
+
+    def observe_documents(self, count: int, tokens: int) -> None:
+        self.documents.labels(self.tenant).inc(count)
+        self.document_tokens.labels(self.tenant).inc(tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

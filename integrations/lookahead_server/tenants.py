@@ -18,9 +18,12 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
+from lookahead.budget import DraftBudget
 from lookahead.engine import LookaheadGenerator
 from lookahead.store import DraftStore
 
@@ -123,6 +126,14 @@ class Access:
         raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
+    def sees_internals(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request may see server internals (queue, trie sizes in ``/health``): with the server's own key,
+        or on a server open to all (no key, no tenants)."""
+        if self.api_key is None:
+            return not self._keys and self.tenant_header is None
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
     def _header_tenant(self, headers: Mapping[str, str]) -> str | None:
         """With the server's own key, the tenant header (when configured) still names the tenant."""
         if self.tenant_header is None:
@@ -131,45 +142,186 @@ class Access:
 
 
 class TenantTries:
-    """The default trie (the generator's) and one trie per tenant, made or loaded from its file on first use.
+    """The default trie (the generator's) and one trie per tenant, made or loaded from its file on first use, each
+    with a draft budget of its own (one tenant's traffic never changes another's draft sizes).
+
+    At most ``max_tenants`` tenant tries are held. A new tenant past that unloads the least recently used tenant
+    with no request in flight: ``on_unload`` keeps its trie (the server saves it to its file) and it is loaded again
+    on its next request. Without ``on_unload`` (no file to keep it in) the new tenant is refused (403) instead:
+    unloading would lose its documents.
+
+    Locks: one per tenant around loading and unloading it (a slow file or hub sync of one tenant never delays
+    another's requests); the shared lock guards the tables only and is never held during file or hub work.
 
     Args:
-        generator: owns the default trie and makes empty ones (its knobs).
+        generator: owns the default trie and budget, and makes empty tries (its knobs).
         trie_path: the global trie file; tenant ``NAME``'s is :func:`tenant_trie_path` of it (None: memory only).
-        max_tenants: most tenants held; a new one past it is refused (403).
+        max_tenants: most tenant tries held at once.
         on_load: called with each trie read from a file (to warn about knobs that differ).
-        on_new: called with a tenant and its trie when the trie is first made or loaded; the trie it returns is the
+        on_new: called with a tenant and its trie when the trie is made or loaded; the trie it returns is the
             tenant's (a replica of ``lookahead serve --ray`` starts the tenant's hub sync there).
+        on_unload: called with a tenant and its trie before it is unloaded; True when its content is kept (saved),
+            False to keep it held.
     """
 
     def __init__(self, generator: LookaheadGenerator, trie_path: str | None = None, max_tenants: int = 64,
                  on_load: Callable[[DraftStore], None] | None = None,
-                 on_new: Callable[[str, DraftStore], DraftStore] | None = None) -> None:
+                 on_new: Callable[[str, DraftStore], DraftStore] | None = None,
+                 on_unload: Callable[[str, DraftStore], bool] | None = None) -> None:
         self.generator = generator
         self.trie_path = trie_path
         self.max_tenants = max_tenants
         self.on_load = on_load
         self.on_new = on_new
-        self._tries: dict[str, DraftStore] = {}
+        self.on_unload = on_unload
+        self._tries: OrderedDict[str, DraftStore] = OrderedDict()  # least recently used first
+        self._budgets: dict[str, DraftBudget] = {}
+        self._busy: dict[str, int] = {}  # requests in flight per tenant: never unloaded while any
+        self._locks: dict[str, threading.Lock] = {}  # one per tenant: loading and unloading it
         self._stores: dict[str, TrieStore] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the tables above only
+
+    # ------------------------------------------------------------------ requests
 
     def get(self, tenant: str | None) -> DraftStore:
-        """The trie ``tenant`` drafts from (None: the default trie)."""
+        """The trie ``tenant`` drafts from and learns into (None: the default trie), loaded if it is not held."""
         if tenant is None:
             return self.generator.trie
         with self._lock:
             trie = self._tries.get(tenant)
-            if trie is None:
-                if len(self._tries) >= self.max_tenants:
-                    raise ApiError(403, f"this server holds tries for at most {self.max_tenants} tenants and "
-                                        f"tenant {tenant!r} would be one more (raise max_tenants)",
-                                   code="too_many_tenants")
-                trie = self._load(tenant)
-                if self.on_new is not None:
-                    trie = self.on_new(tenant, trie)
+            if trie is not None:
+                self._tries.move_to_end(tenant)
+                return trie
+            own = self._locks.setdefault(tenant, threading.Lock())
+        with own:
+            with self._lock:
+                trie = self._tries.get(tenant)  # loaded meanwhile by another request
+                if trie is not None:
+                    self._tries.move_to_end(tenant)
+                    return trie
+            self._make_room(tenant)
+            trie = self._load(tenant)
+            if self.on_new is not None:
+                trie = self.on_new(tenant, trie)
+            with self._lock:
                 self._tries[tenant] = trie
             return trie
+
+    @contextmanager
+    def using(self, tenant: str | None) -> Iterator[DraftStore]:
+        """``get(tenant)``, held in use until the block ends (a tenant in use is never unloaded)."""
+        if tenant is None:
+            yield self.generator.trie
+            return
+        while True:
+            trie = self.get(tenant)
+            with self._lock:
+                if self._tries.get(tenant) is trie:  # not unloaded between get and here
+                    self._busy[tenant] = self._busy.get(tenant, 0) + 1
+                    break
+        try:
+            yield trie
+        finally:
+            self.release(tenant)
+
+    def hold(self, tenant: str | None) -> DraftStore:
+        """``get(tenant)`` held in use until :meth:`release` (for a request that outlives a block)."""
+        context = self.using(tenant)
+        trie = context.__enter__()
+        return trie
+
+    def release(self, tenant: str | None) -> None:
+        """End one use of ``tenant`` (see :meth:`hold`)."""
+        if tenant is None:
+            return
+        with self._lock:
+            left = self._busy.get(tenant, 0) - 1
+            if left > 0:
+                self._busy[tenant] = left
+            else:
+                self._busy.pop(tenant, None)
+
+    def peek(self, tenant: str | None) -> DraftStore | None:
+        """The trie of ``tenant`` if it is held now (None: not loaded); takes no slot and loads nothing."""
+        if tenant is None:
+            return self.generator.trie
+        with self._lock:
+            return self._tries.get(tenant)
+
+    @contextmanager
+    def reading(self, tenant: str | None) -> Iterator[DraftStore | None]:
+        """A trie of ``tenant`` to read (list its documents): the held one, else its file opened for the block
+        (no slot taken), else None (nothing saved for it)."""
+        held = self.peek(tenant)
+        if held is not None or tenant is None:
+            yield held
+            return
+        own = self._own_lock(tenant)
+        with own:
+            held = self.peek(tenant)
+            if held is not None:
+                yield held
+                return
+            store = self.store(tenant)
+            trie = store.load() if store is not None else None
+            try:
+                yield trie
+            finally:
+                if trie is not None:
+                    trie.close()
+
+    def budget(self, tenant: str | None) -> DraftBudget:
+        """The draft budget of ``tenant``'s requests (None: the generator's): its own acceptance statistics over
+        the generator's cost model."""
+        shared = self.generator.budget
+        if tenant is None:
+            return shared
+        with self._lock:
+            budget = self._budgets.get(tenant)
+            if budget is None:
+                budget = self._budgets[tenant] = DraftBudget(shared.cost_model, shared.max_nodes, shared.adaptive)
+            return budget
+
+    # ------------------------------------------------------------------ loading and unloading
+
+    def _own_lock(self, tenant: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(tenant, threading.Lock())
+
+    def _make_room(self, tenant: str) -> None:
+        """Unload least recently used idle tenants until ``tenant`` fits (403 when none can go)."""
+        tried: set[str] = set()
+        while True:
+            with self._lock:
+                if len(self._tries) < self.max_tenants:
+                    return
+                idle = [t for t in self._tries if not self._busy.get(t) and t not in tried]
+            if self.on_unload is None or not idle:
+                why = ("set --trie so idle tenants can be unloaded to their files" if self.on_unload is None
+                       else "every held tenant has a request in flight")
+                raise ApiError(403, f"this server holds tries for at most {self.max_tenants} tenants and tenant "
+                                    f"{tenant!r} would be one more ({why}, or raise --max-tenants)",
+                               code="too_many_tenants")
+            victim = idle[0]
+            tried.add(victim)
+            self._unload(victim)
+
+    def _unload(self, tenant: str) -> bool:
+        """Unload ``tenant`` when it is idle and ``on_unload`` kept its content."""
+        with self._own_lock(tenant):
+            with self._lock:
+                trie = self._tries.get(tenant)
+                if trie is None or self._busy.get(tenant):
+                    return False
+                del self._tries[tenant]  # a request for it now waits on its lock, then loads it again
+            kept = self.on_unload is not None and self.on_unload(tenant, trie)
+            if not kept:
+                with self._lock:
+                    self._tries[tenant] = trie
+                    self._tries.move_to_end(tenant, last=False)
+                return False
+            log.info("tenant %r unloaded to make room (least recently used)", tenant)
+            return True
 
     def _load(self, tenant: str) -> DraftStore:
         store = self.store(tenant)
@@ -187,11 +339,12 @@ class TenantTries:
         """Where ``tenant``'s trie is saved (None without a global trie path)."""
         if self.trie_path is None:
             return None
-        if tenant not in self._stores:
-            # the global path's lock (held by the server) guards the tenants' files next to it
-            self._stores[tenant] = TrieStore(tenant_trie_path(self.trie_path, tenant),
-                                             *engine_identity(self.generator), lock=False)
-        return self._stores[tenant]
+        with self._lock:
+            if tenant not in self._stores:
+                # the global path's lock (held by the server) guards the tenants' files next to it
+                self._stores[tenant] = TrieStore(tenant_trie_path(self.trie_path, tenant),
+                                                 *engine_identity(self.generator), lock=False)
+            return self._stores[tenant]
 
     def tenants(self) -> list[str]:
         """The tenants whose tries are held now."""
