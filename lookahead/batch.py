@@ -297,7 +297,8 @@ class Batch:
         request = row.request
         prompt = request.prompt_ids
         if row.cache is None:
-            row.drafter.begin(prompt, request.document_ids, request.max_new_tokens, request.prediction_ids)
+            row.drafter.begin(prompt, request.document_ids, request.max_new_tokens, request.prediction_ids,
+                              derived_from=request.derived_from)
             row.cache = self.runner.new_cache()
         start, end = row.prefilled, min(upto, len(prompt))
         row.drafter.seed(end)

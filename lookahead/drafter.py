@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .budget import DraftBudget, Ranking
 from .config import LookaheadConfig
-from .store import DraftStore
+from .store import DraftStore, StagedDocuments
 from .trie import Draft, TokenTrie
 
 #: what a drafter drafts from: the draft store (the engine's) or the oracle trie (tests)
@@ -271,7 +271,7 @@ class Drafter:
         self.config = config
         self.request_id = request_id or uuid.uuid4().hex
         self.prompt_ids: list[int] = []
-        self.documents: list[list[int]] = []  # not counted yet
+        self.documents: Sequence[Sequence[int]] = []  # not counted yet
         self.seeded = 0  # prompt positions whose windows are counted
         self.max_new_tokens = 0
         self.learned = 0  # output tokens already counted in the request-local trie
@@ -279,25 +279,30 @@ class Drafter:
         self.finished = False
         self.follow = 0  # see follow_length
         self.follow_end = -1  # len(generated) when ``follow`` was computed
+        self.derived_from: tuple[str, ...] = ()  # ids of the documents in its prompt (see begin)
         self.prediction = ""  # the predicted output's token ids, as_text
         self.prediction_at = (0, 0)  # (index of the next predicted token, output length) at the last alignment
         self.prediction_rate = PredictionRate()
         self.chain_expected = True  # whether this step's chain was aligned at the expected position
 
     def start(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
-              max_new_tokens: int = 1 << 30) -> None:
+              max_new_tokens: int = 1 << 30, derived_from: Sequence[str] = ()) -> None:
         """Count the prompt's and the documents' windows as this request's local trie."""
-        self.begin(prompt_ids, documents, max_new_tokens)
+        self.begin(prompt_ids, documents, max_new_tokens, derived_from=derived_from)
         self.seed()
 
     def begin(self, prompt_ids: Sequence[int], documents: Sequence[Sequence[int]] = (),
-              max_new_tokens: int = 1 << 30, prediction: Sequence[int] = ()) -> None:
+              max_new_tokens: int = 1 << 30, prediction: Sequence[int] = (), derived_from: Sequence[str] = ()
+              ) -> None:
         """Take the request's prompt and documents without counting anything yet (see :meth:`seed`), and its
-        predicted output (drafted first, see :meth:`predicted_chain`)."""
+        predicted output (drafted first, see :meth:`predicted_chain`). ``derived_from`` names the documents (ids)
+        its prompt holds: its answer is learned as derived from them, and goes when any of them is removed."""
+        self.derived_from = tuple(sorted({name for name in derived_from if name}))
         self.prediction = as_text(prediction)
         self.prediction_at = (0, 0)
         self.prompt_ids = list(prompt_ids)
-        self.documents = [list(doc) for doc in documents]
+        # staged documents (DraftStore.stage_documents, built before the request joined) are swapped in whole
+        self.documents = documents if isinstance(documents, StagedDocuments) else [list(doc) for doc in documents]
         self.max_new_tokens = max_new_tokens
         self.seeded = 0
 
@@ -317,8 +322,11 @@ class Drafter:
                 self.trie.extend(prompt[:self.seeded], prompt[self.seeded:end], request_id=self.request_id)
             self.seeded = end
         if end == len(prompt) and self.documents:
-            for doc in self.documents:
-                self.trie.insert(doc, request_id=self.request_id)
+            if isinstance(self.trie, DraftStore):  # at most its local_tokens kept, sorted off this thread
+                self.trie.insert_documents(self.documents, self.request_id)
+            else:
+                for doc in self.documents:
+                    self.trie.insert(doc, request_id=self.request_id)
             self.documents = []
         self.trie_seconds += time.perf_counter() - t0
 
@@ -478,5 +486,8 @@ class Drafter:
         t0 = time.perf_counter()
         self.trie.release(self.request_id)
         if self.config.learn_outputs and output:
-            self.trie.insert(list(output))
+            if self.derived_from:
+                self.trie.insert(list(output), derived_from=self.derived_from)  # type: ignore[call-arg]
+            else:
+                self.trie.insert(list(output))
         self.trie_seconds += time.perf_counter() - t0

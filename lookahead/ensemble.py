@@ -322,7 +322,8 @@ class EnsembleGenerator:
         sequence = list(prompt_ids)
         start = time.perf_counter()
         try:
-            drafter.start(prompt_ids, request.document_ids, emitter.max_new_tokens)
+            drafter.start(prompt_ids, request.document_ids, emitter.max_new_tokens,
+                          derived_from=request.derived_from)
             with torch.inference_mode(), self.runners[0].kernels():
                 t0 = time.perf_counter()
                 self._prefill(members, prompt_ids)

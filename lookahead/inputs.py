@@ -69,6 +69,25 @@ def check_trie(trie: Any) -> None:
                         f"None, got {type(trie).__name__}")
 
 
+class RequestTooLargeError(ValueError):
+    """A request whose prompt, prediction and documents hold more tokens than its ``max_request_tokens``: the
+    message names the limit and what was counted (``counted``: tokens per part; ``partial``: counting stopped
+    early, the request has at least that many)."""
+
+    def __init__(self, limit: int, counted: dict[str, int], partial: bool) -> None:
+        self.limit, self.counted, self.partial = limit, dict(counted), partial
+        total = sum(counted.values())
+        parts = " + ".join(f"{name} {n}" for name, n in counted.items())
+        super().__init__(f"the request holds {'at least ' if partial else ''}{total} tokens ({parts}), more than "
+                         f"max_request_tokens={limit} allows for its prompt, prediction and documents together; send "
+                         f"fewer or shorter documents, or raise the limit")
+
+
+#: a text much longer than the tokens left for it is refused from a prefix of this many characters per token left
+_PREFIX_CHARS = 16
+_PREFIX_SLACK = 16  # tokens a prefix cut at a space may have beyond its share of the whole text's
+
+
 #: the keywords that set fields of :class:`~lookahead.sampling.SamplingParams` (``do_sample``, ``temperature``, ...)
 SAMPLING_KEYWORDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -92,9 +111,14 @@ class RequestOptions:
         prediction: the expected output (a text or token ids), drafted first; output never depends on it.
         trie: the :class:`~lookahead.store.DraftStore` the request drafts from and learns into (None: the
             generator's own).
+        derived_from: the store source ids its answer is learned as derived from: removing any of them
+            (:meth:`~lookahead.store.DraftStore.remove_source`) removes the answer too (None: ``document_names``).
         budget: the :class:`~lookahead.budget.DraftBudget` that ranks its drafts and learns from them (None: the
             generator's; a tenant's own keeps its acceptance statistics apart; every budget of a batch must share
             the generator's cost model).
+        max_request_tokens: most tokens of the prompt, the prediction and the documents together (None: no limit);
+            past it :meth:`InputEncoder.prepare` raises :class:`RequestTooLargeError` (a long text is refused from
+            a prefix, without tokenizing all of it).
     """
 
     max_new_tokens: int = 128
@@ -105,10 +129,19 @@ class RequestOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prediction: str | Sequence[int] | None = None
     trie: Any = None
+    derived_from: tuple[str, ...] | None = None
     budget: Any = None
+    max_request_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_trie(self.trie)
+        if self.max_request_tokens is not None:
+            check_positive_int("max_request_tokens", self.max_request_tokens)
+        if self.derived_from is not None:
+            if isinstance(self.derived_from, str) or not all(isinstance(s, str) and s for s in self.derived_from):
+                raise TypeError(f"derived_from must be a sequence of non-empty source ids (str), got "
+                                f"{self.derived_from!r}")
+            self._set("derived_from", tuple(self.derived_from))
         if self.budget is not None and not isinstance(self.budget, DraftBudget):
             raise TypeError(f"budget must be a lookahead.budget.DraftBudget or None, got {type(self.budget).__name__}")
         check_positive_int("max_new_tokens", self.max_new_tokens)
@@ -259,6 +292,24 @@ class InputEncoder:
         """Token ids of a document's text, without special tokens."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _encode_within(self, text: str, limit: int, counted: dict[str, int], part: str) -> list[int]:
+        """Token ids of ``text`` (as :meth:`encode_document`), added to ``counted[part]``; a RequestTooLargeError
+        once the counts pass ``limit``. A text of more than ``_PREFIX_CHARS`` characters per token left is first
+        measured by a prefix of that many (cut at a space): one whose prefix alone does not fit is refused without
+        tokenizing the rest."""
+        room = limit - sum(counted.values())
+        cut = _PREFIX_CHARS * max(room, 0) + 1
+        if len(text) > cut:
+            space = text.rfind(" ", 0, cut)
+            head = len(self.encode_document(text[:space if space > 0 else cut]))
+            if head > room + _PREFIX_SLACK:
+                raise RequestTooLargeError(limit, {**counted, part: counted.get(part, 0) + head}, True)
+        ids = self.encode_document(text)
+        counted[part] = counted.get(part, 0) + len(ids)
+        if len(ids) > room:  # what follows is not counted
+            raise RequestTooLargeError(limit, counted, True)
+        return ids
+
     def encode_prediction(self, prediction: str | Sequence[int] | None) -> tuple[int, ...]:
         """Token ids of a predicted output: a text (encoded without special tokens) or token ids."""
         if prediction is None:
@@ -298,7 +349,15 @@ class InputEncoder:
         prompt that quotes its retrieved documents and also passes them as ``documents=`` inserts each once.
         """
         options = RequestOptions.of(options, **keywords)
-        prediction_ids = self.encode_prediction(options.prediction)
+        limit = options.max_request_tokens
+        counted: dict[str, int] = {}
+        if limit is not None and isinstance(options.prediction, str):  # a long text refused before all is tokenized
+            prediction_ids = tuple(self._encode_within(options.prediction, limit, counted, "prediction"))
+        else:
+            prediction_ids = self.encode_prediction(options.prediction)
+        if self.max_context is not None and len(prediction_ids) > self.max_context:
+            raise ValueError(f"prediction has {len(prediction_ids)} tokens; the model's context is {self.max_context} "
+                             f"tokens, so no answer can be that long: send at most {self.max_context}")
         prompt_ids = self.encode(prompt)
         max_new_tokens = options.max_new_tokens
         if self.max_context is not None:
@@ -307,7 +366,14 @@ class InputEncoder:
                                  "tokens")
             max_new_tokens = min(max_new_tokens, self.max_context - len(prompt_ids))
         docs = options.documents
-        sources = tuple(tuple(self.encode_document(d)) for d in docs)
+        if limit is None:
+            sources = tuple(tuple(self.encode_document(d)) for d in docs)
+        else:
+            counted = {"prompt": len(prompt_ids), "prediction": len(prediction_ids)}
+            if sum(counted.values()) > limit:
+                raise RequestTooLargeError(limit, counted, False)
+            counted["documents"] = 0  # counted one by one: the first document past the limit stops the count
+            sources = tuple(tuple(self._encode_within(d, limit, counted, "documents")) for d in docs)
         return Request(request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                        eos=self.eos_ids(options.eos_token_id), stop=options.stop, documents=docs,
                        sampling=options.sampling.resolved(self.generation_config),

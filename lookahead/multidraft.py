@@ -249,7 +249,8 @@ class MultiDraftGenerator:
         drafter = Drafter(self.trie, budget, self.config, request.request_id)
         stats = MultiDraftStats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
-        drafter.start(prompt_ids, request.document_ids, request.max_new_tokens)
+        drafter.start(prompt_ids, request.document_ids, request.max_new_tokens,
+                      derived_from=request.derived_from)
         completions: list[Completion] = []
         try:
             with torch.inference_mode(), gen.runner.kernels():

@@ -37,6 +37,13 @@ class Request:
     source_names: tuple[str | None, ...] = ()  # an id per document (None: known by its index), for provenance
     options: Any = None  # the lookahead.inputs.RequestOptions it was prepared from (as asked: not capped, unresolved)
 
+    @property
+    def derived_from(self) -> tuple[str, ...]:
+        """The store sources its answer is learned as derived from (``options.derived_from``, else its named
+        documents)."""
+        chosen = getattr(self.options, "derived_from", None)
+        return tuple(chosen) if chosen is not None else tuple(n for n in self.source_names if n)
+
 
 @dataclass
 class GenerationStats:

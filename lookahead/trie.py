@@ -144,6 +144,17 @@ def check_id(where: str, name: str, value: object) -> str:
     return value
 
 
+def _is_tag_list(text: object) -> bool:
+    """Whether ``text`` is a JSON list of non-empty strings (an answer entry's source ids)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        tags = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(tags, list) and bool(tags) and all(isinstance(t, str) and t for t in tags)
+
+
 def _pack(tokens: Sequence[int]) -> Sequence[int]:
     """Token ids in a compact array for the journal (8 bytes each); a tuple for ids beyond 64 bits."""
     try:
@@ -160,7 +171,8 @@ class JournalEntry:
     source had), ``"append"`` (more windows of ``source``) or ``"remove"`` (drop ``source``; no tokens). The windows
     are ``tokens[i : i + branch_length + 1]`` for ``start <= i < stop``, the positions before ``skip`` not counted
     (an ``extend``: an earlier entry counted them). ``seq`` numbers the entries of ``origin`` (the trie the entry was
-    first made in) from 1.
+    first made in) from 1. An ``"insert"``'s ``source`` is None or, for an answer derived from documents (learned
+    with them in its prompt), the JSON list of their source ids: removing any of them removes it.
     """
 
     origin: str
@@ -180,8 +192,9 @@ class JournalEntry:
         if self.op not in OPS:
             raise ValueError(f"{where}: op must be one of {', '.join(OPS)}, got {self.op!r}")
         if self.op == "insert":
-            if self.source is not None:
-                raise ValueError(f"{where}: an 'insert' has no source, got {self.source!r}")
+            if self.source is not None and not _is_tag_list(self.source):
+                raise ValueError(f"{where}: an 'insert''s source is None or the JSON list of the source ids the answer "
+                                 f"was derived from, got {self.source!r}")
         else:
             check_id(where, "source", self.source)
             if self.skip:

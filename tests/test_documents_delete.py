@@ -82,7 +82,7 @@ def test_delete_removes_what_only_that_document_taught(client):
     r = client.delete("/v1/documents/x")
     assert r.status_code == 200, r.text
     assert r.json() == {"id": "x", "object": "document.deleted", "deleted": True, "removed": r.json()["removed"],
-                        "trie_nodes": len(gen.trie)}
+                        "trie_nodes": len(gen.trie), "durable": True}
     assert r.json()["removed"] > 0
     assert listed(client) == ["y"]
     assert_holds_only(gen.trie, gen, X, **{"doc:y": Y})

@@ -110,3 +110,38 @@ def test_serve_cli_without_ray_installed_says_how(monkeypatch, capsys, tmp_path:
     monkeypatch.setattr(argtypes, "entry_points", lambda group: [missing])
     assert main(["serve", "--ray", "--model", str(tmp_path / "never-loaded")]) == 2
     assert "pip install 'lookahead-rag[ray]'" in capsys.readouterr().err
+
+
+def test_a_deleted_document_and_the_answers_learned_with_it_are_forgotten_by_every_replica(served):
+    url, _ = served
+    question = "what happens to a deleted document?"
+    body = {"prompt": question, "max_tokens": MAX_TOKENS, "documents": ["a note about the hub"],
+            "document_ids": ["note-7"]}
+
+    def ask() -> tuple[dict, str]:
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        return reply.json(), reply.headers[REPLICA_HEADER.decode()]
+
+    first, replica = ask()  # its answer is learned as derived from note-7
+    time.sleep(1.5)
+    for _ in range(40):
+        again, other = ask()
+        if other != replica:
+            break
+    assert other != replica and again["lookahead"]["tokens_per_step"] > 2 * first["lookahead"]["tokens_per_step"]
+    seen: dict[str, dict] = {}  # replica -> its first answer after a deletion
+    for _ in range(20):  # each ask is the first after a deletion (its own answer is deleted by the next round)
+        deleted = httpx.delete(f"{url}/v1/documents/note-7", timeout=60)
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["durable"] is True  # pushed to the hub before the answer
+        time.sleep(1.0)  # a few sync intervals: the removal reaches the other replica
+        answer, where = ask()
+        seen.setdefault(where, answer)
+        time.sleep(1.0)  # its answer (learned with note-7) reaches every replica: the next delete finds it anywhere
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, "the asks never went to both replicas"
+    for answer in seen.values():  # neither replica drafts the deleted answers any more
+        assert answer["choices"][0]["text"] == first["choices"][0]["text"]
+        assert answer["lookahead"]["tokens_per_step"] < again["lookahead"]["tokens_per_step"] / 2

@@ -182,7 +182,7 @@ def _delta_dict() -> dict:
         (lambda d: d["entries"][0].update(tokens=[1, "2"]), "tokens must be a list of ints"),
         (lambda d: d["entries"][0].update(stop=9), r"stop \(9\) and skip \(0\) must be <= len\(tokens\) \(3\)"),
         (lambda d: d["entries"][0].update(start=2, stop=1), "stop"),
-        (lambda d: d["entries"][0].update(source="d"), "an 'insert' has no source"),
+        (lambda d: d["entries"][0].update(source="d"), "source is None or the JSON list of the source ids"),
         (lambda d: d["entries"][0].update(op="source"), "source must be a non-empty str"),
         (lambda d: d["entries"][0].update(op="source", source="d", skip=1), "skip must be 0"),
         (lambda d: d["entries"][0].update(op="remove", source="d"), "a 'remove' has no tokens"),

@@ -20,6 +20,8 @@ since its last push). One hub process holds its ``path`` (a lock file, as ``look
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import socket
@@ -37,7 +39,7 @@ from lookahead.config import LookaheadConfig
 from lookahead.drafter import new_trie
 from lookahead.store import DraftStore, Fingerprint
 from lookahead.store.store import SHAPING
-from lookahead.trie import TrieDelta
+from lookahead.trie import JournalEntry, TrieDelta
 
 log = logging.getLogger("lookahead_ray")
 
@@ -63,6 +65,21 @@ class WorkerRecord:
     last_seen: float = 0.0
     version: int | None = None  # journal version of its last push with entries (None: none yet)
     seq: int = 0  # the highest seq of its own entries at that push
+
+
+def without_removed(delta: TrieDelta, removed: list[str]) -> TrieDelta:
+    """``delta`` with the answers derived from a ``removed`` source emptied (same origin and seq, no tokens).
+
+    ``removed`` are the sources removed past the version the worker last pulled: it generated those answers before it
+    knew of the removal (a deletion on another replica raced with them), so they are dropped as the removal would
+    have dropped them had they arrived first (the worker drops its own copy when it pulls the removal)."""
+    if not removed:
+        return delta
+    gone = set(removed)
+    entries = tuple(JournalEntry(e.origin, e.seq, e.op, (), 0, 0, 0, e.source)
+                    if e.op == "insert" and e.source and gone & set(json.loads(e.source)) else e
+                    for e in delta.entries)
+    return dataclasses.replace(delta, entries=entries)
 
 
 def trie_config(config: LookaheadConfig) -> dict[str, Any]:
@@ -140,8 +157,10 @@ class TrieHubState:
         The reply holds ``hub`` (this hub's instance id), ``merged`` (entries of ``delta`` taken in), ``version``
         and ``delta`` (a :class:`~lookahead.trie.TrieDelta` as a dict, without the worker's own entries), or
         ``delta`` None and ``behind`` True when the entries past ``since`` are no longer kept (the worker then goes
-        on from ``version``). Raises :class:`HubRefusedError` (naming the cause) for a worker or delta that does not
-        fit this hub (see the module's doc); nothing of a refused delta is merged.
+        on from ``version``, after removing the sources in ``removed``: every removal past ``since``). A merged
+        removal is saved at once (with ``path``), before the reply. Raises :class:`HubRefusedError` (naming the
+        cause) for a worker or delta that does not fit this hub (see the module's doc); nothing of a refused delta
+        is merged.
         """
         trie = self.trie_of(tenant)
         origin = str(worker.get("origin", "?"))
@@ -150,17 +169,21 @@ class TrieHubState:
             pushed = TrieDelta.from_dict(delta) if delta else None
             if pushed is not None:
                 self._check_pushed(pushed, origin)
+                pushed = without_removed(pushed, trie.removed_since(since))
             merged = trie.merge(pushed) if pushed is not None else 0
         except (TypeError, ValueError) as error:
             log.error("trie hub: refused a sync of worker %s (pid %s on %s): %s", origin, worker.get("pid"),
                       worker.get("host"), error)
             raise HubRefusedError(f"the trie hub refused worker {origin}: {error}") from None
         self._record(worker, merged, pushed)
+        if merged and pushed is not None and any(e.op in ("remove", "source") for e in pushed.entries):
+            self.save()  # a deletion (or a replaced document) is durable before the worker's sync returns
         reply: dict[str, Any] = {"hub": self.instance, "merged": merged, "behind": False}
         try:
             out = trie.export_delta(since=since)
         except ValueError:  # past the journal's end, or before what it still keeps
-            reply.update(version=trie.version, delta=None, behind=True)
+            # the entries are gone, the tombstones are not: a worker this far behind still forgets what was removed
+            reply.update(version=trie.version, delta=None, behind=True, removed=trie.removed_since(since))
             return reply
         others = tuple(e for e in out.entries if e.origin != origin)  # its own entries are no news to it
         reply.update(version=out.version, delta=TrieDelta(out.origin, out.branch_length, out.since, out.version,

@@ -96,8 +96,15 @@ class LookaheadReplica:
             for sync in list(self.tenant_syncs.values()):
                 sync.sync_now()
 
+    def push_now(self, tenant: str | None) -> bool:
+        """Push this replica's changes to ``tenant``'s trie (None: the global one) to the hub now (after a
+        deletion: the hub saves a removal before it answers); False when sharing is off or the hub did not
+        answer."""
+        sync = self.sync if tenant is None else self.tenant_syncs.get(tenant)
+        return sync is not None and sync.enabled and sync.sync_now()
+
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_app(self.generator, self.settings, on_new_tenant=self.sync_tenant)
+        app = create_app(self.generator, self.settings, on_new_tenant=self.sync_tenant, on_deleted=self.push_now)
         app.add_middleware(ReplicaHeader)
         return app
 

@@ -208,8 +208,11 @@ class TrieSync:
         self._hub_instance = reply["hub"]
         if reply["behind"]:
             self.stats.missed += 1
-            log.warning("the trie hub no longer keeps its entries past version %d: going on from %d",
-                        self._hub_version, reply["version"])
+            removed = list(reply.get("removed") or ())
+            for source in removed:  # removals are never missed: their tombstones outlive the hub's journal
+                trie.remove_source(source, journal=False)
+            log.warning("the trie hub no longer keeps its entries past version %d: going on from %d (%d removed "
+                        "documents applied)", self._hub_version, reply["version"], len(removed))
         else:
             self.stats.pulled += trie.merge(TrieDelta.from_dict(reply["delta"]))
         self._hub_version = int(reply["version"])

@@ -41,13 +41,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lookahead.engine import GenerationStats, LookaheadGenerator, StreamChunk
-from lookahead.inputs import RequestOptions
+from lookahead.inputs import RequestOptions, RequestTooLargeError
 from lookahead.pacing import StreamChunking, apace
 from lookahead.sampling import SamplingParams
 from lookahead.scheduler import OutOfMemoryRequestError, QueueFullError, RequestHandle, Scheduler, SchedulerClosedError
 from lookahead.store import DraftStore
 
-from .documents import check_document_id, delete_document, document_ids, insert_documents
+from .documents import check_document_id, delete_document, document_ids, insert_documents, source_of
 from .errors import ApiError, describe_validation_error, parse_json, validate_body
 from .metrics import ServerMetrics, TenantMetrics
 from .persistence import TrieStore, engine_identity
@@ -78,6 +78,9 @@ class ServeSettings:
         default_max_tokens: ``max_tokens`` of requests that do not give one (capped by the context left).
         max_tokens_limit: largest ``max_tokens`` accepted (None: the model's context length).
         max_body_bytes: largest request body (413 past it).
+        max_request_tokens: most tokens of a generation request's prompt, prediction and documents together
+            (``--max-request-tokens``, default 32768); past it a 413 names the limit and what was counted, and a
+            long document is refused from a prefix, before all of it is tokenized.
         trie_path: load the trie from here at start, save it here periodically and at shutdown.
         trie_save_interval: seconds between saves (only when something changed); 0 saves at shutdown only.
         disconnect_poll: seconds between checks that a waiting client is still connected (a client that goes
@@ -103,6 +106,7 @@ class ServeSettings:
     default_max_tokens: int = 256
     max_tokens_limit: int | None = None
     max_body_bytes: int = 16 * 2**20
+    max_request_tokens: int = 32768
     trie_path: str | None = None
     trie_save_interval: float = 300.0
     disconnect_poll: float = 0.1
@@ -112,7 +116,8 @@ class ServeSettings:
     stream_chunk: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "max_tenants"):
+        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_body_bytes", "max_tenants",
+                     "max_request_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -230,6 +235,21 @@ class _Service:
                     wrote = True
         return wrote
 
+    def save_now(self, tenant: str | None) -> None:
+        """Save ``tenant``'s trie now (after a deletion: the file must not hold the document any longer); a no-op
+        without ``--trie`` or when the tenant is not held. Raises 500 when the file cannot be written."""
+        store = self.store if tenant is None else self.tenants.store(tenant)
+        trie = self.tenants.peek(tenant)
+        if store is None or trie is None:
+            return
+        with self._save_lock:
+            with self._changes_lock:
+                changes = self._changes.get(tenant, 0)
+            if not self._save_one(store, trie):
+                raise ApiError(500, f"the document was removed from memory but {str(store.path)!r} could not be "
+                                    f"rewritten (see the server log): the file still holds it until the next save")
+            self._saved[tenant] = changes
+
     def _keep(self, tenant: str, trie: DraftStore) -> bool:
         """Save a tenant's trie before it is unloaded (to make room for another); False when it could not be."""
         store = self.tenants.store(tenant)
@@ -336,8 +356,12 @@ class _Service:
                                      documents=body.documents or (), sampling=self.sampling(body),
                                      trie=trie if tenant is not None else None, prediction=body.prediction_text,
                                      budget=self.tenants.budget(tenant) if tenant is not None else None,
-                                     document_names=body.document_ids)
+                                     derived_from=[source_of(i) for i in body.document_ids or () if i],
+                                     document_names=body.document_ids,
+                                     max_request_tokens=self.settings.max_request_tokens)
             handle = self.scheduler.submit(prompt_ids, options)
+        except RequestTooLargeError as error:
+            raise ApiError(413, f"{error} (the server's --max-request-tokens)", code="request_too_large") from None
         except QueueFullError as error:
             raise ApiError(429, str(error), code="queue_full", headers={"Retry-After": "1"}) from None
         except SchedulerClosedError as error:
@@ -478,13 +502,17 @@ def page_security_headers(page: str) -> dict[str, str]:
 
 def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = None,
                scheduler_factory: SchedulerFactory | None = None,
-               on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None) -> FastAPI:
+               on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None,
+               on_deleted: Callable[[str | None], bool] | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``generator``.
 
     The scheduler is made by ``scheduler_factory(generator, settings)`` at start-up (after the trie is loaded from
     ``settings.trie_path``) and closed at shutdown, when the trie is saved; run the app with uvicorn or use it as
     ``with TestClient(app)`` so its lifespan runs. ``on_new_tenant(tenant, trie)`` is called when a tenant's trie is
     first made or loaded and returns the trie to use (see :class:`~lookahead_server.tenants.TenantTries`).
+    ``on_deleted(tenant)`` is called after a document was deleted and saved here, before the DELETE answers (a
+    replica of ``lookahead serve --ray`` pushes the removal to the hub, which saves it); False says the removal
+    could not be made durable there (the answer says ``"durable": false``).
     """
     settings = settings or ServeSettings()
     service = _Service(generator, settings, scheduler_factory or default_scheduler, on_new_tenant)
@@ -627,13 +655,18 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
                 return delete_document(trie, doc_id), len(trie)
 
         removed, size = await asyncio.to_thread(remove)
+        durable = True
+        if removed is not None:
+            await asyncio.to_thread(service.save_now, who)  # durable before the answer: a crash cannot bring it back
+        if on_deleted is not None:  # even for an id unknown here: another replica may hold answers learned with it
+            durable = bool(await asyncio.to_thread(on_deleted, who))
         if removed is None:
             raise ApiError(404, f"no document with id {doc_id!r}: never sent to /v1/documents with that id, already "
                                 f"deleted, or pruned from the trie (GET /v1/documents lists the ids held)",
                            param="id", code="document_not_found")
         service.touch(who)
         return JSONResponse({"id": doc_id, "object": "document.deleted", "deleted": True, "removed": removed,
-                             "trie_nodes": size})
+                             "trie_nodes": size, "durable": durable})
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:

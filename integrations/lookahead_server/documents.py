@@ -1,7 +1,8 @@
 """Documents in a tenant's trie: inserted under ``doc:<id>`` so that they can be removed again.
 
 A document sent with an id is counted in the trie as the source ``doc:<id>`` (global counts that the trie remembers
-per source); deleting the id removes exactly what it contributed, so no window that only it taught is left behind.
+per source); deleting the id removes exactly what it contributed, so no window that only it taught is left behind,
+and with it every answer learned from a request that named the id in its ``document_ids`` (the answer may quote it).
 Sending an id again replaces that document. A document sent without an id is plain global text: it cannot be
 deleted on its own.
 """
@@ -55,9 +56,10 @@ def insert_documents(trie: DraftStore, tokenizer: Any, texts: Sequence[str], ids
 
 
 def delete_document(trie: DraftStore, doc_id: str) -> int | None:
-    """Remove document ``doc_id`` from ``trie``: what ``remove_source`` reports, or None when it was not there. The
-    removal is made (and journaled) either way, so it reaches every trie a delta of this one is merged into."""
+    """Remove document ``doc_id`` from ``trie`` with every answer learned from a request that named it in its
+    ``document_ids``: what ``remove_source`` reports, or None when the trie held neither. The removal is made (and
+    journaled) either way, so it reaches every trie a delta of this one is merged into."""
     source = source_of(doc_id)
-    known = source in trie.sources()
+    known = source in trie.sources() or trie.answers_derived_from(source) > 0
     removed = trie.remove_source(source)
     return removed if known else None

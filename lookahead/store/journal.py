@@ -8,6 +8,7 @@ origin: the entries it made), so merging is idempotent and an echo is ignored.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any
 
@@ -16,6 +17,16 @@ import numpy as np
 from ..trie import JournalEntry, TrieDelta, check_int
 
 _ENTRY_COST = 16  # what one entry costs against the limit besides its tokens
+
+
+def _lists(tags: str, source: str, quoted: str) -> bool:
+    """Whether an answer entry's tags (a JSON list) name ``source`` (``quoted``: its JSON form, a quick test)."""
+    if quoted not in tags:
+        return False
+    try:
+        return source in json.loads(tags)
+    except (json.JSONDecodeError, TypeError):
+        return False
 
 
 class Journal:
@@ -57,6 +68,20 @@ class Journal:
         entry = self.entries.popleft()
         self.base += 1
         self.cost -= len(entry[4]) + _ENTRY_COST
+
+    def scrub(self, source: str) -> None:
+        """Empty the tokens of every kept entry that holds ``source``'s text: its inserts, and answers derived from
+        it (their ``source`` lists it). The entries keep their place and seq, so positions and ``applied`` stand;
+        a store that merges them later adds nothing, then removes."""
+        tagged = json.dumps(source)
+        for i, entry in enumerate(self.entries):
+            origin, seq, op, src, toks, start, stop, skip = entry
+            if len(toks) == 0:
+                continue
+            held = src == source if op != "insert" else bool(src) and _lists(src, source, tagged)
+            if held:
+                self.cost -= len(toks)
+                self.entries[i] = (origin, seq, op, src, toks[:0], 0, 0, 0)
 
     def export(self, since: int, branch_length: int) -> TrieDelta:
         since = check_int("export_delta", "since", since, 0)

@@ -49,7 +49,8 @@ from .segments import EMPTY, Buffer, Segment, merge_segments
 #: what a draft reads of one source: tokens, suffix array, dead prefix, hot-node index, hot-node children
 Slot = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-__all__ = ["DEFAULT_STORE_BYTES", "DraftStore", "StoreFileError", "StoreMismatchError"]
+__all__ = ["DEFAULT_LOCAL_TOKENS", "DEFAULT_STORE_BYTES", "DraftStore", "StagedDocuments", "StoreFileError",
+           "StoreMismatchError"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ _GLOBAL_SLOTS = SLOTS - 2
 _MERGE_RATIO = 4  # merge the newest segment into the one before while that one is at most this many times larger
 _BACKLOG = 16  # full tails that may wait for the background sealing before inserts seal them themselves
 _LINEAR_DOCS = 32_768  # a request's documents past this many tokens get a suffix array of their own
+#: per request, the most tokens of its documents, and of its prompt with its output, kept for drafting (the last ones)
+DEFAULT_LOCAL_TOKENS = 1 << 16
 _BYTES_PER_TOKEN = 13  # token + suffix-array entry + separator + busy-node tables (~3.5), amortised
 
 
@@ -78,7 +81,8 @@ SHAPING = ("branch_length", "max_query_length")
 
 
 class _Local:
-    """One live request's entries: ``stream`` (its prompt, then its output as it is counted) and ``docs``."""
+    """One live request's entries: ``stream`` (its prompt, then its output as it is counted) and ``docs``, each
+    holding at most the store's ``local_tokens`` last tokens."""
 
     __slots__ = ("stream", "docs", "docs_index", "indexing")
 
@@ -87,6 +91,45 @@ class _Local:
         self.docs = Buffer()
         self.docs_index: Segment | None = None  # suffix array of docs once they are large
         self.indexing = False  # a thread is sorting them
+
+
+class StagedDocuments(tuple):
+    """A request's documents (a tuple of token-id tuples, as :class:`~lookahead.outputs.Request` holds them) with
+    their request-local drafting state built ahead, off the decode thread, by :meth:`DraftStore.stage_documents`:
+    their last ``local_tokens`` tokens in one token array, and its suffix array when they are large.
+    :meth:`DraftStore.insert_documents` swaps it in at once; any other reader sees the plain tuple."""
+
+    buffer: Buffer
+    index: Segment | None
+    shape: tuple[int, int]  # (width, local_tokens) of the store that built it
+
+    @property
+    def kept_tokens(self) -> int:
+        """Tokens kept for drafting (at most the store's ``local_tokens``)."""
+        return len(self.buffer)
+
+
+def _last_tokens(docs: Sequence[np.ndarray], limit: int) -> list[np.ndarray]:
+    """The last ``limit`` tokens of the sequences ``docs`` (later ones are kept whole first; the oldest kept one may
+    lose its head)."""
+    kept: list[np.ndarray] = []
+    room = limit
+    for doc in reversed(docs):
+        if room <= 0:
+            break
+        if len(doc):
+            kept.append(doc[-room:])
+            room -= len(kept[-1])
+    return kept[::-1]
+
+
+def _exact_buffer(docs: Sequence[np.ndarray]) -> Buffer:
+    """A buffer holding ``docs`` as its entries (uid 0), sized exactly: its next ``add`` copies it, so one made
+    ahead can be shared."""
+    buf = Buffer(sum(len(d) + 1 for d in docs) + 2)
+    for doc in docs:
+        buf.add(doc, 0)
+    return buf
 
 
 def _as_tokens(tokens: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
@@ -121,12 +164,14 @@ class DraftStore:
         tail_tokens: global tokens kept in the linear tail before it is sealed into a segment.
         background: seal, merge and compact in a background thread (False: inside the calls that need it, for
             reproducible tests and one-shot tools).
+        local_tokens: per live request, the most tokens of its documents, and of its prompt with its output so far,
+            kept for drafting: the last ones (about 13 bytes each; at most ``2 * local_tokens`` per request).
     """
 
     def __init__(self, branch_length: int = 12, max_query_length: int = 6,
                  store_bytes: int = DEFAULT_STORE_BYTES, local_weight: float = 1.0, global_weight: float = 1.0,
                  origin: str | None = None, journal_limit: int = JOURNAL_LIMIT, tail_tokens: int = 4096,
-                 background: bool = True) -> None:
+                 background: bool = True, local_tokens: int = DEFAULT_LOCAL_TOKENS) -> None:
         self.branch_length = _positive_int("branch_length", branch_length)
         self.max_query_length = _positive_int("max_query_length", max_query_length)
         self.store_bytes = _positive_int("store_bytes", store_bytes, 1 << 16)
@@ -137,6 +182,7 @@ class DraftStore:
         self.local_weight = float(local_weight)
         self.global_weight = float(global_weight)
         self.width = self.branch_length + 1
+        self.local_tokens = _positive_int("local_tokens", local_tokens, 2 * self.width)
         self.background = bool(background)
         kernels.warm_up()  # once per process: never a compile inside a decode step
         self._lock = threading.RLock()
@@ -149,6 +195,9 @@ class DraftStore:
         self._entries: dict[int, int] = {}  # live global uid -> tokens (oldest first: uids grow)
         self._entry_source: dict[int, str] = {}  # uid -> source id (documents only)
         self._sources: dict[str, list[int]] = {}
+        self._derived: dict[str, set[int]] = {}  # source id -> answers learned with it in their prompt
+        self._entry_tags: dict[int, tuple[str, ...]] = {}  # answer uid -> the sources it was derived from
+        self._removed: dict[str, int] = {}  # source id -> journal version of its last removal (tombstones)
         self._dead: set[int] = set()  # uids removed but maybe still in a segment
         self._next_uid = 1
         self._live_tokens = 0
@@ -327,32 +376,97 @@ class DraftStore:
 
     # ------------------------------------------------------------------ request-local entries
 
-    def insert(self, tokens: Sequence[int], request_id: str | None = None) -> None:
+    def insert(self, tokens: Sequence[int], request_id: str | None = None, derived_from: Sequence[str] = ()
+               ) -> None:
         """Add a sequence: a past answer (``request_id`` None: global, journaled) or a request's prompt (its first
-        insert) or one of its documents (later ones)."""
+        insert) or one of its documents (later ones). An answer ``derived_from`` documents (ids of documents its
+        prompt held) goes when any of them is removed (:meth:`remove_source`)."""
         toks = _as_tokens(tokens, "insert")
         if len(toks) == 0:
             return
+        tags = tuple(sorted({check_id("insert", "derived_from", sid) for sid in derived_from}))
         with self._lock:
             if request_id is None:
-                self._add_global(toks, None)
-                self._journal.own("insert", toks)
+                self._tag(self._add_global(toks, None), tags)
+                self._journal.own("insert", toks, _tag_text(tags))
         if request_id is None:
             self._keep_up()
             return
         with self._lock:
             loc = self._locals.setdefault(request_id, _Local())
-            if not loc.stream.used:
-                loc.stream.add(toks, 0)
+            prompt = not loc.stream.used
+            if prompt:
+                loc.stream.add(toks[-self.local_tokens:], 0)
+        if not prompt:
+            self._add_docs(loc, [toks])
+
+    def stage_documents(self, documents: Sequence[Sequence[int]]) -> StagedDocuments:
+        """Build a request's documents' drafting state ahead, before it joins a batch (off the decode thread): their
+        last ``local_tokens`` tokens in one array, with a suffix array when those are more than 32768. Reads and
+        changes nothing of the store (no lock); :meth:`insert_documents` swaps the result in."""
+        kept = _last_tokens([_as_tokens(doc, "stage_documents") for doc in documents], self.local_tokens)
+        buffer = _exact_buffer(kept)
+        index = None
+        if len(buffer) > _LINEAR_DOCS:
+            index = Segment.build(buffer.view().copy(), np.array(buffer.starts, np.int64),
+                                  np.zeros(len(buffer.starts), np.int64), self.width)
+        staged = StagedDocuments(documents)
+        staged.buffer, staged.index, staged.shape = buffer, index, (self.width, self.local_tokens)
+        return staged
+
+    def insert_documents(self, documents: Sequence[Sequence[int]], request_id: str) -> None:
+        """Add a request's documents (as :meth:`insert` after its prompt does, one by one): documents staged by this
+        store's :meth:`stage_documents` are swapped in at once, nothing built on the calling thread (the decode
+        thread); others are added here, their suffix array sorted in a thread of its own. Either way the request
+        keeps the last ``local_tokens`` tokens of its documents."""
+        if isinstance(documents, StagedDocuments) and documents.shape == (self.width, self.local_tokens):
+            with self._lock:
+                loc = self._locals.setdefault(request_id, _Local())
+                if not loc.docs.used:
+                    staged = documents.buffer  # shared read-only: sized exactly, so any add copies it first
+                    loc.docs = Buffer(2)
+                    loc.docs.data, loc.docs.used = staged.data, staged.used
+                    loc.docs.starts, loc.docs.uids = list(staged.starts), list(staged.uids)
+                    loc.docs_index = documents.index
+                    return
+        arrays = [arr for arr in (_as_tokens(doc, "insert_documents") for doc in documents) if len(arr)]
+        if arrays:
+            with self._lock:
+                loc = self._locals.setdefault(request_id, _Local())
+            self._add_docs(loc, arrays)
+
+    def _add_docs(self, loc: _Local, docs: list[np.ndarray]) -> None:
+        """Add documents to a request's: in place while it keeps at most ``local_tokens``, else its last
+        ``local_tokens`` tokens rebuilt outside the lock and swapped in. Large documents get a suffix array of their
+        own, sorted in a thread of its own (numpy's sorts let the decode thread go on); until it is swapped in they
+        are scanned."""
+        with self._lock:
+            old = loc.docs
+            fits = len(old) + sum(len(d) for d in docs) <= self.local_tokens
+            if fits:
+                for doc in docs:
+                    old.add(doc, 0)
+                held: list[np.ndarray] = []
             else:
-                loc.docs.add(toks, 0)
-                loc.docs_index = None
-            start = len(loc.docs) > _LINEAR_DOCS and loc.docs_index is None and not loc.indexing
+                held = [tokens for _, tokens in old.entries()]
+        if not fits:
+            rebuilt = _exact_buffer(_last_tokens(held + docs, self.local_tokens))
+            with self._lock:
+                if loc.docs is old:  # only the request's own thread adds: always, unless released meanwhile
+                    loc.docs = rebuilt
+        with self._lock:
+            loc.docs_index = None
+            start = len(loc.docs) > _LINEAR_DOCS and not loc.indexing
             loc.indexing = loc.indexing or start
         if start:
-            # Large documents get a suffix array of their own, sorted in a thread of its own (numpy's sorts let
-            # the decode thread go on); until it is swapped in they are scanned.
             threading.Thread(target=self._index_docs, args=(loc,), name="lookahead-docs", daemon=True).start()
+
+    def local_tokens_held(self, request_id: str) -> dict[str, int]:
+        """Tokens a live request keeps for drafting: ``stream`` (its prompt and output so far) and ``documents``
+        (each at most ``local_tokens``; zeros for a request not held)."""
+        with self._lock:
+            loc = self._locals.get(request_id)
+            return {"stream": len(loc.stream) if loc else 0, "documents": len(loc.docs) if loc else 0}
 
     def documents_indexed(self, request_id: str) -> bool:
         """Whether the documents of a live request are read through a suffix array (large ones, once sorted) rather
@@ -365,12 +479,12 @@ class DraftStore:
         """Sort a request's documents until the index covers all of them (more may come while it sorts)."""
         while True:
             with self._lock:
-                size = len(loc.docs)
-                docs = loc.docs.view().copy()
-                starts = np.array(loc.docs.starts, np.int64)
+                buffer, used = loc.docs, loc.docs.used
+                docs = buffer.view().copy()
+                starts = np.array(buffer.starts, np.int64)
             index = Segment.build(docs, starts, np.zeros(len(starts), np.int64), self.width)
             with self._lock:
-                if len(loc.docs) == size:  # no document came since
+                if loc.docs is buffer and buffer.used == used:  # no document came since
                     loc.docs_index = index
                     loc.indexing = False
                     return
@@ -391,13 +505,18 @@ class DraftStore:
                 return
             loc = self._locals.setdefault(request_id, _Local())
             stream = loc.stream
+            other = False
             if not stream.used:
-                stream.add(np.concatenate([tail, add]), 0)
+                stream.add(np.concatenate([tail, add])[-self.local_tokens:], 0)
             elif np.array_equal(stream.last_tail(len(tail)), tail):
                 stream.append(add)
+                if len(stream) > self.local_tokens + self.local_tokens // 4:  # keep the last local_tokens
+                    loc.stream = Buffer(self.local_tokens + 2)
+                    loc.stream.add(stream.last_tail(self.local_tokens).copy(), 0)
             else:
-                loc.docs.add(np.concatenate([tail, add]), 0)
-                loc.docs_index = None
+                other = True
+        if other:  # another line of the request (multidraft): counted with its documents
+            self._add_docs(loc, [np.concatenate([tail, add])])
 
     def _extend_global(self, tail: np.ndarray, add: np.ndarray) -> None:
         buf = self._tail
@@ -433,6 +552,14 @@ class DraftStore:
             self._sources.setdefault(source, []).append(uid)
         self._after_global_insert()
         return uid
+
+    def _tag(self, uid: int, tags: tuple[str, ...]) -> None:
+        """Note that answer ``uid`` was derived from the sources ``tags``."""
+        if not tags:
+            return
+        self._entry_tags[uid] = tags
+        for sid in tags:
+            self._derived.setdefault(sid, set()).add(uid)
 
     def _after_global_insert(self) -> None:
         if len(self._tail) >= self.tail_tokens:
@@ -479,6 +606,12 @@ class DraftStore:
         removed = 0
         for uid in uids:
             removed += self._entries.pop(uid, 0)
+            for sid in self._entry_tags.pop(uid, ()):
+                derived = self._derived.get(sid)
+                if derived is not None:
+                    derived.discard(uid)
+                    if not derived:
+                        del self._derived[sid]
             source = self._entry_source.pop(uid, None)
             if source is not None:
                 left = [u for u in self._sources.get(source, []) if u != uid]
@@ -498,31 +631,60 @@ class DraftStore:
 
     def insert_source(self, source_id: str, tokens: Sequence[int], append: bool = False) -> None:
         """Add document ``source_id`` as a global entry (it drafts for every request), replacing what that id had
-        unless ``append`` (then the tokens are one more sequence of it)."""
+        (its text and the answers derived from it go, as on :meth:`remove_source`) unless ``append`` (then the
+        tokens are one more sequence of it)."""
         check_id("insert_source", "source_id", source_id)
-        toks = _as_tokens(tokens, "insert_source")
-        with self._lock:
+        toks = _as_tokens(tokens, "insert_source")  # the conversion, and any sorting below, outside the lock:
+        with self._lock:  # under it only O(1) bookkeeping and one copy into the tail, so no draft waits long
             if not append:
-                self._drop_source(source_id)
+                self._drop_source(source_id, segments=False)
             if len(toks):
                 self._add_global(toks, source_id)
             self._journal.own("append" if append else "source", toks, source_id)
+            held = [] if append else list(self._segments)
+        self._mark_dead(held)  # a replaced text's dead prefixes, computed outside the lock
         self._keep_up()
 
-    def remove_source(self, source_id: str) -> int:
-        """Remove every entry of document ``source_id``; return how many tokens went (0: unknown id, the removal is
-        journaled all the same)."""
+    def remove_source(self, source_id: str, journal: bool = True) -> int:
+        """Remove every entry of document ``source_id`` and every answer derived from it (learned with it in its
+        prompt); return how many of the document's own tokens went (0: unknown id). Its tokens leave the journal too
+        (no delta hands them on) and a tombstone stays (see :meth:`removed_since`). The removal is journaled (even
+        of an unknown id) so that it reaches every store a delta of this one is merged into; ``journal`` False
+        applies a tombstone that came from elsewhere without journaling it again."""
         check_id("remove_source", "source_id", source_id)
         with self._lock:
-            uids = set(self._sources.get(source_id, ()))
-            removed = self._forget(uids, segments=False)
-            self._journal.own("remove", EMPTY, source_id)
+            own = set(self._sources.get(source_id, ()))
+            uids = own | self._derived.get(source_id, set())
+            removed = sum(self._entries.get(u, 0) for u in own)
+            self._forget(uids, segments=False)
+            self._journal.scrub(source_id)
+            if journal:
+                self._journal.own("remove", EMPTY, source_id)
+            self._removed[source_id] = self._journal.version
             held = [seg for seg in self._segments if seg.holds_any(uids)]
         self._mark_dead(held)
         return removed
 
-    def _drop_source(self, source_id: str) -> int:
-        return self._forget(set(self._sources.get(source_id, ())))
+    def answers_derived_from(self, source_id: str) -> int:
+        """How many held answers were learned as derived from ``source_id`` (see :meth:`insert`)."""
+        with self._lock:
+            return len(self._derived.get(source_id, ()))
+
+    def removed_since(self, version: int) -> list[str]:
+        """Ids of the sources removed at journal positions past ``version`` (tombstones outlive the journal: a
+        store too far behind to take a delta applies these with ``remove_source(..., journal=False)``)."""
+        with self._lock:
+            return sorted(sid for sid, at in self._removed.items() if at > version)
+
+    def _drop_source(self, source_id: str, segments: bool = True) -> int:
+        """Forget document ``source_id``'s text (its entries, the answers derived from it, its journal tokens)
+        before it is replaced; return its tokens. ``segments`` False leaves the segments to the caller (as
+        :meth:`_forget`)."""
+        own = set(self._sources.get(source_id, ()))
+        removed = sum(self._entries.get(u, 0) for u in own)
+        self._forget(own | self._derived.get(source_id, set()), segments=segments)
+        self._journal.scrub(source_id)
+        return removed
 
     def sources(self) -> list[str]:
         """Ids of the documents the store holds."""
@@ -691,7 +853,9 @@ class DraftStore:
     def _replay(self, entry: Any) -> None:
         toks = np.asarray(entry.tokens, np.int64)
         if entry.op == "remove":
-            self._forget(set(self._sources.get(entry.source, ())))
+            self._forget(set(self._sources.get(entry.source, ())) | self._derived.get(entry.source, set()))
+            self._journal.scrub(entry.source)
+            self._removed[entry.source] = self._journal.version + 1  # the position this entry takes
             return
         end = min(len(toks), entry.stop + self.branch_length)
         body = _as_tokens(toks[entry.start:end], "merge")
@@ -699,10 +863,10 @@ class DraftStore:
             if entry.skip > entry.start:
                 self._extend_global(body[: entry.skip - entry.start], body[entry.skip - entry.start:])
             elif len(body):
-                self._add_global(body, None)
+                self._tag(self._add_global(body, None), _tags_of(entry.source))
             return
         if entry.op == "source":
-            self._forget(set(self._sources.get(entry.source, ())))
+            self._drop_source(entry.source)
         if len(body):
             self._add_global(body, entry.source)
 
@@ -741,6 +905,8 @@ class DraftStore:
                 "origin": self.origin, "applied": dict(sorted(self._journal.applied.items())),
                 "journal_version": self._journal.version, "next_uid": self._next_uid,
                 "sources": {sid: list(u) for sid, u in sorted(self._sources.items())},
+                "derived": {sid: sorted(u) for sid, u in sorted(self._derived.items())},
+                "removed": dict(sorted(self._removed.items())),
             }
         segments = [s.compacted() for s in segments]  # dead entries are not written (unchanged when none)
         segments += [b.seal(self.width) for b in buffers]  # small: sorted here, never on the decode thread
@@ -840,6 +1006,8 @@ class DraftStore:
                                 width=store.width, hot_idx=_rows(arrays, p.get("hot_idx"), 2),
                                 hot_kids=_rows(arrays, p.get("hot_kids"), 5)) for p in header["segments"]]
             sources = {str(k): [int(u) for u in v] for k, v in header["sources"].items()}
+            derived = {str(k): [int(u) for u in v] for k, v in (header.get("derived") or {}).items()}
+            removed = {str(k): int(v) for k, v in (header.get("removed") or {}).items()}
             next_uid = int(header["next_uid"])
             int(header["max_token"])
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -870,11 +1038,32 @@ class DraftStore:
         store._live_tokens = sum(store._entries.values())
         store._sources = sources
         store._entry_source = {u: sid for sid, uids in sources.items() for u in uids}
+        for sid, uids in derived.items():
+            for uid in uids:
+                if uid in store._entries:
+                    store._tag(uid, tuple(sorted({*store._entry_tags.get(uid, ()), sid})))
+        store._removed = removed
         store._next_uid = next_uid
         return store
 
 
 _ALIGN = 64
+
+
+def _tag_text(tags: tuple[str, ...]) -> str | None:
+    """How an answer's sources ride in its journal entry's ``source`` (None for none): a JSON list, so any id fits."""
+    return json.dumps(list(tags)) if tags else None
+
+
+def _tags_of(text: str | None) -> tuple[str, ...]:
+    """The sources of an answer's journal entry (see :func:`_tag_text`); an entry of an older store has none."""
+    if not text:
+        return ()
+    try:
+        tags = json.loads(text)
+    except json.JSONDecodeError:
+        return ()
+    return tuple(sorted({t for t in tags if isinstance(t, str) and t})) if isinstance(tags, list) else ()
 
 
 def _token_range(arrays: list[np.ndarray]) -> tuple[int, int] | None:
