@@ -8,6 +8,7 @@ single request), drafting through its own :class:`~lookahead.drafter.Drafter`.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from .runner import (
     measure_cost_model,
     time_tree_passes,
 )
+from .store import DraftStore
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "SUPPORTED_ATTENTION", "GenerationResult", "GenerationStats", "LookaheadGenerator",
@@ -68,7 +70,7 @@ class LookaheadGenerator:
         self.runner = ModelRunner(model, skinny=self.config.skinny_matmul)  # refuses unverified models first
         self.model = model
         self.tokenizer = tokenizer
-        self.trie = trie or self.empty_trie()
+        self.trie = trie if trie is not None else self.empty_trie()  # an empty store is falsy: kept all the same
         self.device = self.runner.device
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.inputs = InputEncoder(tokenizer, int(model.config.vocab_size), getattr(model, "generation_config", None),
@@ -146,8 +148,14 @@ class LookaheadGenerator:
         """Validate and encode one request (no model work). Raises ValueError / TypeError saying what is wrong.
 
         ``options`` (or keywords replacing its fields, as in :meth:`generate`) say what the request asks for; see
-        :class:`~lookahead.inputs.RequestOptions`."""
-        return self.inputs.prepare(prompt, options, **keywords)
+        :class:`~lookahead.inputs.RequestOptions`. Its documents' drafting state is built here, in the caller's
+        thread (:meth:`DraftStore.stage_documents`), so a request with large documents joins a running batch without
+        sorting them on the decode thread."""
+        request = self.inputs.prepare(prompt, options, **keywords)
+        store = request.trie if request.trie is not None else self.trie
+        if request.document_ids and isinstance(store, DraftStore) and self.config.decoding_length > 0:
+            request = dataclasses.replace(request, document_ids=store.stage_documents(request.document_ids))
+        return request
 
     # ------------------------------------------------------------------ public API
 

@@ -81,6 +81,9 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     parser.add_argument("--default-max-tokens", type=positive_int, default=256,
                         help="max_tokens of requests that give none (default 256, capped by the context left)")
     parser.add_argument("--max-body-mb", type=positive_int, default=16, help="largest request body in MiB")
+    parser.add_argument("--max-request-tokens", type=positive_int, default=32768, metavar="N",
+                        help="most tokens of a request's prompt, prediction and documents together; past it a 413 "
+                             "(default: 32768)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_ray_args(parser)
     add_model_args(parser)
@@ -134,7 +137,8 @@ def cmd_serve(args: argparse.Namespace, build: Callable[[argparse.Namespace], tu
             max_batch_size=args.max_batch_size, max_queue=args.max_queue,
             max_kv_bytes=None if args.max_kv_gib is None else max(1, int(args.max_kv_gib * 2**30)),
             default_max_tokens=args.default_max_tokens,
-            max_body_bytes=args.max_body_mb * 2**20, trie_path=args.trie, trie_save_interval=args.trie_save_interval,
+            max_body_bytes=args.max_body_mb * 2**20, max_request_tokens=args.max_request_tokens,
+            trie_path=args.trie, trie_save_interval=args.trie_save_interval,
             tenant_header=args.tenant_header, tenant_keys=tenant_keys, stream_chunk=args.stream_chunk,
             max_tenants=args.max_tenants,
         )
