@@ -311,3 +311,17 @@ def test_a_tenant_key_sees_its_own_metrics_and_health_hides_internals(tmp_path):
         assert c.get("/health").json() == {"status": "ok"}  # tenants, no key: nobody sees the internals
     with TestClient(create_app(fixed_generator(), ServeSettings())) as c:
         assert "trie_nodes" in c.get("/health").json()  # a server open to all: as before
+
+
+def test_without_a_file_a_keeper_lets_idle_tenants_go():
+    kept: dict[str, DraftStore] = {}
+
+    def keep(name: str, trie: DraftStore) -> bool:  # what a Ray replica does: push to the hub, stop syncing
+        kept[name] = trie
+        return True
+
+    app = create_app(fixed_generator(), ServeSettings(tenant_header=HEADER, max_tenants=1), on_unload_tenant=keep)
+    with TestClient(app) as c:
+        ask(c, "a")
+        ask(c, "b")  # a is idle: handed to the keeper instead of a 403 for b
+        assert list(kept) == ["a"] and service(c).tenants.tenants() == ["b"]

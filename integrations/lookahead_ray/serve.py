@@ -96,6 +96,16 @@ class LookaheadReplica:
             for sync in list(self.tenant_syncs.values()):
                 sync.sync_now()
 
+    def unload_tenant(self, tenant: str, trie: DraftStore) -> bool:
+        """Let ``tenant``'s trie go (an idle tenant past ``--max-tenants``): push what it learned to the hub and stop
+        its sync; True when the hub has it all (the tenant's next request starts warm from the hub's copy)."""
+        sync = self.tenant_syncs.get(tenant)
+        if sync is None or not sync.enabled or not sync.sync_now():
+            return False  # nowhere to keep it: the tenant stays loaded
+        self.tenant_syncs.pop(tenant, None)
+        sync.stop(flush=False)
+        return True
+
     def push_now(self, tenant: str | None) -> bool:
         """Push this replica's changes to ``tenant``'s trie (None: the global one) to the hub now (after a
         deletion: the hub saves a removal before it answers); False when sharing is off or the hub did not
@@ -104,7 +114,8 @@ class LookaheadReplica:
         return sync is not None and sync.enabled and sync.sync_now()
 
     def __serve_build_asgi_app__(self) -> Any:
-        app = create_app(self.generator, self.settings, on_new_tenant=self.sync_tenant, on_deleted=self.push_now)
+        app = create_app(self.generator, self.settings, on_new_tenant=self.sync_tenant, on_deleted=self.push_now,
+                         on_unload_tenant=self.unload_tenant)
         app.add_middleware(ReplicaHeader)
         return app
 

@@ -158,7 +158,8 @@ class _Service:
     their persistence."""
 
     def __init__(self, generator: LookaheadGenerator, settings: ServeSettings, factory: SchedulerFactory,
-                 on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None) -> None:
+                 on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None,
+                 on_unload_tenant: Callable[[str, DraftStore], bool] | None = None) -> None:
         self.generator = generator
         self.settings = settings
         self.factory = factory
@@ -167,7 +168,8 @@ class _Service:
         self.store = TrieStore(settings.trie_path, *engine_identity(generator)) if settings.trie_path else None
         self.access = settings.access()
         self.tenants = TenantTries(generator, settings.trie_path, settings.max_tenants, on_load=self._warn_config,
-                                   on_new=on_new_tenant, on_unload=self._keep if settings.trie_path else None)
+                                   on_new=on_new_tenant,
+                                   on_unload=self._keep if settings.trie_path else on_unload_tenant)
         self.metrics = ServerMetrics(lambda: (self.generator, self.scheduler))
         self.handles: dict[RequestHandle, str | None] = {}  # running requests and their tenants
         self._tenant_metrics: dict[str, TenantMetrics] = {}
@@ -503,7 +505,8 @@ def page_security_headers(page: str) -> dict[str, str]:
 def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = None,
                scheduler_factory: SchedulerFactory | None = None,
                on_new_tenant: Callable[[str, DraftStore], DraftStore] | None = None,
-               on_deleted: Callable[[str | None], bool] | None = None) -> FastAPI:
+               on_deleted: Callable[[str | None], bool] | None = None,
+               on_unload_tenant: Callable[[str, DraftStore], bool] | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``generator``.
 
     The scheduler is made by ``scheduler_factory(generator, settings)`` at start-up (after the trie is loaded from
@@ -512,10 +515,12 @@ def create_app(generator: LookaheadGenerator, settings: ServeSettings | None = N
     first made or loaded and returns the trie to use (see :class:`~lookahead_server.tenants.TenantTries`).
     ``on_deleted(tenant)`` is called after a document was deleted and saved here, before the DELETE answers (a
     replica of ``lookahead serve --ray`` pushes the removal to the hub, which saves it); False says the removal
-    could not be made durable there (the answer says ``"durable": false``).
+    could not be made durable there (the answer says ``"durable": false``). ``on_unload_tenant(tenant, trie)``
+    keeps an idle tenant's trie elsewhere so that it may be unloaded past ``max_tenants`` (True when kept; without
+    ``trie_path`` only: with it, the trie is saved to its file).
     """
     settings = settings or ServeSettings()
-    service = _Service(generator, settings, scheduler_factory or default_scheduler, on_new_tenant)
+    service = _Service(generator, settings, scheduler_factory or default_scheduler, on_new_tenant, on_unload_tenant)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
