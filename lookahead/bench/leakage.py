@@ -89,6 +89,7 @@ def measure(make_generator: Callable[[], Any], prompts: Sequence[str], max_new_t
     """Per chunking mode: the observer's accuracy and the tokens per second a client sees (seen and unseen answers
     together). ``make_generator`` gives a generator with a fresh store each call."""
     rows = []
+    make_generator().generate(prompts[0], max_new_tokens=max_new_tokens)  # warm: cost model, kernels, caches
     for mode in modes:
         seen: list[Trace] = []
         unseen: list[Trace] = []
