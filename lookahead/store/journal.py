@@ -19,14 +19,18 @@ from ..trie import JournalEntry, TrieDelta, check_int
 _ENTRY_COST = 16  # what one entry costs against the limit besides its tokens
 
 
-def _lists(tags: str, source: str, quoted: str) -> bool:
-    """Whether an answer entry's tags (a JSON list) name ``source`` (``quoted``: its JSON form, a quick test)."""
-    if quoted not in tags:
-        return False
+def _holders(op: str, source: str | None, tokens: np.ndarray) -> list[str]:
+    """The sources whose text an entry holds: a document's own insert, or the sources an answer was derived from
+    (its ``source`` is their JSON list); none for an entry without tokens."""
+    if len(tokens) == 0 or not source:
+        return []
+    if op != "insert":
+        return [source]
     try:
-        return source in json.loads(tags)
-    except (json.JSONDecodeError, TypeError):
-        return False
+        tags = json.loads(source)
+    except json.JSONDecodeError:
+        return []
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
 class Journal:
@@ -39,6 +43,7 @@ class Journal:
         self.base = 0
         self.cost = 0
         self.applied: dict[str, int] = {origin: 0}
+        self.holding: dict[str, int] = {}  # source -> kept entries holding its text (scrub scans only then)
 
     @property
     def version(self) -> int:
@@ -61,6 +66,7 @@ class Journal:
     def push(self, entry: tuple[Any, ...]) -> None:
         self.entries.append(entry)
         self.cost += len(entry[4]) + _ENTRY_COST
+        self._count(entry, 1)
         while self.cost > self.limit and self.entries:
             self.pop()
 
@@ -68,18 +74,26 @@ class Journal:
         entry = self.entries.popleft()
         self.base += 1
         self.cost -= len(entry[4]) + _ENTRY_COST
+        self._count(entry, -1)
+
+    def _count(self, entry: tuple[Any, ...], step: int) -> None:
+        for source in _holders(entry[2], entry[3], entry[4]):
+            left = self.holding.get(source, 0) + step
+            if left > 0:
+                self.holding[source] = left
+            else:
+                self.holding.pop(source, None)
 
     def scrub(self, source: str) -> None:
         """Empty the tokens of every kept entry that holds ``source``'s text: its inserts, and answers derived from
         it (their ``source`` lists it). The entries keep their place and seq, so positions and ``applied`` stand;
-        a store that merges them later adds nothing, then removes."""
-        tagged = json.dumps(source)
+        a store that merges them later adds nothing, then removes. Scans the journal only when it holds some."""
+        if not self.holding.get(source):
+            return
         for i, entry in enumerate(self.entries):
             origin, seq, op, src, toks, start, stop, skip = entry
-            if len(toks) == 0:
-                continue
-            held = src == source if op != "insert" else bool(src) and _lists(src, source, tagged)
-            if held:
+            if source in _holders(op, src, toks):
+                self._count(entry, -1)
                 self.cost -= len(toks)
                 self.entries[i] = (origin, seq, op, src, toks[:0], 0, 0, 0)
 

@@ -652,6 +652,8 @@ class DraftStore:
         of an unknown id) so that it reaches every store a delta of this one is merged into; ``journal`` False
         applies a tombstone that came from elsewhere without journaling it again."""
         check_id("remove_source", "source_id", source_id)
+        for seg in list(self._segments):  # each segment's uid set is built here, outside the lock, if not yet
+            seg.holds_any(())
         with self._lock:
             own = set(self._sources.get(source_id, ()))
             uids = own | self._derived.get(source_id, set())
