@@ -63,7 +63,8 @@ def stream_gaps(url: str, stop: threading.Event, gaps: list[tuple[float, float]]
 
 
 class _Timed:
-    """A proxy of the generator (or of its batch) that records every batch step: (end time, seconds, rows)."""
+    """A proxy of the generator (or of its batch) that records every batch step: (end time, seconds, draft nodes
+    verified in it)."""
 
     def __init__(self, inner: Any, steps: list[tuple[float, float, int]]) -> None:
         self._inner, self._steps = inner, steps
@@ -81,7 +82,8 @@ class _Timed:
         t0 = time.perf_counter()
         out = self._inner.step()
         t1 = time.perf_counter()
-        self._steps.append((t1, t1 - t0, len(self._inner.rows)))
+        nodes = sum(row.stats.draft_sizes[-1] for row in self._inner.rows if row.stats.draft_sizes)
+        self._steps.append((t1, t1 - t0, nodes))
         return out
 
 
@@ -100,6 +102,8 @@ def joining(url: str, body: dict, gaps: list[tuple[float, float]], steps: list[t
     step_busy = [d for t, d, _ in steps if t0 <= t <= t1]
     return {"batch_step_alone_ms": round(1e3 * statistics.median(step_alone), 1),
             "batch_step_longest_during_ms": round(1e3 * max(step_busy), 1) if step_busy else None,
+            "longest_steps_during": [[round(t - t0, 2), round(1e3 * d), n] for t, d, n in
+                                     sorted((x for x in steps if t0 <= x[0] <= t1), key=lambda x: -x[1])[:3]],
             "status": reply.status_code, "seconds": round(t1 - t0, 2), "steps_alone": len(alone),
             "normal_step_ms": round(1e3 * normal, 1), "longest_alone_ms": round(1e3 * max(alone), 1),
             "steps_during": len(busy), "median_during_ms": round(1e3 * statistics.median(busy), 1) if busy else None,
