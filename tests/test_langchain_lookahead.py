@@ -72,7 +72,13 @@ def spy_inserts(monkeypatch: pytest.MonkeyPatch, generator: LookaheadGenerator) 
         calls.append((list(tokens), request_id))
         return original(tokens, request_id=request_id)
 
+    def insert_documents(documents, request_id):  # a request's documents, all at once
+        calls.extend((list(doc), request_id) for doc in documents)
+        return original_documents(documents, request_id)
+
+    original_documents = generator.trie.insert_documents
     monkeypatch.setattr(generator.trie, "insert", insert)
+    monkeypatch.setattr(generator.trie, "insert_documents", insert_documents)
     return calls
 
 
