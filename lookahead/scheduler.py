@@ -381,17 +381,7 @@ class Scheduler:
         if not is_out_of_memory(error):
             self._finished(handle, error=error)
             return emptied
-        if not emptied and torch.device(self.generator.device).type == "cuda":
-            torch.cuda.empty_cache()
-        others = f"together with the {len(batch)} other request(s) being decoded" if len(batch) else "even alone"
-        evicted = OutOfMemoryRequestError(
-            f"out of device memory: this request did not fit in device memory {others} and was stopped; it may be "
-            f"retried ({chunk.error})")
-        evicted.__cause__ = error
-        with self._count_lock:
-            self.stats.requests_out_of_memory += 1
-        self._finished(handle, error=evicted)
-        self._admission_held = len(batch) > 0
+        self._stop_out_of_memory(handle, batch, error, str(chunk.error), emptied)
         return True
 
     def _evict_newest(self, batch: Any, error: BaseException) -> None:
@@ -399,12 +389,18 @@ class Scheduler:
         allocator's cached blocks, and admit nothing new until another row leaves, so the rest can go on."""
         handle = batch.keys()[-1]
         batch.remove(handle)
-        if torch.device(self.generator.device).type == "cuda":
+        self._stop_out_of_memory(handle, batch, error, f"{type(error).__name__}: {error}", emptied=False)
+
+    def _stop_out_of_memory(self, handle: Any, batch: Any, error: BaseException, detail: str, emptied: bool) -> None:
+        """Fail ``handle``'s request (no longer in ``batch``) with :class:`OutOfMemoryRequestError` caused by
+        ``error``, free the allocator's cached blocks (unless ``emptied`` already this step) and admit nothing new
+        until another row leaves."""
+        if not emptied and torch.device(self.generator.device).type == "cuda":
             torch.cuda.empty_cache()
         others = f"together with the {len(batch)} other request(s) being decoded" if len(batch) else "even alone"
         evicted = OutOfMemoryRequestError(
             f"out of device memory: this request did not fit in device memory {others} and was stopped; it may be "
-            f"retried ({type(error).__name__}: {error})")
+            f"retried ({detail})")
         evicted.__cause__ = error
         with self._count_lock:
             self.stats.requests_out_of_memory += 1
