@@ -4,6 +4,9 @@ points, and the core package never imports an integration."""
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -87,3 +90,15 @@ def test_a_plugin_cannot_replace_a_core_command(monkeypatch):
     monkeypatch.setattr(cli, "entry_points", lambda group: [clash])
     assert cli.plugin_commands() == []
     assert cli.build_parser().parse_args(["bench", "cases.jsonl"]).func is cli.cmd_bench
+
+
+@pytest.mark.slow
+def test_generate_prints_the_answer_and_nothing_from_transformers(tmp_path: Path) -> None:
+    """``lookahead generate "Say hi." --max-new-tokens 4`` in a fresh process: the answer on stdout, and on stderr
+    only the command's own closing line (no weight-loading bar, warning or log line from transformers)."""
+    lookahead = Path(sys.executable).with_name("lookahead")
+    done = subprocess.run([str(lookahead), "generate", "Say hi.", "--max-new-tokens", "4"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert re.fullmatch(r"\[4 tokens in [^\]]*finish: length\]\n", done.stderr), done.stderr
