@@ -47,7 +47,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="always draft --decoding-length nodes instead of the adaptive budget")
 
 
-def _build(args: argparse.Namespace):
+def build_generator(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, LookaheadGenerator) from the options of :func:`add_model_args` (the ``build`` every command,
+    plugins included, is handed); ``args.dtype`` becomes the dtype ``auto`` resolved to."""
     from .engine import LookaheadGenerator  # heavy: only when a command runs
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -59,7 +61,7 @@ def _build(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     documents = [Path(p).read_text(encoding="utf-8") for p in args.document]
-    _, _, generator = _build(args)
+    _, _, generator = build_generator(args)
     prompt = rag_messages(args.prompt, documents) if documents else [{"role": "user", "content": args.prompt}]
     last = None
     for chunk in generator.stream(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or None):
@@ -88,7 +90,7 @@ def _bench_batching(args: argparse.Namespace) -> int:
     if args.spec_bench:
         raise ValueError("--batch-size measures case files; --spec-bench runs at batch 1")
     cases = _bench_cases(args)
-    model, tokenizer, generator = _build(args)
+    model, tokenizer, generator = build_generator(args)
     curve = generator.budget.cost  # measure (or load) the cost curve before timing anything
     results = run_throughput(generator, cases, args.batch_size, BATCH_METHODS)
     dtype = str(model.dtype).removeprefix("torch.")
@@ -187,7 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = _bench_methods(args.methods)
     cases = _bench_cases(args)
     warmup = [c for name in (args.warmup or []) for c in load_cases(name, args.limit)]
-    model, tokenizer, generator = _build(args)
+    model, tokenizer, generator = build_generator(args)
     ensemble = EnsembleSettings(mode=args.ensemble_mode, amateur_layers=args.amateur_layers, mu=args.mu,
                                 proposer=args.proposer, proposal_depth=args.proposal_depth)
     runner = BenchRunner(model, tokenizer, generator, ensemble=ensemble, k=args.k)
@@ -341,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookahead", description="Lossless trie-drafted decoding for RAG.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_parser in CORE_COMMANDS.values():
-        add_parser(sub, add_model_args, _build)
+        add_parser(sub, add_model_args, build_generator)
     for ep in plugin_commands():
-        add_plugin_parser(sub, ep, add_model_args, _build)
+        add_plugin_parser(sub, ep, add_model_args, build_generator)
     return parser
 
 

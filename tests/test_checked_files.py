@@ -205,7 +205,7 @@ def test_the_cli_refuses_a_trie_path_in_use_before_loading(monkeypatch, capsys, 
     path = tmp_path / "trie.bin"
     holder = TrieStore(path)
     holder.load()
-    monkeypatch.setattr(cli, "_build", lambda args: pytest.fail("the model must not load"))
+    monkeypatch.setattr(cli, "build_generator", lambda args: pytest.fail("the model must not load"))
     try:
         assert cli.main(["serve", "--trie", str(path)]) == 2
         assert "is in use by pid" in capsys.readouterr().err

@@ -610,11 +610,13 @@ def test_a_row_fault_fails_only_its_request_in_the_scheduler(point, injection_se
 def _installing_add(batch, gen, prompts, fault, monkeypatch, install):
     """``batch.add`` that installs the fault once its first request was added (hooks on rows find row 0 there)."""
     add = batch.add
+    installed = False
 
     def added(request, key):
+        nonlocal installed
         add(request, key)
-        if len(batch.new) == 1 and not getattr(batch, "_fault_installed", False):
-            batch._fault_installed = True
+        if len(batch.new) == 1 and not installed:
+            installed = True
             install(gen, batch, prompts, fault, monkeypatch)
 
     return added

@@ -19,7 +19,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.prompts import PromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_lookahead import ChatLookahead, FAISSVectorStore, LookaheadLLM, LookaheadRetriever, MiniLMEmbeddings
-from langchain_lookahead._engine import _ENGINES, DocumentRouter
+from langchain_lookahead._engine import DocumentRouter, loaded_engines
 from pydantic import ValidationError
 
 from lookahead.config import LookaheadConfig
@@ -103,10 +103,10 @@ def doc_ids(generator: LookaheadGenerator, text: str) -> list[int]:
 
 
 def test_constructors_load_nothing():
-    before = dict(_ENGINES)
+    before = loaded_engines()
     llm = LookaheadLLM(model="./no/such/model", max_tokens=8, decoding_length=8, branch_length=4)
     chat = ChatLookahead(model="./no/such/model", temperature=0, stop=["x"])
-    assert llm._handle is None and chat._handle is None and dict(_ENGINES) == before
+    assert not llm.loaded and not chat.loaded and loaded_engines() == before
     assert llm.max_new_tokens == 8 and llm.lookahead_settings().decoding_length == 8
     params = llm._identifying_params
     assert params["model_name"] == "./no/such/model" and params["branch_length"] == 4

@@ -465,7 +465,7 @@ def test_cli_dtype_defaults_to_auto_and_build_names_the_loaded_dtype(monkeypatch
 
     monkeypatch.setattr(cli, "load_model", fake_load_model)
     monkeypatch.setattr(engine, "LookaheadGenerator", lambda model, tokenizer, config: "generator")
-    model, tokenizer, generator = cli._build(args)
+    model, tokenizer, generator = cli.build_generator(args)
     assert seen["dtype"] == "auto"
     assert args.dtype == "float32"  # records and reports name what "auto" became
     assert generator == "generator"

@@ -539,7 +539,7 @@ def test_cli_help_and_missing_extra(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "--max-batch-size" in out and "--trie" in out and "--api-key" in out
     monkeypatch.setattr(serve_cli, "missing_dependencies", lambda: ["fastapi", "uvicorn"])
-    monkeypatch.setattr(cli, "_build", lambda args: pytest.fail("the model must not load"))
+    monkeypatch.setattr(cli, "build_generator", lambda args: pytest.fail("the model must not load"))
     assert cli.main(["serve"]) == 2
     assert "pip install 'lookahead-rag[serve]'" in capsys.readouterr().err
 
@@ -547,7 +547,7 @@ def test_cli_help_and_missing_extra(monkeypatch, capsys):
 def test_cli_refuses_a_folder_as_trie_before_loading(monkeypatch, capsys, tmp_path):
     from lookahead import cli
 
-    monkeypatch.setattr(cli, "_build", lambda args: pytest.fail("the model must not load"))
+    monkeypatch.setattr(cli, "build_generator", lambda args: pytest.fail("the model must not load"))
     assert cli.main(["serve", "--trie", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
 
@@ -559,7 +559,7 @@ def test_cli_wires_settings_into_uvicorn(monkeypatch, tmp_path):
 
     gen = new_generator()
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(cli, "_build", lambda args: (gen.model, gen.tokenizer, gen))
+    monkeypatch.setattr(cli, "build_generator", lambda args: (gen.model, gen.tokenizer, gen))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("LOOKAHEAD_API_KEY", "from-env")
     trie = tmp_path / "t.json"
@@ -581,7 +581,7 @@ def test_cli_wires_tenant_options(monkeypatch, tmp_path, capsys):
 
     gen = new_generator()
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(cli, "_build", lambda args: (gen.model, gen.tokenizer, gen))
+    monkeypatch.setattr(cli, "build_generator", lambda args: (gen.model, gen.tokenizer, gen))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     assert cli.main(["serve", "--tenant-header", "x-tenant"]) == 0
     assert seen["app"].state.service.settings.tenant_header == "x-tenant"

@@ -138,6 +138,11 @@ class LookaheadParams(BaseModel):
         return self._handle
 
     @property
+    def loaded(self) -> bool:
+        """Whether this object's engine is loaded (constructors load nothing; the first call loads it)."""
+        return self._handle is not None
+
+    @property
     def router(self) -> DocumentRouter:
         """Where :class:`LookaheadRetriever` leaves the documents it retrieved for this model's next call."""
         return self._router

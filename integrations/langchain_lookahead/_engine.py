@@ -26,7 +26,8 @@ from lookahead.models import load_model
 from lookahead.multidraft import MultiDraftGenerator, MultiDraftResult
 from lookahead.pacing import pace
 
-__all__ = ["EngineHandle", "DocumentRouter", "get_engine", "register_engine", "clear_engines", "check_documents"]
+__all__ = ["EngineHandle", "DocumentRouter", "get_engine", "register_engine", "clear_engines", "loaded_engines",
+           "check_documents"]
 
 
 @dataclass
@@ -74,6 +75,12 @@ def register_engine(generator: LookaheadGenerator, name: str | None = None) -> E
     if name is None:
         name = str(getattr(generator.model.config, "_name_or_path", "") or generator.model.config.model_type)
     return EngineHandle(name, generator)
+
+
+def loaded_engines() -> list[str]:
+    """The model names of the engines loaded in this process (one per name, dtype, device and settings)."""
+    with _ENGINES_LOCK:
+        return [handle.name for handle in _ENGINES.values()]
 
 
 def clear_engines() -> None:

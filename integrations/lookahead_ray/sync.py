@@ -115,6 +115,11 @@ class TrieSync:
     def enabled(self) -> bool:
         return self.hub is not None
 
+    @property
+    def background(self) -> bool:
+        """Whether a daemon thread syncs every ``interval`` s (from ``start(background=True)`` to :meth:`stop`)."""
+        return self._thread is not None
+
     def start(self, background: bool = True) -> TrieSync:
         """Warm start, sync once, then (``background``) sync every ``interval`` seconds in a daemon thread; without
         it the caller calls :meth:`sync_now` (one thread syncing several tries)."""
