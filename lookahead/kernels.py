@@ -33,12 +33,17 @@ _state = threading.local()
 @contextmanager
 def skinny_linear(enabled: bool = True) -> Iterator[None]:
     """Within this block, on this thread, installed linear layers use the skinny product for <= MAX_ROWS rows."""
-    previous = getattr(_state, "enabled", False)
+    previous = skinny_enabled()
     _state.enabled = enabled
     try:
         yield
     finally:
         _state.enabled = previous
+
+
+def skinny_enabled() -> bool:
+    """Whether :func:`skinny_linear` is on in the calling thread (off in a thread that never turned it on)."""
+    return getattr(_state, "enabled", False)
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -50,7 +55,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if getattr(_state, "enabled", False) and x.device.type == "cpu" and x.shape[-1] == module.in_features:
+    if skinny_enabled() and x.device.type == "cpu" and x.shape[-1] == module.in_features:
         rows = x.numel() // x.shape[-1]
         if 0 < rows <= MAX_ROWS:
             out = skinny_matmul(x.reshape(rows, x.shape[-1]), module.weight)  # [rows, out]
@@ -79,7 +84,7 @@ def _sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
     query [b, heads, q, d], key and value [b, kv_heads, k, d], attention_mask [b, 1, q, k] -> ([b, q, heads, d], None).
     """
-    if (getattr(_state, "enabled", False) and query.device.type == "cpu" and attention_mask is not None
+    if (skinny_enabled() and query.device.type == "cpu" and attention_mask is not None
             and getattr(module, "num_key_value_groups", 1) > 1 and not dropout
             and all(kwargs.get(name) is None for name in ("position_bias", "cache", "softcap"))
             and not kwargs.get("output_attentions", False)):

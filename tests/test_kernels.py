@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from lookahead.kernels import MAX_ROWS, install_skinny_linear, skinny_linear, skinny_matmul
+from lookahead.kernels import MAX_ROWS, install_skinny_linear, skinny_enabled, skinny_linear, skinny_matmul
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, MAX_ROWS])
@@ -50,17 +50,13 @@ def test_the_switch_is_per_thread():
     seen = {}
 
     def other():
-        from lookahead.kernels import _state
-
-        seen["other"] = getattr(_state, "enabled", False)
+        seen["other"] = skinny_enabled()
 
     with skinny_linear():
         thread = threading.Thread(target=other)
         thread.start()
         thread.join()
-        from lookahead.kernels import _state
-
-        seen["here"] = _state.enabled
+        seen["here"] = skinny_enabled()
     assert seen == {"other": False, "here": True}
 
 
