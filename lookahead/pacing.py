@@ -12,11 +12,12 @@ so whether the draft store had seen it before (published attacks identify querie
 ``fixed:N``
     ``N`` tokens per chunk;
 
-the last two at a steady cadence: one chunk per ``N`` decoding steps of this request, the step time measured as it
-goes (an average of the gaps between its steps). A drafted step that accepted five tokens queues them; they go out
-one step apart, as if each had taken a step. Chunk sizes and times then follow the answer's length and the step time
-only, not the drafts; the client sees the speed of decoding without drafts (the server still finishes sooner and
-serves others with the time saved).
+the last two at a steady cadence: one chunk per ``N`` steps of decoding without drafts, the step time taken from
+the engine as it goes (each chunk's ``plain_seconds``: its step's pass time scaled by the cost model to one token a
+row; else the gaps between chunks). A drafted step that accepted five tokens queues them; they go out one plain step
+apart, as if each had taken a step. Chunk sizes and times then follow the answer's length and the plain step time
+only, not the drafts (a drafted step's larger tree takes longer, so its own time would show them); the client sees
+the speed of decoding without drafts (the server still finishes sooner and serves others with the time saved).
 
 :class:`Pacer` is the schedule alone (chunks in with their arrival times, pieces out when due; no clock of its own),
 :func:`pace` and :func:`apace` drive it with a clock for a synchronous or an asynchronous consumer. Pieces are
@@ -112,8 +113,9 @@ class Pacer:
 
     A piece of ``chunking.tokens`` tokens is due one cadence after the previous piece (``tokens`` times the step
     time), and never before its last token arrived; the first piece, and an error, go out as soon as they arrive.
-    The step time is a running average of the gaps between this stream's chunks (each is one decoding step; the
-    first gap, after the prefill, is the first estimate). The last piece carries the finish reason and the stats.
+    The step time is a running average of the chunks' ``plain_seconds`` (what their step would have taken without
+    drafts), or of the gaps between them where the engine does not say (each chunk is one decoding step). The
+    last piece carries the finish reason and the stats.
     """
 
     def __init__(self, chunking: StreamChunking, splitter: TextSplitter, smoothing: float = 0.2) -> None:
@@ -133,9 +135,15 @@ class Pacer:
 
     def feed(self, chunk: StreamChunk, now: float) -> None:
         """Take the engine's next chunk, arrived at ``now``."""
-        if self._last_arrival is not None:
-            gap = now - self._last_arrival
-            self.step_time = gap if self.step_time is None else self.step_time + self.smoothing * (gap - self.step_time)
+        if chunk.plain_seconds is not None:  # the engine's word for a step without drafts
+            step = chunk.plain_seconds
+        elif self._last_arrival is not None:
+            step = now - self._last_arrival
+        else:
+            step = None
+        if step is not None:
+            old = self.step_time
+            self.step_time = step if old is None else old + self.smoothing * (step - old)
         self._last_arrival = now
         for token, text in zip(chunk.token_ids, self.splitter.take(chunk)):
             self._tokens.append(token)
