@@ -415,21 +415,20 @@ class Batch:
             stats.time_forward += t2 - t1
             stats.time_other += (t1 - t0) + (t3 - t2) - trie_step
         self.step_seconds = t3 - t0 if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * (t3 - t0)
-        plain = self._plain_seconds(proposals, layout, t2 - t1) + (t3 - t2)
+        plain = self._plain_seconds(layout, t2 - t1)
         for _, chunk in events:
             chunk.plain_seconds = plain
         return events
 
-    def _plain_seconds(self, proposals: list[Proposal], layout: RowLayout, seconds: float) -> float:
-        """What a tree pass that took ``seconds`` would have taken with no drafts (one token a row): scaled by the
-        draft budget's cost model (a stream paced by it does not show how much was drafted)."""
+    def _plain_seconds(self, layout: RowLayout, seconds: float) -> float:
+        """What a pass without drafts (one token a row) costs at this context and batch: the draft budget's cost
+        model, the same for a row whatever it drafted (a stream paced by it shows nothing of the drafts), or the
+        pass's own ``seconds`` when they are fewer (a model that is not in this machine's seconds) or there is no
+        budget."""
         budget = self.rows[0].drafter.budget if self.rows else None
-        nodes = max((p.size for p in proposals), default=1)
-        if budget is None or nodes <= 1:
+        if budget is None:
             return seconds
-        cost = budget.cost_model.cost
-        rows = len(proposals)
-        return seconds * cost(1, layout.tree_start, rows) / max(cost(nodes, layout.tree_start, rows), 1e-12)
+        return min(seconds, float(budget.cost_model.cost(1, layout.tree_start, len(layout.lengths))))
 
     def _pass_failed(self, error: BaseException, during: str) -> list[Event]:
         """A step's shared work failed (every row is as before it): out of memory with several rows, the newest

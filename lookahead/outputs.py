@@ -106,7 +106,7 @@ class StreamChunk:
     stats: GenerationStats | None = None  # set on the last chunk
     source: str | None = None  # the document its accepted draft tokens were copied from (its id, or doc:<index>)
     error: str | None = None  # with finish_reason "error": what failed (the request ends without its answer)
-    plain_seconds: float | None = None  # what the step would have taken without drafts (pass time x cost ratio)
+    plain_seconds: float | None = None  # the cost model's seconds of a pass without drafts (see Batch)
     exception: BaseException | None = field(default=None, repr=False, compare=False)  # the fault itself
 
 

@@ -12,12 +12,13 @@ so whether the draft store had seen it before (published attacks identify querie
 ``fixed:N``
     ``N`` tokens per chunk;
 
-the last two at a steady cadence: one chunk per ``N`` steps of decoding without drafts, the step time taken from
-the engine as it goes (each chunk's ``plain_seconds``: its step's pass time scaled by the cost model to one token a
-row; else the gaps between chunks). A drafted step that accepted five tokens queues them; they go out one plain step
-apart, as if each had taken a step. Chunk sizes and times then follow the answer's length and the plain step time
-only, not the drafts (a drafted step's larger tree takes longer, so its own time would show them); the client sees
-the speed of decoding without drafts (the server still finishes sooner and serves others with the time saved).
+the last two at a steady cadence: one chunk per ``N`` steps of decoding without drafts, a little slower (``slack``,
+1.25x) so that decoding, drafted or not, keeps ahead of it. The step time comes from the engine with each chunk
+(``plain_seconds``: its cost model's time of a pass without drafts at that context and batch, the same whatever was
+drafted; else the gaps between chunks). A drafted step that accepted five tokens queues them; they go out one step
+apart. Chunk sizes and times then follow the answer's length, the context and the batch, not the drafts (a drafted
+step's own time would show them: its larger tree takes longer). The client sees about the speed of decoding without
+drafts (the server still finishes sooner and serves others with the time saved).
 
 :class:`Pacer` is the schedule alone (chunks in with their arrival times, pieces out when due; no clock of its own),
 :func:`pace` and :func:`apace` drive it with a clock for a synchronous or an asynchronous consumer. Pieces are
@@ -118,12 +119,14 @@ class Pacer:
     last piece carries the finish reason and the stats.
     """
 
-    def __init__(self, chunking: StreamChunking, splitter: TextSplitter, smoothing: float = 0.2) -> None:
+    def __init__(self, chunking: StreamChunking, splitter: TextSplitter, smoothing: float = 0.2,
+                 slack: float = 1.25) -> None:
         if not chunking.paced:
             raise ValueError("a Pacer paces 'token' or 'fixed:N' chunking; 'run' needs none")
         self.size = chunking.tokens
         self.splitter = splitter
         self.smoothing = smoothing
+        self.slack = slack
         self.step_time: float | None = None
         self._last_arrival: float | None = None
         self._last_release: float | None = None
@@ -136,7 +139,7 @@ class Pacer:
     def feed(self, chunk: StreamChunk, now: float) -> None:
         """Take the engine's next chunk, arrived at ``now``."""
         if chunk.plain_seconds is not None:  # the engine's word for a step without drafts
-            step = chunk.plain_seconds
+            step = chunk.plain_seconds * self.slack
         elif self._last_arrival is not None:
             step = now - self._last_arrival
         else:
