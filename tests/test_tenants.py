@@ -325,3 +325,17 @@ def test_without_a_file_a_keeper_lets_idle_tenants_go():
         ask(c, "a")
         ask(c, "b")  # a is idle: handed to the keeper instead of a 403 for b
         assert list(kept) == ["a"] and service(c).tenants.tenants() == ["b"]
+
+
+def test_a_tenant_with_a_request_in_flight_is_never_unloaded(tmp_path):
+    settings = ServeSettings(trie_path=str(tmp_path / "trie.bin"), trie_save_interval=0, tenant_header=HEADER,
+                             max_tenants=1)
+    with TestClient(create_app(fixed_generator(), settings)) as c:
+        tenants = service(c).tenants
+        held = tenants.hold("a")  # what a request does from its submission to its release
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, headers={HEADER: "b"})
+        assert r.status_code == 403 and "request in flight" in r.json()["error"]["message"]
+        assert tenants.peek("a") is held
+        tenants.release("a")
+        ask(c, "b")  # idle now: a is saved and unloaded to make room
+        assert tenants.tenants() == ["b"]

@@ -210,15 +210,7 @@ class TenantTries:
     @contextmanager
     def using(self, tenant: str | None) -> Iterator[DraftStore]:
         """``get(tenant)``, held in use until the block ends (a tenant in use is never unloaded)."""
-        if tenant is None:
-            yield self.generator.trie
-            return
-        while True:
-            trie = self.get(tenant)
-            with self._lock:
-                if self._tries.get(tenant) is trie:  # not unloaded between get and here
-                    self._busy[tenant] = self._busy.get(tenant, 0) + 1
-                    break
+        trie = self.hold(tenant)
         try:
             yield trie
         finally:
@@ -226,9 +218,14 @@ class TenantTries:
 
     def hold(self, tenant: str | None) -> DraftStore:
         """``get(tenant)`` held in use until :meth:`release` (for a request that outlives a block)."""
-        context = self.using(tenant)
-        trie = context.__enter__()
-        return trie
+        if tenant is None:
+            return self.generator.trie
+        while True:
+            trie = self.get(tenant)
+            with self._lock:
+                if self._tries.get(tenant) is trie:  # not unloaded between get and here
+                    self._busy[tenant] = self._busy.get(tenant, 0) + 1
+                    return trie
 
     def release(self, tenant: str | None) -> None:
         """End one use of ``tenant`` (see :meth:`hold`)."""
