@@ -144,15 +144,24 @@ def check_id(where: str, name: str, value: object) -> str:
     return value
 
 
-def _is_tag_list(text: object) -> bool:
-    """Whether ``text`` is a JSON list of non-empty strings (an answer entry's source ids)."""
+def derived_text(sources: Sequence[str]) -> str | None:
+    """How an answer's sources ride in its ``"insert"`` entry's ``source`` (None for none): a JSON list, so any id
+    fits."""
+    return json.dumps(list(sources)) if sources else None
+
+
+def derived_sources(text: object) -> tuple[str, ...] | None:
+    """The source ids an ``"insert"`` entry's ``source`` names (sorted, each once), or None when ``text`` is not a
+    JSON list of non-empty strings (see :func:`derived_text`)."""
     if not isinstance(text, str):
-        return False
+        return None
     try:
         tags = json.loads(text)
     except json.JSONDecodeError:
-        return False
-    return isinstance(tags, list) and bool(tags) and all(isinstance(t, str) and t for t in tags)
+        return None
+    if not isinstance(tags, list) or not tags or not all(isinstance(t, str) and t for t in tags):
+        return None
+    return tuple(sorted(set(tags)))
 
 
 def _pack(tokens: Sequence[int]) -> Sequence[int]:
@@ -192,7 +201,7 @@ class JournalEntry:
         if self.op not in OPS:
             raise ValueError(f"{where}: op must be one of {', '.join(OPS)}, got {self.op!r}")
         if self.op == "insert":
-            if self.source is not None and not _is_tag_list(self.source):
+            if self.source is not None and derived_sources(self.source) is None:
                 raise ValueError(f"{where}: an 'insert''s source is None or the JSON list of the source ids the answer "
                                  f"was derived from, got {self.source!r}")
         else:

@@ -21,7 +21,6 @@ since its last push). One hub process holds its ``path`` (a lock file, as ``look
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -39,7 +38,7 @@ from lookahead.config import LookaheadConfig
 from lookahead.drafter import new_trie
 from lookahead.store import DraftStore, Fingerprint
 from lookahead.store.store import SHAPING
-from lookahead.trie import JournalEntry, TrieDelta
+from lookahead.trie import JournalEntry, TrieDelta, derived_sources
 
 log = logging.getLogger("lookahead_ray")
 
@@ -77,7 +76,7 @@ def without_removed(delta: TrieDelta, removed: list[str]) -> TrieDelta:
         return delta
     gone = set(removed)
     entries = tuple(JournalEntry(e.origin, e.seq, e.op, (), 0, 0, 0, e.source)
-                    if e.op == "insert" and e.source and gone & set(json.loads(e.source)) else e
+                    if e.op == "insert" and gone & set(derived_sources(e.source) or ()) else e
                     for e in delta.entries)
     return dataclasses.replace(delta, entries=entries)
 

@@ -8,13 +8,12 @@ origin: the entries it made), so merging is idempotent and an echo is ignored.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from typing import Any
 
 import numpy as np
 
-from ..trie import JournalEntry, TrieDelta, check_int
+from ..trie import JournalEntry, TrieDelta, check_int, derived_sources
 
 _ENTRY_COST = 16  # what one entry costs against the limit besides its tokens
 
@@ -26,11 +25,7 @@ def _holders(op: str, source: str | None, tokens: np.ndarray) -> list[str]:
         return []
     if op != "insert":
         return [source]
-    try:
-        tags = json.loads(source)
-    except json.JSONDecodeError:
-        return []
-    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+    return list(derived_sources(source) or ())
 
 
 class Journal:

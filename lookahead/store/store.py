@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..files import atomic_path
-from ..trie import JOURNAL_LIMIT, MAX_TOKEN_ID, Draft, TrieDelta, check_delta, check_id
+from ..trie import JOURNAL_LIMIT, MAX_TOKEN_ID, Draft, TrieDelta, check_delta, check_id, derived_sources, derived_text
 from . import kernels
 from .identity import Fingerprint
 from .journal import Journal
@@ -388,7 +388,7 @@ class DraftStore:
         with self._lock:
             if request_id is None:
                 self._tag(self._add_global(toks, None), tags)
-                self._journal.own("insert", toks, _tag_text(tags))
+                self._journal.own("insert", toks, derived_text(tags))
         if request_id is None:
             self._keep_up()
             return
@@ -655,11 +655,7 @@ class DraftStore:
         for seg in list(self._segments):  # each segment's uid set is built here, outside the lock, if not yet
             seg.holds_any(())
         with self._lock:
-            own = set(self._sources.get(source_id, ()))
-            uids = own | self._derived.get(source_id, set())
-            removed = sum(self._entries.get(u, 0) for u in own)
-            self._forget(uids, segments=False)
-            self._journal.scrub(source_id)
+            removed, uids = self._drop_source(source_id, segments=False)
             if journal:
                 self._journal.own("remove", EMPTY, source_id)
             self._removed[source_id] = self._journal.version
@@ -678,15 +674,16 @@ class DraftStore:
         with self._lock:
             return sorted(sid for sid, at in self._removed.items() if at > version)
 
-    def _drop_source(self, source_id: str, segments: bool = True) -> int:
-        """Forget document ``source_id``'s text (its entries, the answers derived from it, its journal tokens)
-        before it is replaced; return its tokens. ``segments`` False leaves the segments to the caller (as
-        :meth:`_forget`)."""
+    def _drop_source(self, source_id: str, segments: bool = True) -> tuple[int, set[int]]:
+        """Forget document ``source_id``'s text (its entries, the answers derived from it, its journal tokens),
+        removed or about to be replaced; return its own tokens and every uid that went. ``segments`` False leaves
+        the segments to the caller (as :meth:`_forget`)."""
         own = set(self._sources.get(source_id, ()))
         removed = sum(self._entries.get(u, 0) for u in own)
-        self._forget(own | self._derived.get(source_id, set()), segments=segments)
+        uids = own | self._derived.get(source_id, set())
+        self._forget(uids, segments=segments)
         self._journal.scrub(source_id)
-        return removed
+        return removed, uids
 
     def sources(self) -> list[str]:
         """Ids of the documents the store holds."""
@@ -855,8 +852,7 @@ class DraftStore:
     def _replay(self, entry: Any) -> None:
         toks = np.asarray(entry.tokens, np.int64)
         if entry.op == "remove":
-            self._forget(set(self._sources.get(entry.source, ())) | self._derived.get(entry.source, set()))
-            self._journal.scrub(entry.source)
+            self._drop_source(entry.source)
             self._removed[entry.source] = self._journal.version + 1  # the position this entry takes
             return
         end = min(len(toks), entry.stop + self.branch_length)
@@ -865,7 +861,7 @@ class DraftStore:
             if entry.skip > entry.start:
                 self._extend_global(body[: entry.skip - entry.start], body[entry.skip - entry.start:])
             elif len(body):
-                self._tag(self._add_global(body, None), _tags_of(entry.source))
+                self._tag(self._add_global(body, None), derived_sources(entry.source) or ())
             return
         if entry.op == "source":
             self._drop_source(entry.source)
@@ -1050,22 +1046,6 @@ class DraftStore:
 
 
 _ALIGN = 64
-
-
-def _tag_text(tags: tuple[str, ...]) -> str | None:
-    """How an answer's sources ride in its journal entry's ``source`` (None for none): a JSON list, so any id fits."""
-    return json.dumps(list(tags)) if tags else None
-
-
-def _tags_of(text: str | None) -> tuple[str, ...]:
-    """The sources of an answer's journal entry (see :func:`_tag_text`); an entry of an older store has none."""
-    if not text:
-        return ()
-    try:
-        tags = json.loads(text)
-    except json.JSONDecodeError:
-        return ()
-    return tuple(sorted({t for t in tags if isinstance(t, str) and t})) if isinstance(tags, list) else ()
 
 
 def _token_range(arrays: list[np.ndarray]) -> tuple[int, int] | None:
