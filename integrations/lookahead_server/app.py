@@ -242,29 +242,28 @@ class _Service:
         without ``--trie`` or when the tenant is not held. Raises 500 when the file cannot be written."""
         store = self.store if tenant is None else self.tenants.store(tenant)
         trie = self.tenants.peek(tenant)
-        if store is None or trie is None:
-            return
-        with self._save_lock:
-            with self._changes_lock:
-                changes = self._changes.get(tenant, 0)
-            if not self._save_one(store, trie):
-                raise ApiError(500, f"the document was removed from memory but {str(store.path)!r} could not be "
-                                    f"rewritten (see the server log): the file still holds it until the next save")
-            self._saved[tenant] = changes
+        if store is not None and trie is not None and not self._save_tracked(tenant, store, trie):
+            raise ApiError(500, f"the document was removed from memory but {str(store.path)!r} could not be "
+                                f"rewritten (see the server log): the file still holds it until the next save")
 
     def _keep(self, tenant: str, trie: DraftStore) -> bool:
         """Save a tenant's trie before it is unloaded (to make room for another); False when it could not be."""
         store = self.tenants.store(tenant)
-        if store is None:
+        if store is None or not self._save_tracked(tenant, store, trie):
             return False
+        trie.close()
+        return True
+
+    def _save_tracked(self, tenant: str | None, store: TrieStore, trie: DraftStore) -> bool:
+        """Save one trie now (one save at a time) and count the changes it holds as saved; False when the write
+        failed."""
         with self._save_lock:
             with self._changes_lock:
                 changes = self._changes.get(tenant, 0)
             if not self._save_one(store, trie):
                 return False
             self._saved[tenant] = changes
-        trie.close()
-        return True
+            return True
 
     def _save_one(self, store: TrieStore, trie: DraftStore) -> bool:
         try:
