@@ -95,7 +95,7 @@ class TextSplitter:
         self.engine_text += chunk.text
         texts = []
         for token in chunk.token_ids:
-            _, delta = self._emitter.push([token])
+            self._emitter.push([token])
             end = min(len(self._emitter.text), len(self.engine_text))
             texts.append(self.engine_text[self.sent:max(end, self.sent)])
             self.sent = max(end, self.sent)
@@ -164,15 +164,16 @@ class Pacer:
     def next_due(self) -> float | None:
         """When the next piece is due (None: none is waiting)."""
         if self._ready:
-            ready, _ = self._ready[0]
-            if self._last_release is None or self.step_time is None:
-                return ready
-            return max(ready, self._last_release + self.size * self.step_time)
-        if self._final is not None and not self.finished:
-            if self._final.finish_reason == "error" or self._last_release is None or self.step_time is None:
-                return self._last_arrival or 0.0
-            return max(self._last_arrival or 0.0, self._last_release + self.size * self.step_time)
-        return None
+            earliest = self._ready[0][0]  # a full piece: when its last token came
+        elif self._final is not None and not self.finished:
+            earliest = self._last_arrival or 0.0  # the closing piece: when the last chunk came
+            if self._final.finish_reason == "error":
+                return earliest
+        else:
+            return None
+        if self._last_release is None or self.step_time is None:
+            return earliest
+        return max(earliest, self._last_release + self.size * self.step_time)
 
     def due(self, now: float) -> list[StreamChunk]:
         """The pieces due at ``now``, in order (an error flushes everything waiting)."""
