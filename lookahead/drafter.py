@@ -360,19 +360,26 @@ class Drafter:
         width = max(config.max_query_length, config.branch_length + 1)
         context = (self.prompt_ids[-width:] + list(generated[-width:]) + list(after))[-width:]  # tails only
         remaining = self.max_new_tokens - len(generated)
-        draft = self.extended(self.trie.draft(context[-config.max_query_length:], config.decoding_length,
-                                              request_id=self.request_id,
-                                              branch_length=max(1, min(config.branch_length, remaining))),
-                              context, remaining)
-        follow = 0
-        if not after:  # the main line, followed step by step (other lines are drafted without the feature)
+        at_most = 0  # the follow feature is computed on the main line only (other lines draft without it)
+        if not after:
             end = len(generated)  # the context grew by ``end - self.follow_end`` tokens since the last call
             grown = end - self.follow_end
             at_most = config.branch_length + 1
             if self.follow_end >= 0 and grown >= 0:  # a longer match would have matched before, minus the growth
                 at_most = min(at_most, self.follow + grown)
-            follow = self.follow = self.follow_length(context, at_most)
-            self.follow_end = end
+        depth_limit = max(1, min(config.branch_length, remaining))
+        if isinstance(self.trie, DraftStore):  # one compiled call does what the lines below do
+            draft, follow = self.trie.draft_ahead(context, config.decoding_length, self.request_id, depth_limit,
+                                                  min(config.decoding_length, remaining), config.branch_length,
+                                                  config.max_query_length, at_most)
+        else:
+            draft = self.extended(self.trie.draft(context[-config.max_query_length:], config.decoding_length,
+                                                  request_id=self.request_id, branch_length=depth_limit),
+                                  context, remaining)
+            follow = self.follow_length(context, at_most) if not after else 0
+        if not after:
+            self.follow = follow
+            self.follow_end = len(generated)
         chain = self.predicted_chain(generated, min(config.decoding_length, remaining)) if not after else []
         predicted = None
         trie_nodes = len(draft)

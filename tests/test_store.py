@@ -81,6 +81,7 @@ def assert_same(store: DraftStore, trie: TokenTrie, contexts, sizes=(2, 12)) -> 
                 assert store.draft(ctx, k, rid).global_counts == trie.draft(ctx, k, rid).global_counts
         for n in range(1, len(ctx) + 1):
             assert store.count(ctx[-n:]) == trie.count(ctx[-n:])
+            assert store.longest_global_suffix(ctx, n) == trie.longest_global_suffix(ctx, n), (ctx, n)
 
 
 contexts_st = st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5), min_size=1, max_size=6)
@@ -330,3 +331,35 @@ def test_hot_nodes_draft_best_first_exactly_like_the_oracle(hot):
         store.flush()
     contexts = [rng.zipf(1.4, int(rng.integers(1, 4))).clip(max=60).tolist() for _ in range(80)]
     assert_same(store, trie, contexts, sizes=(1, 3, 8, 24))
+
+
+def _ahead_by_separate_calls(source, context, k, request_id, depth_limit, limit, branch_length, max_query, at_most):
+    """What the drafter computes for a source without a compiled ``draft_ahead`` (the oracle trie)."""
+    from lookahead.config import LookaheadConfig
+    from lookahead.drafter import Drafter
+
+    config = LookaheadConfig(decoding_length=k, branch_length=branch_length, max_query_length=max_query)
+    drafter = Drafter(source, None, config, request_id=request_id)
+    drafter.request_id = request_id  # None: global counts only
+    first = source.draft(context[-max_query:], k, request_id=request_id, branch_length=depth_limit)
+    return drafter.extended(first, context, limit), source.longest_global_suffix(context, at_most)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op_st, max_size=25), st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=9),
+       st.integers(1, 4), st.integers(1, 3), st.integers(1, 12), st.integers(0, 6), st.sampled_from([None, "a"]))
+def test_draft_ahead_is_the_drafters_separate_calls_in_one(ops, context, branch_length, max_query, limit, at_most,
+                                                          request_id):
+    """The compiled one-call step (draft, the best path drafted on past the window, the follow length) equals the
+    drafter's separate calls over the oracle trie, extensions included (repeated text makes them happen)."""
+    store, trie = pair(branch_length, max_query)
+    apply(ops + [("insert", context * 3)], store, trie)
+    width = max(max_query, branch_length + 1)
+    ctx = context[-width:]
+    for k in (3, 12):
+        depth = max(1, min(branch_length, limit))
+        got = store.draft_ahead(ctx, k, request_id, depth, min(k, limit), branch_length, max_query, at_most)
+        want = _ahead_by_separate_calls(trie, ctx, k, request_id, depth, min(k, limit), branch_length, max_query,
+                                        at_most)
+        assert got == want, (ctx, k)
+        assert got[0].global_counts == want[0].global_counts

@@ -262,18 +262,37 @@ def count_occurrences(toks, sa, dead, query):  # pragma: no cover - compiled
 
 @nb.njit(**_JIT)
 def longest_suffix(toks_list, sa_list, dead_list, use, context, at_most):  # pragma: no cover - compiled
-    """The longest suffix of ``context`` (at most ``at_most`` tokens) that occurs in a source where ``use`` is set."""
+    """The longest suffix of ``context`` (at most ``at_most`` tokens) that occurs in a source where ``use`` is set.
+
+    A suffix occurs in a source only where its shorter suffixes do, so each source is asked only for lengths past
+    the best found so far, shortest first (suffix arrays), or scanned once for its longest match (linear ones)."""
     n = len(context)
     m = min(at_most, n)
-    while m > 0:
-        total = 0
-        for s in range(len(toks_list)):
-            if use[s]:
-                total += count_occurrences(toks_list[s], sa_list[s], dead_list[s], context[n - m:])
-                if total > 0:
-                    return m
-        m -= 1
-    return 0
+    if m <= 0:
+        return 0
+    query = context[n - m:]
+    best = 0
+    for s in range(len(toks_list)):
+        if not use[s] or len(toks_list[s]) == 0:
+            continue
+        toks, sa, dead = toks_list[s], sa_list[s], dead_list[s]
+        if len(sa) > 0:
+            for q in range(best + 1, m + 1):
+                lo, hi = sa_range(toks, sa, query, m - q, q)
+                live = hi - lo
+                if len(dead) > 0:
+                    live -= dead[hi] - dead[lo]
+                if live <= 0:
+                    break
+                best = q
+        else:
+            ends, lens = _match_lengths(toks, query, m)
+            for i in range(len(lens)):
+                if lens[i] > best:
+                    best = lens[i]
+        if best == m:
+            break
+    return best
 
 
 @nb.njit(**_JIT)
@@ -835,6 +854,84 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
     return e_tok, e_tok, e_f, e_f, 0
 
 
+
+@nb.njit(**_JIT)
+def top_path(parents):  # pragma: no cover - compiled
+    """Indices of a best-first draft's best path: its first root node, then always that node's first child."""
+    n = len(parents)
+    first = np.full(n + 1, -1, np.int64)  # [n + 1]: the first child of node p at p + 1 (the context at 0)
+    for i in range(n - 1, -1, -1):
+        first[parents[i] + 1] = i
+    path = np.empty(n, np.int64)
+    m = 0
+    node = first[0]
+    while node >= 0:
+        path[m] = node
+        m += 1
+        node = first[node + 1]
+    return path[:m]
+
+
+@nb.njit(**_JIT)
+def draft_ahead(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is_global, context, max_query,
+                store_query, k, depth_limit, branch_length, limit, follow_at_most, width, global_weight,
+                local_weight, work, kids, scores, node_ranges):  # pragma: no cover - compiled
+    """One step's drafting in one call: :func:`draft` after the last ``max_query`` tokens of ``context``, its best
+    path drafted on past the window depth, and the follow length, exactly as ``Drafter.extended`` and
+    ``Drafter.follow_length`` do with separate calls.
+
+    While the best path is shorter than ``limit`` and its last piece reached its window's depth (``branch_length +
+    1`` minus its match), the sources are asked again after ``context`` plus the path (a match of the whole tail,
+    at most ``max_query`` tokens) and the answer is hung below the path's end, its scores capped at that node's.
+    The follow length is the longest suffix of ``context`` (at most ``follow_at_most`` tokens) a global source
+    holds. ``store_query`` is the store's own query limit. Returns (tokens, parents, scores, global counts, match
+    length, follow); match length -1: a scratch buffer was too small (the caller retries with larger ones)."""
+    n = len(context)
+    q_first = min(max_query, store_query)
+    tok, par, sc, gl, q = draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is_global,
+                                context[max(0, n - q_first):], k, depth_limit, width, global_weight, local_weight,
+                                work, kids, scores, node_ranges)
+    if q < 0:
+        return tok, par, sc, gl, -1, 0
+    if q > 0:
+        path = top_path(par)
+        piece_depth = len(path)
+        piece_match = q
+        while 0 < len(path) < limit and piece_depth >= branch_length + 1 - piece_match:
+            grown = np.empty(n + len(path), np.int64)  # the context, then the path's tokens
+            grown[:n] = context
+            for i in range(len(path)):
+                grown[n + i] = tok[path[i]]
+            tail_len = min(max_query, len(grown))
+            want = limit - len(path)
+            mt, mp, ms, mg, mq = draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight,
+                                       is_global, grown[len(grown) - min(tail_len, store_query):], want,
+                                       min(branch_length, want), width, global_weight, local_weight, work, kids,
+                                       scores, node_ranges)
+            if mq < 0:
+                return tok, par, sc, gl, -1, 0
+            if mq < tail_len:  # only a shorter suffix matched: not the same text going on
+                break
+            first = len(tok)
+            at = path[len(path) - 1]
+            cap = sc[at]
+            hung = np.empty(len(mp), np.int64)
+            capped = np.empty(len(ms), np.float64)
+            for i in range(len(mp)):
+                hung[i] = at if mp[i] < 0 else mp[i] + first
+                capped[i] = min(ms[i], cap)
+            tok = np.concatenate((tok, mt))
+            par = np.concatenate((par, hung))
+            sc = np.concatenate((sc, capped))
+            gl = np.concatenate((gl, mg))
+            piece = top_path(mp)
+            path = np.concatenate((path, piece + first))
+            piece_depth = len(piece)
+            piece_match = mq
+    follow = longest_suffix(toks_list, sa_list, dead_list, is_global, context, follow_at_most)
+    return tok, par, sc, gl, q, follow
+
+
 _warm = False
 
 
@@ -869,5 +966,8 @@ def warm_up() -> None:
     draft(tl, sl, dl, hil, hkl, weight, is_global, ctx, 4, 3, 3, 1.0, 1.0, np.empty(64, np.int64),
           np.empty((6, 64), np.int64), np.empty((2, 64)), np.empty((2, 21, slots), np.int64))
     longest_suffix(tl, sl, dl, is_global, ctx, 2)
+    draft_ahead(tl, sl, dl, hil, hkl, weight, is_global, ctx, 2, 2, 4, 3, 3, 8, 2, 3, 1.0, 1.0,
+                np.empty(64, np.int64), np.empty((6, 64), np.int64), np.empty((2, 64)),
+                np.empty((2, 21, slots), np.int64))
     count_occurrences(toks, sa, dead, ctx)
     _warm = True

@@ -322,6 +322,33 @@ class DraftStore:
             return Draft([], [], [], 0)
         return Draft(tokens.tolist(), parents.tolist(), scores.tolist(), int(q), global_counts.tolist())
 
+    def draft_ahead(self, context: Sequence[int], decoding_length: int, request_id: str | None, depth_limit: int,
+                    limit: int, branch_length: int, max_query_length: int, follow_at_most: int) -> tuple[Draft, int]:
+        """One step's drafting in one compiled call: the draft after ``context``'s last ``max_query_length``
+        tokens (at most ``decoding_length`` nodes, ``depth_limit`` deep), its best path drafted on past the window
+        depth up to ``limit`` tokens, and the follow length (the longest suffix of ``context``, at most
+        ``follow_at_most`` tokens, a past output holds). The same draft and length as ``Drafter.extended`` over
+        :meth:`draft` and :meth:`longest_global_suffix` give (a test holds them equal)."""
+        ctx = np.asarray(list(context)[-self.width:], np.int64)
+        with self._lock:
+            toks, sas, deads, hot_idx, hot_kids, weight, is_global = self._pack(request_id)
+            if request_id is None:
+                weight[~is_global] = 0.0
+            local_weight = self.local_weight if request_id is not None else 0.0
+            while True:
+                work, kids, scores, ranges = self._scratch(decoding_length)
+                out = kernels.draft_ahead(toks, sas, deads, hot_idx, hot_kids, weight, is_global, ctx,
+                                          max_query_length, self.max_query_length, decoding_length, depth_limit,
+                                          branch_length, limit, follow_at_most, self.width, self.global_weight,
+                                          local_weight, work, kids, scores, ranges)
+                if out[4] >= 0:
+                    break
+                self._scratch_scale *= 4
+        tokens, parents, scores_, global_counts, q, follow = out
+        if q <= 0:
+            return Draft([], [], [], 0), int(follow)
+        return Draft(tokens.tolist(), parents.tolist(), scores_.tolist(), int(q), global_counts.tolist()), int(follow)
+
     def _scratch(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The draft kernel's scratch arrays for drafts of ``k`` nodes (made once, reused under the lock)."""
         key = (k, self._scratch_scale)
