@@ -121,6 +121,8 @@ class Batch:
         self.new: list[Row] = []  # added, not joined yet (being prefilled)
         self.cache: DynamicCache | None = None
         self.step_seconds = 0.0  # recent wall time of one decoding step (moving average)
+        self._plain_key: tuple[int, int, int] | None = None  # (cost model, rows, context // 32) of _plain_cost
+        self._plain_cost = 0.0
         self.prefill_credit = 0.0  # seconds of long-prompt prefill the decoding rows can give up now
         self.failed: list[Event] = []  # error chunks of rows that failed outside a step, for the next step
 
@@ -428,7 +430,11 @@ class Batch:
         budget = self.rows[0].drafter.budget if self.rows else None
         if budget is None:
             return seconds
-        return min(seconds, float(budget.cost_model.cost(1, layout.tree_start, len(layout.lengths))))
+        key = (id(budget.cost_model), len(layout.lengths), layout.tree_start >> 5)  # one model call per 32 positions
+        if self._plain_key != key:
+            self._plain_key = key
+            self._plain_cost = float(budget.cost_model.cost(1, layout.tree_start, len(layout.lengths)))
+        return min(seconds, self._plain_cost)
 
     def _pass_failed(self, error: BaseException, during: str) -> list[Event]:
         """A step's shared work failed (every row is as before it): out of memory with several rows, the newest

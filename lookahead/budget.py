@@ -81,12 +81,19 @@ MODEL_VERSION = 1
 def _interpolate(x: float, xs: Sequence[float], ys: Sequence[Any]) -> Any:
     """Piecewise-linear ``y(x)``: flat below the first point, extended with the last (non-negative) slope above;
     ``ys`` are floats or arrays (element-wise, the same arithmetic)."""
+    return _interpolate_lazy(x, xs, ys.__getitem__)
+
+
+def _interpolate_lazy(x: float, xs: Sequence[float], y_at: Callable[[int], Any]) -> Any:
+    """:func:`_interpolate` with ``y_at(i)`` computing the ``i``-th value, asked only for the (at most two) points
+    the result needs."""
     if len(xs) == 1 or x <= xs[0]:
-        return ys[0]
-    for a, b, ya, yb in zip(xs, xs[1:], ys, ys[1:]):
-        if x <= b:
+        return y_at(0)
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            a, b, ya, yb = xs[i - 1], xs[i], y_at(i - 1), y_at(i)
             return ya + (yb - ya) * (x - a) / (b - a)
-    a, b, ya, yb = xs[-2], xs[-1], ys[-2], ys[-1]
+    a, b, ya, yb = xs[-2], xs[-1], y_at(len(xs) - 2), y_at(len(xs) - 1)
     return yb + np.maximum(yb - ya, 0.0) * (x - b) / (b - a)
 
 
@@ -114,7 +121,7 @@ class CostModel:
         """``cost`` as a model (a single curve is taken for batch 1 at any context)."""
         return cost if isinstance(cost, CostModel) else cls(((1, 0, cost),))
 
-    @property
+    @functools.cached_property
     def batches(self) -> tuple[int, ...]:
         return tuple(sorted({b for b, _, _ in self.points}))
 
@@ -134,29 +141,43 @@ class CostModel:
 
     def _at_batch(self, batch: int, n: float, context: float) -> float:
         contexts, curves = self._by_batch[batch]
-        return _interpolate(context, contexts, [curve.cost(n) for curve in curves])
+        return _interpolate_lazy(context, contexts, lambda i: curves[i].cost(n))
 
     def cost(self, n: float, context: float = 0, batch: int = 1) -> float:
         """Interpolated seconds of a pass of ``batch`` rows of ``n`` nodes after ``context`` positions."""
         batches = self.batches
         if batch >= batches[-1]:
             return self._at_batch(batches[-1], n * batch / batches[-1], context)
-        return _interpolate(batch, batches, [self._at_batch(b, n, context) for b in batches])
+        return _interpolate_lazy(batch, batches, lambda i: self._at_batch(batches[i], n, context))
 
     def cost_row(self, count: int, context: float = 0, batch: int = 1) -> np.ndarray:
         """``[cost(n, context, batch) for n in 1..count]`` as one array (the same arithmetic, element-wise)."""
         batches = self.batches
         if batch >= batches[-1]:
             return self._row_at_batch(batches[-1], count, context, batch)
-        return _interpolate(batch, batches, [self._row_at_batch(b, count, context, b) for b in batches])
+        return _interpolate_lazy(batch, batches, lambda i: self._row_at_batch(batches[i], count, context, batches[i]))
 
     def _row_at_batch(self, measured: int, count: int, context: float, batch: int) -> np.ndarray:
         contexts, _ = self._by_batch[measured]
-        return _interpolate(context, contexts, self._curve_rows(measured, count, batch))
+        return _interpolate_lazy(context, contexts, self._curve_rows(measured, count, batch).__getitem__)
 
-    @functools.lru_cache(maxsize=1024)  # noqa: B019 - models are few, frozen and hashable; asked every step
+    @functools.cached_property
+    def _rows_made(self) -> dict[tuple[int, int, int], list[np.ndarray]]:
+        """:meth:`_curve_rows` already computed (a dict on the instance: hashing the whole model per call, as a
+        method cache would, costs more than the rows)."""
+        return {}
+
     def _curve_rows(self, measured: int, count: int, batch: int) -> list[np.ndarray]:
         """Per context measured at batch ``measured``: its curve at ``n * batch / measured`` for n in 1..count."""
+        key = (measured, count, batch)
+        rows = self._rows_made.get(key)
+        if rows is None:
+            if len(self._rows_made) >= 1024:
+                self._rows_made.clear()
+            rows = self._rows_made[key] = self._make_rows(measured, count, batch)
+        return rows
+
+    def _make_rows(self, measured: int, count: int, batch: int) -> list[np.ndarray]:
         _, curves = self._by_batch[measured]
         if batch == measured:
             return [np.array([curve.cost(n) for n in range(1, count + 1)]) for curve in curves]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba as nb
+import numpy as np
 import torch
 
 
@@ -57,22 +59,39 @@ def node_depths(parents: Sequence[int]) -> list[int]:
     return depths
 
 
+@nb.njit(cache=True, nogil=True)
+def _tree_arrays(parents):  # pragma: no cover - compiled
+    """(first node whose parent does not come before it, or -1; depths ``[n]``; ancestor mask ``[n, n]``) of a
+    tree whose node 0 is the root: each node sees what its parent sees, plus itself."""
+    n = len(parents)
+    depths = np.zeros(n, np.int64)
+    mask = np.zeros((n, n), np.bool_)
+    mask[0, 0] = True
+    for i in range(1, n):
+        p = parents[i]
+        if p < 0 or p >= i:
+            return i, depths, mask
+        depths[i] = depths[p] + 1
+        for j in range(p + 1):  # the parent's ancestors all come before it
+            mask[i, j] = mask[p, j]
+        mask[i, i] = True
+    return -1, depths, mask
+
+
 def build_tree(tokens: Sequence[int], parents: Sequence[int], device: torch.device | str = "cpu") -> TreeBuffers:
-    """Flatten a draft tree into ids, depths and the ancestor mask (built level by level, vectorised)."""
-    validate_tree(tokens, parents)
-    n = len(tokens)
-    depths = node_depths(parents)
-    parents_t = torch.tensor(parents, dtype=torch.long)
-    depths_t = torch.tensor(depths, dtype=torch.long)
-    mask = torch.eye(n, dtype=torch.bool)  # [n, n]
-    for depth in range(1, max(depths) + 1):
-        level = torch.nonzero(depths_t == depth).squeeze(1)  # [k] nodes at this depth
-        mask[level] |= mask[parents_t[level]]  # a node sees what its parent sees, plus itself
+    """Flatten a draft tree into ids, depths and the ancestor mask (one compiled pass; checked as
+    :func:`validate_tree` checks it)."""
+    if len(tokens) == 0 or len(tokens) != len(parents) or parents[0] != -1:
+        validate_tree(tokens, parents)  # raises, saying what is wrong
+    parents_np = np.asarray(parents, np.int64)  # [n]
+    bad, depths, mask = _tree_arrays(parents_np)  # [n], [n, n]
+    if bad >= 0:
+        raise ValueError(f"node {bad} has parent {parents[bad]}; parents must come before their children")
     return TreeBuffers(
         input_ids=torch.tensor(tokens, dtype=torch.long, device=device),
-        parents=parents_t.to(device),
-        depths=depths_t.to(device),
-        ancestor_mask=mask.to(device),
+        parents=torch.from_numpy(parents_np).to(device),
+        depths=torch.from_numpy(depths).to(device),
+        ancestor_mask=torch.from_numpy(mask).to(device),
     )
 
 

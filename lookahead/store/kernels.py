@@ -160,6 +160,31 @@ def select(tokens, keep):  # pragma: no cover - compiled
 
 
 @nb.njit(**_JIT)
+def continue_entry(data, used, entry_start, tail, add):  # pragma: no cover - compiled
+    """Append ``add`` to the last entry of a linear buffer (``data[:used]``, the entry from ``entry_start``) when
+    that entry ends with ``tail``; returns the new used length, -1 when it does not end so, -2 when ``data`` has no
+    room, -3 when an id of ``add`` is outside ``0..2**31-2`` (the caller takes its general path for each)."""
+    end = used - 1  # the last entry's SEP
+    n_tail = len(tail)
+    if end - entry_start < n_tail:
+        return -1
+    for i in range(n_tail):
+        if data[end - n_tail + i] != tail[i]:
+            return -1
+    for i in range(len(add)):
+        if add[i] < 0 or add[i] >= 2**31 - 1:
+            return -3
+    if used + len(add) + 2 > len(data):
+        return -2
+    for i in range(len(add)):
+        data[end + i] = add[i]
+    used += len(add)
+    data[used - 1] = SEP
+    data[used] = SEP
+    return used
+
+
+@nb.njit(**_JIT)
 def dead_prefix(sa, dead):  # pragma: no cover - compiled
     """``out[i]`` = how many of ``sa[:i]`` are dead positions (``dead`` is per token position)."""
     out = np.empty(len(sa) + 1, np.int32)
@@ -949,6 +974,7 @@ def warm_up() -> None:
     dead = dead_prefix(sa, np.zeros(len(toks), np.bool_))
     keep_suffixes(sa, np.ones(len(toks), np.bool_))
     concat(toks, toks)
+    continue_entry(toks.copy(), 4, 0, np.array([1], np.int64), np.array([2], np.int64))
     span_mask(len(toks), np.zeros(1, np.int64), np.ones(1, np.int64))
     select(toks, np.ones(len(toks), np.bool_))
     slots = SLOTS

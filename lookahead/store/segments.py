@@ -147,7 +147,8 @@ class Buffer:
         """The token array as it stands (ends with SEP)."""
         return self.data[: self.used + 1] if self.used else EMPTY
 
-    def _reserve(self, extra: int) -> None:
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more tokens (and their separators) without growing again."""
         need = self.used + extra + 2
         if need > len(self.data):
             grown = np.full(max(need, 2 * len(self.data)), SEP, np.int32)
@@ -156,7 +157,7 @@ class Buffer:
 
     def add(self, tokens: np.ndarray, uid: int) -> None:
         """A new entry."""
-        self._reserve(len(tokens) + 1)
+        self.reserve(len(tokens) + 1)
         self.starts.append(self.used)
         self.uids.append(uid)
         self.data[self.used: self.used + len(tokens)] = tokens
@@ -168,7 +169,7 @@ class Buffer:
         """More tokens for the last entry (the sequence goes on)."""
         if not self.starts:
             raise ValueError("Buffer.append: no entry to append to")
-        self._reserve(len(tokens))
+        self.reserve(len(tokens))
         end = self.used - 1  # the last entry's SEP
         self.data[end: end + len(tokens)] = tokens
         self.used += len(tokens)

@@ -521,6 +521,8 @@ class DraftStore:
         with ``before`` grows (a request's prompt and output; the last global entry), so ``insert(a)`` then
         ``extend(a, b)`` counts like ``insert(a + b)``. A ``before`` that ends no sequence starts a new one holding
         its last ``branch_length`` tokens and ``new``."""
+        if request_id is not None and self._continue_stream(before, new, request_id):
+            return
         add = _as_tokens(new, "extend")
         if len(add) == 0:
             return
@@ -544,6 +546,26 @@ class DraftStore:
                 other = True
         if other:  # another line of the request (multidraft): counted with its documents
             self._add_docs(loc, [np.concatenate([tail, add])])
+
+    def _continue_stream(self, before: Sequence[int], new: Sequence[int], request_id: str) -> bool:
+        """The common case of :meth:`extend` in one compiled call: the request's output goes on where its stream
+        ends, with room to spare. False (nothing done) for anything else: the general path decides."""
+        with self._lock:
+            loc = self._locals.get(request_id)
+            if loc is None or not loc.stream.used or not len(new) or \
+                    len(loc.stream) + len(new) > self.local_tokens + self.local_tokens // 4:
+                return False
+            stream = loc.stream
+            add = np.asarray(new, np.int64)  # [k]
+            if add.ndim != 1 or add.dtype.kind not in "iu":
+                return False
+            stream.reserve(len(add))
+            used = kernels.continue_entry(stream.data, stream.used, stream.starts[-1],
+                                          np.asarray(list(before)[-self.branch_length:], np.int64), add)
+            if used < 0:
+                return False
+            stream.used = used
+            return True
 
     def _extend_global(self, tail: np.ndarray, add: np.ndarray) -> None:
         buf = self._tail
