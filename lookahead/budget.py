@@ -372,6 +372,53 @@ def _ranked(parents, rates, depths):  # pragma: no cover - compiled
 
 
 @nb.njit(cache=True, nogil=True)
+def _rank(parents, scores, global_counts, follow, match_length, last_accepted, share_e, follow_e, last_e, score_e,
+          succ, trials, prior, follow_prior, prior_strength, backoff_strength, exploration):  # pragma: no cover
+    """:func:`_node_bins`, :func:`_rates` and :func:`_ranked` in one call (one dispatch a step)."""
+    bins, depths, repeat = _node_bins(parents, scores, global_counts, follow, match_length, last_accepted, share_e,
+                                      follow_e, last_e, score_e)
+    rates = _rates(bins, repeat, succ, trials, prior, follow_prior, prior_strength, backoff_strength, exploration)
+    return _ranked(parents, rates, depths)
+
+
+@nb.njit(cache=True, nogil=True)
+def _learn_draft(parents, scores, global_counts, follow, match_length, last_accepted, share_e, follow_e, last_e,
+                 score_e, accepted, succ, trials, max_trials):  # pragma: no cover - compiled
+    """:func:`_node_bins` and :func:`_learn` in one call; ``accepted`` lists the accepted nodes' indices."""
+    bins, _, _ = _node_bins(parents, scores, global_counts, follow, match_length, last_accepted, share_e, follow_e,
+                            last_e, score_e)
+    taken = np.zeros(len(parents), np.bool_)
+    for i in accepted:
+        taken[i] = True
+    _learn(bins, parents, taken, succ, trials, max_trials)
+
+
+@nb.njit(cache=True, nogil=True)
+def _best_count(reach, lengths, top, costs):  # pragma: no cover - compiled
+    """The common node count ``n`` in ``0..top`` that maximises ``(rows + expected accepted) / costs[n]`` (the
+    first best: fewer nodes on a tie). ``reach`` holds each row's ranked reaches one row after another, at most
+    ``top`` of each (``lengths``: every row's full count), in order; ``expected`` adds them up prefix by prefix."""
+    rows = len(lengths)
+    expected = np.zeros(top + 1)  # [top + 1]: expected accepted tokens of the pass with n nodes per row
+    at = 0
+    for r in range(rows):
+        take = min(top, lengths[r])
+        total = 0.0
+        for i in range(take):
+            total += reach[at + i]
+            expected[i + 1] += total
+        for i in range(take + 1, top + 1):
+            expected[i] += total
+        at += take
+    best, best_rate = 0, -1.0
+    for n in range(top + 1):
+        rate = (rows + expected[n]) / costs[n]
+        if rate > best_rate:
+            best, best_rate = n, rate
+    return best
+
+
+@nb.njit(cache=True, nogil=True)
 def _learn(bins, parents, accepted, succ, trials, max_trials):  # pragma: no cover - compiled
     """Count one trial per node whose parent was accepted (or is the root), in every level's bin, in node order."""
     for i in range(len(parents)):
@@ -405,6 +452,15 @@ def _warm_up() -> None:
     succ, trials = tuple(np.zeros(n) for n in sizes), tuple(np.zeros(n) for n in sizes)
     _ranked(parents, _rates(bins, repeat, succ, trials, 0.5, 0.5, 2.0, 4.0, 0.1), depths)
     _learn(bins, parents, np.array([True, False]), succ, trials, 400.0)
+    _best_count(np.array([0.5]), np.array([1], np.int64), 1, np.array([1.0, 1.5]))
+    _rank(parents, scores, np.array([1.0, 0.0]), 3.0, 2, 1.0, _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E, succ, trials,
+          0.5, 0.5, 2.0, 4.0, 0.1)
+    _learn_draft(parents, scores, np.array([1.0, 0.0]), 3.0, 2, 1.0, _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E,
+                 np.array([0], np.int64), succ, trials, 400.0)
+    _learn_draft(parents, scores, _EMPTY_F, 3.0, 2, 1.0, _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E,
+                 np.zeros(0, np.int64), succ, trials, 400.0)
+    _rank(parents, scores, _EMPTY_F, 3.0, 2, 1.0, _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E, succ, trials,
+          0.5, 0.5, 2.0, 4.0, 0.1)
     _warm = True
 
 
@@ -455,6 +511,21 @@ class AcceptanceModel:
         """Per draft node of one draft: bins ``[3, n]``, depths ``[n]`` and which nodes take the follow prior."""
         return _node_bins(parents, scores, global_counts, float(follow), int(match_length), float(last_accepted),
                           _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E)
+
+    def ranked(self, parents: np.ndarray, scores: np.ndarray, global_counts: np.ndarray, follow: int,
+               match_length: int, last_accepted: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, reach) of a draft's nodes: :meth:`node_bins`, :meth:`rates` and the reach ranking in one
+        compiled call."""
+        return _rank(parents, scores, global_counts, float(follow), int(match_length), float(last_accepted),
+                     _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E, self._succ, self._trials, self.prior, self.follow_prior,
+                     self.prior_strength, self.backoff_strength, self.exploration)
+
+    def learn_draft(self, parents: np.ndarray, scores: np.ndarray, global_counts: np.ndarray, follow: int,
+                    match_length: int, last_accepted: int, accepted: np.ndarray) -> None:
+        """Count the trials of one verified draft (``accepted``: indices of its accepted nodes): :meth:`node_bins`
+        and :meth:`learn` in one compiled call."""
+        _learn_draft(parents, scores, global_counts, float(follow), int(match_length), float(last_accepted),
+                     _SHARE_E, _FOLLOW_E, _LAST_E, _SCORE_E, accepted, self._succ, self._trials, self.max_trials)
 
     def rates(self, bins: np.ndarray, repeat: np.ndarray) -> np.ndarray:
         """P(accepted | parent accepted) of nodes with these bins (see :meth:`node_bins`)."""
@@ -561,10 +632,8 @@ class DraftBudget:
             return Ranking(list(range(len(parents))), [1.0] * len(parents))
         if not parents:
             return Ranking([], [])
-        acceptance = self.acceptance
-        par, sc, glob = _as_arrays(parents, scores, global_counts)
-        bins, depths, repeat = acceptance.node_bins(par, sc, glob, follow, match_length, last_accepted)
-        order, reach = _ranked(par, acceptance.rates(bins, repeat), depths)
+        order, reach = self.acceptance.ranked(*_as_arrays(parents, scores, global_counts), follow, match_length,
+                                              last_accepted)
         return Ranking(order.tolist(), reach.tolist())
 
     def sizes(self, rankings: Sequence[Ranking], context: int = 0, max_nodes: int | None = None) -> list[int]:
@@ -583,15 +652,9 @@ class DraftBudget:
         if not self.adaptive:
             return [min(top, n) for n in lengths]
         rows = len(rankings)
-        expected = np.zeros(top + 1)  # [top + 1]: expected accepted tokens of the pass with n nodes per row
-        for ranking in rankings:
-            take = min(top, len(ranking.reach))
-            if take:
-                cumulative = np.cumsum(ranking.reach[:take])
-                expected[1:take + 1] += cumulative
-                expected[take + 1:] += cumulative[-1]
-        rate = (rows + expected) / self.cost_model.cost_row(top + 1, context, rows)
-        best_n = int(np.argmax(rate))  # the first best: fewer nodes on a tie
+        reach = rankings[0].reach if rows == 1 else [p for r in rankings for p in r.reach[:top]]
+        best_n = int(_best_count(np.asarray(reach, np.float64), np.asarray(lengths, np.int64), top,
+                                 self.cost_model.cost_row(top + 1, context, rows)))
         return [min(best_n, n) for n in lengths]
 
     def select(self, parents: Sequence[int], scores: Sequence[float], match_length: int, last_accepted: int,
@@ -617,8 +680,5 @@ class DraftBudget:
         """
         if not self.adaptive or not parents:
             return
-        par, sc, glob = _as_arrays(parents, scores, global_counts)
-        bins, _, _ = self.acceptance.node_bins(par, sc, glob, follow, match_length, last_accepted)
-        taken = np.zeros(len(par), np.bool_)
-        taken[list(accepted)] = True
-        self.acceptance.learn(bins, par, taken)
+        self.acceptance.learn_draft(*_as_arrays(parents, scores, global_counts), follow, match_length,
+                                    last_accepted, np.asarray(list(accepted), np.int64))

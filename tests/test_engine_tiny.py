@@ -257,14 +257,14 @@ def test_eos_inside_an_accepted_draft(arch, seed, start):
     gen = make_generator(arch, seed)
     gen.trie.insert(full)  # the draft runs past the eos
     drafts = []
-    original = gen.trie.draft
+    original = gen.trie.draft_ahead  # what the drafter calls each step
 
     def recording_draft(*args, **kwargs):
-        draft = original(*args, **kwargs)
+        draft, follow = original(*args, **kwargs)
         drafts.append(draft)
-        return draft
+        return draft, follow
 
-    gen.trie.draft = recording_draft
+    gen.trie.draft_ahead = recording_draft
     chunks = list(gen.stream(prompt, max_new_tokens=40, eos_token_id=eos))
     tokens = [t for c in chunks for t in c.token_ids]
     assert tokens == expected
@@ -501,14 +501,14 @@ def test_documents_seed_the_request_local_trie_and_are_released():
     documents = ["zyxw vuts rqpo", "QWERTY~|}{"]
     doc_ids = [tok(d, add_special_tokens=False)["input_ids"] for d in documents]
     seen_local = []
-    original = gen.trie.draft
+    original = gen.trie.draft_ahead  # what the drafter calls each step
 
-    def recording_draft(context, decoding_length, request_id=None, branch_length=None):
+    def recording_draft(context, decoding_length, request_id, *args):
         assert request_id is not None
         seen_local.append([gen.trie.count(ids[:3], request_id=request_id) for ids in doc_ids])
-        return original(context, decoding_length, request_id=request_id, branch_length=branch_length)
+        return original(context, decoding_length, request_id, *args)
 
-    gen.trie.draft = recording_draft
+    gen.trie.draft_ahead = recording_draft
     result = gen.generate(prompt, max_new_tokens=20, eos_token_id=EOS_ID, documents=documents)
     assert result.token_ids == hf_greedy(make_model("llama", 2), prompt, 20)
     assert seen_local and all(counts == [1.0, 1.0] for counts in seen_local)  # local while the request ran
