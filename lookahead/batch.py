@@ -88,7 +88,7 @@ class Row:
         self.start = time.perf_counter()
         self.cache: DynamicCache | None = None  # the row's own cache while it is prefilled, before it joins
         self.prefilled = 0  # prompt tokens in ``cache``
-        self.slice_seconds = 0.0  # how long its last prefill slice took
+        self.slice_scale = 1.0  # measured over estimated seconds of its prefill slices (see Batch._next_slice)
         self.failed = False  # a fault ended it (its error chunk is out); it leaves the batch at the end of the step
 
     @property
@@ -110,13 +110,15 @@ class Batch:
     """Rows decoded together on one model runner; each row drafts through its own :class:`Drafter`."""
 
     def __init__(self, runner: ModelRunner, tokenizer: PreTrainedTokenizerBase, new_drafter: DrafterFactory,
-                 max_nodes: int, prefill_chunk: int = 512, prefill_share: float = 0.15) -> None:
+                 max_nodes: int, prefill_chunk: int = 512, prefill_share: float = 0.15, join_stall: float = 4.0
+                 ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.new_drafter = new_drafter
         self.max_nodes = max_nodes  # the draft size limit of one row in a pass
         self.prefill_chunk = prefill_chunk
         self.prefill_share = prefill_share
+        self.join_stall = join_stall
         self.rows: list[Row] = []  # rows in the batch cache, in cache row order
         self.new: list[Row] = []  # added, not joined yet (being prefilled)
         self.cache: DynamicCache | None = None
@@ -235,14 +237,16 @@ class Batch:
     def _prefill_queued(self) -> list[Event]:
         """Advance the prefill of queued rows.
 
-        With no row decoding, every queued row is prefilled whole. Otherwise a prompt of at most
-        ``prefill_chunk`` tokens is too (as one decoding step costs), while longer prompts are prefilled (and
-        their windows counted in the trie) in slices of ``prefill_chunk`` tokens, one row at a time in arrival
-        order, one slice per step at most, and only as far as a time credit allows: each decoding step adds
-        ``prefill_share`` of its own duration, and a slice runs once the credit covers it (its cost from the
-        cost model, then as last timed). The decoding rows then slow down by about ``prefill_share`` while a
-        long prompt joins, instead of stalling for its whole prefill. A row whose prefill fails leaves the batch
-        with an error chunk (returned)."""
+        With no row decoding, every queued row is prefilled whole. Otherwise a joining prompt is prefilled in
+        slices, so that no decoding step takes much longer than usual: the slices one step runs may add at most
+        ``join_stall`` of the recent step time (sized by the draft budget's cost model, corrected by how long the
+        row's earlier slices took; the first slice of a step always runs, one token at least). Prompts of at most
+        ``prefill_chunk`` tokens join first, in arrival order, slice after slice within that allowance; longer
+        ones then, one row at a time, one slice a step of at most ``prefill_chunk`` tokens, and only as far as a
+        time credit allows: each decoding step adds ``prefill_share`` of its own duration, and a slice runs once
+        the credit covers it. The decoding rows then slow down by about ``prefill_share`` while a long prompt
+        joins, instead of stalling for its whole prefill. A row whose prefill fails leaves the batch with an error
+        chunk (returned)."""
         events: list[Event] = []
         if not self.new:
             return events
@@ -250,24 +254,34 @@ class Batch:
             for row in list(self.new):
                 self._try_prefill(row, len(row.request.prompt_ids), events)
             return events
-        long_rows = []
-        for row in list(self.new):
-            if row.prefilled == 0 and len(row.request.prompt_ids) <= self.prefill_chunk:
-                self._try_prefill(row, len(row.request.prompt_ids), events)
-            elif not row.ready:
-                long_rows.append(row)
-        if not long_rows:
+        allowance = self.join_stall * self.step_seconds if self.step_seconds else None
+        pending = [row for row in self.new if not row.ready]
+        short = [row for row in pending if len(row.request.prompt_ids) <= self.prefill_chunk]
+        if short:
+            self.prefill_credit = 0.0
+            spent = 0.0
+            for row in short:
+                while not row.ready:
+                    left = None if allowance is None else allowance - spent
+                    tokens, estimate = self._next_slice(row, left)
+                    if spent > 0 and left is not None and estimate > left:
+                        return events  # the rest at the next step
+                    took = self._timed_slice(row, tokens, estimate, events)
+                    if took is None:
+                        break  # it failed and left
+                    spent += took
+            return events
+        if not pending:
             self.prefill_credit = 0.0
             return events
-        row = long_rows[0]
-        estimate = row.slice_seconds or self._slice_estimate(row)
+        row = pending[0]
+        tokens, estimate = self._next_slice(row, allowance)
         self.prefill_credit = min(self.prefill_credit + self.prefill_share * self.step_seconds,
                                   max(estimate, self.step_seconds))
         if self.prefill_credit >= estimate:  # at most one slice per step: no step stalls for several
-            t0 = time.perf_counter()
-            if self._try_prefill(row, row.prefilled + self.prefill_chunk, events):
-                row.slice_seconds = time.perf_counter() - t0
-                self.prefill_credit -= row.slice_seconds
+            took = self._timed_slice(row, tokens, estimate, events)
+            if took is not None:
+                self.prefill_credit -= took
         return events
 
     def _try_prefill(self, row: Row, upto: int, events: list[Event]) -> bool:
@@ -283,15 +297,44 @@ class Batch:
             return False
         return True
 
-    def _slice_estimate(self, row: Row) -> float:
-        """Seconds of the row's next prefill slice before one was timed: the recent step time, scaled by what the
-        draft budget's cost model says a slice costs against a plain step of the batch."""
+    def _next_slice(self, row: Row, allowance: float | None) -> tuple[int, float]:
+        """(tokens, estimated seconds) of the row's next prefill slice: at most ``prefill_chunk`` tokens, and the
+        most whose estimate fits ``allowance`` seconds (None: no limit), or costs no more than one token does. The
+        estimate is the recent step time, times what the draft budget's cost model says that many tokens after the
+        prefilled ones cost against a plain step of the batch, times the row's ratio of measured to estimated
+        seconds so far (the recent step time without a cost model)."""
+        limit = min(self.prefill_chunk, len(row.request.prompt_ids) - row.prefilled)
         budget = self.rows[0].drafter.budget if self.rows else None
         if budget is None or self.cache is None:
-            return self.step_seconds
-        cost = budget.cost_model.cost
-        tokens = min(self.prefill_chunk, len(row.request.prompt_ids) - row.prefilled)
-        return self.step_seconds * cost(tokens, row.prefilled) / cost(1, cache_length(self.cache), len(self.rows))
+            return limit, self.step_seconds
+        cost, at = budget.cost_model.cost, row.prefilled
+        step = row.slice_scale * self.step_seconds / float(cost(1, cache_length(self.cache), len(self.rows)))
+
+        def seconds(n: int) -> float:  # the recent step time, times what the model says n tokens cost against it
+            return step * float(cost(n, at))
+
+        if allowance is None or seconds(limit) <= allowance:
+            return limit, seconds(limit)
+        cap = max(allowance, seconds(1))  # a slice runs anyway: what costs no more than one token rides along
+        low, high = 1, limit  # the largest n whose estimate fits (costs grow with n)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if seconds(middle) <= cap:
+                low = middle
+            else:
+                high = middle - 1
+        return low, seconds(low)
+
+    def _timed_slice(self, row: Row, tokens: int, estimate: float, events: list[Event]) -> float | None:
+        """Prefill the row's next ``tokens`` prompt tokens; returns the seconds it took (None: it failed and
+        left the batch with an error chunk in ``events``) and updates the row's measured-to-estimated ratio."""
+        t0 = time.perf_counter()
+        if not self._try_prefill(row, row.prefilled + tokens, events):
+            return None
+        took = time.perf_counter() - t0
+        if estimate > 0:
+            row.slice_scale = 0.5 * row.slice_scale + 0.5 * took / (estimate / row.slice_scale)
+        return took
 
     def _prefill(self, row: Row, upto: int) -> None:
         """Prefill the row's prompt up to position ``upto`` into its own cache (counting those windows in the

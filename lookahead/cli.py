@@ -18,7 +18,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from .argtypes import positive_int
+from .argtypes import number_type, positive_int
 from .bench.leakage import add_parser as add_leakage_parser
 from .bench.store_bench import add_parsers as add_store_parsers
 from .config import LookaheadConfig
@@ -45,6 +45,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="deepest draft path")
     parser.add_argument("--fixed-draft", action="store_true",
                         help="always draft --decoding-length nodes instead of the adaptive budget")
+    parser.add_argument("--join-stall", type=number_type(float, "a number in (0, 64]", 0.0, 64.0, low_open=True),
+                        default=LookaheadConfig.join_stall,
+                        help="while a prompt joins running requests, the most its prefill may add to one of their "
+                             "steps, in steps (default %(default)s; 1: smoothest streams, later first tokens)")
 
 
 def build_generator(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -55,7 +59,8 @@ def build_generator(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     args.dtype = str(model.dtype).removeprefix("torch.")  # what "auto" became: reports and records name it
     config = LookaheadConfig(decoding_length=args.decoding_length, branch_length=args.branch_length,
-                             adaptive=not args.fixed_draft)
+                             adaptive=not args.fixed_draft,
+                             join_stall=getattr(args, "join_stall", LookaheadConfig.join_stall))
     return model, tokenizer, LookaheadGenerator(model, tokenizer, config)
 
 

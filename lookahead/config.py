@@ -26,9 +26,13 @@ class LookaheadConfig:
         learn_outputs: insert generated outputs into the global trie when a request ends.
         cost_cache: where measured cost curves are cached (None: the default cache directory).
         skinny_matmul: on CPU, compute the linear layers of small passes as ``W @ x.T`` (lookahead.kernels).
-        prefill_chunk: a prompt longer than this joins a running batch in slices of this many tokens.
+        prefill_chunk: the most prompt tokens prefilled in one slice while other rows decode; a longer prompt
+            joins a running batch in slices, paced by ``prefill_share``.
         prefill_share: while such a prompt joins, the share of each decoding step's time its slices may take (the
             other rows slow down by about this much instead of stalling for the whole prefill).
+        join_stall: while any prompt joins a running batch, the most its prefill slice may add to one decoding
+            step, in plain steps (the cost model sizes the slices): a decoding row's longest gap stays about
+            ``1 + join_stall`` steps. Smaller: smoother streams, a later first token for the joining request.
     """
 
     branch_length: int = 24
@@ -45,6 +49,7 @@ class LookaheadConfig:
     skinny_matmul: bool = True
     prefill_chunk: int = 512
     prefill_share: float = 0.15
+    join_stall: float = 4.0
 
     def __post_init__(self) -> None:
         positive = ("branch_length", "max_query_length", "node_budget", "prefill_chunk")
@@ -61,6 +66,9 @@ class LookaheadConfig:
         if isinstance(self.prefill_share, bool) or not isinstance(self.prefill_share, (int, float)) \
                 or not 0.0 < self.prefill_share <= 1.0:
             raise ValueError(f"LookaheadConfig.prefill_share must be in (0, 1], got {self.prefill_share!r}")
+        if isinstance(self.join_stall, bool) or not isinstance(self.join_stall, (int, float)) \
+                or not 0.0 < self.join_stall <= 64.0:
+            raise ValueError(f"LookaheadConfig.join_stall must be in (0, 64], got {self.join_stall!r}")
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"LookaheadConfig.decay must be in (0, 1), got {self.decay!r}")
         for name in ("local_weight", "global_weight"):

@@ -209,7 +209,8 @@ class LookaheadGenerator:
         """An empty batch of rows decoded together (see :class:`lookahead.batch.Batch`)."""
         self.budget  # noqa: B018 - measure the cost curve before any request's clock starts
         return Batch(self.runner, self.tokenizer, self.new_drafter, self.config.decoding_length,
-                     prefill_chunk=self.config.prefill_chunk, prefill_share=self.config.prefill_share)
+                     prefill_chunk=self.config.prefill_chunk, prefill_share=self.config.prefill_share,
+                     join_stall=self.config.join_stall)
 
     def run(self, request: Request) -> Iterator[StreamChunk]:
         """Decode one prepared request as a batch of one, yielding its chunks; a fault that ends it is raised

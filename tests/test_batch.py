@@ -8,6 +8,8 @@ from conftest import EOS_ID, hf_greedy, make_generator, random_prompt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lookahead.budget import CostCurve
+from lookahead.config import LookaheadConfig
 from lookahead.engine import LookaheadGenerator
 from lookahead.kvcache import append_rows, cache_length, compact_rows, select_rows
 from lookahead.sampling import SamplingParams
@@ -235,6 +237,51 @@ def test_a_long_prompt_joins_a_running_batch_in_slices_and_stays_exact():
     assert tokens == refs  # float32: slices of the prefill change nothing
     assert len(slices) >= 2 and sum(slices) == len(long)  # joined over several steps, in slices
     assert gen.trie.live_requests() == []
+
+
+def _join_slices(gen, prompt, max_new_tokens=12):
+    """Decode a short row, let ``prompt`` join it at step 2; returns (tokens per key, the joining row's slices,
+    per slice: its estimate against the step's allowance)."""
+    short = random_prompt(1, 6)
+    batch = gen.new_batch()
+    batch.add(gen.prepare(short, max_new_tokens=40), 0)
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    slices: list[int] = []
+    for step in range(300):
+        if step == 2:
+            batch.add(gen.prepare(prompt, max_new_tokens=max_new_tokens), 1)
+        joining = [row for row in batch.new if row.key == 1]
+        before = joining[0].prefilled if joining else None
+        for key, chunk in batch.step():
+            tokens[key].extend(chunk.token_ids)
+        if joining and joining[0].prefilled != before:
+            slices.append(joining[0].prefilled - before)
+        if not len(batch):
+            break
+    refs = {0: hf_greedy(gen.model, short, 40), 1: hf_greedy(gen.model, prompt, max_new_tokens)}
+    return tokens, refs, slices
+
+
+def test_a_short_prompt_joins_in_slices_the_cost_model_sizes():
+    """Beside a decoding row, even a prompt within ``prefill_chunk`` is prefilled in slices when the cost model says
+    the whole of it would cost more than ``join_stall`` steps (a steep curve: each token costs a pass more); a flat
+    curve (every size costs one pass) lets it in at once. Exact either way (float32)."""
+    prompt = random_prompt(3, 40)
+    steep = make_generator("llama", cost_curve=CostCurve((1, 64), (1.0, 64.0)), join_stall=1.0)
+    tokens, refs, slices = _join_slices(steep, prompt)
+    assert tokens == refs
+    assert len(slices) >= 2 and sum(slices) == len(prompt), slices
+    flat = make_generator("llama", join_stall=1.0)
+    tokens, refs, slices = _join_slices(flat, prompt)
+    assert tokens == refs
+    assert slices == [len(prompt)]
+
+
+def test_join_stall_is_checked():
+    with pytest.raises(ValueError, match="join_stall must be in"):
+        LookaheadConfig(join_stall=0)
+    with pytest.raises(ValueError, match="join_stall must be in"):
+        LookaheadConfig(join_stall=True)
 
 
 def test_a_step_that_fails_costs_one_row(monkeypatch):

@@ -187,8 +187,8 @@ def test_out_of_memory_evicts_the_newest_row_and_the_others_are_exact(monkeypatc
     scheduler.close()
     assert fired == [3]
     three = [i for i, keys in enumerate(recorder.steps) if keys == [first, *later[:2]]]
-    assert len(three) == 2  # the step that prefilled the two, then the one that ran out of memory
-    assert recorder.steps[three[1] + 1] == [first, later[0]]
+    assert len(three) >= 2  # the step(s) that prefilled the two (in slices when the cost model asks), then the
+    assert recorder.steps[three[-1] + 1] == [first, later[0]]  # one that ran out of memory
     joined = next(keys for keys in recorder.steps if later[2] in keys)
     assert first not in joined or later[0] not in joined  # admission waited for a row to leave
     stats = scheduler.stats
