@@ -160,6 +160,21 @@ def select(tokens, keep):  # pragma: no cover - compiled
 
 
 @nb.njit(**_JIT)
+def id_range(tokens):  # pragma: no cover - compiled
+    """(smallest, largest) token id of a token array in one pass, separators left out; smallest > largest when it
+    holds none."""
+    low = np.int64(1) << 62
+    high = -(np.int64(1) << 62)
+    for t in tokens:
+        if t != SEP:
+            if t < low:
+                low = t
+            if t > high:
+                high = t
+    return low, high
+
+
+@nb.njit(**_JIT)
 def continue_entry(data, used, entry_start, tail, add):  # pragma: no cover - compiled
     """Append ``add`` to the last entry of a linear buffer (``data[:used]``, the entry from ``entry_start``) when
     that entry ends with ``tail``; returns the new used length, -1 when it does not end so, -2 when ``data`` has no
@@ -974,6 +989,7 @@ def warm_up() -> None:
     dead = dead_prefix(sa, np.zeros(len(toks), np.bool_))
     keep_suffixes(sa, np.ones(len(toks), np.bool_))
     concat(toks, toks)
+    id_range(toks)
     continue_entry(toks.copy(), 4, 0, np.array([1], np.int64), np.array([2], np.int64))
     span_mask(len(toks), np.zeros(1, np.int64), np.ones(1, np.int64))
     select(toks, np.ones(len(toks), np.bool_))
