@@ -12,8 +12,14 @@ so whether the draft store had seen it before (published attacks identify querie
 ``fixed:N``
     ``N`` tokens per chunk;
 
-the last two at a steady cadence: one chunk per ``N`` steps of decoding without drafts, a little slower (``slack``,
-1.25x) so that decoding, drafted or not, keeps ahead of it. The step time comes from the engine with each chunk
+``token@R``, ``fixed:N@R``
+    the same at a rate the operator sets: ``R`` tokens per second, whatever the engine's steps take;
+
+the last four at a steady cadence: one chunk per ``N`` steps of decoding without drafts, a little slower (``slack``,
+1.25x) so that decoding, drafted or not, keeps ahead of it, or one chunk every ``N / R`` seconds. A set rate leaks
+nothing of the drafts while decoding keeps ahead of it (choose ``R`` below the rate of plain decoding at the busiest
+batch); the engine's step estimate follows the context and the batch, and the cost model's error in it. That step
+time comes from the engine with each chunk
 (``plain_seconds``: its cost model's time of a pass without drafts at that context and batch, the same whatever was
 drafted; else the gaps between chunks). A drafted step that accepted five tokens queues them; they go out one step
 apart. Chunk sizes and times then follow the answer's length, the context and the batch, not the drafts (a drafted
@@ -41,35 +47,44 @@ from typing import Any
 from .emitter import Emitter
 from .outputs import StreamChunk
 
-_FIXED = re.compile(r"fixed:([1-9][0-9]{0,5})")
+_FORM = re.compile(r"(token|fixed:([1-9][0-9]{0,5}))(?:@([0-9]+(?:\.[0-9]*)?|\.[0-9]+))?")
 _END = object()
 
 
 @dataclass(frozen=True)
 class StreamChunking:
-    """How a stream is cut: ``tokens`` per chunk at a steady cadence, or 0 for one chunk per accepted run."""
+    """How a stream is cut: ``tokens`` per chunk at a steady cadence, or 0 for one chunk per accepted run; ``rate``
+    tokens per second sets the cadence (0: the engine's step without drafts sets it)."""
 
     tokens: int = 0
+    rate: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 0:
             raise ValueError(f"stream chunking: tokens must be an integer >= 0 (0: one chunk per run), "
                              f"got {self.tokens!r}")
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate <= 1e6 \
+                or self.rate != self.rate:
+            raise ValueError(f"stream chunking: rate must be a number of tokens per second in 0..1e6 (0: the "
+                             f"engine's pace), got {self.rate!r}")
+        if self.rate and not self.tokens:
+            raise ValueError("stream chunking: a rate paces 'token' or 'fixed:N' chunks, not 'run'")
 
     @classmethod
     def parse(cls, text: str | StreamChunking | None) -> StreamChunking:
-        """``run``, ``token`` or ``fixed:N`` (N from 1 to 999999); None is ``run``."""
+        """``run``, ``token`` or ``fixed:N`` (N from 1 to 999999), the last two optionally ``@R`` (R tokens per
+        second, > 0); None is ``run``."""
         if isinstance(text, StreamChunking):
             return text
         if text is None or text == "run":
             return cls(0)
-        if text == "token":
-            return cls(1)
-        found = _FIXED.fullmatch(text) if isinstance(text, str) else None
-        if found is None:
+        found = _FORM.fullmatch(text) if isinstance(text, str) else None
+        rate = float(found.group(3)) if found is not None and found.group(3) is not None else 0.0
+        if found is None or found.group(3) is not None and not 0 < rate <= 1e6:
             raise ValueError(f"stream chunking {text!r} is not one of 'run' (one chunk per accepted run), 'token' "
-                             f"(one token per chunk, steady cadence) or 'fixed:N' (N tokens per chunk, N >= 1)")
-        return cls(int(found.group(1)))
+                             f"(one token per chunk, steady cadence) or 'fixed:N' (N tokens per chunk, N >= 1), "
+                             f"the last two optionally with '@R' (R tokens per second, 0 < R <= 1e6: 'token@20')")
+        return cls(1 if found.group(2) is None else int(found.group(2)), rate)
 
     @property
     def paced(self) -> bool:
@@ -77,7 +92,8 @@ class StreamChunking:
         return self.tokens > 0
 
     def __str__(self) -> str:
-        return "run" if self.tokens == 0 else "token" if self.tokens == 1 else f"fixed:{self.tokens}"
+        form = "run" if self.tokens == 0 else "token" if self.tokens == 1 else f"fixed:{self.tokens}"
+        return f"{form}@{self.rate:g}" if self.rate else form
 
 
 class TextSplitter:
@@ -114,8 +130,9 @@ class Pacer:
 
     A piece of ``chunking.tokens`` tokens is due one cadence after the previous piece (``tokens`` times the step
     time), and never before its last token arrived; the first piece, and an error, go out as soon as they arrive.
-    The step time is a running average of the chunks' ``plain_seconds`` (what their step would have taken without
-    drafts), or of the gaps between them where the engine does not say (each chunk is one decoding step). The
+    The step time is ``1 / chunking.rate`` when a rate is set, else a running average of the chunks'
+    ``plain_seconds`` (what their step would have taken without drafts), or of the gaps between them where the
+    engine does not say (each chunk is one decoding step). The
     last piece carries the finish reason and the stats.
     """
 
@@ -124,6 +141,7 @@ class Pacer:
         if not chunking.paced:
             raise ValueError("a Pacer paces 'token' or 'fixed:N' chunking; 'run' needs none")
         self.size = chunking.tokens
+        self.rate = chunking.rate
         self.splitter = splitter
         self.smoothing = smoothing
         self.slack = slack
@@ -138,7 +156,9 @@ class Pacer:
 
     def feed(self, chunk: StreamChunk, now: float) -> None:
         """Take the engine's next chunk, arrived at ``now``."""
-        if chunk.plain_seconds is not None:  # the engine's word for a step without drafts
+        if self.rate:  # the operator's cadence: nothing the engine does moves it
+            step = 1.0 / self.rate
+        elif chunk.plain_seconds is not None:  # the engine's word for a step without drafts
             step = chunk.plain_seconds * self.slack
         elif self._last_arrival is not None:
             step = now - self._last_arrival

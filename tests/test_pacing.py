@@ -34,17 +34,42 @@ def generator() -> LookaheadGenerator:
     return LookaheadGenerator(make_model("llama", 3), make_tokenizer(), LookaheadConfig(), cost_curve=FLAT_CURVE)
 
 
-@pytest.mark.parametrize("text, tokens", [("run", 0), (None, 0), ("token", 1), ("fixed:1", 1), ("fixed:7", 7)])
-def test_parse_accepts_the_three_forms(text, tokens):
+@pytest.mark.parametrize("text, tokens, rate", [("run", 0, 0), (None, 0, 0), ("token", 1, 0), ("fixed:1", 1, 0),
+                                               ("fixed:7", 7, 0), ("token@20", 1, 20), ("fixed:4@12.5", 4, 12.5),
+                                               ("token@.5", 1, 0.5)])
+def test_parse_accepts_the_three_forms_and_a_rate(text, tokens, rate):
     chunking = StreamChunking.parse(text)
-    assert chunking.tokens == tokens
+    assert (chunking.tokens, chunking.rate) == (tokens, rate)
     assert StreamChunking.parse(str(chunking)) == chunking
 
 
-@pytest.mark.parametrize("text", ["runs", "fixed:0", "fixed:-2", "fixed:", "fixed:x", "tokens", "", "fixed:1234567"])
+@pytest.mark.parametrize("text", ["runs", "fixed:0", "fixed:-2", "fixed:", "fixed:x", "tokens", "", "fixed:1234567",
+                                  "token@0", "token@", "run@3", "fixed:2@x", "token@1e9", "token@2000000"])
 def test_parse_refuses_anything_else_with_the_allowed_forms(text):
     with pytest.raises(ValueError, match="'run'.*'token'.*'fixed:N'"):
         StreamChunking.parse(text)
+
+
+def test_a_set_rate_paces_every_piece_whatever_the_engine_says():
+    """``token@4``: one token every 0.25 s after the first, however long the steps took and whatever the engine's
+    plain-step estimate said (a drafted step's run goes out at the same cadence as single tokens)."""
+    tok = make_tokenizer()
+    ids = tok("the cat sat on the mat and the dog sat too", add_special_tokens=False)["input_ids"]
+    chunks = [StreamChunk(ids[:1], tok.decode(ids[:1]), 0, plain_seconds=0.01),
+              StreamChunk(ids[1:6], tok.decode(ids[1:6]), 4, plain_seconds=0.03),
+              StreamChunk(ids[6:], tok.decode(ids[6:]), len(ids) - 7, finish_reason="length", plain_seconds=0.5)]
+    pacer = Pacer(StreamChunking.parse("token@4"), TextSplitter(tok))
+    for chunk, now in zip(chunks, (0.0, 0.05, 0.1)):
+        pacer.feed(chunk, now)
+    times = []
+    while not pacer.finished:
+        at = pacer.next_due()
+        times += [at] * len(pacer.due(at))
+    assert times == pytest.approx([0.25 * i for i in range(len(ids))])
+    with pytest.raises(ValueError, match="rate must be"):
+        StreamChunking(1, -1.0)
+    with pytest.raises(ValueError, match="not 'run'"):
+        StreamChunking(0, 5.0)
 
 
 def _arrivals(chunks: list[StreamChunk], step: float = 1.0) -> list[tuple[StreamChunk, float]]:

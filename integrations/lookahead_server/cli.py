@@ -64,11 +64,12 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                         help="most tenant tries held in memory (default 64); with --trie the least recently used "
                              "idle tenant is saved to its file and unloaded to make room, without --trie a new "
                              "tenant past N is refused (403)")
-    parser.add_argument("--stream-chunk", default=None, metavar="{run,token,fixed:N}",
+    parser.add_argument("--stream-chunk", default=None, metavar="{run,token,fixed:N}[@R]",
                         help="how streamed answers are cut: 'run' (one chunk per accepted run, fastest; chunk sizes "
                              "and times show how much was drafted), 'token' or 'fixed:N' (N tokens per chunk at a "
-                             "steady cadence, hiding it; clients see the speed of decoding without drafts). Default: "
-                             "token with --tenant-header/--tenant-keys, else run")
+                             "steady cadence, hiding it; clients see the speed of decoding without drafts); '@R' "
+                             "sets that cadence to R tokens per second (token@10: nothing of the drafts shows while "
+                             "decoding keeps ahead of R). Default: token with --tenant-header/--tenant-keys, else run")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="most requests decoded together")
     parser.add_argument("--max-queue", type=positive_int, default=64,
                         help="most requests waiting for a batch slot; more get HTTP 429")
