@@ -178,7 +178,7 @@ def id_range(tokens):  # pragma: no cover - compiled
 def continue_entry(data, used, entry_start, tail, add):  # pragma: no cover - compiled
     """Append ``add`` to the last entry of a linear buffer (``data[:used]``, the entry from ``entry_start``) when
     that entry ends with ``tail``; returns the new used length, -1 when it does not end so, -2 when ``data`` has no
-    room, -3 when an id of ``add`` is outside ``0..2**31-2`` (the caller takes its general path for each)."""
+    room, -3 when an id of ``add`` is outside ``0..2**31-2`` (see ``Buffer.continue_last``)."""
     end = used - 1  # the last entry's SEP
     n_tail = len(tail)
     if end - entry_start < n_tail:

@@ -165,16 +165,20 @@ class Buffer:
         self.data[self.used - 1] = SEP
         self.data[self.used] = SEP
 
-    def append(self, tokens: np.ndarray) -> None:
-        """More tokens for the last entry (the sequence goes on)."""
+    def continue_last(self, tail: np.ndarray, tokens: np.ndarray) -> bool:
+        """More tokens for the last entry (the sequence goes on) when it ends with ``tail``, in one compiled call;
+        False, nothing changed, when there is no entry, it does not end so, or an id is outside 0..2**31-2."""
         if not self.starts:
-            raise ValueError("Buffer.append: no entry to append to")
-        self.reserve(len(tokens))
-        end = self.used - 1  # the last entry's SEP
-        self.data[end: end + len(tokens)] = tokens
-        self.used += len(tokens)
-        self.data[self.used - 1] = SEP
-        self.data[self.used] = SEP
+            return False
+        tail, tokens = np.asarray(tail, np.int64), np.asarray(tokens, np.int64)
+        used = kernels.continue_entry(self.data, self.used, self.starts[-1], tail, tokens)
+        if used == -2:  # it goes on, but the array is full: grow it, then append
+            self.reserve(len(tokens))
+            used = kernels.continue_entry(self.data, self.used, self.starts[-1], tail, tokens)
+        if used < 0:
+            return False
+        self.used = used
+        return True
 
     def last_tail(self, n: int) -> np.ndarray:
         """The last ``n`` tokens of the last entry."""

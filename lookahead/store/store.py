@@ -35,7 +35,7 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -109,6 +109,14 @@ class StagedDocuments(tuple):
     def kept_tokens(self) -> int:
         """Tokens kept for drafting (at most the store's ``local_tokens``)."""
         return len(self.buffer)
+
+
+def _draft_of(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, global_counts: np.ndarray, q: int
+              ) -> Draft:
+    """A draft kernel's arrays and match length as a :class:`Draft` (no match: the empty draft)."""
+    if q <= 0:
+        return Draft([], [], [], 0)
+    return Draft(tokens.tolist(), parents.tolist(), scores.tolist(), int(q), global_counts.tolist())
 
 
 def _last_tokens(docs: Sequence[np.ndarray], limit: int) -> list[np.ndarray]:
@@ -306,23 +314,9 @@ class DraftStore:
         tail = np.asarray(list(context)[-self.max_query_length:], np.int64)
         if decoding_length <= 0 or depth_limit <= 0 or len(tail) == 0:
             return Draft([], [], [], 0)
-        with self._lock:
-            toks, sas, deads, hot_idx, hot_kids, weight, is_global = self._pack(request_id)
-            if request_id is None:
-                weight[~is_global] = 0.0
-            local_weight = self.local_weight if request_id is not None else 0.0
-            while True:
-                work, kids, scores, ranges = self._scratch(decoding_length)
-                out = kernels.draft(toks, sas, deads, hot_idx, hot_kids, weight, is_global, tail, decoding_length,
-                                    depth_limit, self.width, self.global_weight, local_weight, work, kids, scores,
-                                    ranges)
-                if out[4] >= 0:
-                    break
-                self._scratch_scale *= 4  # a node with more children (or occurrences) than the scratch holds
-        tokens, parents, scores, global_counts, q = out
-        if q <= 0:
-            return Draft([], [], [], 0)
-        return Draft(tokens.tolist(), parents.tolist(), scores.tolist(), int(q), global_counts.tolist())
+        out = self._run_draft(request_id, decoding_length, lambda sources, local_weight, scratch: kernels.draft(
+            *sources, tail, decoding_length, depth_limit, self.width, self.global_weight, local_weight, *scratch))
+        return _draft_of(*out)
 
     def draft_ahead(self, context: Sequence[int], decoding_length: int, request_id: str | None, depth_limit: int,
                     limit: int, branch_length: int, max_query_length: int, follow_at_most: int) -> tuple[Draft, int]:
@@ -332,24 +326,27 @@ class DraftStore:
         ``follow_at_most`` tokens, a past output holds). The same draft and length as ``Drafter.extended`` over
         :meth:`draft` and :meth:`longest_global_suffix` give (a test holds them equal)."""
         ctx = np.asarray(list(context)[-self.width:], np.int64)
+        out = self._run_draft(request_id, decoding_length, lambda sources, local_weight, scratch: kernels.draft_ahead(
+            *sources, ctx, max_query_length, self.max_query_length, decoding_length, depth_limit, branch_length, limit,
+            follow_at_most, self.width, self.global_weight, local_weight, *scratch))
+        return _draft_of(*out[:5]), int(out[5])
+
+    def _run_draft(self, request_id: str | None, decoding_length: int,
+                   run: Callable[[tuple, float, tuple], tuple]) -> tuple:
+        """``run(sources, local_weight, scratch)``: a draft kernel under the store lock over the sources a draft for
+        ``request_id`` reads (the request-local ones weighted 0 without a request), run again with 4x the scratch
+        while it reports (match length -1) that a scratch buffer was too small."""
         with self._lock:
-            toks, sas, deads, hot_idx, hot_kids, weight, is_global = self._pack(request_id)
+            sources = self._pack(request_id)
+            weight, is_global = sources[5], sources[6]
             if request_id is None:
                 weight[~is_global] = 0.0
             local_weight = self.local_weight if request_id is not None else 0.0
             while True:
-                work, kids, scores, ranges = self._scratch(decoding_length)
-                out = kernels.draft_ahead(toks, sas, deads, hot_idx, hot_kids, weight, is_global, ctx,
-                                          max_query_length, self.max_query_length, decoding_length, depth_limit,
-                                          branch_length, limit, follow_at_most, self.width, self.global_weight,
-                                          local_weight, work, kids, scores, ranges)
+                out = run(sources, local_weight, self._scratch(decoding_length))
                 if out[4] >= 0:
-                    break
-                self._scratch_scale *= 4
-        tokens, parents, scores_, global_counts, q, follow = out
-        if q <= 0:
-            return Draft([], [], [], 0), int(follow)
-        return Draft(tokens.tolist(), parents.tolist(), scores_.tolist(), int(q), global_counts.tolist()), int(follow)
+                    return out
+                self._scratch_scale *= 4  # a node with more children (or occurrences) than the scratch holds
 
     def _scratch(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The draft kernel's scratch arrays for drafts of ``k`` nodes (made once, reused under the lock)."""
@@ -539,8 +536,7 @@ class DraftStore:
             other = False
             if not stream.used:
                 stream.add(np.concatenate([tail, add])[-self.local_tokens:], 0)
-            elif np.array_equal(stream.last_tail(len(tail)), tail):
-                stream.append(add)
+            elif stream.continue_last(tail, add):
                 if len(stream) > self.local_tokens + self.local_tokens // 4:  # keep the last local_tokens
                     loc.stream = Buffer(self.local_tokens + 2)
                     loc.stream.add(stream.last_tail(self.local_tokens).copy(), 0)
@@ -554,26 +550,16 @@ class DraftStore:
         ends, with room to spare. False (nothing done) for anything else: the general path decides."""
         with self._lock:
             loc = self._locals.get(request_id)
-            if loc is None or not loc.stream.used or not len(new) or \
-                    len(loc.stream) + len(new) > self.local_tokens + self.local_tokens // 4:
+            if loc is None or not len(new) or len(loc.stream) + len(new) > self.local_tokens + self.local_tokens // 4:
                 return False
-            stream = loc.stream
             add = np.asarray(new, np.int64)  # [k]
             if add.ndim != 1 or add.dtype.kind not in "iu":
                 return False
-            stream.reserve(len(add))
-            used = kernels.continue_entry(stream.data, stream.used, stream.starts[-1],
-                                          np.asarray(list(before)[-self.branch_length:], np.int64), add)
-            if used < 0:
-                return False
-            stream.used = used
-            return True
+            return loc.stream.continue_last(np.asarray(list(before)[-self.branch_length:], np.int64), add)
 
     def _extend_global(self, tail: np.ndarray, add: np.ndarray) -> None:
         buf = self._tail
-        if len(tail) and buf.used and buf.uids[-1] in self._entries and \
-                np.array_equal(buf.last_tail(len(tail)), tail):
-            buf.append(add)
+        if len(tail) and buf.used and buf.uids[-1] in self._entries and buf.continue_last(tail, add):
             self._entries[buf.uids[-1]] += len(add)
             self._live_tokens += len(add)
             self._after_global_insert()
