@@ -63,12 +63,10 @@ class LookaheadConfig:
             raise ValueError(f"LookaheadConfig.decoding_length must be an integer, got {self.decoding_length!r}")
         if not 0 <= self.decoding_length <= 512:
             raise ValueError(f"LookaheadConfig.decoding_length must be in 0..512, got {self.decoding_length}")
-        if isinstance(self.prefill_share, bool) or not isinstance(self.prefill_share, (int, float)) \
-                or not 0.0 < self.prefill_share <= 1.0:
-            raise ValueError(f"LookaheadConfig.prefill_share must be in (0, 1], got {self.prefill_share!r}")
-        if isinstance(self.join_stall, bool) or not isinstance(self.join_stall, (int, float)) \
-                or not 0.0 < self.join_stall <= 64.0:
-            raise ValueError(f"LookaheadConfig.join_stall must be in (0, 64], got {self.join_stall!r}")
+        for name, high in (("prefill_share", 1), ("join_stall", 64)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= high:
+                raise ValueError(f"LookaheadConfig.{name} must be in (0, {high}], got {value!r}")
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"LookaheadConfig.decay must be in (0, 1), got {self.decay!r}")
         for name in ("local_weight", "global_weight"):
