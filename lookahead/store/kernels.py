@@ -566,17 +566,19 @@ def _live(kids, col, dead):  # pragma: no cover - compiled
 
 
 @nb.njit(**_JIT)
-def _hot_counts(token, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global):
+def _hot_counts(token, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global, known, known_col, cols):
     # pragma: no cover - compiled
     """(global, local) live occurrences of ``token`` over the hot sources, and whether a list read it already (its
-    place in that list's count order is before the list's read position ``pos``)."""
+    place in that list's count order is before the list's read position ``pos``). Hot list ``known`` (-1: none)
+    holds it at column ``known_col`` (no search there); ``cols[h]`` gets its column in list ``h`` (-1: absent)."""
     g = 0.0
     loc = 0.0
     read = False
     for h in range(nh):
         s = hot_s[h]
         kids = hot_kids_list[s]
-        col = _hot_find(kids, hot_a[h], hot_b[h], token)
+        col = known_col if h == known else _hot_find(kids, hot_a[h], hot_b[h], token)
+        cols[h] = col
         if col >= 0:
             if hot_a[h] + kids[4, col] < pos[h]:
                 read = True
@@ -591,7 +593,8 @@ def _hot_counts(token, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, i
 @nb.njit(**_JIT)
 def _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top, k):
     # pragma: no cover - compiled
-    """Score a child and keep it when positive (``top``: a min-heap of the best ``k`` scores); the new count."""
+    """Score a child and keep it when positive (``top``: a min-heap of the best ``k`` (score, -token) pairs, the
+    worst of them first); the new count."""
     sc = global_weight * g
     if loc > 0:
         sc += local_weight * loc
@@ -601,7 +604,7 @@ def _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score,
     cand_score[nc] = sc
     cand_glob[nc] = g
     if k > 0:
-        heapq.heappush(top, sc)
+        heapq.heappush(top, (sc, -t))
         if len(top) > k:
             heapq.heappop(top)
     return nc + 1
@@ -653,13 +656,17 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
     order = np.argsort(c_tok[:o], kind="mergesort")
     small = c_tok[:o][order]  # the listed children's tokens, sorted (one entry per source)
     pos = hot_a[:nh].copy()  # per hot source: the next child to read, in count order
+    cand_cols = np.empty((cap, nh), np.int32)  # [cap, nh]: each candidate's column in each hot list
     nc = 0
-    top = [0.0]  # min-heap of the best k scores so far
+    top = [(0.0, np.int64(0))]  # min-heap of the best k (score, -token) so far: the k-th best first
     top.pop()
     i = 0
     while i < o:
         t = small[i]
-        g, loc, _ = _hot_counts(t, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global)
+        if nc >= cap:
+            return -1, False
+        g, loc, _ = _hot_counts(t, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global, -1, -1,
+                                cand_cols[nc])
         j = i
         while j < o and small[j] == t:
             e = order[j]
@@ -668,13 +675,12 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
             else:
                 loc += c_cnt[e]
             j += 1
-        if nc >= cap:
-            return -1, False
         nc = _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top,
                             k if nh > 0 else 0)  # the best k scores matter to hot lists only
         i = j
     while nh > 0:
         bound = 0.0  # what a child not read yet can score at most
+        head = np.int64(-1)  # reaching the bound takes a head's raw count in every list: a token >= each head's
         active = False
         for h in range(nh):
             if pos[h] < hot_b[h]:
@@ -682,8 +688,11 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
                 hk = hot_kids_list[hot_s[h]]
                 col = hk[3, pos[h]]
                 bound += (global_weight if is_global[hot_s[h]] else local_weight) * (hk[2, col] - hk[1, col])
-        if not active or (len(top) >= k and top[0] > bound):
+                head = max(head, np.int64(hk[0, col]))
+        if not active:
             break
+        if len(top) >= k and (top[0][0] > bound or (top[0][0] == bound and -top[0][1] < head)):
+            break  # no child not read yet can beat the k-th best (a tie loses on its larger token)
         for h in range(nh):
             if pos[h] >= hot_b[h]:
                 continue
@@ -693,12 +702,13 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
             if at < o and small[at] == t:
                 pos[h] += 1
                 continue  # listed already, with every source's count
-            g, loc, read = _hot_counts(t, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global)
+            if nc >= cap:
+                return -1, False
+            g, loc, read = _hot_counts(t, nh, hot_s, hot_a, hot_b, pos, hot_kids_list, dead_list, is_global, h,
+                                       hk[3, pos[h]], cand_cols[nc])
             pos[h] += 1
             if read:
                 continue
-            if nc >= cap:
-                return -1, False
             nc = _add_candidate(t, g, loc, global_weight, local_weight, cand_tok, cand_score, cand_glob, nc, top, k)
     by_token = np.argsort(cand_tok[:nc], kind="mergesort")
     best = by_token[np.argsort(-cand_score[:nc][by_token], kind="mergesort")][:k]
@@ -725,7 +735,7 @@ def _best_children(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, w
         for h in range(nh):
             s = hot_s[h]
             hk = hot_kids_list[s]
-            col = _hot_find(hk, hot_a[h], hot_b[h], t)
+            col = cand_cols[b, h]  # found while counting
             if col >= 0 and _live(hk, col, dead_list[s]) > 0:
                 n_lo[row, s] = hk[1, col]
                 n_hi[row, s] = hk[2, col]
