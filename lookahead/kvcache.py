@@ -10,12 +10,70 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+class SpareLayer(DynamicLayer):
+    """A :class:`DynamicLayer` that keeps room past its positions, so appending a pass's keys and values writes them
+    in place instead of copying the whole layer (``DynamicLayer`` concatenates: at a context of 1,000 tokens that
+    copy was about a quarter of a small model's step on CPU).
+
+    ``keys`` and ``values`` stay what every caller sees: ``[batch, heads, positions, head_dim]`` views of the first
+    positions of a larger buffer. Cropping or compacting them in place (views of the same buffer) keeps the room;
+    a layer given tensors of its own (rows appended or selected) moves into a new buffer at its next update.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states`` and ``value_states`` ``[batch, heads, n, head_dim]``; return all positions."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        end = held + key_states.shape[-2]
+        if not (_views_first_positions(self.keys, self.key_buffer, end)
+                and _views_first_positions(self.values, self.value_buffer, end)):
+            self.key_buffer = _roomier(self.keys, key_states, end)
+            self.value_buffer = _roomier(self.values, value_states, end)
+        self.key_buffer[..., held:end, :] = key_states
+        self.value_buffer[..., held:end, :] = value_states
+        self.keys = self.key_buffer[..., :end, :]
+        self.values = self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
+def _views_first_positions(states: torch.Tensor, buffer: torch.Tensor | None, end: int) -> bool:
+    """Whether ``states`` is the first positions of ``buffer`` (every row and head) and ``buffer`` holds ``end``."""
+    return (buffer is not None and states.dim() == 4 and states.data_ptr() == buffer.data_ptr()
+            and states.shape[:2] == buffer.shape[:2] and states.stride() == buffer.stride()
+            and buffer.shape[-2] >= end)
+
+
+def _roomier(states: torch.Tensor, new: torch.Tensor, end: int) -> torch.Tensor:
+    """A buffer ``[batch, heads, capacity, head_dim]`` (capacity about 1.5x ``end``) holding ``states`` first."""
+    batch, heads, _, dim = new.shape
+    buffer = new.new_empty(batch, heads, end + end // 2 + 64, dim)
+    if states.dim() == 4 and states.shape[-2]:
+        buffer[..., :states.shape[-2], :] = states
+    return buffer
+
+
+def spare_cache(cache: DynamicCache) -> DynamicCache:
+    """``cache`` (empty, every layer a plain ``DynamicLayer``) with :class:`SpareLayer` layers instead."""
+    if cache.layer_class_to_replicate is DynamicLayer:
+        cache.layer_class_to_replicate = SpareLayer
+    cache.layers = [SpareLayer() if type(layer) is DynamicLayer and not layer.is_initialized else layer
+                    for layer in cache.layers]
+    return cache
+
+
 def check_compactable(cache: DynamicCache) -> None:
-    """Raise TypeError unless every layer is a plain growing DynamicLayer (no sliding window, no quantization)."""
+    """Raise TypeError unless every layer is a plain growing DynamicLayer or :class:`SpareLayer` (no sliding window,
+    no quantization)."""
     if not isinstance(cache, DynamicCache):
         raise TypeError(f"lookahead needs a transformers DynamicCache, got {type(cache).__name__}")
     for i, layer in enumerate(cache.layers):
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, SpareLayer):
             raise TypeError(
                 f"cache layer {i} is a {type(layer).__name__}; lookahead supports full-attention DynamicLayer caches "
                 "only (sliding-window and hybrid caches are not verified)"

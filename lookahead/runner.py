@@ -22,7 +22,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .budget import DEFAULT_SIZES, CostCurve, CostModel, measure_cost_curve
 from .kernels import install_skinny_linear, skinny_linear, skinny_matmul
-from .kvcache import check_compactable, compact_cache, compact_rows, crop, replicated
+from .kvcache import check_compactable, compact_cache, compact_rows, crop, replicated, spare_cache
 from .models import check_single_device
 from .tree import TreeBuffers, attention_mask, batch_inputs, build_tree, position_ids
 
@@ -115,10 +115,11 @@ def check_model(model: Any) -> None:
 def full_cache(config: Any) -> DynamicCache:
     """An empty cache in which every layer keeps every position: sliding-window layers too (their tree masks apply
     the window instead, see :func:`window_mask`), so compaction never has to know which positions a window evicted.
-    Models without sliding-window layers get the cache transformers itself builds for their config."""
+    Models without sliding-window layers get the cache transformers itself builds for their config. Every layer is
+    a :class:`~lookahead.kvcache.SpareLayer`: a pass appends in place instead of copying the layer."""
     if sliding_window(config) is None:
-        return DynamicCache(config=config)
-    return DynamicCache()  # layers are created on first use, each a full DynamicLayer
+        return spare_cache(DynamicCache(config=config))
+    return spare_cache(DynamicCache())  # layers are created on first use, each a full layer
 
 
 def window_mask(mask: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor, window: int

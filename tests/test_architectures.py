@@ -23,10 +23,10 @@ from conftest import (
     tiny_config,
 )
 from transformers import AutoModelForCausalLM
-from transformers.cache_utils import DynamicLayer
 
 from lookahead import reference
 from lookahead.engine import SUPPORTED_ARCHITECTURES, LookaheadGenerator
+from lookahead.kvcache import SpareLayer
 from lookahead.runner import LogitProcessing, ModelRunner
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -131,7 +131,7 @@ def test_sliding_window_layers_keep_every_position(name):
     gen = make_generator(name)
     cache = gen.runner.new_cache()
     gen.runner.prefill(cache, random_prompt(41, 20))
-    assert all(type(layer) is DynamicLayer for layer in cache.layers)
+    assert all(type(layer) is SpareLayer for layer in cache.layers)  # a full growing layer (appends in place)
     assert {layer.keys.shape[-2] for layer in cache.layers} == {20}  # longer than the window of 6
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_model, random_prompt, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DynamicCache, StaticCache
 
-from lookahead.kvcache import check_compactable, compact_cache
-from lookahead.runner import cache_argument
+from lookahead.kvcache import SpareLayer, cache_length, check_compactable, compact_cache, crop, select_rows, spare_cache
+from lookahead.runner import cache_argument, full_cache
 from lookahead.tree import attention_mask, build_tree, position_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -142,3 +144,62 @@ def test_check_compactable_rejects_sliding_window_layers():
     assert any(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in cache.layers)
     with pytest.raises(TypeError, match="layer 0 is a DynamicSlidingWindowLayer"):
         check_compactable(cache)
+
+
+# ---------------------------------------------------------------------------------------------- SpareLayer
+
+def _states(seed: int, n: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 2, n, 4, generator=torch.Generator().manual_seed(seed))  # [batch, heads, n, dim]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("add"), st.integers(1, 40)), st.tuples(st.just("crop"), st.integers(0, 80)),
+                          st.tuples(st.just("compact"), st.integers(0, 3)), st.tuples(st.just("rows"), st.just(0))),
+                min_size=1, max_size=25))
+def test_a_spare_layer_holds_what_a_dynamic_layer_holds(ops):
+    """Any run of appends, crops, compactions and replaced rows: a spare layer returns and holds the same keys and
+    values as transformers' DynamicLayer (it only writes in place where that one concatenates)."""
+    plain, spare = DynamicCache(), spare_cache(DynamicCache())
+    with torch.inference_mode():
+        for step, (kind, arg) in enumerate(ops):
+            if kind == "add":
+                keys, values = _states(step, arg), _states(1000 + step, arg)
+                got = [cache.update(keys, values, 0) for cache in (plain, spare)]
+                torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
+            elif not plain.layers:
+                continue
+            elif kind == "crop":
+                crop(plain, arg)
+                crop(spare, arg)
+            elif kind == "compact":
+                held = cache_length(plain)
+                keep = list(range(max(0, held - 4), held))[: arg + 1][::-1]  # reversed: a gather, not a crop
+                prefix = max(0, held - 4)
+                compact_cache(plain, prefix, [k - prefix for k in keep])
+                compact_cache(spare, prefix, [k - prefix for k in keep])
+            else:  # the layer gets tensors of its own (rows appended or selected): the next update moves it
+                select_rows(plain, [0], cache_length(plain))
+                select_rows(spare, [0], cache_length(spare))
+            assert type(spare.layers[0]) is SpareLayer
+            torch.testing.assert_close(spare.layers[0].keys, plain.layers[0].keys, rtol=0, atol=0)
+            torch.testing.assert_close(spare.layers[0].values, plain.layers[0].values, rtol=0, atol=0)
+
+
+def test_a_spare_layer_appends_in_place_and_keeps_its_room_across_crops():
+    cache = spare_cache(DynamicCache())
+    with torch.inference_mode():
+        cache.update(_states(0, 100), _states(1, 100), 0)
+        layer = cache.layers[0]
+        buffer = layer.key_buffer.data_ptr()
+        for step in range(20):
+            cache.update(_states(2 + step, 2), _states(40 + step, 2), 0)
+            crop(cache, cache_length(cache) - 1)  # a rejected draft token
+        assert layer.key_buffer.data_ptr() == buffer  # never copied: the room was enough
+        assert layer.keys.data_ptr() == buffer and layer.keys.shape == (1, 2, 120, 4)
+
+
+def test_new_caches_of_a_runner_are_spare():
+    model = make_model("llama")
+    cache = full_cache(model.config)
+    check_compactable(cache)
+    assert all(type(layer) is SpareLayer for layer in cache.layers)
