@@ -107,7 +107,7 @@ class LookaheadGenerator:
         key = cost_cache_key(
             getattr(cfg, "_name_or_path", ""), cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers,
             int(cfg.vocab_size), self.model.dtype, self.device, torch.get_num_threads(), sizes, prefix_length,
-            torch.__version__, "tree-v4", self.config.skinny_matmul,
+            torch.__version__, "tree-v5", self.config.skinny_matmul,
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)
 
@@ -127,7 +127,7 @@ class LookaheadGenerator:
             getattr(cfg, "_name_or_path", ""), cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers,
             int(cfg.vocab_size), self.model.dtype, self.device, device_name, getattr(cfg, "_attn_implementation", ""),
             torch.get_num_threads(), cost_model_grid(self.config.decoding_length, self.max_context),
-            torch.__version__, transformers.__version__, "model-v1", self.config.skinny_matmul,
+            torch.__version__, transformers.__version__, "model-v2", self.config.skinny_matmul,
         )
         return cached_cost_curve(key, measure, self.config.cost_cache)
 

@@ -241,7 +241,7 @@ class EnsembleGenerator:
             return measure()
         parts = [(getattr(m.config, "_name_or_path", ""), m.config.model_type, m.config.hidden_size,
                   m.config.num_hidden_layers) for m in self.models]
-        key = cost_cache_key("ensemble-v2", parts, vocab, self.models[0].dtype, self.device, torch.get_num_threads(),
+        key = cost_cache_key("ensemble-v3", parts, vocab, self.models[0].dtype, self.device, torch.get_num_threads(),
                              sizes, prefix_length, torch.__version__, self.config.skinny_matmul)
         directory = self.config.cost_cache or default_cache_dir() / "ensemble-cost"
         return cached_cost_curve(key, measure, directory)

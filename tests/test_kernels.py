@@ -7,16 +7,27 @@ import threading
 import pytest
 import torch
 
-from lookahead.kernels import MAX_ROWS, install_skinny_linear, skinny_enabled, skinny_linear, skinny_matmul
+from lookahead.kernels import LOOP_ROWS, MAX_ROWS, install_skinny_linear, skinny_enabled, skinny_linear, skinny_matmul
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, MAX_ROWS])
-def test_skinny_matmul_equals_linear_and_is_row_major(rows):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, LOOP_ROWS, MAX_ROWS])
+def test_skinny_matmul_equals_linear_and_is_row_major(rows, dtype, threads):
+    """Every row count, dtype (float32: the compiled loop up to LOOP_ROWS rows, split over two threads too) and a
+    transposed (non-contiguous) input: the product of F.linear, up to summation order, in row-major layout."""
     torch.manual_seed(rows)
-    x, w = torch.randn(rows, 48), torch.randn(80, 48)
-    out = skinny_matmul(x, w)
-    assert out.shape == (rows, 80) and out.is_contiguous()
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    x, w = torch.randn(rows, 48).to(dtype), torch.randn(83, 48).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for given in (x, x.T.contiguous().T):
+            out = skinny_matmul(given, w)
+            assert out.shape == (rows, 83) and out.is_contiguous() and out.dtype == dtype
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=tolerance, atol=tolerance)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _model() -> torch.nn.Module:
