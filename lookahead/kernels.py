@@ -115,6 +115,13 @@ def _rows_times_weight_parallel(x, weight, out, parts):  # pragma: no cover - co
 _parallel_safe: bool | None = None
 
 
+def _warm_up() -> None:
+    """Compile (or load from numba's cache) the product loops now, so a model's first pass does not."""
+    tiny = np.zeros((1, 4), np.float32)
+    _rows_times_weight(tiny, tiny, np.zeros((1, 1), np.float32), 0, 1)
+    _parallel_is_safe()
+
+
 def _parallel_is_safe() -> bool:
     """Whether numba's threading layer takes parallel calls from several threads at once (OpenMP or TBB; its
     fallback, the workqueue layer, aborts the process on concurrent launches). Decided once, on a tiny call."""
@@ -144,6 +151,7 @@ def install_skinny_linear(model: torch.nn.Module) -> int:
     """Give every plain ``nn.Linear`` of ``model`` the switchable forward (and install the grouped-query attention);
     returns how many layers were changed."""
     install_gqa_attention()
+    _warm_up()
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
