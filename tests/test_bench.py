@@ -142,6 +142,12 @@ def test_cli_bench_batch_size_writes_the_throughput_table(tiny_dir, case_file, t
                 "speedup_vs_lookahead_alone"} <= set(row)
     assert summary["lookahead-batch"]["exact"] == summary["lookahead-batch"]["requests"] == 3
     assert summary["hf-batch"]["speedup_vs_hf_batch"] == pytest.approx(1.0)
+    for method, row in summary.items():  # host time per step: lookahead methods only, in the JSON and the table
+        assert (row["host_ms_per_step"] is not None and row["host_ms_per_step"] > 0) == method.startswith("lookahead")
+        line = next(li for li in printed.splitlines() if li.startswith(f"| {method} |"))
+        cell = line.split("|")[-2].strip()
+        assert cell == ("-" if row["host_ms_per_step"] is None else f"{row['host_ms_per_step']:.2f}")
+    assert "| exact | host ms/step |" in printed
     rows = data["results"]
     assert len(rows) == 4 * 3 and {r["case_id"] for r in rows} == {c["id"] for c in CASES}
     batched = [r for r in rows if r["method"] == "lookahead-batch"]

@@ -36,6 +36,8 @@ class ThroughputResult:
     row_new_tokens: list[int] = field(default_factory=list)  # per request, in case order
     row_kinds: list[str | None] = field(default_factory=list)  # per request: None (exact), "near-tie" or "hard";
     # empty when lookahead-alone did not run
+    host_ms_per_step: float | None = None  # lookahead methods: host time outside the model per step of the batch
+    # (every row of a batch step sees that step's whole host time), averaged over the requests
 
     @property
     def tokens_per_second(self) -> float:
@@ -95,16 +97,20 @@ def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]
     limits = [int(case["max_new_tokens"]) for case in cases]
     outputs: dict[str, list[list[int]]] = {}
     seconds: dict[str, float] = {}
+    host: dict[str, float] = {}
     for method in methods:
         gc.collect()
         if method.startswith("lookahead"):
             generator.trie = generator.empty_trie()
         start = time.perf_counter()
-        if method == "lookahead-alone":
-            outputs[method] = [generator.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, limits)]
-        elif method == "lookahead-batch":
-            requests = [generator.prepare(p, max_new_tokens=n) for p, n in zip(prompts, limits)]
-            outputs[method] = [r.token_ids for r in generator.run_many(requests, batch_size)]
+        if method.startswith("lookahead"):
+            if method == "lookahead-alone":
+                done = [generator.generate(p, max_new_tokens=n) for p, n in zip(prompts, limits)]
+            else:
+                done = generator.run_many([generator.prepare(p, max_new_tokens=n) for p, n in zip(prompts, limits)],
+                                          batch_size)
+            outputs[method] = [r.token_ids for r in done]
+            host[method] = 1000 * sum(r.stats.host_seconds_per_step for r in done) / max(1, len(done))
         else:  # hf-batch, hf-alone: HF greedy on left-padded batches
             eos, pad = _hf_eos_and_pad(generator)
             outputs[method] = reference.padded_batch(generator.model, prompts, limits,
@@ -119,7 +125,8 @@ def run_throughput(generator: LookaheadGenerator, cases: Sequence[dict[str, Any]
                                              for prompt, row, want in zip(prompts, rows, expected)]
         results.append(ThroughputResult(method, 1 if method.endswith("alone") else batch_size, len(rows),
                                         sum(len(r) for r in rows), seconds[method], kinds.count(None),
-                                        kinds.count(NEAR_TIE), kinds.count(HARD), [len(r) for r in rows], kinds))
+                                        kinds.count(NEAR_TIE), kinds.count(HARD), [len(r) for r in rows], kinds,
+                                        host.get(method)))
     return results
 
 
@@ -137,7 +144,7 @@ def format_throughput(results: Sequence[ThroughputResult], mismatches: bool = Fa
     precision) adds the columns ``near-tie`` and ``hard``."""
     by_method = {r.method: r for r in results}
     header = ["method", "batch", "requests", "new tok", "sec", "tok/s", "vs lookahead-alone", "vs hf-batch", "exact",
-              *(["near-tie", "hard"] if mismatches else [])]
+              *(["near-tie", "hard"] if mismatches else []), "host ms/step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def ratio(r: ThroughputResult, base: str) -> str:
@@ -148,5 +155,6 @@ def format_throughput(results: Sequence[ThroughputResult], mismatches: bool = Fa
         lines.append("| " + " | ".join([r.method, str(r.batch_size), str(r.requests), str(r.new_tokens),
                                         f"{r.seconds:.1f}", f"{r.tokens_per_second:.1f}", ratio(r, "lookahead-alone"),
                                         ratio(r, "hf-batch"), f"{r.exact}/{r.requests}",
-                                        *([str(r.near_tie), str(r.hard)] if mismatches else [])]) + " |")
+                                        *([str(r.near_tie), str(r.hard)] if mismatches else []),
+                                        "-" if r.host_ms_per_step is None else f"{r.host_ms_per_step:.2f}"]) + " |")
     return "\n".join(lines)
