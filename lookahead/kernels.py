@@ -31,6 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 MAX_ROWS = 16
 LOOP_ROWS = 12  # the compiled loop's limit: past it, the rows of x no longer stay in cache and the GEMM is faster
+PARALLEL_MIN = 1 << 15  # weights with fewer elements are multiplied on one thread (splitting costs more than it saves)
 _state = threading.local()
 
 
@@ -54,14 +55,14 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for [rows, in] x [out, in] -> [rows, out] without repacking ``weight``.
 
     float32 with at most ``LOOP_ROWS`` rows goes through a compiled loop that reads each weight row once for every
-    row of ``x`` (split over torch's threads where numba has a thread-safe threading layer); the rest through
-    ``weight @ x.T`` (>= 2 columns)."""
+    row of ``x`` (large weights split over torch's threads where numba has a thread-safe threading layer); the rest
+    through ``weight @ x.T`` (>= 2 columns)."""
     rows = x.shape[0]
     if rows <= LOOP_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous():
         out = torch.empty(rows, weight.shape[0], dtype=torch.float32)  # [rows, out]
         args = (x.detach().contiguous().numpy(), weight.detach().numpy(), out.numpy())
         threads = min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)
-        if threads > 1 and _parallel_is_safe():
+        if threads > 1 and weight.numel() >= PARALLEL_MIN and _parallel_is_safe():
             nb.set_num_threads(threads)
             _rows_times_weight_parallel(*args, threads)
         else:

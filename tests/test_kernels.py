@@ -7,7 +7,15 @@ import threading
 import pytest
 import torch
 
-from lookahead.kernels import LOOP_ROWS, MAX_ROWS, install_skinny_linear, skinny_enabled, skinny_linear, skinny_matmul
+from lookahead.kernels import (
+    LOOP_ROWS,
+    MAX_ROWS,
+    PARALLEL_MIN,
+    install_skinny_linear,
+    skinny_enabled,
+    skinny_linear,
+    skinny_matmul,
+)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -17,13 +25,14 @@ def test_skinny_matmul_equals_linear_and_is_row_major(rows, dtype, threads):
     """Every row count, dtype (float32: the compiled loop up to LOOP_ROWS rows, split over two threads too) and a
     transposed (non-contiguous) input: the product of F.linear, up to summation order, in row-major layout."""
     torch.manual_seed(rows)
-    x, w = torch.randn(rows, 48).to(dtype), torch.randn(83, 48).to(dtype)
+    x, w = torch.randn(rows, 48).to(dtype), torch.randn(683, 48).to(dtype)
+    assert w.numel() >= PARALLEL_MIN  # large enough to be split over two threads
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for given in (x, x.T.contiguous().T):
             out = skinny_matmul(given, w)
-            assert out.shape == (rows, 83) and out.is_contiguous() and out.dtype == dtype
+            assert out.shape == (rows, 683) and out.is_contiguous() and out.dtype == dtype
             tolerance = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=tolerance, atol=tolerance)
     finally:
