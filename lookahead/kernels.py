@@ -128,12 +128,15 @@ def _parallel_is_safe() -> bool:
     fallback, the workqueue layer, aborts the process on concurrent launches). Decided once, on a tiny call."""
     global _parallel_safe
     if _parallel_safe is None:
+        threads = torch.get_num_threads()  # starting numba's OpenMP pool resets the process's OpenMP thread count
         try:
             tiny = np.zeros((1, 4), np.float32)
             _rows_times_weight_parallel(tiny, tiny, np.zeros((1, 1), np.float32), 1)
             _parallel_safe = nb.threading_layer() in ("omp", "tbb")
         except Exception:  # noqa: BLE001 - no usable threading layer: one thread
             _parallel_safe = False
+        finally:
+            torch.set_num_threads(threads)
     return _parallel_safe
 
 

@@ -107,3 +107,19 @@ def test_masked_cpu_attention_of_a_grouped_query_model_skips_the_head_copy(monke
             copies.clear()
     assert copies == []
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_installing_the_kernels_keeps_torchs_thread_count():
+    """Starting numba's OpenMP pool (the first parallel call) used to reset the process's OpenMP thread count: a
+    user's one-thread setting became two. A fresh process, so that pool is not started yet."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from lookahead.kernels import install_skinny_linear, skinny_linear, skinny_matmul\n"
+            "install_skinny_linear(torch.nn.Linear(4, 4))\n"
+            "with skinny_linear():\n"
+            "    skinny_matmul(torch.randn(3, 48), torch.randn(683, 48))\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "1"
