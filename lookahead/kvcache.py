@@ -12,8 +12,8 @@ from transformers.cache_utils import DynamicLayer
 
 class SpareLayer(DynamicLayer):
     """A :class:`DynamicLayer` that keeps room past its positions, so appending a pass's keys and values writes them
-    in place instead of copying the whole layer (``DynamicLayer`` concatenates: at a context of 1,000 tokens that
-    copy was about a quarter of a small model's step on CPU).
+    in place instead of copying the whole layer (``DynamicLayer`` concatenates: a copy of the whole cache every pass,
+    about 1 ms of the default model's 45 ms step at a 1,000-token context on CPU, more at longer contexts).
 
     ``keys`` and ``values`` stay what every caller sees: ``[batch, heads, positions, head_dim]`` views of the first
     positions of a larger buffer. Cropping or compacting them in place (views of the same buffer) keeps the room;
