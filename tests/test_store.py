@@ -168,6 +168,35 @@ def test_suffix_array_sorts_windows_within_sequences():
     assert cut == sorted(cut) and sorted(sa.tolist()) == [0, 1, 2, 4, 5, 6, 8]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(tokens_st, min_size=1, max_size=6), st.lists(st.booleans(), min_size=6, max_size=6),
+       st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8), st.integers(1, 8), st.integers(0, 8))
+def test_longest_live_suffix_is_found_top_first_then_by_bisection(seqs, dead_flags, query, at_least, span):
+    """``_longest_in`` (top first, then bisection) gives the longest live suffix a brute-force scan finds."""
+    toks = np.array([t for s in seqs for t in [*s, kernels.SEP]], np.int32)
+    sa = kernels.build_suffix_array(toks, 8)
+    starts = np.cumsum([0] + [len(s) + 1 for s in seqs[:-1]])
+    dead_seq = [dead_flags[i] for i in range(len(seqs))]
+    mask = np.zeros(len(toks), np.bool_)
+    for i, s in enumerate(seqs):
+        mask[starts[i]:starts[i] + len(s)] = dead_seq[i]
+    dead = kernels.dead_prefix(sa, mask)
+    q_arr = np.array(query, np.int64)
+    n = len(query)
+    at_least = min(at_least, n)
+    at_most = min(at_least + span, n)
+
+    def live(q: int) -> bool:
+        want = query[n - q:]
+        return any(not dead_seq[i] and any(s[p:p + q] == want for p in range(len(s))) for i, s in enumerate(seqs))
+
+    expected = max([q for q in range(at_least, at_most + 1) if live(q)], default=at_least - 1)
+    q, lo, hi = kernels._longest_in(toks, sa, dead, q_arr, n, at_least, at_most)
+    assert q == expected
+    if q >= at_least:
+        assert (lo, hi) == kernels.sa_range(toks, sa, q_arr, n - q, q)
+
+
 def test_eviction_drops_the_oldest_answers_whole():
     store = DraftStore(branch_length=4, max_query_length=2, store_bytes=1 << 16, tail_tokens=64, background=False)
     per_answer = 100

@@ -301,11 +301,49 @@ def count_occurrences(toks, sa, dead, query):  # pragma: no cover - compiled
 
 
 @nb.njit(**_JIT)
+def _present(toks, sa, dead, query, n, q):  # pragma: no cover - compiled
+    """(lo, hi, live): the suffix-array range of the last ``q`` of the ``n`` query tokens and its live count."""
+    lo, hi = sa_range(toks, sa, query, n - q, q)
+    live = hi - lo
+    if len(dead) > 0:
+        live -= dead[hi] - dead[lo]
+    return lo, hi, live
+
+
+@nb.njit(**_JIT)
+def _longest_in(toks, sa, dead, query, n, at_least, at_most):  # pragma: no cover - compiled
+    """(longest q in ``at_least..at_most`` whose last-``q``-token suffix of ``query[:n]`` is live in this suffix
+    array, its lo, its hi); q is ``at_least - 1`` (range empty) when even ``at_least`` tokens are not.
+
+    A suffix occurs only where its shorter suffixes do, so the lengths are searched top first (a repeated passage
+    matches whole in one search), then by bisection: about ``log2(at_most - at_least)`` range searches, not one per
+    length."""
+    lo, hi, live = _present(toks, sa, dead, query, n, at_least)
+    if live <= 0:
+        return at_least - 1, lo, lo
+    if at_most == at_least:
+        return at_least, lo, hi
+    top_lo, top_hi, top_live = _present(toks, sa, dead, query, n, at_most)
+    if top_live > 0:
+        return at_most, top_lo, top_hi
+    good = at_least  # present
+    bad = at_most  # absent
+    while bad - good > 1:
+        mid = (good + bad) >> 1
+        m_lo, m_hi, m_live = _present(toks, sa, dead, query, n, mid)
+        if m_live > 0:
+            good, lo, hi = mid, m_lo, m_hi
+        else:
+            bad = mid
+    return good, lo, hi
+
+
+@nb.njit(**_JIT)
 def longest_suffix(toks_list, sa_list, dead_list, use, context, at_most):  # pragma: no cover - compiled
     """The longest suffix of ``context`` (at most ``at_most`` tokens) that occurs in a source where ``use`` is set.
 
-    A suffix occurs in a source only where its shorter suffixes do, so each source is asked only for lengths past
-    the best found so far, shortest first (suffix arrays), or scanned once for its longest match (linear ones)."""
+    Each source is asked only for lengths past the best found so far (suffix arrays: top first, then by
+    bisection, see :func:`_longest_in`; linear ones are scanned once for their longest match)."""
     n = len(context)
     m = min(at_most, n)
     if m <= 0:
@@ -317,14 +355,8 @@ def longest_suffix(toks_list, sa_list, dead_list, use, context, at_most):  # pra
             continue
         toks, sa, dead = toks_list[s], sa_list[s], dead_list[s]
         if len(sa) > 0:
-            for q in range(best + 1, m + 1):
-                lo, hi = sa_range(toks, sa, query, m - q, q)
-                live = hi - lo
-                if len(dead) > 0:
-                    live -= dead[hi] - dead[lo]
-                if live <= 0:
-                    break
-                best = q
+            q, _, _ = _longest_in(toks, sa, dead, query, m, best + 1, m)
+            best = max(best, q)
         else:
             ends, lens = _match_lengths(toks, query, m)
             for i in range(len(lens)):
@@ -747,7 +779,8 @@ FIRST_SIBLINGS = 8  # children pushed when a node is expanded; the rest when the
 
 @nb.njit(**_JIT)
 def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is_global, context, k, depth_limit,
-          width, global_weight, local_weight, work, kids, scores, node_ranges):  # pragma: no cover - compiled
+          width, global_weight, local_weight, work, kids, scores, node_ranges, at_least=1):
+    # pragma: no cover - compiled
     """Best-first draft of at most ``k`` nodes after ``context`` (its last ``max_query_length`` tokens) over the
     sources; returns (tokens, parents, scores, global counts, match length) or ``match length -1`` when a work buffer
     was too small (the caller retries with larger ones).
@@ -758,7 +791,8 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
     ``k * (k + 1) + 1``).
 
     A source with ``weight[s] == 0`` is skipped. The matched suffix is the longest one (at most ``width - 1``
-    tokens, so its continuations fit a window) with a continuation of positive score; nodes are at most
+    tokens, so its continuations fit a window, and at least ``at_least``: a shorter match drafts nothing) with a
+    continuation of positive score; nodes are at most
     ``min(depth_limit, width - q)`` deep. Children are ranked by (score, smaller token); a node's ``r``-th child can
     be drafted only after its ``r - 1`` better siblings, so with ``n`` nodes drafted only the best ``k - n`` are
     ever pushed, and only the best ``FIRST_SIBLINGS`` at first: a marker that sorts just before the next sibling
@@ -768,30 +802,37 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
     qmax = min(len(context), width - 1)
     e_tok = np.empty(0, np.int64)
     e_f = np.empty(0, np.float64)
-    if k <= 0 or depth_limit <= 0 or qmax <= 0:
+    if k <= 0 or depth_limit <= 0 or qmax <= 0 or at_least > qmax:
         return e_tok, e_tok, e_f, e_f, 0
     query = context[len(context) - qmax:]
     cap = len(work)
-    # per source, the occurrences of each suffix length: SA ranges directly, linear ones as lists in work
-    longest = np.zeros(S, np.int64)
+    # per source, the occurrences of the suffix of each length where known: SA ranges (found lazily: first only
+    # the longest length any source holds), linear sources' as lists in work (all lengths in one scan)
+    known = np.zeros((qmax + 1, S), np.bool_)
+    absent = np.full(S, qmax + 1, np.int64)  # per source: a length known not to occur (so no longer one does)
     match_lo = np.zeros((qmax + 1, S), np.int64)
     match_hi = np.zeros((qmax + 1, S), np.int64)
+    best = at_least - 1
     used = 0
     for s in range(S):
-        if weight[s] == 0.0:
+        if weight[s] == 0.0 or len(toks_list[s]) == 0:
+            absent[s] = 0
             continue
         toks = toks_list[s]
         sa = sa_list[s]
         if len(sa) > 0:
-            for q in range(1, qmax + 1):  # a suffix occurs only where a shorter one does
-                lo, hi = sa_range(toks, sa, query, qmax - q, q)
+            low = max(best, at_least)  # shorter lengths matter only if the longest finds no continuation
+            q, lo, hi = _longest_in(toks, sa, dead_list[s], query, qmax, low, qmax)
+            if q >= low:
+                known[q, s] = True
                 match_lo[q, s] = lo
                 match_hi[q, s] = hi
-                if lo >= hi:
-                    break
-                longest[s] = q
+                best = max(best, q)
+            if q < qmax:
+                absent[s] = q + 1
         else:
             ends, lens = _match_lengths(toks, query, qmax)
+            absent[s] = 1
             for q in range(1, qmax + 1):
                 start = used
                 for i in range(len(ends)):
@@ -800,10 +841,12 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
                             return e_tok, e_tok, e_f, e_f, -1
                         work[used] = ends[i] - q + 1
                         used += 1
+                known[q, s] = True
                 match_lo[q, s] = start
                 match_hi[q, s] = used
                 if used > start:
-                    longest[s] = q
+                    absent[s] = q + 1
+            best = max(best, absent[s] - 1)
     work[-1] = used
     n_lo = node_ranges[0]  # [rows, S]: row 0 the matched node, then one row per pushed node
     n_hi = node_ranges[1]
@@ -830,12 +873,18 @@ def draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight, is
     hot_s = np.empty(S, np.int64)
     hot_a = np.empty(S, np.int64)
     hot_b = np.empty(S, np.int64)
-    for q in range(qmax, 0, -1):
-        if longest.max() < q:
-            continue
+    for q in range(best, at_least - 1, -1):
         for s in range(S):
-            n_lo[0, s] = match_lo[q, s]
-            n_hi[0, s] = match_hi[q, s]
+            if q >= absent[s]:
+                n_lo[0, s] = 0
+                n_hi[0, s] = 0
+            elif known[q, s]:
+                n_lo[0, s] = match_lo[q, s]
+                n_hi[0, s] = match_hi[q, s]
+            else:  # a shorter suffix, asked for only now: the longer ones found no continuation
+                lo, hi = sa_range(toks_list[s], sa_list[s], query, qmax - q, q)
+                n_lo[0, s] = lo
+                n_hi[0, s] = hi
         n_depth[0] = 0
         n_out[0] = -1
         n_done[0] = 0
@@ -957,7 +1006,7 @@ def draft_ahead(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weig
             mt, mp, ms, mg, mq = draft(toks_list, sa_list, dead_list, hot_idx_list, hot_kids_list, weight,
                                        is_global, grown[len(grown) - min(tail_len, store_query):], want,
                                        min(branch_length, want), width, global_weight, local_weight, work, kids,
-                                       scores, node_ranges)
+                                       scores, node_ranges, tail_len)
             if mq < 0:
                 return tok, par, sc, gl, -1, 0
             if mq < tail_len:  # only a shorter suffix matched: not the same text going on
