@@ -64,7 +64,9 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         args = (x.detach().contiguous().numpy(), weight.detach().numpy(), out.numpy())
         threads = min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)
         if threads > 1 and weight.numel() >= PARALLEL_MIN and _parallel_is_safe():
-            nb.set_num_threads(threads)
+            if getattr(_state, "numba_threads", 0) != threads:  # numba's count is per thread; setting it costs
+                nb.set_num_threads(threads)  # a few microseconds, and a pass makes ~200 of these calls
+                _state.numba_threads = threads
             _rows_times_weight_parallel(*args, threads)
         else:
             _rows_times_weight(*args, 0, weight.shape[0])
