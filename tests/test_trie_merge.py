@@ -358,3 +358,33 @@ def test_concurrent_merges_and_inserts_count_like_one_thread():
         ref.insert(seq)
     assert dump(hub) == dump(ref)
     assert hub.version == 90 + 30 and hub.applied() == {"hub": 30, "s0": 30, "s1": 30, "s2": 30}
+
+
+journal_op_st = st.one_of(
+    st.tuples(st.just("doc"), st.sampled_from(["d1", "d2", "d3"]), st.integers(0, 6)),
+    st.tuples(st.just("answer"), st.lists(st.sampled_from(["d1", "d2", "d3"]), max_size=2), st.integers(0, 6)),
+    st.tuples(st.just("scrub"), st.sampled_from(["d1", "d2", "d3"]), st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(journal_op_st, max_size=40), st.integers(0, 120))
+def test_journal_scrub_visits_only_the_entries_holding_a_source(ops, limit):
+    """The store journal's indexed scrub leaves exactly what a scan of every kept entry would (tokens and cost)."""
+    from lookahead.store.journal import Journal, _holders
+    from lookahead.trie import derived_text
+
+    journal = Journal("me", limit)
+    for kind, what, n in ops:
+        if kind == "doc":
+            journal.own("source", list(range(n)), what)
+        elif kind == "answer":
+            journal.own("insert", list(range(n)), derived_text(what))
+        else:
+            expected = [(e[0], e[1], e[4].tolist()) for e in journal.entries]
+            expected = [(o, q, [] if what in _holders(e[2], e[3], e[4]) else t)
+                        for (o, q, t), e in zip(expected, journal.entries)]
+            journal.scrub(what)
+            assert [(e[0], e[1], e[4].tolist()) for e in journal.entries] == expected
+            assert not journal.holding.get(what)
+    assert journal.cost == sum(len(e[4]) + 16 for e in journal.entries)

@@ -8,6 +8,7 @@ origin: the entries it made), so merging is idempotent and an echo is ignored.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -38,7 +39,8 @@ class Journal:
         self.base = 0
         self.cost = 0
         self.applied: dict[str, int] = {origin: 0}
-        self.holding: dict[str, int] = {}  # source -> kept entries holding its text (scrub scans only then)
+        self.holding: dict[str, int] = {}  # source -> kept entries holding its text
+        self.where: dict[str, list[int]] = {}  # source -> positions of entries that held it (increasing; some stale)
 
     @property
     def version(self) -> int:
@@ -61,7 +63,7 @@ class Journal:
     def push(self, entry: tuple[Any, ...]) -> None:
         self.entries.append(entry)
         self.cost += len(entry[4]) + _ENTRY_COST
-        self._count(entry, 1)
+        self._count(entry, 1, self.version - 1)
         while self.cost > self.limit and self.entries:
             self.pop()
 
@@ -71,21 +73,33 @@ class Journal:
         self.cost -= len(entry[4]) + _ENTRY_COST
         self._count(entry, -1)
 
-    def _count(self, entry: tuple[Any, ...], step: int) -> None:
+    def _count(self, entry: tuple[Any, ...], step: int, at: int = -1) -> None:
+        """Count ``entry`` (at position ``at``, when it is pushed) in or out of its sources' holdings."""
         for source in _holders(entry[2], entry[3], entry[4]):
             left = self.holding.get(source, 0) + step
             if left > 0:
                 self.holding[source] = left
+                if step > 0:
+                    places = self.where.setdefault(source, [])
+                    places.append(at)
+                    if len(places) > 16 and places[0] < self.base:  # drop the positions popped since
+                        del places[:bisect_left(places, self.base)]
             else:
                 self.holding.pop(source, None)
+                self.where.pop(source, None)
 
     def scrub(self, source: str) -> None:
         """Empty the tokens of every kept entry that holds ``source``'s text: its inserts, and answers derived from
         it (their ``source`` lists it). The entries keep their place and seq, so positions and ``applied`` stand;
-        a store that merges them later adds nothing, then removes. Scans the journal only when it holds some."""
+        a store that merges them later adds nothing, then removes. Visits only the entries that held it (a removal
+        holds the store's lock: no scan of the whole journal)."""
         if not self.holding.get(source):
             return
-        for i, entry in enumerate(self.entries):
+        for at in self.where.get(source, []).copy():
+            if at < self.base:
+                continue  # popped since
+            i = at - self.base
+            entry = self.entries[i]
             origin, seq, op, src, toks, start, stop, skip = entry
             if source in _holders(op, src, toks):
                 self._count(entry, -1)
