@@ -282,25 +282,6 @@ def _match_lengths(toks, query, qmax):  # pragma: no cover - compiled
 
 
 @nb.njit(**_JIT)
-def count_occurrences(toks, sa, dead, query):  # pragma: no cover - compiled
-    """Live occurrences of ``query`` in one source (suffix array or linear)."""
-    q = len(query)
-    if q == 0:
-        return 0
-    if len(sa) > 0:
-        lo, hi = sa_range(toks, sa, query, 0, q)
-        if len(dead) > 0:
-            return (hi - lo) - (dead[hi] - dead[lo])
-        return hi - lo
-    ends, lens = _match_lengths(toks, query, q)
-    c = 0
-    for i in range(len(ends)):
-        if lens[i] >= q:
-            c += 1
-    return c
-
-
-@nb.njit(**_JIT)
 def _present(toks, sa, dead, query, n, q):  # pragma: no cover - compiled
     """(lo, hi, live): the suffix-array range of the last ``q`` of the ``n`` query tokens and its live count."""
     lo, hi = sa_range(toks, sa, query, n - q, q)
@@ -308,6 +289,22 @@ def _present(toks, sa, dead, query, n, q):  # pragma: no cover - compiled
     if len(dead) > 0:
         live -= dead[hi] - dead[lo]
     return lo, hi, live
+
+
+@nb.njit(**_JIT)
+def count_occurrences(toks, sa, dead, query):  # pragma: no cover - compiled
+    """Live occurrences of ``query`` in one source (suffix array or linear)."""
+    q = len(query)
+    if q == 0:
+        return 0
+    if len(sa) > 0:
+        return _present(toks, sa, dead, query, q, q)[2]
+    ends, lens = _match_lengths(toks, query, q)
+    c = 0
+    for i in range(len(ends)):
+        if lens[i] >= q:
+            c += 1
+    return c
 
 
 @nb.njit(**_JIT)
